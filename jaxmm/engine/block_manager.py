@@ -1,0 +1,160 @@
+"""KV page allocation with reference counts and prefix caching. Plain Python, no JAX.
+
+A page (block) holds `block_size` tokens of one sequence. Full pages are content-addressed:
+their hash chains the parent page's hash with the page's token ids (and the keys of any
+multimodal items overlapping it), so two prompts sharing a prefix share its pages.
+Freed pages keep their hash and stay findable until they are reused, least recently freed
+first (LRU); a page hit while free is taken back from the free list.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from jaxmm.engine.sequence import Sequence
+
+
+class Block:
+    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash: int | None = None
+        self.token_ids: tuple[int, ...] = ()
+
+
+def block_hash(parent: int | None, token_ids: tuple[int, ...], extra: tuple = ()) -> int:
+    return hash((parent, token_ids, extra))
+
+
+def _extra_for_block(seq: Sequence, start: int, end: int) -> tuple:
+    return tuple(key for s, e, key in seq.extra_keys if s < end and e > start)
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.hash_to_block: dict[int, int] = {}
+        # prefix-cache statistics, in tokens
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+
+    # -- accounting ---------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - len(self.free) / self.num_blocks
+
+    @property
+    def hit_rate(self) -> float:
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return (num_tokens + self.block_size - 1) // self.block_size
+
+    # -- allocation ---------------------------------------------------------------------
+    def _take_free(self) -> int:
+        block_id, _ = self.free.popitem(last=False)  # least recently freed
+        block = self.blocks[block_id]
+        if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
+            del self.hash_to_block[block.hash]  # evict its cached content
+        block.hash = None
+        block.token_ids = ()
+        block.ref_count = 1
+        return block_id
+
+    def _ref(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free[block_id]
+        block.ref_count += 1
+
+    def admit(self, seq: Sequence) -> int:
+        """Take the longest cached prefix of a new sequence; returns the cached token count.
+
+        At least one token is always left to compute (its logits are needed), so a prompt
+        that is entirely cached recomputes its last page.
+        """
+        assert not seq.block_table
+        G = self.block_size
+        seq.block_hashes = []
+        hits: list[int] = []
+        if self.enable_prefix_caching:
+            parent = None
+            for i in range((len(seq) - 1) // G):
+                tokens = tuple(seq.block_tokens(i, G))
+                h = block_hash(parent, tokens, _extra_for_block(seq, i * G, (i + 1) * G))
+                block_id = self.hash_to_block.get(h)
+                if block_id is None or self.blocks[block_id].token_ids != tokens:
+                    break
+                hits.append(block_id)
+                seq.block_hashes.append(h)
+                parent = h
+            self.prefix_queries += len(seq)
+            self.prefix_hits += len(hits) * G
+        for block_id in hits:
+            self._ref(block_id)
+        seq.block_table = hits
+        seq.num_hashed_blocks = len(hits)
+        seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * G
+        return len(hits) * G
+
+    def ensure_slots(self, seq: Sequence, num_tokens: int) -> bool:
+        """Grow the block table to hold num_tokens tokens; all or nothing."""
+        need = self.blocks_needed(num_tokens) - len(seq.block_table)
+        if need <= 0:
+            return True
+        if need > len(self.free):
+            return False
+        seq.block_table.extend(self._take_free() for _ in range(need))
+        return True
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """Publish the sequence's newly computed full pages to the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        G = self.block_size
+        n_full = min(seq.num_computed_tokens, len(seq)) // G
+        while seq.num_hashed_blocks < n_full:
+            i = seq.num_hashed_blocks
+            parent = seq.block_hashes[i - 1] if i > 0 else None
+            tokens = tuple(seq.block_tokens(i, G))
+            h = block_hash(parent, tokens, _extra_for_block(seq, i * G, (i + 1) * G))
+            block = self.blocks[seq.block_table[i]]
+            if block.hash is None and h not in self.hash_to_block:
+                block.hash = h
+                block.token_ids = tokens
+                self.hash_to_block[h] = block.block_id
+            seq.block_hashes.append(h)
+            seq.num_hashed_blocks += 1
+
+    def free_seq(self, seq: Sequence) -> None:
+        """Drop the sequence's references; pages at the tail are evicted first."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count >= 0
+            if block.ref_count == 0:
+                self.free[block_id] = None
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_hashed_blocks = 0
+        seq.num_computed_tokens = 0
+
+    def reset_prefix_cache(self) -> None:
+        for block_id in self.free:
+            self.blocks[block_id].hash = None
+            self.blocks[block_id].token_ids = ()
+        self.hash_to_block = {
+            h: b for h, b in self.hash_to_block.items() if self.blocks[b].ref_count > 0
+        }

@@ -1,0 +1,337 @@
+"""LLMEngine: requests in, RequestOutputs out, one `step()` at a time.
+
+1. `add_request` validates and tokenizes the prompt (all errors surface here, before any
+   work), and queues one Sequence per requested completion (n).
+2. `step` asks the Scheduler for a batch, turns it into SeqSteps for the ModelRunner,
+   appends the sampled tokens, detokenizes incrementally, applies the stop conditions and
+   frees finished sequences' pages; it returns the outputs of the requests that advanced.
+3. `abort_request` finishes requests early (a client went away) and frees their pages.
+The server drives the same three calls from its engine thread (AsyncEngine).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from dataclasses import dataclass, field
+
+from jaxmm.config import EngineConfig
+from jaxmm.engine.block_manager import BlockManager
+from jaxmm.engine.detokenizer import detokenize_incrementally, find_stop_string, new_state
+from jaxmm.engine.scheduler import Scheduler
+from jaxmm.engine.sequence import Sequence
+from jaxmm.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxmm.runner.checkpoint import load_tokenizer, open_checkpoint
+from jaxmm.runner.model_runner import ModelRunner, SeqStep, enable_compilation_cache
+from jaxmm.sampling_params import SamplingParams
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    arrival_time: float
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    num_cached_tokens: int = 0
+    mm: object | None = None  # multimodal inputs prepared by the front end
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        enable_compilation_cache(config.compilation_cache_dir)
+        mc = config.model
+        ck = open_checkpoint(mc.model)
+        self.checkpoint = ck
+        self.hf_config = ck.hf_config
+        self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(ck, mc.tokenizer)
+        self.eos_token_ids = list(ck.eos_token_ids)
+        if not self.eos_token_ids and self.tokenizer is not None:
+            if self.tokenizer.eos_token_id is not None:
+                self.eos_token_ids = [self.tokenizer.eos_token_id]
+        sc, cc = config.scheduler, config.cache
+        self.runner = ModelRunner(
+            ck,
+            dtype=mc.dtype,
+            max_model_len=mc.max_model_len,
+            max_num_seqs=sc.max_num_seqs,
+            max_num_batched_tokens=sc.max_num_batched_tokens,
+            block_size=cc.block_size,
+            gpu_memory_utilization=cc.gpu_memory_utilization,
+            kv_cache_memory_bytes=cc.kv_cache_memory_bytes,
+            num_gpu_blocks_override=cc.num_gpu_blocks_override,
+            attention_backend=mc.attention_backend,
+            tensor_parallel_size=config.tensor_parallel_size,
+        )
+        self.max_model_len = self.runner.max_model_len
+        self.block_manager = BlockManager(
+            self.runner.num_pages, cc.block_size, cc.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.runner.max_num_seqs, self.runner.max_num_batched_tokens, self.block_manager
+        )
+        self.requests: dict[str, Request] = {}
+        self._rng = random.Random(config.seed)
+        self._ids = itertools.count()
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0, "aborted": 0}
+        if config.warmup:
+            self.runner.warmup()
+
+    # -- input ------------------------------------------------------------------------------
+    def next_request_id(self) -> str:
+        return str(next(self._ids))
+
+    def tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            prompt = {"prompt": prompt}
+        if not isinstance(prompt, dict):
+            raise TypeError(
+                "a prompt is a str, {'prompt': str} or {'prompt_token_ids': [...]}, "
+                f"got {type(prompt).__name__}"
+            )
+        if "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in ids
+            ):
+                raise ValueError("prompt_token_ids must be a list of integers")
+            return prompt.get("prompt"), list(ids)
+        if "prompt" not in prompt:
+            raise ValueError(f"prompt dict needs 'prompt' or 'prompt_token_ids', got {sorted(prompt)}")
+        text = prompt["prompt"]
+        if not isinstance(text, str):
+            raise TypeError(f"'prompt' must be a str, got {type(text).__name__}")
+        if self.tokenizer is None:
+            raise ValueError("the tokenizer is off (skip_tokenizer_init); pass prompt_token_ids")
+        return text, self.tokenizer(text).input_ids
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: it must contain at least one token")
+        if len(prompt_ids) > self.max_model_len:
+            raise ValueError(
+                f"the prompt is {len(prompt_ids)} tokens long, longer than the maximum model "
+                f"length of {self.max_model_len} tokens"
+            )
+        vocab = self.runner.vocab_size
+        bad = [t for t in prompt_ids if t < 0 or t >= vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"expected SamplingParams, got {type(params).__name__}")
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+        *,
+        prompt_ids: list[int] | None = None,
+        mm=None,
+    ) -> None:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if prompt_ids is None:
+            text, prompt_ids = self.tokenize(prompt)
+        else:
+            text = prompt if isinstance(prompt, str) else None
+        self.validate(prompt_ids, params)
+        seqs = []
+        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
+        for i in range(params.n):
+            seq = Sequence(
+                request_id=request_id,
+                token_ids=list(prompt_ids),
+                num_prompt_tokens=len(prompt_ids),
+                index=i,
+                extra_keys=getattr(mm, "extra_keys", ()) if mm is not None else (),
+            )
+            seq.data["seed"] = (base_seed + 0x9E3779B1 * i) & 0xFFFFFFFF
+            seq.data["detok"] = new_state(len(prompt_ids))
+            seq.data["logprobs"] = [] if params.logprobs is not None else None
+            seq.data["cum_logprob"] = 0.0
+            seqs.append(seq)
+        req = Request(
+            request_id=request_id,
+            prompt=text,
+            prompt_token_ids=list(prompt_ids),
+            params=params,
+            seqs=seqs,
+            arrival_time=arrival_time or time.monotonic(),
+            mm=mm,
+        )
+        self.requests[request_id] = req
+        self.stats["prompt_tokens"] += len(prompt_ids)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort_request(self, request_id) -> None:
+        ids = {request_id} if isinstance(request_id, str) else set(request_id)
+        self.scheduler.abort(ids)
+        for rid in ids:
+            if self.requests.pop(rid, None) is not None:
+                self.stats["aborted"] += 1
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # -- the step -----------------------------------------------------------------------------
+    def _seq_step(self, seq: Sequence, n: int) -> SeqStep:
+        req = self.requests[seq.request_id]
+        p = req.params
+        start = seq.num_computed_tokens
+        s = SeqStep(
+            token_ids=seq.token_ids[start : start + n],
+            start=start,
+            block_table=seq.block_table,
+            sample=start + n == len(seq),
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            min_p=p.min_p,
+            seed=seq.data["seed"],
+            output_pos=seq.num_output_tokens,
+            presence=p.presence_penalty,
+            frequency=p.frequency_penalty,
+            repetition=p.repetition_penalty,
+            num_logprobs=p.logprobs,
+        )
+        if p.uses_penalties:
+            s.prompt_ids = req.prompt_token_ids
+            s.output_ids = seq.output_token_ids
+        if seq.num_output_tokens < p.min_tokens:
+            banned = list(p.stop_token_ids or [])
+            if not p.ignore_eos:
+                banned += self.eos_token_ids
+            s.banned_ids = banned or None
+        if req.mm is not None:
+            req.mm.fill_step(s, seq, start, n)
+        return s
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        steps = [self._seq_step(seq, n) for seq, n in zip(batch.seqs, batch.num_new_tokens)]
+        out = self.runner.execute(steps)
+        sampled = self.scheduler.postprocess(batch)
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        for j, seq in enumerate(sampled):
+            req = self.requests[seq.request_id]
+            if req.first_token_time is None:
+                req.first_token_time = now
+                req.num_cached_tokens = seq.num_cached_tokens
+            req.last_token_time = now
+            token = int(out.tokens[j])
+            self._append_token(req, seq, token, out, j)
+            touched[req.request_id] = req
+        outputs = [self._make_output(req) for req in touched.values()]
+        for req in touched.values():
+            if req.finished:
+                self.requests.pop(req.request_id, None)
+                self.stats["finished"] += 1
+        return outputs
+
+    def _append_token(self, req: Request, seq: Sequence, token: int, out, j: int) -> None:
+        p = req.params
+        seq.token_ids.append(token)
+        self.stats["generation_tokens"] += 1
+        if seq.data["logprobs"] is not None:
+            lp = float(out.logprobs[j])
+            seq.data["cum_logprob"] += lp
+            entry = {token: Logprob(lp, int(out.ranks[j]))}
+            if p.logprobs and out.top_ids is not None:
+                for tid, tlp in zip(out.top_ids[j][: p.logprobs], out.top_logprobs[j][: p.logprobs]):
+                    tid = int(tid)
+                    if tid not in entry:
+                        entry[tid] = Logprob(float(tlp), None)
+                for rank, tid in enumerate(out.top_ids[j][: p.logprobs], 1):
+                    entry[int(tid)].rank = rank if int(tid) != token else entry[int(tid)].rank
+            if self.tokenizer is not None:
+                for tid, lpo in entry.items():
+                    lpo.decoded_token = self.tokenizer.decode([tid])
+            seq.data["logprobs"].append(entry)
+
+        n_out = seq.num_output_tokens
+        reason, stop_reason = None, None
+        can_stop = n_out >= p.min_tokens
+        if can_stop and p.stop_token_ids and token in p.stop_token_ids:
+            reason, stop_reason = "stop", token
+        elif can_stop and not p.ignore_eos and token in self.eos_token_ids:
+            reason = "stop"
+        if self.tokenizer is not None and reason is None:
+            st = seq.data["detok"]
+            delta = detokenize_incrementally(
+                self.tokenizer, seq.token_ids, st, p.skip_special_tokens
+            )
+            if p.stop_strings and delta and can_stop:
+                hit = find_stop_string(st.text, len(delta), p.stop_strings)
+                if hit is not None:
+                    stop, idx = hit
+                    st.text = st.text[: idx + len(stop)] if p.include_stop_str_in_output else st.text[:idx]
+                    reason, stop_reason = "stop", stop
+        if reason is None:
+            if p.max_tokens is not None and n_out >= p.max_tokens:
+                reason = "length"
+            elif len(seq) >= self.max_model_len:
+                reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason, stop_reason)
+
+    def _make_output(self, req: Request) -> RequestOutput:
+        outs = []
+        for seq in req.seqs:
+            lps = seq.data["logprobs"]
+            outs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=seq.data["detok"].text,
+                    token_ids=list(seq.output_token_ids),
+                    cumulative_logprob=seq.data["cum_logprob"] if lps is not None else None,
+                    logprobs=list(lps) if lps is not None else None,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=outs,
+            finished=req.finished,
+            num_cached_tokens=req.num_cached_tokens,
+            metrics={
+                "arrival_time": req.arrival_time,
+                "first_token_time": req.first_token_time,
+                "last_token_time": req.last_token_time,
+            },
+        )
+
+    def get_stats(self) -> dict:
+        bm = self.block_manager
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": bm.usage,
+            "prefix_cache_queries": bm.prefix_queries,
+            "prefix_cache_hits": bm.prefix_hits,
+            "prefix_cache_hit_rate": bm.hit_rate,
+            "num_preemptions": self.scheduler.num_preemptions,
+            **self.stats,
+        }

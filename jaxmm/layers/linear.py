@@ -1,0 +1,58 @@
+"""Linear and embedding layers, and the partition spec of every parameter.
+
+Column-parallel layers (q/k/v/gate/up, lm_head) shard the output axis over "model";
+row-parallel layers (o/down, fc2...) shard the input axis; embeddings shard the vocabulary.
+Specs are given by parameter name (`partition_spec`) so the loader can place each tensor
+on the runner's mesh as it reads it.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+COLUMN = "column"
+ROW = "row"
+
+_ROW_NAMES = ("o_proj", "down_proj", "out_proj", "fc2", "dense_4h_to_h", "proj")
+
+
+def Linear(din: int, dout: int, *, bias: bool = False, dtype=jnp.float32, shard=COLUMN, rngs):
+    del shard  # recorded by name, see partition_spec
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=dtype,
+        kernel_init=nnx.initializers.zeros_init(),
+        bias_init=nnx.initializers.zeros_init(),
+        rngs=rngs,
+    )
+
+
+def Embed(num: int, dim: int, *, dtype=jnp.float32, rngs):
+    return nnx.Embed(
+        num,
+        dim,
+        dtype=dtype,
+        param_dtype=dtype,
+        embedding_init=nnx.initializers.zeros_init(),
+        rngs=rngs,
+    )
+
+
+def partition_spec(path: tuple, ndim: int) -> PartitionSpec:
+    """Tensor-parallel placement of one parameter, from its path in the model."""
+    name = path[-1]
+    owner = str(path[-2]) if len(path) > 1 else ""
+    if name == "embedding":
+        return PartitionSpec("model", None)
+    if name == "kernel" and ndim == 2:
+        if owner in _ROW_NAMES:
+            return PartitionSpec("model", None)
+        return PartitionSpec(None, "model")
+    if name == "bias" and ndim == 1 and owner not in _ROW_NAMES:
+        return PartitionSpec("model")
+    return PartitionSpec()

@@ -1,0 +1,200 @@
+"""`jaxmm.LLM`: the offline API, shaped like vLLM's so its code runs with an import change."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence as Seq
+
+from jaxmm.config import CacheConfig, EngineConfig, ModelConfig, MultimodalConfig, SchedulerConfig
+from jaxmm.engine.llm_engine import LLMEngine
+from jaxmm.outputs import RequestOutput
+from jaxmm.sampling_params import SamplingParams
+
+
+class LLM:
+    """An LLM over a local checkpoint (HF directory or GGUF file).
+
+    Args mirror vLLM's `LLM`; on CPU, where there is no accelerator memory to measure,
+    `kv_cache_memory_bytes` sets the KV cache budget (default 1 GiB).
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        tokenizer: str | None = None,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        block_size: int = 16,
+        gpu_memory_utilization: float = 0.9,
+        kv_cache_memory_bytes: int | None = None,
+        num_gpu_blocks_override: int | None = None,
+        enable_prefix_caching: bool = True,
+        seed: int = 0,
+        skip_tokenizer_init: bool = False,
+        compilation_cache_dir: str | None = None,
+        warmup: bool = False,
+        attention_backend: str = "auto",
+        tensor_parallel_size: int = 1,
+        limit_mm_per_prompt: dict | None = None,
+        enable_mm_embeds: bool = False,
+        media_io_kwargs: dict | None = None,
+        allowed_local_media_path: str | None = None,
+        allowed_media_domains: list[str] | None = None,
+        mm_processor_kwargs: dict | None = None,
+        trust_remote_code: bool = False,
+    ):
+        if model is None:
+            from jaxmm.default_model import default_model_path
+
+            model = default_model_path()
+        del trust_remote_code  # nothing is executed from checkpoints
+        config = EngineConfig(
+            model=ModelConfig(
+                model=model,
+                tokenizer=tokenizer,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                skip_tokenizer_init=skip_tokenizer_init,
+                attention_backend=attention_backend,
+            ),
+            cache=CacheConfig(
+                block_size=block_size,
+                gpu_memory_utilization=gpu_memory_utilization,
+                kv_cache_memory_bytes=kv_cache_memory_bytes,
+                num_gpu_blocks_override=num_gpu_blocks_override,
+                enable_prefix_caching=enable_prefix_caching,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+            ),
+            multimodal=MultimodalConfig(
+                limit_mm_per_prompt=dict(limit_mm_per_prompt or {}),
+                enable_mm_embeds=enable_mm_embeds,
+                media_io_kwargs=dict(media_io_kwargs or {}),
+                allowed_local_media_path=allowed_local_media_path,
+                allowed_media_domains=tuple(allowed_media_domains) if allowed_media_domains else None,
+                mm_processor_kwargs=dict(mm_processor_kwargs or {}),
+            ),
+            seed=seed,
+            compilation_cache_dir=compilation_cache_dir,
+            warmup=warmup,
+            tensor_parallel_size=tensor_parallel_size,
+        )
+        self.llm_engine = LLMEngine(config)
+
+    # -- helpers ------------------------------------------------------------------------------
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    @property
+    def engine(self) -> LLMEngine:
+        return self.llm_engine
+
+    def _run(self, prompts: list, params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        # validate every prompt before queueing any, so a bad one leaves nothing half-done
+        prepared = [self._prepare(p) for p in prompts]
+        for (text, ids, mm), sp in zip(prepared, params):
+            engine.validate(ids, sp)
+        order = []
+        for (text, ids, mm), sp in zip(prepared, params):
+            rid = engine.next_request_id()
+            engine.add_request(rid, text, sp, prompt_ids=ids, mm=mm)
+            order.append(rid)
+        results: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(order), desc="Processed prompts", dynamic_ncols=True)
+        start = time.perf_counter()
+        out_tokens = 0
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        out_tokens += sum(len(o.token_ids) for o in out.outputs)
+                        if bar is not None:
+                            bar.update(1)
+                            elapsed = time.perf_counter() - start
+                            bar.set_postfix_str(f"output: {out_tokens / max(elapsed, 1e-9):.1f} toks/s")
+        except BaseException:
+            engine.abort_request(order)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [results[r] for r in order]
+
+    def _prepare(self, prompt):
+        engine = self.llm_engine
+        if isinstance(prompt, dict) and prompt.get("multi_modal_data"):
+            from jaxmm.multimodal.inputs import prepare_multimodal_prompt
+
+            return prepare_multimodal_prompt(engine, prompt)
+        text, ids = engine.tokenize(prompt)
+        return text, ids, None
+
+    # -- public API ---------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts,
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if prompts and all(isinstance(t, int) for t in prompts):
+            raise TypeError("pass token ids as {'prompt_token_ids': [...]}")
+        params = _broadcast_params(sampling_params, len(prompts))
+        return self._run(prompts, params, use_tqdm)
+
+    def chat(
+        self,
+        messages,
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict | None = None,
+        tools: list | None = None,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of messages) or a list of conversations."""
+        if not messages:
+            raise ValueError("messages must not be empty")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        prompts = []
+        from jaxmm.multimodal.chat import conversation_to_prompt
+
+        for conv in conversations:
+            prompts.append(
+                conversation_to_prompt(
+                    self.llm_engine,
+                    conv,
+                    chat_template=chat_template,
+                    add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message,
+                    chat_template_kwargs=chat_template_kwargs,
+                    tools=tools,
+                )
+            )
+        params = _broadcast_params(sampling_params, len(prompts))
+        return self._run(prompts, params, use_tqdm)
+
+
+def _broadcast_params(sampling_params, n: int) -> list[SamplingParams]:
+    if sampling_params is None:
+        return [SamplingParams() for _ in range(n)]
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * n
+    params = list(sampling_params)
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
+    return params
+

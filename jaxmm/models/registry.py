@@ -1,0 +1,37 @@
+"""HF `architectures[0]` -> model class. Imports are lazy so one model's deps never block another."""
+
+from __future__ import annotations
+
+import importlib
+
+_MODELS: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("jaxmm.models.llama", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("jaxmm.models.qwen2", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("jaxmm.models.qwen3", "Qwen3ForCausalLM"),
+    "MistralForCausalLM": ("jaxmm.models.mistral", "MistralForCausalLM"),
+}
+
+
+def register(arch: str, module: str, cls: str) -> None:
+    _MODELS[arch] = (module, cls)
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_MODELS)
+
+
+def model_class(hf_config):
+    archs = getattr(hf_config, "architectures", None) or []
+    if not archs:
+        raise ValueError(
+            "the checkpoint's config.json names no `architectures`; supported: "
+            + ", ".join(supported_architectures())
+        )
+    arch = archs[0]
+    if arch not in _MODELS:
+        raise ValueError(
+            f"architecture {arch!r} is not supported by jaxmm; supported: "
+            + ", ".join(supported_architectures())
+        )
+    module, cls = _MODELS[arch]
+    return getattr(importlib.import_module(module), cls)

@@ -1,0 +1,358 @@
+"""The model runner: parameters and KV pages on device, one jitted step per token bucket.
+
+1. Load: the checkpoint's HF config picks the model class; the model is built abstractly
+   (`nnx.eval_shape`) and its parameters are filled from the checkpoint, each placed on the
+   mesh (1x1 by default, axes ("data", "model")) with its partition spec.
+2. KV cache: one `(2, K, A, G, H)` array per layer, A pages sized from the memory budget,
+   sharded over KV heads.
+3. Step: the engine's batch becomes flat arrays padded to a power-of-two token bucket T
+   (16 ... max_num_batched_tokens) with S = min(T, max_num_seqs) sequence rows, so each
+   bucket is exactly one compiled program: `step(params, kv_caches, ids, md) ->
+   (kv_caches, logits)` with the caches donated. Sampling is a second small program.
+4. Warmup compiles every bucket up front; `num_compiled()` lets a test check that serving
+   compiles nothing new afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxmm.layers.attention import AttentionMetadata, resolve_backend
+from jaxmm.layers.sampler import MAX_LOGPROBS, SamplingTensors, sample
+from jaxmm.models.registry import model_class
+from jaxmm.runner.checkpoint import Checkpoint
+from jaxmm.weights.loader import cast_dtype, load_params
+
+logger = logging.getLogger(__name__)
+
+MIN_BUCKET = 16
+_CPU_DEFAULT_KV_BYTES = 1 << 30
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+@dataclasses.dataclass
+class SeqStep:
+    """One sequence's share of a step, as the engine hands it to the runner."""
+
+    token_ids: list[int]  # this step's new tokens
+    start: int  # position of the first of them
+    block_table: list[int]
+    sample: bool  # whether this step completes the sequence's context (sample a token)
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int = 0
+    output_pos: int = 0
+    presence: float = 0.0
+    frequency: float = 0.0
+    repetition: float = 1.0
+    prompt_ids: list[int] | None = None  # penalties only
+    output_ids: list[int] | None = None
+    num_logprobs: int | None = None
+    banned_ids: list[int] | None = None  # e.g. EOS/stop ids while min_tokens is not reached
+    # multimodal: (offset in token_ids, (n, D) embeddings) to splice over placeholder tokens
+    embeds: list | None = None
+    mrope_positions: np.ndarray | None = None  # (3, n) for M-RoPE models
+
+
+@dataclasses.dataclass
+class StepOutput:
+    tokens: np.ndarray  # (num sampled,) in the order of sampled steps
+    logprobs: np.ndarray | None
+    ranks: np.ndarray | None
+    top_ids: np.ndarray | None
+    top_logprobs: np.ndarray | None
+
+
+def enable_compilation_cache(path: str | None) -> None:
+    path = path or os.environ.get("JAXMM_CACHE_DIR")
+    if not path:
+        return
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        ck: Checkpoint,
+        *,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        block_size: int = 16,
+        gpu_memory_utilization: float = 0.9,
+        kv_cache_memory_bytes: int | None = None,
+        num_gpu_blocks_override: int | None = None,
+        attention_backend: str = "auto",
+        tensor_parallel_size: int = 1,
+    ):
+        self.hf_config = ck.hf_config
+        self.dtype = cast_dtype(dtype, ck.hf_config)
+        self.block_size = block_size
+        self.backend = resolve_backend(attention_backend)
+        self.on_cpu = jax.default_backend() == "cpu"
+
+        devices = np.array(jax.devices()[:tensor_parallel_size]).reshape(1, tensor_parallel_size)
+        self.mesh = Mesh(devices, ("data", "model"))
+
+        cls = model_class(ck.hf_config)
+        text_config = getattr(ck.hf_config, "text_config", None) or ck.hf_config
+
+        def build():
+            return cls(ck.hf_config, dtype=self.dtype, attention_backend=self.backend, rngs=nnx.Rngs(0))
+
+        abstract = nnx.eval_shape(build)
+        self.graphdef, abstract_state = nnx.split(abstract)
+        self.model_obj = abstract
+        self.params = load_params(abstract, abstract_state, ck.tensors(), self.mesh, self.dtype)
+        self.num_layers, self.num_kv_heads, self.head_dim = abstract.kv_cache_spec()
+        self.vocab_size = text_config.vocab_size
+
+        # -- lengths and budgets
+        max_pos = getattr(text_config, "max_position_embeddings", None) or 2048
+        self.max_model_len = max_model_len or (min(max_pos, 8192) if self.on_cpu else max_pos)
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = 1024 if self.on_cpu else 4096
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = min(max_num_seqs, max_num_batched_tokens)
+        self.pages_per_seq = -(-self.max_model_len // block_size)
+
+        bytes_per_page = (
+            2 * self.num_layers * self.num_kv_heads * block_size * self.head_dim
+            * jnp.dtype(self.dtype).itemsize
+        )
+        if num_gpu_blocks_override:
+            num_pages = num_gpu_blocks_override
+        else:
+            budget = self._kv_budget(gpu_memory_utilization, kv_cache_memory_bytes)
+            want = self.max_num_seqs * self.pages_per_seq + 1
+            num_pages = min(budget // bytes_per_page, want)
+        if num_pages < self.pages_per_seq:
+            raise ValueError(
+                f"the KV cache holds {num_pages} pages of {block_size} tokens, fewer than one "
+                f"sequence of max_model_len={self.max_model_len} needs ({self.pages_per_seq}); "
+                "raise the memory budget (gpu_memory_utilization / kv_cache_memory_bytes) or "
+                "lower max_model_len"
+            )
+        self.num_pages = int(num_pages)
+        kv_shape = (2, self.num_kv_heads, self.num_pages, block_size, self.head_dim)
+        kv_sharding = NamedSharding(self.mesh, PartitionSpec(None, "model", None, None, None))
+        self.kv_sharding = kv_sharding
+        self.kv_caches = [
+            jax.device_put(jnp.zeros(kv_shape, self.dtype), kv_sharding)
+            for _ in range(self.num_layers)
+        ]
+        self.token_buckets = []
+        b = MIN_BUCKET
+        while b < max_num_batched_tokens:
+            self.token_buckets.append(b)
+            b *= 2
+        self.token_buckets.append(next_pow2(max_num_batched_tokens))
+        self._step = jax.jit(self._step_fn, donate_argnums=(1,))
+        self._sample = jax.jit(
+            sample, static_argnames=("all_greedy", "use_filters", "use_penalties", "num_logprobs")
+        )
+
+    # -- setup ------------------------------------------------------------------------------
+    def _kv_budget(self, utilization: float, kv_bytes: int | None) -> int:
+        if kv_bytes is not None:
+            return int(kv_bytes)
+        stats = None
+        try:
+            stats = jax.devices()[0].memory_stats()
+        except Exception:  # backends without memory stats
+            stats = None
+        if not stats or "bytes_limit" not in stats:
+            return _CPU_DEFAULT_KV_BYTES
+        limit, used = stats["bytes_limit"], stats.get("bytes_in_use", 0)
+        # leave headroom for activations of the largest bucket and the sampler
+        reserve = 64 * self.max_num_batched_tokens * self.vocab_size // 16 + (512 << 20)
+        return max(0, int(limit * utilization) - used - reserve)
+
+    # -- the compiled step --------------------------------------------------------------------
+    def _step_fn(self, params, kv_caches, input_ids, md, embeds, embeds_mask):
+        model = nnx.merge(self.graphdef, params)
+        x = None
+        if embeds is not None:
+            x = model.embed(input_ids)
+            x = jnp.where(embeds_mask[:, None], embeds.astype(x.dtype), x)
+        hidden, kv_caches = model(input_ids, kv_caches, md, inputs_embeds=x)
+        logits = model.compute_logits(hidden[md.logits_indices])
+        return kv_caches, logits
+
+    def bucket(self, num_tokens: int) -> tuple[int, int]:
+        for T in self.token_buckets:
+            if T >= num_tokens:
+                return T, min(T, next_pow2(self.max_num_seqs))
+        raise ValueError(f"{num_tokens} tokens exceed max_num_batched_tokens")
+
+    def prepare(self, steps: list[SeqStep]):
+        total = sum(len(s.token_ids) for s in steps)
+        T, S = self.bucket(max(total, len(steps)))
+        ids = np.zeros(T, np.int32)
+        mrope = any(s.mrope_positions is not None for s in steps)
+        positions = np.zeros((3, T) if mrope else T, np.int32)
+        kv_lens = np.zeros(S, np.int32)
+        page_indices = np.zeros((S, self.pages_per_seq), np.int32)
+        cu = np.zeros(S + 1, np.int32)
+        logits_indices = np.zeros(S, np.int32)
+        embeds = None
+        embeds_mask = None
+        t = 0
+        for i, s in enumerate(steps):
+            n = len(s.token_ids)
+            ids[t : t + n] = s.token_ids
+            if mrope:
+                if s.mrope_positions is not None:
+                    positions[:, t : t + n] = s.mrope_positions
+                else:
+                    positions[:, t : t + n] = np.arange(s.start, s.start + n)[None]
+            else:
+                positions[t : t + n] = np.arange(s.start, s.start + n)
+            kv_lens[i] = s.start + n
+            page_indices[i, : len(s.block_table)] = s.block_table
+            cu[i + 1] = t + n
+            logits_indices[i] = t + n - 1
+            if s.embeds:
+                if embeds is None:
+                    D = s.embeds[0][1].shape[-1]
+                    embeds = np.zeros((T, D), np.float32)
+                    embeds_mask = np.zeros(T, bool)
+                for off, e in s.embeds:
+                    embeds[t + off : t + off + len(e)] = e
+                    embeds_mask[t + off : t + off + len(e)] = True
+            t += n
+        cu[len(steps) + 1 :] = t
+        md = AttentionMetadata(
+            positions=positions,
+            kv_lens=kv_lens,
+            page_indices=page_indices,
+            cu_q_lens=cu,
+            num_seqs=np.array([len(steps)], np.int32),
+            logits_indices=logits_indices,
+        )
+        return ids, md, embeds, embeds_mask, S
+
+    def _sampling_tensors(self, steps: list[SeqStep], S: int, penalties: bool) -> SamplingTensors:
+        def col(name, dtype, default):
+            a = np.full(S, default, dtype)
+            a[: len(steps)] = [getattr(s, name) for s in steps]
+            return a
+
+        L = 1
+        seen = np.full((S, 1), -1, np.int32)
+        is_out = np.zeros((S, 1), bool)
+        banned = np.full((S, 1), -1, np.int32)
+        if penalties:
+            B = next_pow2(max(len(s.banned_ids or []) for s in steps))
+            banned = np.full((S, B), -1, np.int32)
+            for i, s in enumerate(steps):
+                banned[i, : len(s.banned_ids or [])] = s.banned_ids or []
+            L = next_pow2(max(len(s.prompt_ids or []) + len(s.output_ids or []) for s in steps))
+            L = max(L, MIN_BUCKET)
+            seen = np.full((S, L), -1, np.int32)
+            is_out = np.zeros((S, L), bool)
+            for i, s in enumerate(steps):
+                p, o = s.prompt_ids or [], s.output_ids or []
+                seen[i, : len(p)] = p
+                seen[i, len(p) : len(p) + len(o)] = o
+                is_out[i, len(p) : len(p) + len(o)] = True
+        return SamplingTensors(
+            temperature=col("temperature", np.float32, 0.0),
+            top_k=col("top_k", np.int32, 0),
+            top_p=col("top_p", np.float32, 1.0),
+            min_p=col("min_p", np.float32, 0.0),
+            seeds=col("seed", np.uint32, 0),
+            steps=col("output_pos", np.int32, 0),
+            presence=col("presence", np.float32, 0.0),
+            frequency=col("frequency", np.float32, 0.0),
+            repetition=col("repetition", np.float32, 1.0),
+            seen_tokens=seen,
+            seen_is_output=is_out,
+            banned=banned,
+        )
+
+    def execute(self, steps: list[SeqStep]) -> StepOutput:
+        ids, md, embeds, embeds_mask, S = self.prepare(steps)
+        self.kv_caches, logits = self._step(
+            self.params, self.kv_caches, ids, md, embeds, embeds_mask
+        )
+        sampled = [s for s in steps if s.sample]
+        if not sampled:
+            return StepOutput(np.zeros(0, np.int32), None, None, None, None)
+        rows = np.array([i for i, s in enumerate(steps) if s.sample])
+        penalties = any(
+            s.presence != 0 or s.frequency != 0 or s.repetition != 1.0 or s.banned_ids
+            for s in sampled
+        )
+        want_lp = [s.num_logprobs for s in sampled if s.num_logprobs is not None]
+        num_logprobs = -1 if not want_lp else (0 if max(want_lp) == 0 else MAX_LOGPROBS)
+        t = self._sampling_tensors(steps, S, penalties)
+        tokens, lp, top_ids, top_lp = self._sample(
+            logits,
+            t,
+            all_greedy=all(s.temperature == 0 for s in sampled),
+            use_filters=any(s.top_k > 0 or s.top_p < 1 or s.min_p > 0 for s in sampled),
+            use_penalties=penalties,
+            num_logprobs=num_logprobs,
+        )
+        tokens = np.asarray(tokens)[rows]
+        return StepOutput(
+            tokens,
+            None if lp is None else np.asarray(lp[0])[rows],
+            None if lp is None else np.asarray(lp[1])[rows],
+            None if top_ids is None else np.asarray(top_ids)[rows],
+            None if top_lp is None else np.asarray(top_lp)[rows],
+        )
+
+    # -- warmup and the compile guard ---------------------------------------------------------
+    def warmup(self) -> None:
+        """Compile every token bucket's step and the common sampler variants."""
+        for T in self.token_buckets:
+            S = min(T, next_pow2(self.max_num_seqs))
+            steps = [SeqStep(token_ids=[0], start=0, block_table=[0], sample=True)]
+            ids, md, _, _, S2 = self.prepare(steps)
+            # pad the single dummy sequence's request out to this bucket
+            ids = np.zeros(T, np.int32)
+            md = dataclasses.replace(
+                md,
+                positions=np.zeros(T, np.int32),
+                kv_lens=np.zeros(S, np.int32),
+                page_indices=np.zeros((S, self.pages_per_seq), np.int32),
+                cu_q_lens=np.zeros(S + 1, np.int32),
+                num_seqs=np.zeros(1, np.int32),
+                logits_indices=np.zeros(S, np.int32),
+            )
+            del S2
+            self.kv_caches, logits = self._step(self.params, self.kv_caches, ids, md, None, None)
+            t = self._sampling_tensors([], S, False)
+            for greedy, filters in ((True, False), (False, False), (False, True)):
+                out = self._sample(
+                    logits,
+                    t,
+                    all_greedy=greedy,
+                    use_filters=filters,
+                    use_penalties=False,
+                    num_logprobs=-1,
+                )
+            jax.block_until_ready(out)
+
+    def num_compiled(self) -> int:
+        return self._step._cache_size() + self._sample._cache_size()

@@ -1,0 +1,139 @@
+"""Tiny random checkpoints and a locally trained tokenizer, built at test time."""
+
+from __future__ import annotations
+
+import os
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+CORPUS = [
+    "Hello, my name is Ada and I like to write programs.",
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "JAX compiles numerical programs for accelerators with XLA.",
+    "Once upon a time there was a small model that generated tokens one by one.",
+    "The quick brown fox jumps over the lazy dog. 0123456789",
+    "Attention is all you need; pages hold keys and values for each sequence.",
+] * 20
+
+
+def make_tokenizer(path: str, vocab_size: int = 256):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    from tokenizers.processors import TemplateProcessing
+
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="</s>",
+        chat_template=CHAT_TEMPLATE,
+    )
+    fast.save_pretrained(path)
+    return fast
+
+
+ARCH_CONFIGS = {
+    "llama": dict(
+        cls="LlamaConfig",
+        model="LlamaForCausalLM",
+        kw=dict(attention_bias=False, tie_word_embeddings=False),
+    ),
+    "llama_tied_llama3": dict(
+        cls="LlamaConfig",
+        model="LlamaForCausalLM",
+        kw=dict(
+            tie_word_embeddings=True,
+            attention_bias=True,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+    ),
+    "llama_linear": dict(
+        cls="LlamaConfig",
+        model="LlamaForCausalLM",
+        kw=dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    ),
+    "qwen2": dict(cls="Qwen2Config", model="Qwen2ForCausalLM", kw=dict(tie_word_embeddings=True)),
+    "qwen3": dict(cls="Qwen3Config", model="Qwen3ForCausalLM", kw=dict(head_dim=16)),
+    "mistral": dict(cls="MistralConfig", model="MistralForCausalLM", kw=dict(sliding_window=24)),
+}
+
+
+def make_checkpoint(root: str, arch: str, seed: int = 0, vocab_size: int = 256) -> str:
+    """Save a tiny random model + tokenizer under root/arch; returns the directory."""
+    import torch
+    import transformers
+
+    path = os.path.join(root, arch)
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    spec = ARCH_CONFIGS[arch]
+    tokenizer = make_tokenizer(path, vocab_size)
+    cfg = getattr(transformers, spec["cls"])(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **spec["kw"],
+    )
+    torch.manual_seed(seed)
+    model = getattr(transformers, spec["model"])(cfg)
+    # larger-than-default init so greedy paths are not dominated by ties
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 1:
+                p.normal_(0, 0.08 if p.dim() > 1 else 0.5)
+                if p.dim() == 1 and p.shape[0] == cfg.hidden_size:
+                    p.abs_().add_(0.5)
+    model.eval()
+    model.save_pretrained(path)
+    return path
+
+
+def hf_greedy(path: str, prompts_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    outs = []
+    for ids in prompts_ids:
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            y = model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        outs.append(y[0, len(ids) :].tolist())
+    return outs
