@@ -289,6 +289,14 @@ class ModelRunner:
             banned=banned,
         )
 
+    def logits(self, steps: list[SeqStep]) -> np.ndarray:
+        """Run one step and return each sequence's last-token logits (S rows) without sampling."""
+        ids, md, embeds, embeds_mask, _ = self.prepare(steps)
+        self.kv_caches, logits = self._step(
+            self.params, self.kv_caches, ids, md, embeds, embeds_mask
+        )
+        return np.asarray(logits)[: len(steps)]
+
     def execute(self, steps: list[SeqStep]) -> StepOutput:
         ids, md, embeds, embeds_mask, S = self.prepare(steps)
         self.kv_caches, logits = self._step(
