@@ -30,8 +30,8 @@ class AttentionMetadata:
 
 def resolve_backend(name: str) -> str:
     """'auto' -> the fastest correct implementation for this backend."""
-    if name not in ("auto", "reference", "pallas"):
-        raise ValueError(f"attention_backend must be auto, reference or pallas; got {name!r}")
+    if name not in ("auto", "reference", "xla", "pallas"):
+        raise ValueError(f"attention_backend must be auto, reference, xla or pallas; got {name!r}")
     if name != "auto":
         return name
     if jax.default_backend() in ("gpu", "tpu"):
@@ -40,14 +40,18 @@ def resolve_backend(name: str) -> str:
 
             return "pallas"
         except ImportError:
-            return "reference"
-    return "reference"
+            return "xla"
+    return "xla"
 
 
 @functools.cache
 def attention_fn(backend: str):
     if backend == "reference":
         return reference.ragged_paged_attention
+    if backend == "xla":
+        from jaxmm.kernels import xla
+
+        return xla.ragged_paged_attention
     if backend in ("pallas", "pallas_interpret"):
         from jaxmm.kernels import ragged_paged_attention as rpa
 
