@@ -69,6 +69,8 @@ def render_chat(
 def conversation_to_prompt(engine, conversation: list[dict], **kwargs) -> dict:
     """A conversation -> {"prompt": text, "prompt_token_ids": ids} (or a multimodal prompt)."""
     if has_media(conversation):
+        if not getattr(engine.runner.model_obj, "is_multimodal", False):
+            _text_only(conversation)  # raises, naming the part type
         from jaxmm.multimodal.inputs import conversation_to_mm_prompt
 
         return conversation_to_mm_prompt(engine, conversation, **kwargs)

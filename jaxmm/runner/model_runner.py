@@ -77,6 +77,22 @@ class StepOutput:
     top_logprobs: np.ndarray | None
 
 
+_BACKEND_COMPILES = [0]
+
+
+def _on_event(event: str, *args, **kwargs) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _BACKEND_COMPILES[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+def backend_compile_count() -> int:
+    """XLA compilations in this process so far (the compile guard's counter)."""
+    return _BACKEND_COMPILES[0]
+
+
 def enable_compilation_cache(path: str | None) -> None:
     path = path or os.environ.get("JAXMM_CACHE_DIR")
     if not path:
@@ -363,4 +379,5 @@ class ModelRunner:
             jax.block_until_ready(out)
 
     def num_compiled(self) -> int:
+        """Programs traced for this runner (step variants + sampler variants)."""
         return self._step._cache_size() + self._sample._cache_size()
