@@ -1,0 +1,168 @@
+"""Offline throughput on a random-weight model of a given HF config shape (no download).
+
+    python benchmarks/throughput.py --config llama-3.1-8b --num-prompts 256 \
+        --input-len 512 --output-len 128
+    python benchmarks/throughput.py --config tiny --num-prompts 8 --input-len 32 --output-len 16
+
+Writes a checkpoint with random bf16/f32 weights (cached under --workdir), runs
+`LLM.generate` over random token prompts with ignore_eos, prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+CONFIGS = {
+    "llama-3.1-8b": dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+    ),
+    "tiny": dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    ),
+}
+
+
+def write_random_checkpoint(cfg: dict, path: str, seed: int = 0) -> None:
+    """config.json + one safetensors file of random weights in the config's dtype."""
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return
+    os.makedirs(path, exist_ok=True)
+    dt = ml_dtypes.bfloat16 if cfg["torch_dtype"] == "bfloat16" else np.float32
+    D, F, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    N, K = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    H = D // N
+    rng = np.random.default_rng(seed)
+
+    def w(*shape):
+        return (rng.standard_normal(shape, np.float32) * 0.02).astype(dt)
+
+    t = {"model.embed_tokens.weight": w(V, D), "model.norm.weight": np.ones(D, dt)}
+    if not cfg["tie_word_embeddings"]:
+        t["lm_head.weight"] = w(V, D)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        t[p + "self_attn.q_proj.weight"] = w(N * H, D)
+        t[p + "self_attn.k_proj.weight"] = w(K * H, D)
+        t[p + "self_attn.v_proj.weight"] = w(K * H, D)
+        t[p + "self_attn.o_proj.weight"] = w(D, N * H)
+        t[p + "mlp.gate_proj.weight"] = w(F, D)
+        t[p + "mlp.up_proj.weight"] = w(F, D)
+        t[p + "mlp.down_proj.weight"] = w(D, F)
+        t[p + "input_layernorm.weight"] = np.ones(D, dt)
+        t[p + "post_attention_layernorm.weight"] = np.ones(D, dt)
+    save_file(t, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--config", default="tiny", help=f"one of {sorted(CONFIGS)} or a config.json")
+    ap.add_argument("--num-prompts", type=int, default=8)
+    ap.add_argument("--input-len", type=int, default=32)
+    ap.add_argument("--output-len", type=int, default=16)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxmm-bench"))
+    args = ap.parse_args(argv)
+
+    import jax
+
+    from jaxmm import LLM, SamplingParams
+
+    if args.config in CONFIGS:
+        cfg, name = CONFIGS[args.config], args.config
+    else:
+        with open(args.config) as f:
+            cfg, name = json.load(f), os.path.basename(args.config)
+    path = os.path.join(args.workdir, name)
+    write_random_checkpoint(cfg, path)
+    max_len = args.input_len + args.output_len
+    llm = LLM(
+        path,
+        dtype=args.dtype,
+        max_model_len=max(max_len, 32),
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        skip_tokenizer_init=True,
+        attention_backend=args.attention_backend,
+        warmup=True,
+    )
+    rng = np.random.default_rng(0)
+    V = cfg["vocab_size"]
+    prompts = [
+        {"prompt_token_ids": rng.integers(0, V, args.input_len).tolist()}
+        for _ in range(args.num_prompts)
+    ]
+    sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    result = {
+        "benchmark": "throughput",
+        "config": name,
+        "num_prompts": args.num_prompts,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "elapsed_s": round(elapsed, 3),
+        "output_tokens_per_s": round(out_tokens / elapsed, 2),
+        "total_tokens_per_s": round((out_tokens + args.num_prompts * args.input_len) / elapsed, 2),
+        "requests_per_s": round(args.num_prompts / elapsed, 3),
+        "attention_backend": llm.llm_engine.runner.backend,
+        "dtype": np.dtype(llm.llm_engine.runner.dtype).name,
+        "device": str(jax.devices()[0].device_kind),
+        "backend": jax.default_backend(),
+        "jax_version": jax.__version__,
+        "python": platform.python_version(),
+    }
+    print(json.dumps(result))
+    sys.stdout.flush()
+    return result
+
+
+if __name__ == "__main__":
+    main()
