@@ -181,8 +181,17 @@ class LLMEngine:
         ids = {request_id} if isinstance(request_id, str) else set(request_id)
         self.scheduler.abort(ids)
         for rid in ids:
-            if self.requests.pop(rid, None) is not None:
+            req = self.requests.pop(rid, None)
+            if req is not None:
+                self._release(req)
                 self.stats["aborted"] += 1
+
+    @staticmethod
+    def _release(req: Request) -> None:
+        """Give back per-request device state the front end took (e.g. encoder slots)."""
+        release = getattr(req.mm, "release", None)
+        if release is not None:
+            release()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -245,6 +254,7 @@ class LLMEngine:
         for req in touched.values():
             if req.finished:
                 self.requests.pop(req.request_id, None)
+                self._release(req)
                 self.stats["finished"] += 1
         return outputs
 

@@ -66,6 +66,9 @@ class SeqStep:
     # multimodal: (offset in token_ids, (n, D) embeddings) to splice over placeholder tokens
     embeds: list | None = None
     mrope_positions: np.ndarray | None = None  # (3, n) for M-RoPE models
+    # model-specific per-sequence inputs (name -> array), stacked to (S, ...) for the step,
+    # e.g. an encoder-decoder's cross-attention slot
+    seq_inputs: dict | None = None
 
 
 @dataclasses.dataclass
@@ -175,6 +178,14 @@ class ModelRunner:
             jax.device_put(jnp.zeros(kv_shape, self.dtype), kv_sharding)
             for _ in range(self.num_layers)
         ]
+        # models with extra per-request device state (e.g. encoder-decoder cross-attention
+        # K/V slabs) append their own arrays; they travel, donated, with the KV pages
+        extra = getattr(abstract, "extra_caches", None)
+        if extra is not None:
+            self.kv_caches += [
+                jax.device_put(a, NamedSharding(self.mesh, PartitionSpec()))
+                for a in extra(self.dtype, self.max_num_seqs)
+            ]
         self.token_buckets = []
         b = MIN_BUCKET
         while b < max_num_batched_tokens:
@@ -203,13 +214,14 @@ class ModelRunner:
         return max(0, int(limit * utilization) - used - reserve)
 
     # -- the compiled step --------------------------------------------------------------------
-    def _step_fn(self, params, kv_caches, input_ids, md, embeds, embeds_mask):
+    def _step_fn(self, params, kv_caches, input_ids, md, embeds, embeds_mask, seq_inputs=None):
         model = nnx.merge(self.graphdef, params)
         x = None
         if embeds is not None:
             x = model.embed(input_ids)
             x = jnp.where(embeds_mask[:, None], embeds.astype(x.dtype), x)
-        hidden, kv_caches = model(input_ids, kv_caches, md, inputs_embeds=x)
+        kwargs = {"seq_inputs": seq_inputs} if seq_inputs is not None else {}
+        hidden, kv_caches = model(input_ids, kv_caches, md, inputs_embeds=x, **kwargs)
         logits = model.compute_logits(hidden[md.logits_indices])
         return kv_caches, logits
 
@@ -256,6 +268,18 @@ class ModelRunner:
                     embeds_mask[t + off : t + off + len(e)] = True
             t += n
         cu[len(steps) + 1 :] = t
+        seq_inputs = None
+        if any(s.seq_inputs for s in steps):
+            seq_inputs = {}
+            for name in next(s.seq_inputs for s in steps if s.seq_inputs):
+                rows = [s.seq_inputs[name] for s in steps if s.seq_inputs]
+                proto = np.asarray(rows[0])
+                arr = np.zeros((S, *proto.shape), proto.dtype)
+                for i, s in enumerate(steps):
+                    if s.seq_inputs:
+                        arr[i] = s.seq_inputs[name]
+                seq_inputs[name] = arr
+        self._pending_seq_inputs = seq_inputs
         md = AttentionMetadata(
             positions=positions,
             kv_lens=kv_lens,
@@ -309,14 +333,14 @@ class ModelRunner:
         """Run one step and return each sequence's last-token logits (S rows) without sampling."""
         ids, md, embeds, embeds_mask, _ = self.prepare(steps)
         self.kv_caches, logits = self._step(
-            self.params, self.kv_caches, ids, md, embeds, embeds_mask
+            self.params, self.kv_caches, ids, md, embeds, embeds_mask, self._pending_seq_inputs
         )
         return np.asarray(logits)[: len(steps)]
 
     def execute(self, steps: list[SeqStep]) -> StepOutput:
         ids, md, embeds, embeds_mask, S = self.prepare(steps)
         self.kv_caches, logits = self._step(
-            self.params, self.kv_caches, ids, md, embeds, embeds_mask
+            self.params, self.kv_caches, ids, md, embeds, embeds_mask, self._pending_seq_inputs
         )
         sampled = [s for s in steps if s.sample]
         if not sampled:
@@ -365,7 +389,9 @@ class ModelRunner:
                 logits_indices=np.zeros(S, np.int32),
             )
             del S2
-            self.kv_caches, logits = self._step(self.params, self.kv_caches, ids, md, None, None)
+            self.kv_caches, logits = self._step(
+                self.params, self.kv_caches, ids, md, None, None, None
+            )
             t = self._sampling_tensors([], S, False)
             for greedy, filters in ((True, False), (False, False), (False, True)):
                 out = self._sample(
