@@ -4,7 +4,7 @@
         --input-len 512 --output-len 128
     python benchmarks/throughput.py --config tiny --num-prompts 8 --input-len 32 --output-len 16
 
-Writes a checkpoint with random bf16/f32 weights (cached under --workdir), runs
+Writes only the config (under --workdir); weights are random, made on device; runs
 `LLM.generate` over random token prompts with ignore_eos, prints one JSON line.
 """
 
@@ -60,38 +60,9 @@ CONFIGS = {
 }
 
 
-def write_random_checkpoint(cfg: dict, path: str, seed: int = 0) -> None:
-    """config.json + one safetensors file of random weights in the config's dtype."""
-    import ml_dtypes
-    from safetensors.numpy import save_file
-
-    if os.path.exists(os.path.join(path, "model.safetensors")):
-        return
+def write_config(cfg: dict, path: str) -> None:
+    """Only config.json: weights are made on device (load_format="dummy")."""
     os.makedirs(path, exist_ok=True)
-    dt = ml_dtypes.bfloat16 if cfg["torch_dtype"] == "bfloat16" else np.float32
-    D, F, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    N, K = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    H = D // N
-    rng = np.random.default_rng(seed)
-
-    def w(*shape):
-        return (rng.standard_normal(shape, np.float32) * 0.02).astype(dt)
-
-    t = {"model.embed_tokens.weight": w(V, D), "model.norm.weight": np.ones(D, dt)}
-    if not cfg["tie_word_embeddings"]:
-        t["lm_head.weight"] = w(V, D)
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        t[p + "self_attn.q_proj.weight"] = w(N * H, D)
-        t[p + "self_attn.k_proj.weight"] = w(K * H, D)
-        t[p + "self_attn.v_proj.weight"] = w(K * H, D)
-        t[p + "self_attn.o_proj.weight"] = w(D, N * H)
-        t[p + "mlp.gate_proj.weight"] = w(F, D)
-        t[p + "mlp.up_proj.weight"] = w(F, D)
-        t[p + "mlp.down_proj.weight"] = w(D, F)
-        t[p + "input_layernorm.weight"] = np.ones(D, dt)
-        t[p + "post_attention_layernorm.weight"] = np.ones(D, dt)
-    save_file(t, os.path.join(path, "model.safetensors"))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f)
 
@@ -119,7 +90,7 @@ def main(argv=None) -> dict:
         with open(args.config) as f:
             cfg, name = json.load(f), os.path.basename(args.config)
     path = os.path.join(args.workdir, name)
-    write_random_checkpoint(cfg, path)
+    write_config(cfg, path)
     max_len = args.input_len + args.output_len
     llm = LLM(
         path,
@@ -129,6 +100,7 @@ def main(argv=None) -> dict:
         max_num_batched_tokens=args.max_num_batched_tokens,
         skip_tokenizer_init=True,
         attention_backend=args.attention_backend,
+        load_format="dummy",
         warmup=True,
     )
     rng = np.random.default_rng(0)

@@ -44,6 +44,7 @@ class LLM:
         allowed_media_domains: list[str] | None = None,
         mm_processor_kwargs: dict | None = None,
         trust_remote_code: bool = False,
+        load_format: str = "auto",
     ):
         if model is None:
             from jaxmm.default_model import default_model_path
@@ -58,6 +59,7 @@ class LLM:
                 max_model_len=max_model_len,
                 skip_tokenizer_init=skip_tokenizer_init,
                 attention_backend=attention_backend,
+                load_format=load_format,
             ),
             cache=CacheConfig(
                 block_size=block_size,

@@ -51,7 +51,7 @@ class LLMEngine:
         self.config = config
         enable_compilation_cache(config.compilation_cache_dir)
         mc = config.model
-        ck = open_checkpoint(mc.model)
+        ck = open_checkpoint(mc.model, mc.load_format)
         self.checkpoint = ck
         self.hf_config = ck.hf_config
         self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(ck, mc.tokenizer)
@@ -72,6 +72,7 @@ class LLMEngine:
             num_gpu_blocks_override=cc.num_gpu_blocks_override,
             attention_backend=mc.attention_backend,
             tensor_parallel_size=config.tensor_parallel_size,
+            load_format=mc.load_format,
         )
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(

@@ -47,7 +47,7 @@ def _eos_ids(model_dir: str, hf_config) -> list[int]:
     return ids
 
 
-def open_checkpoint(model: str) -> Checkpoint:
+def open_checkpoint(model: str, load_format: str = "auto") -> Checkpoint:
     if not os.path.exists(model):
         raise FileNotFoundError(
             f"model {model!r} is not a local directory or file. jaxmm does not download from "
@@ -77,6 +77,8 @@ def open_checkpoint(model: str) -> Checkpoint:
     from jaxmm.weights.safetensors_io import iter_safetensors
 
     hf_config = AutoConfig.from_pretrained(model, local_files_only=True)
+    if load_format not in ("auto", "safetensors", "dummy"):
+        raise ValueError(f"load_format must be auto, safetensors or dummy; got {load_format!r}")
     return Checkpoint(
         path=model,
         hf_config=hf_config,

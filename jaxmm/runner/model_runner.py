@@ -30,7 +30,7 @@ from jaxmm.layers.attention import AttentionMetadata, resolve_backend
 from jaxmm.layers.sampler import MAX_LOGPROBS, SamplingTensors, sample
 from jaxmm.models.registry import model_class
 from jaxmm.runner.checkpoint import Checkpoint
-from jaxmm.weights.loader import cast_dtype, load_params
+from jaxmm.weights.loader import cast_dtype, load_params, random_params
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ class ModelRunner:
         num_gpu_blocks_override: int | None = None,
         attention_backend: str = "auto",
         tensor_parallel_size: int = 1,
+        load_format: str = "auto",
     ):
         self.hf_config = ck.hf_config
         self.dtype = cast_dtype(dtype, ck.hf_config)
@@ -128,6 +129,11 @@ class ModelRunner:
         self.backend = resolve_backend(attention_backend)
         self.on_cpu = jax.default_backend() == "cpu"
 
+        if tensor_parallel_size > len(jax.devices()):
+            raise ValueError(
+                f"tensor_parallel_size={tensor_parallel_size} but only {len(jax.devices())} "
+                "devices are visible"
+            )
         devices = np.array(jax.devices()[:tensor_parallel_size]).reshape(1, tensor_parallel_size)
         self.mesh = Mesh(devices, ("data", "model"))
 
@@ -140,7 +146,10 @@ class ModelRunner:
         abstract = nnx.eval_shape(build)
         self.graphdef, abstract_state = nnx.split(abstract)
         self.model_obj = abstract
-        self.params = load_params(abstract, abstract_state, ck.tensors(), self.mesh, self.dtype)
+        if load_format == "dummy":  # random weights, for benchmarks
+            self.params = random_params(abstract_state, self.mesh)
+        else:
+            self.params = load_params(abstract, abstract_state, ck.tensors(), self.mesh, self.dtype)
         self.num_layers, self.num_kv_heads, self.head_dim = abstract.kv_cache_spec()
         self.vocab_size = text_config.vocab_size
 

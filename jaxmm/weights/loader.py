@@ -95,6 +95,29 @@ def load_params(
     return nnx.from_flat_state([(p, flat[p].replace(filled[p])) for p in flat])
 
 
+def random_params(abstract_state: nnx.State, mesh: Mesh, seed: int = 0, scale: float = 0.02):
+    """Random weights with the model's shapes, made on device in place (load_format="dummy").
+
+    Norm weights are ones; everything else is N(0, scale). For benchmarks: no file I/O.
+    """
+    flat = list(nnx.to_flat_state(abstract_state))
+    out = []
+    key = jax.random.key(seed)
+    for i, (path, var) in enumerate(flat):
+        sd = var.get_value()
+        sharding = NamedSharding(mesh, partition_spec(path, len(sd.shape)))
+        is_norm = path[-1] == "weight" and len(sd.shape) == 1
+
+        def make(k, shape=sd.shape, dtype=sd.dtype, ones=is_norm):
+            if ones:
+                return jnp.ones(shape, dtype)
+            return (jax.random.normal(k, shape, jnp.float32) * scale).astype(dtype)
+
+        arr = jax.jit(make, out_shardings=sharding)(jax.random.fold_in(key, i))
+        out.append((path, var.replace(arr)))
+    return nnx.from_flat_state(out)
+
+
 def cast_dtype(name: str, hf_config) -> jnp.dtype:
     if name == "auto":
         torch_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
