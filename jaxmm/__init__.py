@@ -1,8 +1,8 @@
 """jaxmm: a multimodal LLM inference engine in JAX.
 
-    from jaxmm import LLM, SamplingParams
-    llm = LLM(model="/path/to/checkpoint")
-    print(llm.generate("Hello", SamplingParams(max_tokens=16))[0].outputs[0].text)
+from jaxmm import LLM, SamplingParams
+llm = LLM(model="/path/to/checkpoint")
+print(llm.generate("Hello", SamplingParams(max_tokens=16))[0].outputs[0].text)
 """
 
 from jaxmm.outputs import CompletionOutput, Logprob, RequestOutput

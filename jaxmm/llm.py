@@ -77,7 +77,9 @@ class LLM:
                 enable_mm_embeds=enable_mm_embeds,
                 media_io_kwargs=dict(media_io_kwargs or {}),
                 allowed_local_media_path=allowed_local_media_path,
-                allowed_media_domains=tuple(allowed_media_domains) if allowed_media_domains else None,
+                allowed_media_domains=tuple(allowed_media_domains)
+                if allowed_media_domains
+                else None,
                 mm_processor_kwargs=dict(mm_processor_kwargs or {}),
             ),
             seed=seed,
@@ -95,11 +97,13 @@ class LLM:
     def engine(self) -> LLMEngine:
         return self.llm_engine
 
-    def _run(self, prompts: list, params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(
+        self, prompts: list, params: list[SamplingParams], use_tqdm: bool
+    ) -> list[RequestOutput]:
         engine = self.llm_engine
         # validate every prompt before queueing any, so a bad one leaves nothing half-done
         prepared = [self._prepare(p) for p in prompts]
-        for (text, ids, mm), sp in zip(prepared, params):
+        for (_, ids, _), sp in zip(prepared, params):
             engine.validate(ids, sp)
         order = []
         for (text, ids, mm), sp in zip(prepared, params):
@@ -123,7 +127,9 @@ class LLM:
                         if bar is not None:
                             bar.update(1)
                             elapsed = time.perf_counter() - start
-                            bar.set_postfix_str(f"output: {out_tokens / max(elapsed, 1e-9):.1f} toks/s")
+                            bar.set_postfix_str(
+                                f"output: {out_tokens / max(elapsed, 1e-9):.1f} toks/s"
+                            )
         except BaseException:
             engine.abort_request(order)
             raise
@@ -199,4 +205,3 @@ def _broadcast_params(sampling_params, n: int) -> list[SamplingParams]:
     if len(params) != n:
         raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
     return params
-

@@ -48,7 +48,9 @@ class SamplingParams:
             bad("min_p", "must be in [0, 1]")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", "must be an integer or None")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if self.max_tokens is not None and (
+            not isinstance(self.max_tokens, int) or self.max_tokens < 1
+        ):
             bad("max_tokens", "must be an integer >= 1 or None")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             bad("min_tokens", "must be an integer >= 0")

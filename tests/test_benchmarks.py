@@ -7,8 +7,18 @@ from benchmarks import throughput
 
 def test_throughput_smoke(tmp_path, capsys):
     result = throughput.main(
-        ["--config", "tiny", "--num-prompts", "4", "--input-len", "20", "--output-len", "6",
-         "--workdir", str(tmp_path)]
+        [
+            "--config",
+            "tiny",
+            "--num-prompts",
+            "4",
+            "--input-len",
+            "20",
+            "--output-len",
+            "6",
+            "--workdir",
+            str(tmp_path),
+        ]
     )
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line == result

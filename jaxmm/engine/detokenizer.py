@@ -21,7 +21,9 @@ def new_state(num_prompt_tokens: int) -> DetokState:
     return DetokState(prefix_offset=max(num_prompt_tokens - 5, 0), read_offset=num_prompt_tokens)
 
 
-def detokenize_incrementally(tokenizer, all_ids: list[int], st: DetokState, skip_special: bool) -> str:
+def detokenize_incrementally(
+    tokenizer, all_ids: list[int], st: DetokState, skip_special: bool
+) -> str:
     """Append the text of newly added ids to st.text; returns the new piece."""
     prefix = tokenizer.decode(
         all_ids[st.prefix_offset : st.read_offset], skip_special_tokens=skip_special

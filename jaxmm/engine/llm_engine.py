@@ -108,7 +108,9 @@ class LLMEngine:
                 raise ValueError("prompt_token_ids must be a list of integers")
             return prompt.get("prompt"), list(ids)
         if "prompt" not in prompt:
-            raise ValueError(f"prompt dict needs 'prompt' or 'prompt_token_ids', got {sorted(prompt)}")
+            raise ValueError(
+                f"prompt dict needs 'prompt' or 'prompt_token_ids', got {sorted(prompt)}"
+            )
         text = prompt["prompt"]
         if not isinstance(text, str):
             raise TypeError(f"'prompt' must be a str, got {type(text).__name__}")
@@ -268,7 +270,9 @@ class LLMEngine:
             seq.data["cum_logprob"] += lp
             entry = {token: Logprob(lp, int(out.ranks[j]))}
             if p.logprobs and out.top_ids is not None:
-                for tid, tlp in zip(out.top_ids[j][: p.logprobs], out.top_logprobs[j][: p.logprobs]):
+                for tid, tlp in zip(
+                    out.top_ids[j][: p.logprobs], out.top_logprobs[j][: p.logprobs]
+                ):
                     tid = int(tid)
                     if tid not in entry:
                         entry[tid] = Logprob(float(tlp), None)
@@ -295,7 +299,11 @@ class LLMEngine:
                 hit = find_stop_string(st.text, len(delta), p.stop_strings)
                 if hit is not None:
                     stop, idx = hit
-                    st.text = st.text[: idx + len(stop)] if p.include_stop_str_in_output else st.text[:idx]
+                    st.text = (
+                        st.text[: idx + len(stop)]
+                        if p.include_stop_str_in_output
+                        else st.text[:idx]
+                    )
                     reason, stop_reason = "stop", stop
         if reason is None:
             if p.max_tokens is not None and n_out >= p.max_tokens:

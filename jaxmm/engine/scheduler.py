@@ -131,7 +131,9 @@ class Scheduler:
                 pass
 
     def abort(self, request_ids: set[str]) -> list[Sequence]:
-        aborted = [s for s in list(self.running) + list(self.waiting) if s.request_id in request_ids]
+        aborted = [
+            s for s in list(self.running) + list(self.waiting) if s.request_id in request_ids
+        ]
         for seq in aborted:
             self.finish(seq, "abort")
         return aborted

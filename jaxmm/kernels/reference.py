@@ -24,7 +24,6 @@ Soft cap c: scores become c * tanh(scores / c) before masking.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 

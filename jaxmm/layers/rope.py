@@ -1,7 +1,7 @@
 """Rotary position embeddings (HF "rotate_half" layout) with rope_scaling variants.
 
-Supported `rope_type`s: default, linear, llama3, dynamic-free YaRN is not here yet: an
-unsupported type is a clear error at load time, not a silent mismatch.
+Supported `rope_type`s: default, linear, llama3. Any other type is a clear error at load
+time, not a silent mismatch.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def inv_frequencies(head_dim: int, params: dict, rotary_dim: int | None = None) 
         inv = np.where(is_medium, smoothed, inv_l)
     else:
         raise ValueError(
-            f"rope_type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            f"rope_type {rope_type!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
     return inv.astype(np.float32)
 

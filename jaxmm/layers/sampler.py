@@ -37,8 +37,10 @@ def apply_penalties(logits, t: SamplingTensors):
     S, V = logits.shape
     rows = jnp.arange(S)[:, None]
     tok = jnp.where(t.seen_tokens < 0, V, t.seen_tokens)  # V -> dropped
-    out_counts = jnp.zeros((S, V), jnp.float32).at[rows, tok].add(
-        t.seen_is_output.astype(jnp.float32), mode="drop"
+    out_counts = (
+        jnp.zeros((S, V), jnp.float32)
+        .at[rows, tok]
+        .add(t.seen_is_output.astype(jnp.float32), mode="drop")
     )
     seen = jnp.zeros((S, V), bool).at[rows, tok].set(True, mode="drop")
     rep = t.repetition[:, None]

@@ -112,12 +112,16 @@ class LlamaModel(nnx.Module):
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = nnx.List(
             [
-                self.layer_cls(config, i, dtype=dtype, attention_backend=attention_backend, rngs=rngs)
+                self.layer_cls(
+                    config, i, dtype=dtype, attention_backend=attention_backend, rngs=rngs
+                )
                 for i in range(config.num_hidden_layers)
             ]
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-        self.inv_freq = tuple(float(f) for f in inv_frequencies(head_dim(config), rope_parameters(config)))
+        self.inv_freq = tuple(
+            float(f) for f in inv_frequencies(head_dim(config), rope_parameters(config))
+        )
 
     def rotary(self, positions):
         return cos_sin(positions, jnp.asarray(np.array(self.inv_freq, np.float32)))
@@ -137,7 +141,9 @@ class LlamaForCausalLM(nnx.Module):
 
     def __init__(self, config, *, dtype=jnp.float32, attention_backend: str = "reference", rngs):
         self.config = config
-        self.model = self.model_cls(config, dtype=dtype, attention_backend=attention_backend, rngs=rngs)
+        self.model = self.model_cls(
+            config, dtype=dtype, attention_backend=attention_backend, rngs=rngs
+        )
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if not self.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype=dtype, rngs=rngs)

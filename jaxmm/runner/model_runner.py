@@ -141,7 +141,9 @@ class ModelRunner:
         text_config = getattr(ck.hf_config, "text_config", None) or ck.hf_config
 
         def build():
-            return cls(ck.hf_config, dtype=self.dtype, attention_backend=self.backend, rngs=nnx.Rngs(0))
+            return cls(
+                ck.hf_config, dtype=self.dtype, attention_backend=self.backend, rngs=nnx.Rngs(0)
+            )
 
         abstract = nnx.eval_shape(build)
         self.graphdef, abstract_state = nnx.split(abstract)
@@ -163,7 +165,11 @@ class ModelRunner:
         self.pages_per_seq = -(-self.max_model_len // block_size)
 
         bytes_per_page = (
-            2 * self.num_layers * self.num_kv_heads * block_size * self.head_dim
+            2
+            * self.num_layers
+            * self.num_kv_heads
+            * block_size
+            * self.head_dim
             * jnp.dtype(self.dtype).itemsize
         )
         if num_gpu_blocks_override:

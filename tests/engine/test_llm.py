@@ -43,7 +43,11 @@ def test_generate_mixed_prompts_in_order(llm):
 
 def test_per_prompt_params_and_tqdm(llm, capsys):
     outs = llm.generate(
-        ["a", "b"], [SamplingParams(max_tokens=3, ignore_eos=True), SamplingParams(max_tokens=5, ignore_eos=True)]
+        ["a", "b"],
+        [
+            SamplingParams(max_tokens=3, ignore_eos=True),
+            SamplingParams(max_tokens=5, ignore_eos=True),
+        ],
     )
     assert [len(o.outputs[0].token_ids) for o in outs] == [3, 5]
     assert "toks/s" in capsys.readouterr().err
@@ -56,22 +60,46 @@ def test_stop_string_not_in_text(llm):
     text = full.text
     assert len(text) > 4
     stop = text[2:4]
-    out = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=12, stop=[stop], ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        "Hello",
+        SamplingParams(temperature=0, max_tokens=12, stop=[stop], ignore_eos=True),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.text == text[: text.index(stop)]
-    keep = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=12, stop=stop, include_stop_str_in_output=True, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    keep = llm.generate(
+        "Hello",
+        SamplingParams(
+            temperature=0,
+            max_tokens=12,
+            stop=stop,
+            include_stop_str_in_output=True,
+            ignore_eos=True,
+        ),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert keep.text == text[: text.index(stop) + len(stop)]
 
 
 def test_stop_token_ids_and_min_tokens(llm):
     full = llm.generate("Hello", GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     t = full[3]
-    out = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[t], ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        "Hello",
+        SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[t], ignore_eos=True),
+        use_tqdm=False,
+    )[0].outputs[0]
     first = full.index(t)
     assert out.token_ids == full[: first + 1]
     assert out.finish_reason == "stop" and out.stop_reason == t
     # min_tokens bans the stop token until it is reached
-    out = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=8, min_tokens=6, stop_token_ids=[full[0]], ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        "Hello",
+        SamplingParams(
+            temperature=0, max_tokens=8, min_tokens=6, stop_token_ids=[full[0]], ignore_eos=True
+        ),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert full[0] not in out.token_ids[:6] and len(out.token_ids) >= 6
 
 
@@ -93,18 +121,34 @@ def test_n_and_logprobs(llm):
         for tok, entry in zip(c.token_ids, c.logprobs):
             assert tok in entry and 4 <= len(entry) <= 5
             assert all(lp.logprob <= 0 for lp in entry.values())
-        assert c.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(c.token_ids, c.logprobs)), abs=1e-4)
+        assert c.cumulative_logprob == pytest.approx(
+            sum(e[t].logprob for t, e in zip(c.token_ids, c.logprobs)), abs=1e-4
+        )
 
 
 def test_chat(llm):
-    out = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=4), use_tqdm=False)
+    out = llm.chat(
+        [{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=4), use_tqdm=False
+    )
     tok = llm.get_tokenizer()
     assert out[0].prompt == "<|user|>Hi<|end|><|assistant|>"
-    assert out[0].prompt_token_ids == tok("<|user|>Hi<|end|><|assistant|>", add_special_tokens=False).input_ids
-    outs = llm.chat([[{"role": "user", "content": "a"}], [{"role": "user", "content": [{"type": "text", "text": "b"}]}]], use_tqdm=False)
+    assert (
+        out[0].prompt_token_ids
+        == tok("<|user|>Hi<|end|><|assistant|>", add_special_tokens=False).input_ids
+    )
+    outs = llm.chat(
+        [
+            [{"role": "user", "content": "a"}],
+            [{"role": "user", "content": [{"type": "text", "text": "b"}]}],
+        ],
+        use_tqdm=False,
+    )
     assert len(outs) == 2 and outs[1].prompt == "<|user|>b<|end|><|assistant|>"
     with pytest.raises(ValueError, match="multimodal"):
-        llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], use_tqdm=False)
+        llm.chat(
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+            use_tqdm=False,
+        )
 
 
 def test_bad_input(llm):
@@ -153,7 +197,11 @@ def test_chat_without_template(path, tmp_path):
     llm = LLM(str(other), max_model_len=64)
     with pytest.raises(ValueError, match="chat template"):
         llm.chat([{"role": "user", "content": "Hi"}], use_tqdm=False)
-    out = llm.chat([{"role": "user", "content": "Hi"}], chat_template="{{ messages[0]['content'] }}", use_tqdm=False)
+    out = llm.chat(
+        [{"role": "user", "content": "Hi"}],
+        chat_template="{{ messages[0]['content'] }}",
+        use_tqdm=False,
+    )
     assert out[0].prompt == "Hi"
 
 
@@ -172,10 +220,10 @@ def test_no_recompilation_after_warmup(path):
     compiled = backend_compile_count()
     assert compiled > 0  # the counter sees compilations
     tok = llm.get_tokenizer()
-    prompts = [
-        {"prompt_token_ids": tok("Once upon a time").input_ids * k}
-        for k in (1, 2, 3)
-    ] + ["JAX", "The quick brown fox jumps"]
+    prompts = [{"prompt_token_ids": tok("Once upon a time").input_ids * k} for k in (1, 2, 3)] + [
+        "JAX",
+        "The quick brown fox jumps",
+    ]
     params = [
         SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
         SamplingParams(temperature=0.8, top_p=0.9, max_tokens=20, seed=1, ignore_eos=True),

@@ -1,10 +1,9 @@
 """The reference attention against a naive per-sequence softmax, and the XLA path against it."""
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from jaxmm.kernels import reference, xla
 
@@ -60,7 +59,13 @@ def make_case(rng, q_lens, kv_lens, N, K, H, G, A, P, dtype=np.float32):
         t += n
         cu[s + 1] = t
     args = (
-        q, k, v, kv_pages, np.array(kv_lens, np.int32), np.array(tables, np.int32), cu,
+        q,
+        k,
+        v,
+        kv_pages,
+        np.array(kv_lens, np.int32),
+        np.array(tables, np.int32),
+        cu,
         np.array([S], np.int32),
     )
     return args, full_k, full_v

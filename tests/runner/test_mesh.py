@@ -27,9 +27,15 @@ print(json.dumps(outs))
 
 def test_tensor_parallel_two_fake_devices(ckpt_root):
     path = make_checkpoint(ckpt_root, "llama")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
+    )
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, path], env=env, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", SCRIPT, path],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
