@@ -1,0 +1,5 @@
+"""`python -m jaxmm ...` is the `jaxmm` command."""
+
+from jaxmm.cli import main
+
+raise SystemExit(main())

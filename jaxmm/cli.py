@@ -1,0 +1,555 @@
+"""The `jaxmm` command: serve | generate | chat | bench | convert.
+
+    jaxmm serve [MODEL] [--port 8000] [--api-key KEY] ...   OpenAI-compatible server
+    jaxmm generate "Once upon a time" [--model M]            one-shot completion
+    jaxmm chat [--model M] [--message "Hi"]                  chat REPL (or one message)
+    jaxmm bench [--model M] [--num-prompts 64]               offline throughput, JSON
+    jaxmm convert ct2-whisper SRC DST                        checkpoint conversion
+
+Engine flags are named like vLLM's (`vllm serve --help`). MODEL is a local checkpoint
+directory or a .gguf file; without one, the embedded default model is used.
+Heavy imports (JAX, the engine) happen only once a command runs, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+
+_MEDIA_KINDS = ("image", "video", "audio")
+
+
+# -- flag parsers ------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """'1073741824', '1G', '512MiB', '1.5GB' -> bytes (K/M/G/T in binary units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4G, 512M, 1073741824)")
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def parse_limit_mm(text: str) -> dict:
+    """'{"image": 2}' or 'image=2,video=1' -> {"image": 2, "video": 1}."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"invalid JSON: {e}") from None
+    else:
+        value = {}
+        for item in filter(None, (p.strip() for p in text.split(","))):
+            key, sep, num = item.partition("=")
+            if not sep:
+                raise argparse.ArgumentTypeError(f"expected KIND=COUNT, got {item!r}")
+            try:
+                value[key.strip()] = int(num)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{item!r}: the count is not an integer") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object or KIND=COUNT,...")
+    for key, count in value.items():
+        if key not in _MEDIA_KINDS:
+            raise argparse.ArgumentTypeError(f"unknown media kind {key!r}; use {_MEDIA_KINDS}")
+        if (
+            isinstance(count, bool)
+            or not isinstance(count, (int, dict))
+            or (isinstance(count, int) and count < 0)
+        ):
+            raise argparse.ArgumentTypeError(f"{key}: the limit must be an integer >= 0")
+    return value
+
+
+def parse_json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"invalid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """A file path or an inline Jinja template."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{" in value:
+        return value
+    raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template")
+
+
+# -- engine flags ------------------------------------------------------------------------------
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        help="weight and activation dtype (default: auto, from the checkpoint)",
+    )
+    g.add_argument(
+        "--max-model-len", type=int, help="context length in tokens (default: the model's)"
+    )
+    g.add_argument(
+        "--max-num-seqs", type=int, default=256, help="most sequences in one batch (default: 256)"
+    )
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        help="token budget of one step (default: 1024 on CPU, 4096 on accelerators)",
+    )
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV page (default: 16)")
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="fraction of accelerator memory for weights + KV cache (default: 0.9)",
+    )
+    g.add_argument(
+        "--kv-cache-memory-bytes",
+        type=parse_size,
+        help="KV cache budget, e.g. 4G; overrides --gpu-memory-utilization "
+        "(on CPU the default is 1G)",
+    )
+    g.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse KV pages of shared prompt prefixes (default: on)",
+    )
+    g.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=1,
+        help="devices to shard the model over (default: 1)",
+    )
+    g.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=("auto", "reference", "pallas"),
+        help="paged attention implementation (default: auto)",
+    )
+    g.add_argument(
+        "--compilation-cache-dir",
+        help="persistent XLA compilation cache directory (faster restarts)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="engine seed (default: 0)")
+    m = p.add_argument_group("multimodal")
+    m.add_argument(
+        "--limit-mm-per-prompt",
+        type=parse_limit_mm,
+        default=None,
+        help="most media items per prompt, as JSON ('{\"image\": 2}') or 'image=2,video=1'",
+    )
+    m.add_argument(
+        "--allowed-local-media-path",
+        help="absolute directory whose files requests may read as file:// URLs (default: none)",
+    )
+    m.add_argument(
+        "--allowed-media-domains",
+        nargs="+",
+        metavar="DOMAIN",
+        help="only fetch http(s) media from these domains (and their subdomains)",
+    )
+    m.add_argument(
+        "--enable-mm-embeds",
+        action="store_true",
+        help="accept precomputed media embeddings in requests",
+    )
+    m.add_argument(
+        "--media-io-kwargs",
+        type=parse_json_object,
+        default=None,
+        help='per-kind media loading options as JSON, e.g. \'{"video": {"num_frames": 16}}\'',
+    )
+    m.add_argument(
+        "--mm-processor-kwargs",
+        type=parse_json_object,
+        default=None,
+        help="options for the HF processor as JSON",
+    )
+
+
+def llm_kwargs(args, model: str | None) -> dict:
+    domains = None
+    if args.allowed_media_domains:
+        domains = [
+            d.strip() for item in args.allowed_media_domains for d in item.split(",") if d.strip()
+        ]
+    return dict(
+        model=model,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        enable_prefix_caching=args.enable_prefix_caching,
+        seed=args.seed,
+        compilation_cache_dir=args.compilation_cache_dir,
+        attention_backend=args.attention_backend,
+        tensor_parallel_size=args.tensor_parallel_size,
+        limit_mm_per_prompt=args.limit_mm_per_prompt,
+        enable_mm_embeds=args.enable_mm_embeds,
+        media_io_kwargs=args.media_io_kwargs,
+        allowed_local_media_path=args.allowed_local_media_path,
+        allowed_media_domains=domains,
+        mm_processor_kwargs=args.mm_processor_kwargs,
+    )
+
+
+def resolve_model(model: str | None) -> str:
+    if model:
+        return model
+    from jaxmm.default_model import default_model_path
+
+    return default_model_path()
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument(
+        "--max-tokens",
+        type=int,
+        default=max_tokens,
+        help=f"most tokens to generate (default: {max_tokens})",
+    )
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1)")
+    g.add_argument("--top-k", type=int, default=0, help="0 is off (default: 0)")
+    g.add_argument("--sampling-seed", type=int, default=None, help="seed of the sampler")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def sampling_params(args):
+    from jaxmm.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.sampling_seed,
+        stop=args.stop,
+    )
+
+
+# -- serve -------------------------------------------------------------------------------------
+
+
+def build_serve_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the OpenAI-compatible HTTP server",
+        description="Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, "
+        "/v1/completions, /v1/models, ...). Flags are named like `vllm serve`'s.",
+    )
+    p.add_argument(
+        "model",
+        nargs="?",
+        help="checkpoint directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    p.add_argument("--model", dest="model_flag", help="same as the positional MODEL")
+    s = p.add_argument_group("server")
+    s.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 listens "
+        "on all interfaces)",
+    )
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    s.add_argument(
+        "--api-key",
+        action="append",
+        default=[os.environ["JAXMM_API_KEY"]] if os.environ.get("JAXMM_API_KEY") else None,
+        help="require `Authorization: Bearer KEY` on every endpoint but /health, "
+        "/metrics and /version (repeatable; env JAXMM_API_KEY)",
+    )
+    s.add_argument(
+        "--served-model-name",
+        nargs="+",
+        help="names clients use in `model` (default: MODEL as given)",
+    )
+    s.add_argument(
+        "--chat-template",
+        help="Jinja chat template (a file or the template itself) replacing the tokenizer's",
+    )
+    s.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="let requests bring their own chat_template",
+    )
+    s.add_argument(
+        "--max-request-body-bytes",
+        type=parse_size,
+        default=32 * 2**20,
+        help="larger request bodies get 413 (default: 32M)",
+    )
+    s.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compile every shape before accepting requests (default: on)",
+    )
+    s.add_argument(
+        "--uvicorn-log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug", "trace"),
+        help="uvicorn's log level (default: info)",
+    )
+    add_engine_args(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from jaxmm.multimodal.fetch import MediaPolicy
+
+    model = resolve_model(args.model_flag or args.model)
+    kwargs = llm_kwargs(args, model)
+    # refuse bad media access flags now, not on the first request
+    MediaPolicy(
+        allowed_local_media_path=kwargs["allowed_local_media_path"],
+        allowed_media_domains=tuple(kwargs["allowed_media_domains"] or ()) or None,
+    )
+    chat_template = load_chat_template(args.chat_template)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    names = args.served_model_name or [
+        args.model_flag or args.model or os.path.splitext(os.path.basename(model))[0]
+    ]
+
+    from jaxmm.engine.async_engine import AsyncEngine
+    from jaxmm.llm import LLM
+    from jaxmm.server.app import build_app, serve
+
+    llm = LLM(**kwargs, warmup=args.warmup)
+    client = AsyncEngine(llm.llm_engine)
+    app = build_app(
+        client,
+        served_model_names=names,
+        model_path=model,
+        api_keys=args.api_key,
+        chat_template=chat_template,
+        trust_request_chat_template=args.trust_request_chat_template,
+        max_body_bytes=args.max_request_body_bytes,
+        shutdown_engine=True,
+    )
+    logging.getLogger("jaxmm").info(
+        "serving %s as %s on http://%s:%d (max_model_len=%d)",
+        model,
+        names,
+        args.host,
+        args.port,
+        client.max_model_len,
+    )
+    serve(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level)
+    return 0
+
+
+# -- generate / chat / bench -------------------------------------------------------------------
+
+
+def build_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="complete one or more prompts and print the text")
+    p.add_argument("prompt", nargs="+", help="prompt text (several: one completion each)")
+    p.add_argument("--model", help="checkpoint directory or .gguf file (default: embedded)")
+    add_sampling_args(p, max_tokens=128)
+    add_engine_args(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> int:
+    from jaxmm.llm import LLM
+
+    llm = LLM(**llm_kwargs(args, resolve_model(args.model)))
+    outs = llm.generate(args.prompt, sampling_params(args), use_tqdm=False)
+    for i, out in enumerate(outs):
+        if len(outs) > 1:
+            print(f"--- {i}")
+        print(out.outputs[0].text)
+    return 0
+
+
+def build_chat_parser(sub) -> None:
+    p = sub.add_parser(
+        "chat",
+        help="chat with a model on the terminal",
+        description="An interactive chat on stdin/stdout (/reset clears the history, /exit "
+        "or end-of-file quits); with --message, one reply and exit.",
+    )
+    p.add_argument("--model", help="checkpoint directory or .gguf file (default: embedded)")
+    p.add_argument("--message", help="send this one message, print the reply and exit")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--chat-template", help="Jinja chat template (file or string)")
+    add_sampling_args(p, max_tokens=512)
+    add_engine_args(p)
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(args) -> int:
+    from jaxmm.llm import LLM
+
+    llm = LLM(**llm_kwargs(args, resolve_model(args.model)))
+    params = sampling_params(args)
+    template = load_chat_template(args.chat_template)
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(start)
+
+    def reply(text: str) -> str:
+        history.append({"role": "user", "content": text})
+        out = llm.chat(history, params, use_tqdm=False, chat_template=template)[0]
+        answer = out.outputs[0].text
+        history.append({"role": "assistant", "content": answer})
+        return answer
+
+    if args.message is not None:
+        print(reply(args.message))
+        return 0
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print(">>> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history[:] = start
+            continue
+        print(reply(text), flush=True)
+    return 0
+
+
+def build_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="offline throughput on random prompts; prints JSON")
+    p.add_argument("--model", help="checkpoint directory or .gguf file (default: embedded)")
+    p.add_argument("--num-prompts", type=int, default=64, help="(default: 64)")
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens (default: 128)")
+    p.add_argument("--output-len", type=int, default=128, help="generated tokens (default: 128)")
+    add_engine_args(p)
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    import random
+    import time
+
+    import jax
+
+    from jaxmm.llm import LLM
+    from jaxmm.sampling_params import SamplingParams
+
+    llm = LLM(**llm_kwargs(args, resolve_model(args.model)), warmup=True)
+    vocab = llm.llm_engine.runner.vocab_size
+    rng = random.Random(args.seed)
+    prompts = [
+        {"prompt_token_ids": [rng.randrange(vocab) for _ in range(args.input_len)]}
+        for _ in range(args.num_prompts)
+    ]
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate(prompts[:1], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    n_in = args.num_prompts * args.input_len
+    print(
+        json.dumps(
+            {
+                "model": llm.llm_engine.config.model.model,
+                "device": str(jax.devices()[0].device_kind),
+                "jax_version": jax.__version__,
+                "num_prompts": args.num_prompts,
+                "input_len": args.input_len,
+                "output_len": args.output_len,
+                "elapsed_s": round(elapsed, 4),
+                "requests_per_s": round(args.num_prompts / elapsed, 3),
+                "output_tokens_per_s": round(n_out / elapsed, 2),
+                "total_tokens_per_s": round((n_in + n_out) / elapsed, 2),
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+# -- convert -----------------------------------------------------------------------------------
+
+
+def build_convert_parser(sub) -> None:
+    p = sub.add_parser("convert", help="convert a checkpoint from another format")
+    kinds = p.add_subparsers(dest="kind", metavar="FORMAT", required=True)
+    w = kinds.add_parser("ct2-whisper", help="CTranslate2 (faster-whisper) Whisper -> HF folder")
+    w.add_argument("src", help="folder with model.bin, config.json, tokenizer.json")
+    w.add_argument("dst", help="output folder")
+    w.add_argument(
+        "--dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="weight dtype written (default: float32)",
+    )
+    w.set_defaults(func=cmd_convert_ct2_whisper)
+
+
+def cmd_convert_ct2_whisper(args) -> int:
+    from jaxmm.weights.ct2_whisper import convert_ct2_whisper
+
+    convert_ct2_whisper(args.src, args.dst, dtype=args.dtype)
+    print(f"wrote {args.dst}")
+    return 0
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jaxmm import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="jaxmm",
+        description="jaxmm: a multimodal LLM inference engine in JAX.",
+    )
+    parser.add_argument("--version", action="version", version=f"jaxmm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    build_serve_parser(sub)
+    build_generate_parser(sub)
+    build_chat_parser(sub)
+    build_bench_parser(sub)
+    build_convert_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:  # bad model path, bad flag value
+        print(f"jaxmm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
