@@ -1,4 +1,7 @@
-"""HF `architectures[0]` -> model class. Imports are lazy so one model's deps never block another."""
+"""HF `architectures[0]` -> model class.
+
+Imports are lazy so one model's dependencies never block another.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,17 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen2ForCausalLM": ("jaxmm.models.qwen2", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("jaxmm.models.qwen3", "Qwen3ForCausalLM"),
     "MistralForCausalLM": ("jaxmm.models.mistral", "MistralForCausalLM"),
+    "LlavaForConditionalGeneration": ("jaxmm.models.llava", "LlavaForConditionalGeneration"),
+    "Qwen2VLForConditionalGeneration": ("jaxmm.models.qwen2_vl", "Qwen2VLForConditionalGeneration"),
+    "Qwen2_5_VLForConditionalGeneration": (
+        "jaxmm.models.qwen2_vl",
+        "Qwen2_5_VLForConditionalGeneration",
+    ),
+    "WhisperForConditionalGeneration": ("jaxmm.models.whisper", "WhisperForConditionalGeneration"),
+    "Qwen2AudioForConditionalGeneration": (
+        "jaxmm.models.qwen2_audio",
+        "Qwen2AudioForConditionalGeneration",
+    ),
 }
 
 

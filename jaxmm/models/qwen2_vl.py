@@ -1,0 +1,205 @@
+"""Qwen2-VL and Qwen2.5-VL: a Qwen2 decoder with M-RoPE + a packed vision transformer.
+
+M-RoPE: every token carries three positions (t, h, w); the rotary frequencies are split
+in `mrope_section` chunks, chunk i rotated by position row i % 3. Text tokens have three
+equal positions; an image/video's tokens get (t, row, col) of their merged patch, offset
+by the text before them; text after an item resumes at max(h, w) / m past its start
+(`mrope_positions`, transformers' `get_rope_index`). Decode positions are
+`index + delta` on all rows. Positions come in `md.positions` (3, T); a (T,) array (text
+only batches, warmup) means three equal rows.
+
+Qwen2.5-VL differs in the tower (window attention, RMSNorm, gated MLP: see
+`encoders/qwen2_vl_vision.py`) and in video time: temporal positions advance
+`tokens_per_second * second_per_grid_t` per temporal patch instead of 1.
+
+Weights: transformers saves `model.*` (text), `visual.*`, `lm_head.*`, which is this
+module tree; `hf_key_rules` also accept `model.language_model.*` / `model.visual.*`.
+The multimodal contract is documented in `llava.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxmm.layers.rope import rope_parameters
+from jaxmm.models.encoders.qwen2_vl_vision import (
+    Qwen2_5_VisionTransformer,
+    Qwen2VisionTransformer,
+    pack,
+)
+from jaxmm.models.llama import head_dim
+from jaxmm.models.qwen2 import Qwen2ForCausalLM, Qwen2Model
+
+MAX_PATCHES_PER_CALL = 16384  # items are packed up to this many patches per encoder call
+
+
+class Qwen2VLTextModel(Qwen2Model):
+    def __init__(self, config, *, dtype, attention_backend: str, rngs):
+        super().__init__(config, dtype=dtype, attention_backend=attention_backend, rngs=rngs)
+        half = head_dim(config) // 2
+        section = list(rope_parameters(config).get("mrope_section") or [16, 24, 24])
+        if sum(section) != half:
+            raise ValueError(f"mrope_section {section} must sum to head_dim / 2 = {half}")
+        # which position row (t, h, w) rotates each of the H/2 frequencies
+        self.mrope_rows = tuple(i % 3 for i, n in enumerate(section) for _ in range(n))
+
+    def rotary(self, positions):
+        if positions.ndim == 1:
+            positions = jnp.broadcast_to(positions, (3, positions.shape[0]))
+        inv = jnp.asarray(np.array(self.inv_freq, np.float32))
+        freqs = positions.astype(jnp.float32)[:, :, None] * inv  # (3, T, H/2)
+        cols = np.arange(len(self.mrope_rows))
+        freqs = freqs[np.array(self.mrope_rows), :, cols].T  # (T, H/2): row per frequency
+        emb = jnp.concatenate([freqs, freqs], axis=-1)
+        return jnp.cos(emb), jnp.sin(emb)
+
+
+class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
+    model_cls = Qwen2VLTextModel
+    vision_cls = Qwen2VisionTransformer
+    is_multimodal = True
+    mm_modalities = ("image", "video")
+    uses_mrope = True
+    time_scaled_video = False  # Qwen2.5-VL: temporal positions in tokens_per_second units
+    hf_key_rules = (
+        (r"^model\.language_model\.", "model."),
+        (r"^model\.visual\.", "visual."),
+    )
+
+    def __init__(self, config, *, dtype=jnp.float32, attention_backend: str = "reference", rngs):
+        text_config = copy.copy(config.text_config)
+        text_config.tie_word_embeddings = bool(
+            getattr(config, "tie_word_embeddings", False)
+            or getattr(text_config, "tie_word_embeddings", False)
+        )
+        super().__init__(text_config, dtype=dtype, attention_backend=attention_backend, rngs=rngs)
+        self.hf_config = config
+        self.visual = self.vision_cls(config.vision_config, dtype=dtype, rngs=rngs)
+        self.dtype = dtype
+
+    # -- the multimodal contract (plain Python) ----------------------------------------------
+    def mm_token_id(self, modality: str) -> int:
+        c = self.hf_config
+        return int(c.image_token_id if modality == "image" else c.video_token_id)
+
+    def mm_prompt_placeholder(self, modality: str) -> list[int]:
+        c = self.hf_config
+        return [
+            int(c.vision_start_token_id),
+            self.mm_token_id(modality),
+            int(c.vision_end_token_id),
+        ]
+
+    def _merge(self) -> int:
+        return int(self.hf_config.vision_config.spatial_merge_size)
+
+    def _tokens(self, grid) -> int:
+        t, h, w = grid
+        return t * h * w // self._merge() ** 2
+
+    def mm_num_tokens(self, modality: str, item: dict) -> int:
+        vc = self.hf_config.vision_config
+        t, h, w = item["grid_thw"]
+        K = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+        got = tuple(np.shape(item["pixel_values"]))
+        if got != (t * h * w, K):
+            raise ValueError(
+                f"the processor produced pixel values of shape {got}; a grid of {(t, h, w)} "
+                f"takes {(t * h * w, K)} (check patch_size / temporal_patch_size in "
+                "preprocessor_config.json)"
+            )
+        return self._tokens((t, h, w))
+
+    def mm_check_embeds(self, modality: str, embeds: np.ndarray, meta: dict) -> dict:
+        D = self.config.hidden_size
+        grid = meta.get("grid_thw")
+        if grid is None:
+            raise ValueError(
+                f"{modality} embeddings for this model need their grid: pass "
+                f"{{'{modality}_embeds': (n, {D}) array, '{modality}_grid_thw': (t, h, w)}}"
+            )
+        want = (self._tokens(grid), D)
+        if embeds.ndim != 2 or tuple(embeds.shape) != want:
+            raise ValueError(
+                f"{modality} embeddings with grid_thw {tuple(grid)} must have shape "
+                f"(t*h*w/{self._merge() ** 2}, hidden_size) = {want}; got {tuple(embeds.shape)}"
+            )
+        return dict(meta)
+
+    def mrope_positions(self, num_tokens: int, spans: list) -> tuple[np.ndarray, int]:
+        """Prompt positions (3, L) and the decode delta, from the item spans.
+
+        spans: [(start, end, modality, meta)] in prompt order; meta has grid_thw (and for
+        videos second_per_grid_t).
+        """
+        m = self._merge()
+        pos = np.empty((3, num_tokens), np.int64)
+        cursor, current = 0, 0  # next prompt index, next text position
+        for start, end, modality, meta in spans:
+            pos[:, cursor:start] = np.arange(start - cursor) + current
+            current += start - cursor
+            t, h, w = meta["grid_thw"]
+            lt, lh, lw = t, h // m, w // m
+            tpos = np.arange(lt)
+            if modality == "video" and self.time_scaled_video:
+                # float32 like transformers' tensors, then truncated by .long()
+                tps = np.float32(self.hf_config.vision_config.tokens_per_second)
+                interval = tps * np.float32(meta.get("second_per_grid_t", 1.0))
+                tpos = (tpos.astype(np.float32) * interval).astype(np.int64)
+            grid = np.stack(np.meshgrid(tpos, np.arange(lh), np.arange(lw), indexing="ij"))
+            pos[:, start:end] = grid.reshape(3, -1) + current
+            current += max(h, w) // m
+            cursor = end
+        pos[:, cursor:] = np.arange(num_tokens - cursor) + current
+        delta = int(pos.max()) + 1 - num_tokens if num_tokens else 0
+        return pos, delta
+
+    def mm_encoder(self, graphdef):
+        """A host function (params, modality, items) -> [features (n, D_text) per item]."""
+        vc = self.hf_config.vision_config
+        windowed = self.vision_cls.windowed
+        unit = self._merge() ** 2
+
+        @jax.jit
+        def run(params, pixels, pos, full_seg, window_seg):
+            model = nnx.merge(graphdef, params)
+            return model.visual(pixels.astype(model.dtype), pos, full_seg, window_seg)
+
+        def encode(params, modality: str, items: list[dict]) -> list[np.ndarray]:
+            out: list[np.ndarray] = []
+            chunk: list[tuple] = []
+            size = 0
+            for it in [*items, None]:
+                n = 0 if it is None else len(it["pixel_values"])
+                if chunk and (it is None or size + n > MAX_PATCHES_PER_CALL):
+                    batch = pack(chunk, vc, windowed)
+                    merged = run(
+                        params,
+                        batch["pixels"],
+                        batch["pos"],
+                        batch["full_seg"],
+                        batch["window_seg"],
+                    )
+                    merged = np.asarray(merged, np.float32)[: batch["num_units"]]
+                    merged = merged[batch["unpermute"]]
+                    sizes = np.cumsum([len(px) // unit for px, _ in chunk])[:-1]
+                    out.extend(np.split(merged, sizes))
+                    chunk, size = [], 0
+                if it is not None:
+                    chunk.append(
+                        (np.asarray(it["pixel_values"], np.float32), tuple(it["grid_thw"]))
+                    )
+                    size += n
+            return out
+
+        return encode
+
+
+class Qwen2_5_VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
+    vision_cls = Qwen2_5_VisionTransformer
+    time_scaled_video = True

@@ -1,0 +1,74 @@
+"""Encoder-output cache: vision features by content hash or user uuid, LRU bounded by bytes.
+
+Plain Python + numpy. An entry is what the language model needs to place an item without
+running the vision tower again: its feature rows and the grid metadata M-RoPE positions
+are computed from. A prompt may send an item as `None` with a uuid it sent before; that
+item is served from here, and a miss (never seen, or evicted) is a clear error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DEFAULT_CAPACITY_BYTES = 512 << 20
+
+
+@dataclass(frozen=True)
+class EncoderOutput:
+    modality: str  # "image" | "video"
+    embeds: np.ndarray  # (n, D) rows that replace the item's n placeholder tokens
+    meta: dict = field(default_factory=dict)  # grid_thw, second_per_grid_t (M-RoPE models)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.embeds.nbytes)
+
+
+def default_capacity() -> int:
+    value = os.environ.get("JAXMM_MM_CACHE_BYTES", "").strip()
+    return int(value) if value else DEFAULT_CAPACITY_BYTES
+
+
+class EncoderCache:
+    def __init__(self, capacity_bytes: int | None = None):
+        self.capacity = default_capacity() if capacity_bytes is None else int(capacity_bytes)
+        if self.capacity < 0:
+            raise ValueError(f"the encoder cache capacity must be >= 0, got {self.capacity}")
+        self._entries: OrderedDict[str, EncoderOutput] = OrderedDict()
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def get(self, key: str) -> EncoderOutput | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)  # most recently used
+        self.hits += 1
+        return entry
+
+    def put(self, key: str, entry: EncoderOutput) -> None:
+        if key in self._entries:
+            self.nbytes -= self._entries.pop(key).nbytes
+        if entry.nbytes > self.capacity:
+            return  # larger than the whole cache: used by its request, never kept
+        self._entries[key] = entry
+        self.nbytes += entry.nbytes
+        while self.nbytes > self.capacity:
+            _, old = self._entries.popitem(last=False)  # least recently used
+            self.nbytes -= old.nbytes
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0

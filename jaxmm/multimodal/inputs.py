@@ -1,0 +1,705 @@
+"""Multimodal prompts -> token ids + the per-request object the engine feeds the runner with.
+
+1. Parse: `multi_modal_data` ({modality: item or [items]}), `multi_modal_uuids` (same shape,
+   None entries allowed), `media_io_kwargs`, `mm_processor_kwargs`; per-prompt limits
+   (`limit_mm_per_prompt`); precomputed embeddings only with `enable_mm_embeds`, their
+   shapes checked against the model's.
+2. Load: URLs (http(s), data:, file://), bytes and arrays become RGB images or (T, H, W, 3)
+   frames through `media.py`, under the engine's MediaPolicy.
+3. Key: an item's cache key is its uuid when given, else a content hash (BLAKE2b of the
+   decoded pixels or embedding bytes, with the processor options).
+4. Encode: items found in the encoder cache are reused (an item sent as `None` must be
+   there under its uuid); the others go through the HF image processor (`processor.py`)
+   and the model's vision encoder (jitted, batched and bucketed by the model) and are cached.
+5. Place: each placeholder token is expanded to its item's number of feature tokens; the
+   spans, their keys (for prefix caching) and M-RoPE positions make up a
+   `MultimodalRequest`, which the engine asks to `fill_step` every step.
+
+Item forms per modality:
+- "image": PIL image, uint8 (H, W, C) array, URL or bytes; precomputed embeddings as a
+  torch/JAX tensor or float array (n, D) / (N, n, D), or {"image_embeds": ...,
+  "image_grid_thw": ...}; `None` for a cached uuid. "image_embeds" is accepted as a modality.
+- "video": (T, H, W, 3) array, list of frames, URL or bytes, or (frames, {"fps": ...});
+  {"video_embeds": ..., "video_grid_thw": ...}; `None` for a cached uuid.
+
+The model side is a small duck-typed contract (see `jaxmm/models/llava.py`); this module
+imports no JAX.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from jaxmm.multimodal.cache import EncoderCache, EncoderOutput
+from jaxmm.multimodal.media import MediaPolicy, load_image, load_video_with_metadata
+
+MODALITIES = ("image", "video")
+_EMBED_ALIASES = {"image_embeds": "image", "video_embeds": "video"}
+MEDIA_IO_OPTIONS = {
+    "image": ("rgba_background_color",),
+    "video": ("num_frames", "frame_recovery", "fps"),
+}
+PROMPT_KEYS = (
+    "prompt",
+    "prompt_token_ids",
+    "multi_modal_data",
+    "multi_modal_uuids",
+    "mm_processor_kwargs",
+    "media_io_kwargs",
+    "cache_salt",
+)
+
+
+# ---------------------------------------------------------------------------------------
+# What the engine holds per request
+
+
+@dataclass
+class PlacedItem:
+    start: int  # first placeholder position in the prompt
+    end: int
+    modality: str
+    key: str  # uuid or content hash
+    embeds: np.ndarray  # (end - start, D)
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class MultimodalRequest:
+    """`Request.mm`: embeddings to splice over placeholders, M-RoPE positions, page keys."""
+
+    items: list[PlacedItem]
+    num_prompt_tokens: int
+    mrope_positions: np.ndarray | None = None  # (3, num_prompt_tokens)
+    mrope_delta: int = 0  # text positions after the prompt are (index + delta) on all axes
+    cache_salt: str | None = None
+
+    @property
+    def extra_keys(self) -> tuple[tuple[int, int, str], ...]:
+        keys = [(it.start, it.end, f"{it.modality}:{it.key}") for it in self.items]
+        if self.cache_salt is not None:  # a salt covers every page of the sequence
+            keys.append((0, 1 << 62, f"salt:{self.cache_salt}"))
+        return tuple(keys)
+
+    def fill_step(self, step, seq, start: int, n: int) -> None:
+        """Fill `step.embeds` / `step.mrope_positions` for tokens [start, start + n)."""
+        del seq
+        end = start + n
+        embeds = []
+        for it in self.items:
+            lo, hi = max(it.start, start), min(it.end, end)
+            if lo < hi:
+                embeds.append((lo - start, it.embeds[lo - it.start : hi - it.start]))
+        if embeds:
+            step.embeds = embeds
+        if self.mrope_positions is not None:
+            L = self.num_prompt_tokens
+            pos = np.empty((3, n), np.int32)
+            split = min(max(L - start, 0), n)  # tokens of this step inside the prompt
+            pos[:, :split] = self.mrope_positions[:, start : start + split]
+            pos[:, split:] = np.arange(start + split, end, dtype=np.int64) + self.mrope_delta
+            step.mrope_positions = pos
+
+
+# ---------------------------------------------------------------------------------------
+# Parsing helpers
+
+
+@dataclass
+class _Item:
+    modality: str
+    index: int  # within its modality
+    uuid: str | None
+    kind: str  # "media" | "embeds" | "cached"
+    media: object = None  # PIL image, or (frames, fps) for a video
+    embeds: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+    key: str | None = None
+    output: EncoderOutput | None = None
+
+
+def to_numpy(x) -> np.ndarray:
+    """A numpy / torch / JAX array -> float32 numpy (bfloat16 included)."""
+    if hasattr(x, "detach"):  # torch.Tensor
+        x = x.detach().to("cpu").float().numpy()
+    return np.asarray(x).astype(np.float32)
+
+
+def _is_tensor(x) -> bool:
+    """torch / JAX arrays (not numpy): vLLM treats these as precomputed embeddings."""
+    if isinstance(x, np.ndarray):
+        return False
+    return hasattr(x, "detach") or (hasattr(x, "__array__") and hasattr(x, "shape"))
+
+
+def _looks_like_embeds(x) -> bool:
+    if _is_tensor(x):
+        return True
+    if isinstance(x, np.ndarray):
+        if np.issubdtype(x.dtype, np.floating) and x.ndim == 2:
+            return True
+        return np.issubdtype(x.dtype, np.floating) and x.ndim == 3 and x.shape[-1] not in (1, 3, 4)
+    return False
+
+
+def decode_embeds_payload(data: str) -> np.ndarray:
+    """A base64 string holding a .npy array (or a `torch.save`d tensor) -> float32 array."""
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"embeddings given as a string must be base64: {e}") from None
+    if raw[:6] == b"\x93NUMPY":
+        return to_numpy(np.load(io.BytesIO(raw), allow_pickle=False))
+    if raw[:2] == b"PK":
+        import torch
+
+        return to_numpy(torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu"))
+    raise ValueError("base64 embeddings must hold a .npy array or a torch.save'd tensor")
+
+
+def _split_batched_embeds(values: list) -> list:
+    out = []
+    for v in values:
+        if _looks_like_embeds(v) and np.ndim(v) == 3:
+            out.extend(list(to_numpy(v)))  # (N, n, D): N items
+        else:
+            out.append(v)
+    return out
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _content_hash(*parts) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            h.update(str((part.dtype.str, part.shape)).encode())
+            h.update(np.ascontiguousarray(part).tobytes())
+        elif isinstance(part, (bytes, bytearray)):
+            h.update(bytes(part))
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def _check_media_io_kwargs(kwargs: dict | None) -> dict:
+    kwargs = dict(kwargs or {})
+    for modality, opts in kwargs.items():
+        if modality == "audio":
+            continue
+        if modality not in MEDIA_IO_OPTIONS:
+            raise ValueError(
+                f"media_io_kwargs has an unknown modality {modality!r}; known: "
+                + ", ".join(sorted(MEDIA_IO_OPTIONS))
+            )
+        if not isinstance(opts, dict):
+            raise ValueError(
+                f"media_io_kwargs[{modality!r}] must be a dict, got {type(opts).__name__}"
+            )
+        unknown = sorted(set(opts) - set(MEDIA_IO_OPTIONS[modality]))
+        if unknown:
+            raise ValueError(
+                f"media_io_kwargs[{modality!r}] has unknown options {unknown}; allowed: "
+                + ", ".join(MEDIA_IO_OPTIONS[modality])
+            )
+    return kwargs
+
+
+def _limit(limits: dict, modality: str) -> int | None:
+    value = limits.get(modality)
+    if value is None:
+        return None
+    if isinstance(value, dict):  # vLLM's {"count": n, "width": ..., ...}
+        value = value.get("count")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"limit_mm_per_prompt[{modality!r}] must be an int >= 0, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# The front end, one per engine
+
+
+class MultimodalFrontend:
+    def __init__(self, engine):
+        self.engine = engine
+        self.model = engine.runner.model_obj
+        if not getattr(self.model, "is_multimodal", False):
+            raise ValueError(
+                f"{type(self.model).__name__} is a text-only model: it takes no multi_modal_data"
+            )
+        self.config = engine.config.multimodal
+        overrides = {}
+        if self.config.allowed_local_media_path is not None:
+            overrides["allowed_local_media_path"] = self.config.allowed_local_media_path
+        if self.config.allowed_media_domains is not None:
+            overrides["allowed_media_domains"] = self.config.allowed_media_domains
+        self.policy = MediaPolicy.from_env(**overrides)
+        self.media_io_kwargs = _check_media_io_kwargs(self.config.media_io_kwargs)
+        self.cache = EncoderCache()
+        self._processor = None
+        self._encode = None
+        # the server prepares prompts on worker threads: one at a time through the caches
+        self._lock = threading.Lock()
+
+    # -- lazily built pieces -----------------------------------------------------------------
+    @property
+    def processor(self):
+        if self._processor is None:
+            from jaxmm.multimodal.processor import MultimodalProcessor
+
+            path = getattr(self.engine.checkpoint, "processor_path", None)
+            if path is None:
+                raise ValueError("this checkpoint carries no image processor config")
+            self._processor = MultimodalProcessor.from_pretrained(
+                path, dict(getattr(self.config, "mm_processor_kwargs", {}) or {})
+            )
+        return self._processor
+
+    def encode(self, modality: str, items: list[dict]) -> list[np.ndarray]:
+        runner = self.engine.runner
+        if self._encode is None:
+            self._encode = self.model.mm_encoder(runner.graphdef)
+        return self._encode(runner.params, modality, items)
+
+    @property
+    def tokenizer(self):
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise ValueError("multimodal prompts need the tokenizer (skip_tokenizer_init is on)")
+        return tok
+
+    def placeholder_text(self, modality: str) -> str:
+        ids = self.model.mm_prompt_placeholder(modality)
+        return "".join(self.tokenizer.convert_ids_to_tokens(ids))
+
+    # -- 1. parse ----------------------------------------------------------------------------
+    def parse(self, prompt: dict, io: dict) -> list[_Item]:
+        data = prompt.get("multi_modal_data") or {}
+        if not isinstance(data, dict):
+            raise TypeError(f"multi_modal_data must be a dict, got {type(data).__name__}")
+        uuids = prompt.get("multi_modal_uuids") or {}
+        if not isinstance(uuids, dict):
+            raise TypeError(f"multi_modal_uuids must be a dict, got {type(uuids).__name__}")
+        supported = tuple(self.model.mm_modalities)
+        grouped: dict[str, list] = {}
+        for name, value in data.items():
+            modality = _EMBED_ALIASES.get(name, name)
+            if modality not in supported:
+                raise ValueError(
+                    f"{type(self.model).__name__} does not take {name!r} inputs; it takes: "
+                    + ", ".join(supported)
+                )
+            values = _split_batched_embeds(_as_list(value))
+            if name in _EMBED_ALIASES:
+                values = [v if isinstance(v, dict) else {name: v} for v in values]
+            grouped.setdefault(modality, []).extend(values)
+        for name in uuids:
+            if _EMBED_ALIASES.get(name, name) not in grouped:
+                raise ValueError(f"multi_modal_uuids names {name!r}, which has no multi_modal_data")
+
+        items: list[_Item] = []
+        for modality, values in grouped.items():
+            ids = uuids.get(modality, uuids.get(f"{modality}_embeds"))
+            ids = [None] * len(values) if ids is None else _as_list(ids)
+            if len(ids) != len(values):
+                raise ValueError(
+                    f"multi_modal_uuids[{modality!r}] has {len(ids)} entries for "
+                    f"{len(values)} {modality} item(s)"
+                )
+            limit = _limit(self.config.limit_mm_per_prompt, modality)
+            if limit is not None and len(values) > limit:
+                raise ValueError(
+                    f"this prompt has {len(values)} {modality} item(s), more than the "
+                    f"{limit} allowed per prompt (limit_mm_per_prompt={{{modality!r}: {limit}}})"
+                )
+            for i, (value, uuid) in enumerate(zip(values, ids, strict=True)):
+                if uuid is not None and not isinstance(uuid, str):
+                    raise TypeError(f"a multimodal uuid must be a str, got {type(uuid).__name__}")
+                items.append(self._classify(modality, i, value, uuid, io.get(modality, {})))
+        return items
+
+    def _classify(self, modality: str, index: int, value, uuid: str | None, io: dict) -> _Item:
+        item = _Item(modality, index, uuid, "media")
+        if value is None:
+            if uuid is None:
+                raise ValueError(
+                    f"{modality} item {index} is None: a None item must come with a uuid of an "
+                    "item sent before (served from the encoder cache)"
+                )
+            item.kind = "cached"
+            return item
+        if isinstance(value, dict) or _looks_like_embeds(value):
+            item.kind = "embeds"
+            self._parse_embeds(item, value)
+            return item
+        self._attach_media(item, value, io)
+        return item
+
+    def _parse_embeds(self, item: _Item, value) -> None:
+        if not self.config.enable_mm_embeds:
+            raise ValueError(
+                f"{item.modality} item {item.index} is a precomputed embedding; embeddings "
+                "inputs are refused unless the engine is started with enable_mm_embeds=True"
+            )
+        meta = {}
+        if isinstance(value, dict):
+            key = f"{item.modality}_embeds"
+            if key not in value:
+                raise ValueError(
+                    f"a {item.modality} embeddings dict needs {key!r}; got keys {sorted(value)}"
+                )
+            grid = value.get(f"{item.modality}_grid_thw")
+            if grid is not None:
+                grid = np.asarray(to_numpy(grid)).reshape(-1).astype(np.int64)
+                if grid.shape != (3,):
+                    raise ValueError(
+                        f"{item.modality}_grid_thw must hold 3 ints (t, h, w) per item; "
+                        f"got shape {tuple(np.shape(value[f'{item.modality}_grid_thw']))}"
+                    )
+                meta["grid_thw"] = tuple(int(g) for g in grid)
+            if value.get("second_per_grid_t") is not None:
+                meta["second_per_grid_t"] = float(value["second_per_grid_t"])
+            value = value[key]
+        if isinstance(value, str):
+            value = decode_embeds_payload(value)
+        embeds = to_numpy(value)
+        if embeds.ndim == 3 and embeds.shape[0] == 1:
+            embeds = embeds[0]
+        item.meta = dict(self.model.mm_check_embeds(item.modality, embeds, meta))
+        item.embeds = embeds
+
+    def _attach_media(self, item: _Item, value, opts: dict) -> None:
+        if item.modality == "image":
+            if isinstance(value, np.ndarray):
+                if value.dtype != np.uint8 or value.ndim not in (2, 3):
+                    raise ValueError(
+                        f"an image array must be uint8 (H, W) or (H, W, C); got {value.dtype} "
+                        f"{value.shape} (float arrays (n, D) are read as embeddings)"
+                    )
+                value = Image.fromarray(value)
+            background = opts.get("rgba_background_color", (255, 255, 255))
+            item.media = load_image(value, self.policy, rgba_background_color=background)
+            return
+        source_fps = None  # the rate of the frames as given
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict):
+            value, meta = value
+            source_fps = meta.get("fps")
+        frames, metadata = load_video_with_metadata(
+            value,
+            self.policy,
+            num_frames=opts.get("num_frames"),
+            frame_recovery=bool(opts.get("frame_recovery", False)),
+        )
+        source_fps = source_fps or metadata.fps
+        fps = opts.get("fps")  # an explicit rate of the kept frames wins
+        if fps is None and source_fps:
+            # frames sampled over the whole clip: their own, lower rate
+            total = metadata.total_num_frames or len(frames)
+            fps = source_fps * len(frames) / max(total, len(frames))
+        item.media = (frames, fps)
+
+    # -- 2-4. key, look up, encode -----------------------------------------------------------
+    def resolve(self, items: list[_Item], proc_kwargs: dict) -> None:
+        pending: dict[str, list[tuple[_Item, dict]]] = {}
+        duplicates: dict[str, list[_Item]] = {}
+        for item in items:
+            if item.kind == "embeds":
+                item.key = item.uuid or _content_hash(
+                    item.modality, "embeds", item.embeds, item.meta
+                )
+                item.output = EncoderOutput(item.modality, item.embeds, item.meta)
+                self.cache.put(item.key, item.output)
+                continue
+            if item.uuid is not None:
+                cached = self.cache.get(item.uuid)
+                if cached is not None:
+                    if cached.modality != item.modality:
+                        raise ValueError(
+                            f"uuid {item.uuid!r} names a cached {cached.modality}, "
+                            f"not a {item.modality}"
+                        )
+                    item.key, item.output = item.uuid, cached
+                    continue
+                if item.kind == "cached":
+                    raise ValueError(
+                        f"{item.modality} item {item.index} is None and its uuid {item.uuid!r} "
+                        "is not in the encoder cache (never sent, or evicted): send the media "
+                        "itself again"
+                    )
+            if item.modality == "image":
+                img = item.media
+                item.key = item.uuid or _content_hash(
+                    "image", img.mode, img.size, img.tobytes(), proc_kwargs
+                )
+            else:
+                frames, fps = item.media
+                item.key = item.uuid or _content_hash("video", frames, fps, proc_kwargs)
+            cached = None if item.uuid is not None else self.cache.get(item.key)
+            if cached is not None:
+                item.output = cached
+                continue
+            if item.key in duplicates:  # the same media twice in one prompt: encode once
+                duplicates[item.key].append(item)
+                continue
+            duplicates[item.key] = [item]
+            if item.modality == "image":
+                processed = self.processor.image(item.media, proc_kwargs)
+            else:
+                frames, fps = item.media
+                processed = self.processor.video(frames, fps, proc_kwargs)
+            pending.setdefault(item.modality, []).append((item, processed))
+
+        for modality, batch in pending.items():
+            feats = self.encode(modality, [p for _, p in batch])
+            for (item, processed), embeds in zip(batch, feats, strict=True):
+                want = self.model.mm_num_tokens(modality, processed)
+                if embeds.shape[0] != want:
+                    raise RuntimeError(
+                        f"the vision encoder gave {embeds.shape[0]} rows for a {modality} that "
+                        f"takes {want} tokens"
+                    )
+                meta = {
+                    k: processed[k] for k in ("grid_thw", "second_per_grid_t") if processed.get(k)
+                }
+                output = EncoderOutput(modality, np.asarray(embeds, np.float32), meta)
+                for same in duplicates[item.key]:
+                    same.output = output
+                self.cache.put(item.key, output)
+
+    # -- 5. place ----------------------------------------------------------------------------
+    def expand(self, ids: list[int], items: list[_Item]) -> tuple[list[int], list[PlacedItem]]:
+        by_modality: dict[str, list[_Item]] = {}
+        for item in items:
+            by_modality.setdefault(item.modality, []).append(item)
+        # (position, run length, item) for every placeholder run, in prompt order
+        runs: list[tuple[int, int, _Item]] = []
+        for modality, group in by_modality.items():
+            token = self.model.mm_token_id(modality)
+            where = [i for i, t in enumerate(ids) if t == token]
+            spans = [(i, 1) for i in where]
+            if len(where) != len(group):  # maybe already expanded: runs of n tokens each
+                spans = _runs(where)
+            if len(spans) != len(group):
+                raise ValueError(
+                    f"the prompt has {len(spans)} {self.placeholder_text(modality)!r} "
+                    f"placeholder(s) for {len(group)} {modality} item(s): put one placeholder "
+                    "where each item goes (LLM.chat does this from content parts)"
+                )
+            for (pos, length), item in zip(spans, group, strict=True):
+                n = len(item.output.embeds)
+                if length not in (1, n):
+                    raise ValueError(
+                        f"{modality} item {item.index} takes {n} placeholder tokens; the prompt "
+                        f"has a run of {length}"
+                    )
+                runs.append((pos, length, item))
+        runs.sort(key=lambda r: r[0])
+        out: list[int] = []
+        placed: list[PlacedItem] = []
+        cursor = 0
+        for pos, length, item in runs:
+            out.extend(ids[cursor:pos])
+            n = len(item.output.embeds)
+            token = self.model.mm_token_id(item.modality)
+            placed.append(
+                PlacedItem(
+                    len(out),
+                    len(out) + n,
+                    item.modality,
+                    item.key,
+                    item.output.embeds,
+                    dict(item.output.meta),
+                )
+            )
+            out.extend([token] * n)
+            cursor = pos + length
+        out.extend(ids[cursor:])
+        return out, placed
+
+    # -- the whole path ----------------------------------------------------------------------
+    def prepare(self, prompt: dict):
+        with self._lock:
+            return self._prepare(prompt)
+
+    def _prepare(self, prompt: dict):
+        if not isinstance(prompt, dict):
+            raise TypeError(f"a multimodal prompt is a dict, got {type(prompt).__name__}")
+        unknown = sorted(set(prompt) - set(PROMPT_KEYS))
+        if unknown:
+            raise ValueError(f"unknown prompt keys {unknown}; known: {', '.join(PROMPT_KEYS)}")
+        io_kwargs = _check_media_io_kwargs(prompt.get("media_io_kwargs"))
+        io = {m: {**self.media_io_kwargs.get(m, {}), **io_kwargs.get(m, {})} for m in MODALITIES}
+        proc_kwargs = dict(prompt.get("mm_processor_kwargs") or {})
+        items = self.parse(prompt, io)
+
+        if "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in ids
+            ):
+                raise ValueError("prompt_token_ids must be a list of integers")
+            text, ids = prompt.get("prompt"), list(ids)
+        elif "prompt" in prompt:
+            text = prompt["prompt"]
+            if not isinstance(text, str):
+                raise TypeError(f"'prompt' must be a str, got {type(text).__name__}")
+            ids = self.tokenizer(text).input_ids
+        else:
+            raise ValueError("a multimodal prompt needs 'prompt' or 'prompt_token_ids'")
+
+        self.resolve(items, proc_kwargs)
+        ids, placed = self.expand(ids, items)
+        mm = MultimodalRequest(placed, len(ids), cache_salt=prompt.get("cache_salt"))
+        if getattr(self.model, "uses_mrope", False):
+            spans = [(p.start, p.end, p.modality, p.meta) for p in placed]
+            mm.mrope_positions, mm.mrope_delta = self.model.mrope_positions(len(ids), spans)
+        return text, ids, mm
+
+
+def _runs(positions: list[int]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for p in positions:
+        if runs and runs[-1][0] + runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((p, 1))
+    return runs
+
+
+_FRONTEND_LOCK = threading.Lock()
+
+
+def frontend(engine) -> MultimodalFrontend:
+    """The engine's multimodal front end (processor, encoder, caches), built on first use."""
+    with _FRONTEND_LOCK:
+        fe = engine.__dict__.get("_mm_frontend")
+        if fe is None:
+            fe = MultimodalFrontend(engine)
+            engine._mm_frontend = fe
+        return fe
+
+
+def prepare_multimodal_prompt(engine, prompt: dict):
+    """A prompt dict with `multi_modal_data` -> (text, prompt token ids, MultimodalRequest)."""
+    return frontend(engine).prepare(prompt)
+
+
+# ---------------------------------------------------------------------------------------
+# Chat: content parts -> items + a prompt through the chat template
+
+_PART_MODALITY = {
+    "image_url": "image",
+    "image_pil": "image",
+    "image": "image",
+    "image_embeds": "image",
+    "video_url": "video",
+    "video": "video",
+}
+
+
+def _part_item(part: dict):
+    kind = part["type"]
+    value = part.get(kind)
+    if kind in ("image_url", "video_url"):
+        if isinstance(value, dict):
+            value = value.get("url")
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{kind} must be a URL string or {{'url': ...}}")
+    if kind == "image_embeds" and value is not None and not isinstance(value, dict):
+        value = {"image_embeds": value}
+    if kind == "image_embeds" and isinstance(value, dict) and "image_embeds" not in value:
+        raise ValueError("an image_embeds part needs 'image_embeds'")
+    return value
+
+
+def _takes_parts(template: str | None) -> bool:
+    """Whether a chat template reads OpenAI-style content lists (else it wants strings)."""
+    if not template:
+        return False
+    return "type" in template and ("image" in template or "video" in template)
+
+
+def conversation_to_mm_prompt(engine, conversation: list[dict], **kwargs) -> dict:
+    """OpenAI-style messages with media parts -> a multimodal prompt dict.
+
+    Parts: text; image_url ({"url": ...}, a data: URL included); image_pil; image (any image
+    form); image_embeds (array, base64 .npy/torch payload, or a dict with image_grid_thw);
+    video_url; video (frames). Any media part may carry a "uuid"; a part whose media is
+    None (or an image_url without a url) is served from the encoder cache by that uuid.
+    """
+    from jaxmm.multimodal.chat import render_chat
+
+    fe = frontend(engine)
+    media_io_kwargs = kwargs.pop("media_io_kwargs", None)
+    mm_processor_kwargs = kwargs.pop("mm_processor_kwargs", None)
+    render_kwargs = {
+        k: kwargs[k]
+        for k in (
+            "chat_template",
+            "add_generation_prompt",
+            "continue_final_message",
+            "chat_template_kwargs",
+            "tools",
+        )
+        if k in kwargs
+    }
+    template = render_kwargs.get("chat_template") or getattr(fe.tokenizer, "chat_template", None)
+    as_parts = _takes_parts(template if isinstance(template, str) else None)
+    data: dict[str, list] = {}
+    uuids: dict[str, list] = {}
+    messages = []
+    for msg in conversation:
+        if not isinstance(msg, dict) or "role" not in msg:
+            raise ValueError(f"each message needs a 'role', got {msg!r}"[:200])
+        content = msg.get("content")
+        if not isinstance(content, list):
+            messages.append(msg)
+            continue
+        rendered_parts, texts = [], []
+        for part in content:
+            if not isinstance(part, dict) or "type" not in part:
+                raise ValueError(f"a content part is a dict with a 'type', got {part!r}"[:200])
+            kind = part["type"]
+            if kind == "text":
+                rendered_parts.append({"type": "text", "text": part.get("text", "")})
+                texts.append(part.get("text", ""))
+                continue
+            if kind not in _PART_MODALITY:
+                raise ValueError(
+                    f"content part type {kind!r} is not supported; supported: text, "
+                    + ", ".join(_PART_MODALITY)
+                )
+            modality = _PART_MODALITY[kind]
+            data.setdefault(modality, []).append(_part_item(part))
+            uuids.setdefault(modality, []).append(part.get("uuid"))
+            rendered_parts.append({"type": modality})
+            texts.append(fe.placeholder_text(modality))
+        content = rendered_parts if as_parts else "\n".join(texts)
+        messages.append({**msg, "content": content})
+    text = render_chat(fe.tokenizer, messages, **render_kwargs)
+    prompt = {
+        "prompt": text,
+        # the template already holds BOS and friends
+        "prompt_token_ids": fe.tokenizer(text, add_special_tokens=False).input_ids,
+        "multi_modal_data": data,
+    }
+    if any(u is not None for us in uuids.values() for u in us):
+        prompt["multi_modal_uuids"] = uuids
+    if media_io_kwargs:
+        prompt["media_io_kwargs"] = media_io_kwargs
+    if mm_processor_kwargs:
+        prompt["mm_processor_kwargs"] = mm_processor_kwargs
+    return prompt

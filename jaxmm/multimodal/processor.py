@@ -1,0 +1,136 @@
+"""Pixels for the vision towers, from the checkpoint's HF image processor. Plain Python, no JAX.
+
+The image processor is `AutoImageProcessor` from the model directory (transformers picks
+its PIL backend where torchvision is absent). Two layouts come out of it:
+- fixed-size towers (CLIP, LLaVA): `pixel_values` (C, H, W) per image;
+- patch towers (Qwen2-VL / Qwen2.5-VL): `pixel_values` (n, C*tp*p*p) flattened patches plus
+  `grid_thw` = (t, h, w) in patches.
+Videos (patch towers only) go frame by frame through the same image processor, so resize
+and normalisation are exactly the images' (with the video pixel budget from
+`video_preprocessor_config.json` when the checkpoint has one), then consecutive frames are
+fused along the temporal patch axis the way HF's video processor lays them out:
+rows (t, h/m, w/m, m, m), columns (C, tp, p, p). HF's own video processor needs
+torchvision; this path needs PIL and numpy only. Placeholder expansion is the front end's
+(`inputs.py`), from the model's token counts, so images, cached items and precomputed
+embeddings all expand the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+DEFAULT_VIDEO_FPS = 2.0  # HF Qwen2-VL processors' default sampling rate
+
+
+class MultimodalProcessor:
+    def __init__(
+        self, image_processor, video_config: dict | None = None, kwargs: dict | None = None
+    ):
+        self.image_processor = image_processor
+        self.video_config = dict(video_config or {})
+        self.kwargs = dict(kwargs or {})  # engine-level mm_processor_kwargs
+
+    @classmethod
+    def from_pretrained(cls, path: str, kwargs: dict | None = None) -> MultimodalProcessor:
+        from transformers import AutoImageProcessor
+
+        if not os.path.exists(os.path.join(path, "preprocessor_config.json")):
+            raise ValueError(
+                f"{path!r} has no preprocessor_config.json: a multimodal checkpoint needs its "
+                "image processor's config next to config.json"
+            )
+        image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        video_config = None
+        video_path = os.path.join(path, "video_preprocessor_config.json")
+        if os.path.exists(video_path):
+            with open(video_path) as f:
+                video_config = json.load(f)
+        return cls(image_processor, video_config, kwargs)
+
+    @property
+    def patches(self) -> bool:
+        """Whether this is a patch tower (grid_thw) rather than a fixed-size one."""
+        ip = self.image_processor
+        return hasattr(ip, "temporal_patch_size") and hasattr(ip, "merge_size")
+
+    def _call_kwargs(self, overrides: dict | None, base: dict | None = None) -> dict:
+        kw = {**(base or {}), **self.kwargs, **(overrides or {})}
+        # Qwen-style pixel budgets: the legacy names map onto the `size` dict
+        lo, hi = kw.pop("min_pixels", None), kw.pop("max_pixels", None)
+        if lo is not None or hi is not None:
+            size = _size_dict(kw.get("size") or self.image_processor.size)
+            if lo is not None:
+                size["shortest_edge"] = int(lo)
+            if hi is not None:
+                size["longest_edge"] = int(hi)
+            kw["size"] = size
+        kw.pop("fps", None)  # a video sampling option, not the image processor's
+        return kw
+
+    def image(self, image: Image.Image, overrides: dict | None = None) -> dict:
+        """One RGB image -> {"pixel_values", "grid_thw"} (grid_thw None for fixed-size towers)."""
+        out = self.image_processor(
+            images=[image], return_tensors="np", **self._call_kwargs(overrides)
+        )
+        pixels = np.asarray(out["pixel_values"], np.float32)
+        if not self.patches:
+            return {"pixel_values": pixels[0], "grid_thw": None}
+        grid = tuple(int(g) for g in np.asarray(out["image_grid_thw"])[0])
+        return {"pixel_values": pixels, "grid_thw": grid}
+
+    def video(
+        self, frames: np.ndarray, fps: float | None = None, overrides: dict | None = None
+    ) -> dict:
+        """(T, H, W, 3) uint8 frames -> {"pixel_values", "grid_thw", "second_per_grid_t"}."""
+        if not self.patches:
+            raise ValueError("this model's image processor takes no videos")
+        ip = self.image_processor
+        tp, p = int(ip.temporal_patch_size), int(ip.patch_size)
+        vc = self.video_config
+        size = _size_dict(vc.get("size"))
+        if vc.get("min_pixels") is not None:
+            size["shortest_edge"] = int(vc["min_pixels"])
+        if vc.get("max_pixels") is not None:
+            size["longest_edge"] = int(vc["max_pixels"])
+        base = {"size": size} if size.get("shortest_edge") and size.get("longest_edge") else {}
+        kw = self._call_kwargs(overrides, base)  # the video pixel budget, unless overridden
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"a video must be (T, H, W, 3) frames, got shape {frames.shape}")
+        if len(frames) % tp:  # pad with copies of the last frame, as HF does
+            pad = np.repeat(frames[-1:], tp - len(frames) % tp, axis=0)
+            frames = np.concatenate([frames, pad])
+        out = ip(images=[Image.fromarray(f) for f in frames], return_tensors="np", **kw)
+        grids = np.asarray(out["image_grid_thw"])
+        _, gh, gw = (int(g) for g in grids[0])
+        C = np.asarray(out["pixel_values"]).shape[-1] // (tp * p * p)
+        # each frame's patches repeat the frame over tp; keep one copy per frame ...
+        per_frame = np.asarray(out["pixel_values"], np.float32).reshape(
+            len(frames), gh * gw, C, tp, p, p
+        )
+        per_frame = per_frame[:, :, :, 0]  # (T, n, C, p, p)
+        # ... and fuse tp consecutive frames into one temporal patch: (t, n, C, tp, p, p)
+        t = len(frames) // tp
+        fused = per_frame.reshape(t, tp, gh * gw, C, p, p).transpose(0, 2, 3, 1, 4, 5)
+        pixels = np.ascontiguousarray(fused.reshape(t * gh * gw, C * tp * p * p))
+        fps = float(fps or vc.get("fps") or DEFAULT_VIDEO_FPS)
+        return {"pixel_values": pixels, "grid_thw": (t, gh, gw), "second_per_grid_t": tp / fps}
+
+
+def _size_dict(size) -> dict:
+    if size is None:
+        return {}
+    if isinstance(size, dict):
+        out = {k: v for k, v in size.items() if v is not None}
+        # older configs spell the pixel budget min_pixels / max_pixels inside `size`
+        if "min_pixels" in out:
+            out.setdefault("shortest_edge", out.pop("min_pixels"))
+        if "max_pixels" in out:
+            out.setdefault("longest_edge", out.pop("max_pixels"))
+        return out
+    keys = ("height", "width", "shortest_edge", "longest_edge")
+    return {k: getattr(size, k) for k in keys if getattr(size, k, None) is not None}
