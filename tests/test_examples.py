@@ -1,4 +1,4 @@
-"""Every example runs: scripts as subprocesses, the notebook top to bottom, the client vs a server."""
+"""Every example runs: scripts as subprocesses, the notebook, the client against a server."""
 
 import importlib.util
 import os
