@@ -339,7 +339,12 @@ def cmd_serve(args) -> int:
     from jaxmm.server.app import build_app, serve
 
     llm = LLM(**kwargs, warmup=args.warmup)
-    client = AsyncEngine(llm.llm_engine)
+    if llm.pooling_engine is not None:  # an embedding model: no generation loop to run
+        from jaxmm.engine.pooling_engine import PoolingClient
+
+        client = PoolingClient(llm.pooling_engine)
+    else:
+        client = AsyncEngine(llm.llm_engine)
     app = build_app(
         client,
         served_model_names=names,

@@ -7,7 +7,9 @@ from collections.abc import Sequence as Seq
 
 from jaxmm.config import CacheConfig, EngineConfig, ModelConfig, MultimodalConfig, SchedulerConfig
 from jaxmm.engine.llm_engine import LLMEngine
-from jaxmm.outputs import RequestOutput
+from jaxmm.engine.pooling_engine import NOT_GENERATIVE, PoolingEngine, is_pooling_checkpoint
+from jaxmm.outputs import EmbeddingRequestOutput, RequestOutput
+from jaxmm.pooling import PoolingParams
 from jaxmm.sampling_params import SamplingParams
 
 
@@ -87,20 +89,31 @@ class LLM:
             warmup=warmup,
             tensor_parallel_size=tensor_parallel_size,
         )
-        self.llm_engine = LLMEngine(config)
+        # an encoder-only pooling model (BertModel, ...) gets the PoolingEngine instead
+        self.llm_engine: LLMEngine | None = None
+        self.pooling_engine: PoolingEngine | None = None
+        if is_pooling_checkpoint(model):
+            self.pooling_engine = PoolingEngine(config)
+        else:
+            self.llm_engine = LLMEngine(config)
 
     # -- helpers ------------------------------------------------------------------------------
     def get_tokenizer(self):
-        return self.llm_engine.tokenizer
+        return self.engine.tokenizer
 
     @property
-    def engine(self) -> LLMEngine:
+    def engine(self) -> LLMEngine | PoolingEngine:
+        return self.llm_engine if self.llm_engine is not None else self.pooling_engine
+
+    def _generative_engine(self) -> LLMEngine:
+        if self.llm_engine is None:
+            raise ValueError(NOT_GENERATIVE)
         return self.llm_engine
 
     def _run(
         self, prompts: list, params: list[SamplingParams], use_tqdm: bool
     ) -> list[RequestOutput]:
-        engine = self.llm_engine
+        engine = self._generative_engine()
         # validate every prompt before queueing any, so a bad one leaves nothing half-done
         prepared = [self._prepare(p) for p in prompts]
         for (_, ids, _), sp in zip(prepared, params):
@@ -139,7 +152,7 @@ class LLM:
         return [results[r] for r in order]
 
     def _prepare(self, prompt):
-        engine = self.llm_engine
+        engine = self._generative_engine()
         if isinstance(prompt, dict) and prompt.get("multi_modal_data"):
             from jaxmm.multimodal.inputs import prepare_multimodal_prompt
 
@@ -174,6 +187,7 @@ class LLM:
         tools: list | None = None,
     ) -> list[RequestOutput]:
         """One conversation (a list of messages) or a list of conversations."""
+        self._generative_engine()
         if not messages:
             raise ValueError("messages must not be empty")
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
@@ -195,13 +209,41 @@ class LLM:
         params = _broadcast_params(sampling_params, len(prompts))
         return self._run(prompts, params, use_tqdm)
 
+    def embed(
+        self,
+        prompts,
+        pooling_params: PoolingParams | Seq[PoolingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt (`out.outputs.embedding`), for pooling models."""
+        engine = self.pooling_engine
+        if engine is None:
+            raise ValueError(
+                "this is a generative model; embed() needs a pooling (embedding) model such "
+                "as a BertModel / sentence-transformers checkpoint"
+            )
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        ids = [engine.tokenize(p) for p in prompts]
+        params = _broadcast_params(pooling_params, len(ids), PoolingParams)
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
 
-def _broadcast_params(sampling_params, n: int) -> list[SamplingParams]:
-    if sampling_params is None:
-        return [SamplingParams() for _ in range(n)]
-    if isinstance(sampling_params, SamplingParams):
-        return [sampling_params] * n
-    params = list(sampling_params)
+            bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True)
+        try:
+            return engine.embed(ids, params, progress=bar.update if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
+
+
+def _broadcast_params(params, n: int, cls=SamplingParams) -> list:
+    if params is None:
+        return [cls() for _ in range(n)]
+    if isinstance(params, cls):
+        return [params] * n
+    params = list(params)
     if len(params) != n:
-        raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
+        raise ValueError(f"got {len(params)} {cls.__name__} for {n} prompts")
     return params

@@ -23,11 +23,21 @@ _MODELS: dict[str, tuple[str, str]] = {
         "jaxmm.models.qwen2_audio",
         "Qwen2AudioForConditionalGeneration",
     ),
+    # encoder-only pooling (embedding) models: served by the PoolingRunner, not the LLMEngine
+    "BertModel": ("jaxmm.models.bert", "BertModel"),
+    "RobertaModel": ("jaxmm.models.bert", "RobertaModel"),
+    "XLMRobertaModel": ("jaxmm.models.bert", "XLMRobertaModel"),
 }
+POOLING_ARCHITECTURES = frozenset({"BertModel", "RobertaModel", "XLMRobertaModel"})
 
 
 def register(arch: str, module: str, cls: str) -> None:
     _MODELS[arch] = (module, cls)
+
+
+def is_pooling_architecture(arch: str | None) -> bool:
+    """Whether `arch` (HF `architectures[0]`) is an embedding model rather than a generator."""
+    return arch in POOLING_ARCHITECTURES
 
 
 def supported_architectures() -> list[str]:

@@ -5,7 +5,8 @@ fake core engine in tests) and returns the app; `serve(...)` runs it under uvico
 
 A request passes, outermost first: HTTP metrics -> API key (401) -> body cap (413) ->
 route. Routes: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings,
-/v1/audio/transcriptions (one module each), /health, /version, /metrics.
+/v1/audio/transcriptions (one module each), /health, /version, /metrics. A pooling
+(embedding) model's client has no engine thread and its chat/completions routes answer 400.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ def build_app(
     app.state.jaxmm = state
     install_handlers(app)
     modules = (models, chat, completions, embeddings, transcriptions)
+    if getattr(client.engine, "supports_embeddings", False):
+        # a pooling model: chat/completions answer 400 (mounted first, so matched first)
+        app.include_router(embeddings.generation_refused)
     for module in modules:
         app.include_router(module.router)
 

@@ -1,20 +1,55 @@
-"""POST /v1/embeddings: validated and answered, but no served model pools yet.
+"""POST /v1/embeddings: OpenAI embeddings from a pooling model (BertModel, ...).
 
-The hook: when the engine gains a pooling runner, an engine that has one sets
-`supports_embeddings = True` and provides `embed(prompt_ids) -> list[float]`; this endpoint
-then tokenizes `input` like /v1/completions does and returns the OpenAI embedding list.
-Until then every well-formed request gets a 400 that says so.
+1. Parse the body; `input` is a string, a list of strings, a list of token ids or a list of
+   such lists (token ids are used as given: no special tokens are added).
+2. An engine without `supports_embeddings` (a generative model) gets a 400, as does a
+   `dimensions` other than the model's own size (no Matryoshka truncation).
+3. Tokenization and the forward run in the server's thread pool, never on the event loop;
+   the engine's lock lets one forward run at a time.
+4. The answer lists one vector per input, as floats or as base64 of little-endian float32
+   (`encoding_format`; the official client asks for base64 by default), with
+   `usage.prompt_tokens`.
+
+`generation_refused` answers the generation routes with a 400 when the served model is a
+pooling model; the app mounts it in front of the chat/completions routes.
 """
 
 from __future__ import annotations
 
+import base64
+
+import numpy as np
 from fastapi import APIRouter, Request
 
+from jaxmm.pooling import PoolingParams
 from jaxmm.server.errors import APIError, api_errors
-from jaxmm.server.protocol import EmbeddingRequest, parse_request
-from jaxmm.server.serving import check_model, get_state
+from jaxmm.server.protocol import EmbeddingRequest, now, parse_request, random_id
+from jaxmm.server.serving import cancel_on_disconnect, check_model, get_state, run_blocking
 
 router = APIRouter()
+generation_refused = APIRouter()
+
+
+def _split_input(value) -> list[str | list[int]]:
+    if isinstance(value, str):
+        return [value]
+    if not value:
+        raise APIError(400, "input must not be empty", param="input")
+    if all(isinstance(t, int) for t in value):
+        return [list(value)]
+    return list(value)
+
+
+def _embed(engine, inputs: list[str | list[int]], params: PoolingParams):
+    """Blocking: tokenize and run the forward."""
+    ids = [engine.tokenize(p if isinstance(p, str) else {"prompt_token_ids": p}) for p in inputs]
+    return engine.embed(ids, [params] * len(ids))
+
+
+def _encode(vector: list[float], fmt: str) -> list[float] | str:
+    if fmt == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return vector
 
 
 @router.post("/v1/embeddings")
@@ -22,8 +57,9 @@ router = APIRouter()
 async def create_embedding(request: Request):
     state = get_state(request)
     req = parse_request(EmbeddingRequest, await request.body())
-    check_model(state, req.model)
-    if not getattr(state.client.engine, "supports_embeddings", False):
+    name = check_model(state, req.model)
+    engine = state.client.engine
+    if not getattr(engine, "supports_embeddings", False):
         raise APIError(
             400,
             "this model does not support embeddings (it is a generative model; serve a "
@@ -31,4 +67,42 @@ async def create_embedding(request: Request):
             param="model",
             code="model_not_supported",
         )
-    raise APIError(501, "embeddings are not implemented yet")
+    if req.dimensions is not None and req.dimensions != engine.embedding_dim:
+        raise APIError(
+            400,
+            f"dimensions={req.dimensions} is not supported: this model's embeddings have "
+            f"{engine.embedding_dim} dimensions (no Matryoshka truncation)",
+            param="dimensions",
+        )
+    inputs = _split_input(req.input)
+    outs = await cancel_on_disconnect(
+        request, run_blocking(state, _embed, engine, inputs, PoolingParams())
+    )
+    num_tokens = sum(len(o.prompt_token_ids) for o in outs)
+    return {
+        "id": random_id("embd"),
+        "object": "list",
+        "created": now(),
+        "model": name,
+        "data": [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": _encode(o.outputs.embedding, req.encoding_format),
+            }
+            for i, o in enumerate(outs)
+        ],
+        "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens},
+    }
+
+
+@generation_refused.post("/v1/chat/completions")
+@generation_refused.post("/v1/completions")
+@api_errors
+async def refuse_generation(request: Request):
+    raise APIError(
+        400,
+        "this is an embedding model: it serves /v1/embeddings only, not text generation",
+        param="model",
+        code="model_not_supported",
+    )
