@@ -5,11 +5,28 @@ llm = LLM(model="/path/to/checkpoint")
 print(llm.generate("Hello", SamplingParams(max_tokens=16))[0].outputs[0].text)
 """
 
-from jaxmm.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxmm.outputs import (
+    CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    Logprob,
+    RequestOutput,
+)
+from jaxmm.pooling import PoolingParams
 from jaxmm.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "PoolingParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "EmbeddingRequestOutput",
+    "EmbeddingOutput",
+    "Logprob",
+    "__version__",
+]
 
 
 def __getattr__(name):
