@@ -154,6 +154,9 @@ class ModelRunner:
             self.params = load_params(abstract, abstract_state, ck.tensors(), self.mesh, self.dtype)
         self.num_layers, self.num_kv_heads, self.head_dim = abstract.kv_cache_spec()
         self.vocab_size = text_config.vocab_size
+        self.hidden_size = text_config.hidden_size
+        self.is_multimodal = bool(getattr(abstract, "is_multimodal", False))
+        self.uses_mrope = bool(getattr(abstract, "uses_mrope", False))
 
         # -- lengths and budgets
         max_pos = getattr(text_config, "max_position_embeddings", None) or 2048
@@ -246,11 +249,13 @@ class ModelRunner:
                 return T, min(T, next_pow2(self.max_num_seqs))
         raise ValueError(f"{num_tokens} tokens exceed max_num_batched_tokens")
 
-    def prepare(self, steps: list[SeqStep]):
+    def prepare(self, steps: list[SeqStep], min_tokens: int = 0):
         total = sum(len(s.token_ids) for s in steps)
-        T, S = self.bucket(max(total, len(steps)))
+        T, S = self.bucket(max(total, len(steps), min_tokens))
         ids = np.zeros(T, np.int32)
-        mrope = any(s.mrope_positions is not None for s in steps)
+        # one program per bucket: M-RoPE models always take (3, T) positions, multimodal
+        # models always take an embeddings array (zeros where nothing is spliced)
+        mrope = self.uses_mrope or any(s.mrope_positions is not None for s in steps)
         positions = np.zeros((3, T) if mrope else T, np.int32)
         kv_lens = np.zeros(S, np.int32)
         page_indices = np.zeros((S, self.pages_per_seq), np.int32)
@@ -275,14 +280,16 @@ class ModelRunner:
             logits_indices[i] = t + n - 1
             if s.embeds:
                 if embeds is None:
-                    D = s.embeds[0][1].shape[-1]
-                    embeds = np.zeros((T, D), np.float32)
+                    embeds = np.zeros((T, self.hidden_size), np.float32)
                     embeds_mask = np.zeros(T, bool)
                 for off, e in s.embeds:
                     embeds[t + off : t + off + len(e)] = e
                     embeds_mask[t + off : t + off + len(e)] = True
             t += n
         cu[len(steps) + 1 :] = t
+        if embeds is None and self.is_multimodal:
+            embeds = np.zeros((T, self.hidden_size), np.float32)
+            embeds_mask = np.zeros(T, bool)
         seq_inputs = None
         if any(s.seq_inputs for s in steps):
             seq_inputs = {}
@@ -387,25 +394,15 @@ class ModelRunner:
 
     # -- warmup and the compile guard ---------------------------------------------------------
     def warmup(self) -> None:
-        """Compile every token bucket's step and the common sampler variants."""
+        """Compile every token bucket's step and the common sampler variants.
+
+        Each bucket is reached with an all-padding batch built by `prepare`, so the warm
+        programs have exactly the signatures serving uses.
+        """
         for T in self.token_buckets:
-            S = min(T, next_pow2(self.max_num_seqs))
-            steps = [SeqStep(token_ids=[0], start=0, block_table=[0], sample=True)]
-            ids, md, _, _, S2 = self.prepare(steps)
-            # pad the single dummy sequence's request out to this bucket
-            ids = np.zeros(T, np.int32)
-            md = dataclasses.replace(
-                md,
-                positions=np.zeros(T, np.int32),
-                kv_lens=np.zeros(S, np.int32),
-                page_indices=np.zeros((S, self.pages_per_seq), np.int32),
-                cu_q_lens=np.zeros(S + 1, np.int32),
-                num_seqs=np.zeros(1, np.int32),
-                logits_indices=np.zeros(S, np.int32),
-            )
-            del S2
+            ids, md, embeds, embeds_mask, S = self.prepare([], min_tokens=T)
             self.kv_caches, logits = self._step(
-                self.params, self.kv_caches, ids, md, None, None, None
+                self.params, self.kv_caches, ids, md, embeds, embeds_mask, None
             )
             t = self._sampling_tensors([], S, False)
             for greedy, filters in ((True, False), (False, False), (False, True)):
