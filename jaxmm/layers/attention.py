@@ -29,18 +29,16 @@ class AttentionMetadata:
 
 
 def resolve_backend(name: str) -> str:
-    """'auto' -> the fastest correct implementation for this backend."""
-    if name not in ("auto", "reference", "xla", "pallas"):
-        raise ValueError(f"attention_backend must be auto, reference, xla or pallas; got {name!r}")
+    """'auto' -> the fastest correct implementation here (see jaxmm.kernels)."""
+    from jaxmm.kernels import BACKENDS, _pallas_works
+
+    if name not in BACKENDS:
+        raise ValueError(f"attention_backend must be one of {BACKENDS}; got {name!r}")
     if name != "auto":
         return name
-    if jax.default_backend() in ("gpu", "tpu"):
-        try:
-            from jaxmm.kernels import ragged_paged_attention  # noqa: F401
-
-            return "pallas"
-        except ImportError:
-            return "xla"
+    # our Pallas kernels lower through Triton (GPU); CPU and TPU use the XLA path
+    if jax.default_backend() == "gpu" and _pallas_works():
+        return "pallas"
     return "xla"
 
 

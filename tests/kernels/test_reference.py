@@ -88,11 +88,12 @@ def test_against_naive(impl, case, N, K, window, soft_cap):
     q_lens, kv_lens = case
     H, G, A, P = 16, 4, 40, 16
     args, fk, fv = make_case(rng, q_lens, kv_lens, N, K, H, G, A, P)
-    out, pages = jax.jit(
-        lambda *a: impl.ragged_paged_attention(
-            *a, sm_scale=H**-0.5, sliding_window=window, soft_cap=soft_cap
-        )
-    )(*args)
+    with jax.default_matmul_precision("highest"):  # GPUs default to TF32 for f32 matmuls
+        out, pages = jax.jit(
+            lambda *a: impl.ragged_paged_attention(
+                *a, sm_scale=H**-0.5, sliding_window=window, soft_cap=soft_cap
+            )
+        )(*args)
     out = np.asarray(out)
     t = 0
     for s, n in enumerate(q_lens):

@@ -1,0 +1,324 @@
+"""Paged decode attention: jaxmm Pallas kernel vs its peers, one JSON line per measurement.
+
+    python benchmarks/attention_decode.py [--sweep] [--out results.json]
+
+Problem: bf16, N=32 query heads, K=8 KV heads, H=128, page size G=16, one query token per
+sequence, B in {1, 8, 64, 256} x max context L in {512, 2048, 8192}, all lengths = L
+("equal") or uniform in [1, L] ("random", seeded).
+
+Peers, each fed its own native layout (built once, outside the timed region):
+  jaxmm         jaxmm.kernels.ragged_paged_attention.paged_attention: the whole ragged-batch
+                path (metadata, work list, both kernels), KV already written
+  jaxmm_kernel  just our decode kernel (gpu_decode.decode_attention), metadata precomputed
+  jax_triton    jax.experimental.pallas.ops.gpu.paged_attention (k, v pages (K, A, G, H))
+  cudnn         jax._src.cudnn.fused_attention_stablehlo.paged_attention (blocks (A, G, K, H))
+  xla_ref       jaxmm.kernels.reference (gather + einsum in XLA), KV write stubbed out;
+                only where B * L <= 8 * 8192 (it materialises (K, B, L, H) in f32)
+
+Timing (METHOD.md): one jitted function runs `unroll` calls back to back, each call's output
+feeding the next call's query (no CSE), each call reading a different page table into a
+pool of >= 4x L2 (so no call hits in L2). The jitted function is dispatched `reps` times
+asynchronously, chained, and the wall time to the last result is divided by the number of
+calls; median of 5 such samples after warm-up. Bandwidth = (K/V bytes of the live tokens
++ q + out) / time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+N, K, H, G = 32, 8, 128, 16
+DTYPE = jnp.bfloat16
+L2_BYTES = 50 * 2**20
+
+
+def env_info():
+    d = jax.devices()[0]
+    return dict(
+        device=getattr(d, "device_kind", str(d)),
+        jax=jax.__version__,
+        date=datetime.date.today().isoformat(),
+    )
+
+
+def make_runner(step, unroll):
+    """jit of `unroll` chained calls of step(q, table, data, *args) over tables[i % len].
+
+    Big arrays (`data`: KV pools) are arguments, never closure constants: captured
+    constants are embedded in the executable and make every compile copy gigabytes.
+    """
+
+    @jax.jit
+    def run(q, tables, data, *args):
+        for i in range(unroll):
+            q = step(q, tables[i % len(tables)], data, *args).astype(q.dtype)
+        return q
+
+    return run
+
+
+def time_runner(run, q0, tables, data, args, unroll, est_s, samples=5):
+    """Median seconds per call, and the relative spread of the samples."""
+    for _ in range(2):
+        jax.block_until_ready(run(q0, tables, data, *args))
+    reps = int(min(200, max(2, math.ceil(3e-3 / max(est_s * unroll, 1e-7)))))
+    ts = []
+    for _ in range(samples):
+        q = q0
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            q = run(q, tables, data, *args)
+        jax.block_until_ready(q)
+        ts.append((time.perf_counter() - t0) / (reps * unroll))
+    med = statistics.median(ts)
+    return med, (max(ts) - min(ts)) / med
+
+
+def time_chain(step, q0, tables, data, unroll, est_s):
+    """Median seconds per call of step(q, table, data), and the spread (prefill script)."""
+    run = make_runner(step, unroll)
+    return time_runner(run, q0, tables, data, (), unroll, est_s)
+
+
+class DecodeCase:
+    """Pool, equal and random lengths, and `copies` disjoint page tables for one (B, L)."""
+
+    def __init__(self, B, L, seed=0):
+        rng = np.random.default_rng(seed)
+        self.B, self.L = B, L
+        P = L // G
+        self.lens = {
+            "equal": np.full(B, L, np.int32),
+            "random": rng.integers(1, L + 1, B).astype(np.int32),
+        }
+        kv_bytes_one = B * L * K * H * 2 * 2
+        self.copies = int(min(16, max(1, math.ceil(4 * L2_BYTES / kv_bytes_one))))
+        A = self.copies * B * P
+        # copy c uses pages [c*B*P, (c+1)*B*P) in a random order (cuDNN wants that block range)
+        self.tables = [
+            jnp.asarray((c * B * P + rng.permutation(B * P)).astype(np.int32).reshape(B, P))
+            for c in range(self.copies)
+        ]
+        kk, kq = jax.random.split(jax.random.PRNGKey(seed))
+        self.kv_pages = jax.random.normal(kk, (2, K, A, G, H), DTYPE)  # ours: (2, K, A, G, H)
+        self.q = jax.random.normal(kq, (B, N, H), DTYPE)
+        self.A, self.P = A, P
+
+    def bytes(self, mode):
+        return int(self.lens[mode].sum()) * K * H * 2 * 2 + 2 * self.B * N * H * 2
+
+
+def build_step(impl, case, plan):
+    """(step(q, table, data, lens), data) for one implementation, or None to skip."""
+    B = case.B
+    sm_scale = 1.0 / math.sqrt(H)
+    cu = jnp.arange(B + 1, dtype=jnp.int32)
+    ns = jnp.array([B], jnp.int32)
+    if impl == "jaxmm":
+        from jaxmm.kernels.ragged_paged_attention import paged_attention
+
+        data = case.kv_pages
+
+        def step(q, table, kv, lens):
+            return paged_attention(q, kv, lens, table, cu, ns, sm_scale=sm_scale, plan=plan)
+
+    elif impl == "jaxmm_kernel":
+        from jaxmm.kernels import gpu_decode
+        from jaxmm.kernels.ragged_paged_attention import _plan
+
+        p = _plan(B, N, K, B, case.P, G, H, DTYPE, False, dict(plan or ()))
+        data = case.kv_pages
+
+        def step(q, table, kv, lens):
+            return gpu_decode.decode_attention(
+                q,
+                kv,
+                lens,
+                table,
+                ns,
+                q,
+                num_seqs=B,
+                sm_scale=sm_scale,
+                sliding_window=None,
+                soft_cap=None,
+                block_k=p.decode_block_k,
+                num_splits=p.num_splits,
+                num_warps=p.decode_warps,
+                num_stages=p.decode_stages,
+                gather=p.gather,
+            )
+
+    elif impl == "jax_triton":
+        from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as pa
+
+        data = jax.block_until_ready((case.kv_pages[0] + 0, case.kv_pages[1] + 0))
+        ksplit = 16 if case.P % 16 == 0 else 1
+
+        def step(q, table, kv, lens):
+            return pa(q * sm_scale, kv[0], kv[1], table, lens, k_splits=ksplit)
+
+    elif impl == "cudnn":
+        from jax._src.cudnn.fused_attention_stablehlo import MaskType
+        from jax._src.cudnn.fused_attention_stablehlo import paged_attention as cpa
+
+        kc = jnp.transpose(case.kv_pages[0], (1, 2, 0, 3))  # (A, G, K, H)
+        vc = jnp.transpose(case.kv_pages[1], (1, 2, 0, 3))
+        n = B * case.P  # cuDNN: a pool of exactly B * P blocks per call
+        case.cudnn_tables = [
+            (t - c * n, kc[c * n : (c + 1) * n], vc[c * n : (c + 1) * n])
+            for c, t in enumerate(case.tables)
+        ]
+        jax.block_until_ready(case.cudnn_tables)
+        del kc, vc
+        qlen = jnp.ones((B,), jnp.int32)
+        data = ()
+
+        def step(q, table_kv, _, lens):
+            table, kc, vc = table_kv
+            pt = table[:, None, :, None]
+            o = cpa(
+                q[:, None],
+                kc,
+                vc,
+                qlen,
+                lens,
+                pt,
+                pt,
+                scale=sm_scale,
+                mask_type=MaskType.PADDING,
+                qkv_layout="BTNH",
+            )
+            return o[:, 0]
+
+    elif impl == "xla_ref":
+        if B * case.L > 8 * 8192:
+            return None
+        from jaxmm.kernels import reference
+
+        data = case.kv_pages
+
+        def step(q, table, kv, lens):
+            real = reference.write_kv
+            reference.write_kv = lambda k, v, pages, *a: pages  # time attention only
+            try:
+                zk = jnp.zeros((B, K, H), DTYPE)
+                return reference.ragged_paged_attention(
+                    q, zk, zk, kv, lens, table, cu, ns, sm_scale=sm_scale
+                )[0]
+            finally:
+                reference.write_kv = real
+
+    else:
+        raise ValueError(impl)
+    return step, data
+
+
+def run_case(case: DecodeCase, impls, modes=("equal", "random"), plan=None, sink=None):
+    rows = []
+    for impl in impls:
+        base = dict(bench="decode", impl=impl, B=case.B, L=case.L)
+        if plan:
+            base["plan"] = dict(plan)
+        try:
+            built = build_step(impl, case, plan)
+            if built is None:
+                continue
+            step, data = built
+            unroll = 8 if case.B * case.L <= 8 * 2048 else 2
+            run = make_runner(step, unroll)
+        except Exception as e:
+            rows.append(dict(base, error=f"{type(e).__name__}: {str(e)[:300]}"))
+            print(json.dumps(rows[-1]), flush=True)
+            continue
+        for mode in modes:
+            try:
+                lens = jnp.asarray(case.lens[mode])
+                nbytes = case.bytes(mode)
+                tables = case.cudnn_tables if impl == "cudnn" else case.tables
+                est = nbytes / 2.5e12
+                t, spread = time_runner(run, case.q, tables, data, (lens,), unroll, est)
+                row = dict(
+                    base,
+                    lengths=mode,
+                    ms=round(t * 1e3, 4),
+                    tb_s=round(nbytes / t / 1e12, 3),
+                    spread=round(spread, 3),
+                )
+            except Exception as e:
+                row = dict(base, lengths=mode, error=f"{type(e).__name__}: {str(e)[:300]}")
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            if sink:
+                sink(row)
+    return rows
+
+
+def sweep(sink=None):
+    """Tile/launch variants of our kernel on a few shapes (docs/performance.md)."""
+    rows = []
+    case = DecodeCase(64, 2048)
+    for gather in ("page", "token"):
+        for bk, warps, stages in [(64, 4, 3), (128, 8, 3), (64, 4, 4), (128, 4, 3)]:
+            plan = (
+                ("decode_block_k", bk),
+                ("decode_warps", warps),
+                ("decode_stages", stages),
+                ("gather", gather),
+            )
+            rows += run_case(case, ["jaxmm"], ("equal",), plan=plan, sink=sink)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--impls", default="jaxmm,jaxmm_kernel,jax_triton,cudnn,xla_ref")
+    ap.add_argument("--batch", default="1,8,64,256")
+    ap.add_argument("--ctx", default="512,2048,8192")
+    ap.add_argument("--modes", default="equal,random")
+    ap.add_argument("--shapes", default=None, help="B:L,B:L,... instead of --batch x --ctx")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    info = env_info()
+    print(json.dumps(dict(bench="env", **info)), flush=True)
+    rows = []
+    done = []
+
+    def sink(row):  # rewrite the results file after every row: a timeout keeps what ran
+        done.append(row)
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(dict(env=info, rows=done), f, indent=1)
+
+    if a.sweep:
+        rows += sweep(sink)
+    else:
+        if a.shapes:
+            shapes = [tuple(map(int, x.split(":"))) for x in a.shapes.split(",")]
+        else:
+            shapes = [
+                (B, L) for B in map(int, a.batch.split(",")) for L in map(int, a.ctx.split(","))
+            ]
+        for B, L in shapes:
+            case = DecodeCase(B, L)
+            rows += run_case(case, a.impls.split(","), a.modes.split(","), sink=sink)
+            del case
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(dict(env=info, rows=rows), f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ".")
+    main()
