@@ -153,7 +153,9 @@ class LLM:
 
     def _prepare(self, prompt):
         engine = self._generative_engine()
-        if isinstance(prompt, dict) and prompt.get("multi_modal_data"):
+        from jaxmm.multimodal.audio_inputs import is_audio_prompt
+
+        if is_audio_prompt(prompt) or (isinstance(prompt, dict) and prompt.get("multi_modal_data")):
             from jaxmm.multimodal.inputs import prepare_multimodal_prompt
 
             return prepare_multimodal_prompt(engine, prompt)
@@ -208,6 +210,12 @@ class LLM:
             )
         params = _broadcast_params(sampling_params, len(prompts))
         return self._run(prompts, params, use_tqdm)
+
+    def transcribe(self, audio, sample_rate: int, language: str | None = "en", **kwargs) -> str:
+        """Speech to text with a Whisper checkpoint; audio longer than 30 s is split."""
+        from jaxmm.transcribe import transcribe
+
+        return transcribe(self, audio, sample_rate, language=language, **kwargs)
 
     def embed(
         self,

@@ -593,8 +593,22 @@ def frontend(engine) -> MultimodalFrontend:
 
 
 def prepare_multimodal_prompt(engine, prompt: dict):
-    """A prompt dict with `multi_modal_data` -> (text, prompt token ids, MultimodalRequest)."""
+    """A prompt dict with `multi_modal_data` -> (text, prompt token ids, MultimodalRequest).
+
+    Audio prompts (Whisper, Qwen2-Audio) go to the audio front end.
+    """
+    from jaxmm.multimodal.audio_inputs import is_audio_prompt, prepare_audio_prompt
+
+    if is_audio_prompt(prompt):
+        return prepare_audio_prompt(engine, prompt)
     return frontend(engine).prepare(prompt)
+
+
+def transcription_prompt(engine, samples, sample_rate, **kwargs):
+    """The server's /v1/audio/transcriptions hook (see audio_inputs.transcription_prompt)."""
+    from jaxmm.multimodal.audio_inputs import transcription_prompt as make
+
+    return make(engine, samples, sample_rate, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,148 @@
+"""Qwen2-Audio: a Whisper-style audio encoder + average pooling + a linear projector -> Qwen2.
+
+Audio (log-mel features padded to the 30 s window, with the mask of real frames) ->
+Whisper encoder stem and layers, attending only to real frames -> average pool over pairs
+of frames -> LayerNorm -> `multi_modal_projector.linear` -> one row per audio token. The
+HF processor expands each `<|AUDIO|>` placeholder to the item's number of rows
+(`((frames - 1) // 2 + 1 - 2) // 2 + 1`); the front end (`jaxmm.multimodal.audio_inputs`)
+runs the encoder once per item when the prompt is prepared, and the runner splices the rows
+over the placeholders. Text runs through Qwen2 (`language_model`), paged as any decoder.
+
+Weights: hub checkpoints use `audio_tower.*`, `multi_modal_projector.*`,
+`language_model.model.*`, `language_model.lm_head.*`; the module tree mirrors that and
+`hf_key_rules` fold transformers 5's `model.*` spellings onto it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxmm.layers.attention import AttentionMetadata
+from jaxmm.layers.linear import Linear
+from jaxmm.models.qwen2 import Qwen2ForCausalLM
+from jaxmm.models.whisper import WhisperEncoder, next_pow2
+
+MAX_AUDIOS_PER_CALL = 8  # encoder batch; smaller batches are padded to a power of two
+
+
+def audio_output_lengths(num_frames):
+    """Mel frames -> (frames after the stride-2 conv, audio tokens after pooling)."""
+    after_conv = (num_frames - 1) // 2 + 1
+    return after_conv, (after_conv - 2) // 2 + 1
+
+
+class Qwen2AudioEncoder(WhisperEncoder):
+    """Whisper's encoder with a key mask over padded frames, then 2x average pooling."""
+
+    def __call__(self, features: jax.Array, lengths: jax.Array) -> jax.Array:
+        """features (B, mel, 2C), lengths (B,) real frames after the conv -> (B, C/2, D)."""
+        x = self.embed_features(features)  # (B, C, D)
+        B, C, D = x.shape
+        keep = jnp.arange(C)[None, :] < lengths[:, None]  # (B, C)
+        bias = jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, bias)
+        x = x[:, : C // 2 * 2].reshape(B, C // 2, 2, D).mean(axis=2)  # AvgPool1d(2, 2)
+        return self.layer_norm(x)
+
+
+class Qwen2AudioMultiModalProjector(nnx.Module):
+    def __init__(self, config, *, dtype, rngs):
+        Da, Dt = config.audio_config.d_model, config.text_config.hidden_size
+        self.linear = Linear(Da, Dt, bias=True, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear(x)
+
+
+class Qwen2AudioForConditionalGeneration(nnx.Module):
+    is_multimodal = True
+    mm_modalities = ("audio",)
+    uses_mrope = False
+    hf_key_rules = (
+        (r"^model\.language_model\.", "language_model.model."),
+        (r"^model\.audio_tower\.", "audio_tower."),
+        (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+        (r"^lm_head\.", "language_model.lm_head."),
+    )
+
+    def __init__(self, config, *, dtype=jnp.float32, attention_backend: str = "reference", rngs):
+        self.hf_config = config
+        text_config = copy.copy(config.text_config)
+        tied = bool(getattr(config, "tie_word_embeddings", False)) or bool(
+            getattr(text_config, "tie_word_embeddings", False)
+        )
+        text_config.tie_word_embeddings = tied
+        self.config = text_config
+        self.audio_tower = Qwen2AudioEncoder(config.audio_config, dtype=dtype, rngs=rngs)
+        self.multi_modal_projector = Qwen2AudioMultiModalProjector(config, dtype=dtype, rngs=rngs)
+        self.language_model = Qwen2ForCausalLM(
+            text_config, dtype=dtype, attention_backend=attention_backend, rngs=rngs
+        )
+        ignored = [r"rotary_emb\.inv_freq", r"position_ids$"]
+        if tied:
+            ignored.append(r"^language_model\.lm_head\.weight$")
+        self.ignored_hf_keys = tuple(ignored)
+        self.num_frames = self.audio_tower.num_frames
+
+    # -- the text path (what the runner's step calls) ----------------------------------------
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return self.language_model.embed(input_ids)
+
+    def __call__(self, input_ids, kv_caches, md: AttentionMetadata, inputs_embeds=None):
+        return self.language_model(input_ids, kv_caches, md, inputs_embeds)
+
+    def compute_logits(self, hidden: jax.Array) -> jax.Array:
+        return self.language_model.compute_logits(hidden)
+
+    def kv_cache_spec(self) -> tuple[int, int, int]:
+        return self.language_model.kv_cache_spec()
+
+    # -- audio ---------------------------------------------------------------------------------
+    def mm_token_id(self, modality: str) -> int:
+        del modality
+        return int(self.hf_config.audio_token_index)
+
+    def mm_placeholder_text(self, modality: str) -> str:
+        del modality
+        return "<|audio_bos|><|AUDIO|><|audio_eos|>"
+
+    def get_audio_features(self, features: jax.Array, mel_lengths: jax.Array) -> jax.Array:
+        """features (B, mel, 2C), mel_lengths (B,) -> (B, C/2, D_text); rows past each
+        item's token count are padding."""
+        after_conv, _ = audio_output_lengths(mel_lengths)
+        return self.multi_modal_projector(self.audio_tower(features, after_conv))
+
+    def mm_encoder(self, graphdef):
+        """A host function (params, modality, items) -> [features (n, D_text) per item];
+        items hold `input_features` (mel, frames) and `feature_attention_mask` (frames,)."""
+
+        @jax.jit
+        def run(params, features, mel_lengths):
+            return nnx.merge(graphdef, params).get_audio_features(features, mel_lengths)
+
+        def encode(params, modality: str, items: list[dict]) -> list[np.ndarray]:
+            del modality
+            feats = np.stack([np.asarray(it["input_features"], np.float32) for it in items])
+            lengths = np.array(
+                [int(np.asarray(it["feature_attention_mask"]).sum()) for it in items], np.int32
+            )
+            out = []
+            for i in range(0, len(feats), MAX_AUDIOS_PER_CALL):
+                chunk, n = feats[i : i + MAX_AUDIOS_PER_CALL], lengths[i : i + MAX_AUDIOS_PER_CALL]
+                B = next_pow2(len(chunk))  # bucket: one program per power of two
+                padded = np.zeros((B, *chunk.shape[1:]), np.float32)
+                padded[: len(chunk)] = chunk
+                padded_n = np.full(B, chunk.shape[-1], np.int32)
+                padded_n[: len(n)] = n
+                rows = np.asarray(run(params, padded, padded_n), np.float32)
+                for row, mel in zip(rows, n):
+                    out.append(row[: audio_output_lengths(int(mel))[1]])
+            return out
+
+        return encode

@@ -1,0 +1,565 @@
+"""Audio prompts -> token ids + the per-request object the engine feeds the runner with.
+
+Two kinds of audio model, one front end per engine (`audio_frontend(engine)`):
+
+- Encoder-decoder (Whisper). The prompt is the decoder's: by default
+  `<|startoftranscript|><|lang|><|task|><|notimestamps|>` as HF's `generate` builds it from
+  the generation config (English-only checkpoints: `<|startoftranscript|><|notimestamps|>`).
+  The audio becomes log-mel features with the checkpoint's own `WhisperFeatureExtractor`.
+  The request object (`WhisperRequest`) takes a cross-attention slot and runs the encoder
+  when the request is first scheduled (`fill_step`), batching other prepared requests'
+  encoders into the same call while slots are free, then hands the runner its slot every
+  step and the suppressed tokens HF's generate masks (`suppress_tokens` always,
+  `begin_suppress_tokens` for the first generated token). `release()` frees the slot.
+- Audio-in-LLM (Qwen2-Audio). The checkpoint's HF processor expands each audio placeholder
+  to the item's number of feature tokens; the model's audio encoder runs once per item when
+  the prompt is prepared, and the embeddings are spliced over the placeholders like images
+  (`jaxmm.multimodal.inputs.MultimodalRequest`).
+
+Slots. A sequence that has started keeps its slot until its request finishes, including
+across preemption; the scheduler admits a new sequence only after every preempted one is
+back, so live requests never outnumber `max_num_seqs`. The slot count can be lower than
+`max_num_seqs` (the model caps the slabs' memory), so the scheduler's `max_num_seqs` is
+lowered to it. Slots taken ahead of time for batching belong to requests that have not
+started and are taken back when a started request needs one.
+
+Audio items: `(samples, sample_rate)` (1-D, or 2-D channels-first or channels-last, any
+rate; folded to mono when the feature extractor takes one channel, then resampled to its
+rate), a bare 1-D array already at the model's rate, or encoded file bytes. Plain Python +
+numpy; no JAX here (the model supplies the jitted encoder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import weakref
+
+import numpy as np
+
+from jaxmm.multimodal.audio import decode_audio_bytes, load_audio_item
+
+logger = logging.getLogger(__name__)
+
+# encoder calls batch at most this many requests (padded to a power of two)
+MAX_ENCODE_BATCH = 8
+PROMPT_KEYS = (
+    "prompt",
+    "prompt_token_ids",
+    "multi_modal_data",
+    "multi_modal_uuids",
+    "mm_processor_kwargs",
+    "media_io_kwargs",
+    "cache_salt",
+)
+TASKS = ("transcribe", "translate")
+
+
+def wants_mono(feature_extractor) -> bool:
+    """Whether the feature extractor takes one channel.
+
+    Spectrogram extractors (`input_features`: Whisper, Qwen2-Audio...) are mono; waveform
+    ones say how many channels they take (`audio_channels`, else `feature_size`).
+    """
+    channels = getattr(feature_extractor, "audio_channels", None)
+    if channels is None:
+        names = getattr(feature_extractor, "model_input_names", None) or ["input_features"]
+        if names[0] == "input_features":
+            return True
+        channels = getattr(feature_extractor, "feature_size", 1)
+    return int(channels) == 1
+
+
+def audio_hash(audio: np.ndarray, *extra) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str((audio.dtype.str, audio.shape, extra)).encode())
+    h.update(np.ascontiguousarray(audio).tobytes())
+    return h.hexdigest()
+
+
+def _audio_items(data) -> list:
+    if not isinstance(data, dict) or not data:
+        raise ValueError("multi_modal_data must be a non-empty dict {modality: item(s)}")
+    unknown = sorted(set(data) - {"audio"})
+    if unknown:
+        raise ValueError(f"this model takes audio only; got multi_modal_data keys {unknown}")
+    items = data["audio"]
+    if isinstance(items, list):
+        return items
+    return [items]
+
+
+# ---------------------------------------------------------------------------------------
+# Whisper: slots and the per-request object
+
+
+class WhisperRequest:
+    """`Request.mm` of one transcription: features until encoded, then a slot."""
+
+    def __init__(self, frontend: AudioFrontend, features: np.ndarray, key: str):
+        self.frontend = frontend
+        self.features = features  # (mel, frames); dropped once encoded for good
+        self.key = key
+        self.slot: int | None = None
+        self.started = False
+        self.released = False
+
+    @property
+    def extra_keys(self) -> tuple[tuple[int, int, str], ...]:
+        # every decoder position depends on the audio (cross-attention): cover them all
+        return ((0, 1 << 62, f"audio:{self.key}"),)
+
+    def fill_step(self, step, seq, start: int, n: int) -> None:
+        del start, n
+        if self.released:
+            raise RuntimeError("a released Whisper request was scheduled")
+        self.started = True
+        if self.slot is None:
+            self.frontend.encode(self)
+        self.features = None  # the slot stays ours until release()
+        step.seq_inputs = {"cross_slot": np.int32(self.slot)}
+        if step.sample:
+            fe = self.frontend
+            banned = list(step.banned_ids or []) + fe.suppress_tokens
+            if seq.num_output_tokens == 0:
+                banned += fe.begin_suppress_tokens
+            if banned:
+                step.banned_ids = banned
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.frontend.release(self)
+
+
+class SlotPool:
+    """Cross-attention slots, each owned by at most one request. Plain Python."""
+
+    def __init__(self, num_slots: int):
+        self.free = list(range(num_slots))
+        self.owner: dict[int, weakref.ref] = {}
+
+    def take(self, req: WhisperRequest, steal: bool) -> int | None:
+        self._collect()
+        if not self.free and steal:
+            for slot, ref in list(self.owner.items()):
+                other = ref()
+                if other is not None and not other.started:  # encoded ahead, not running
+                    other.slot = None
+                    self.put(slot)
+                    break
+        if not self.free:
+            return None
+        slot = self.free.pop(0)
+        self.owner[slot] = weakref.ref(req)
+        req.slot = slot
+        return slot
+
+    def put(self, slot: int) -> None:
+        self.owner.pop(slot, None)
+        self.free.append(slot)
+
+    def _collect(self) -> None:
+        """Slots of requests that were prepared, encoded ahead and then dropped unqueued."""
+        for slot, ref in list(self.owner.items()):
+            if ref() is None:
+                self.put(slot)
+
+
+# ---------------------------------------------------------------------------------------
+# The front end, one per engine
+
+
+class AudioFrontend:
+    def __init__(self, engine):
+        self.engine = engine
+        runner = engine.runner
+        self.model = runner.model_obj
+        if "audio" not in getattr(self.model, "mm_modalities", ()):
+            raise ValueError(f"{type(self.model).__name__} takes no audio input")
+        path = getattr(engine.checkpoint, "processor_path", None)
+        if path is None:
+            raise ValueError("this checkpoint carries no audio feature extractor config")
+        from transformers import AutoFeatureExtractor
+
+        self.path = path
+        self.feature_extractor = AutoFeatureExtractor.from_pretrained(path, local_files_only=True)
+        fe = self.feature_extractor
+        self.sampling_rate = int(fe.sampling_rate)
+        self.mono = wants_mono(fe)
+        # the encoder's fixed window (Whisper: 30 s)
+        self.max_seconds = float(getattr(fe, "chunk_length", 30))
+        self.encoder_decoder = bool(getattr(self.model, "is_encoder_decoder", False))
+        self._lock = threading.Lock()
+        self._processor = None
+        self._encode = None
+        if self.encoder_decoder:
+            self._init_whisper(engine)
+
+    # -- audio ---------------------------------------------------------------------------------
+    def load(self, item) -> np.ndarray:
+        """An audio item -> float32 audio at the feature extractor's rate (mono if it wants)."""
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            item = decode_audio_bytes(bytes(item))
+        elif isinstance(item, np.ndarray):
+            item = (item, self.sampling_rate)
+        elif hasattr(item, "detach"):  # torch tensor at the model's rate
+            item = (item.detach().cpu().numpy(), self.sampling_rate)
+        elif isinstance(item, (tuple, list)) and len(item) == 2 and hasattr(item[0], "detach"):
+            item = (item[0].detach().cpu().numpy(), item[1])
+        if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], float):
+            if item[1].is_integer():
+                item = (item[0], int(item[1]))
+        return load_audio_item(item, self.sampling_rate, mono=self.mono)
+
+    def features(self, audio: np.ndarray) -> np.ndarray:
+        """Mono audio at the model's rate -> log-mel features (mel, frames) for one window."""
+        seconds = audio.shape[-1] / self.sampling_rate
+        if seconds > self.max_seconds + 1e-6:
+            raise ValueError(
+                f"audio is {seconds:.2f} s long; this model hears at most {self.max_seconds:g} s "
+                "per request: use jaxmm.transcribe.transcribe (LLM.transcribe), which splits "
+                "long audio with jaxmm.multimodal.audio.split_audio"
+            )
+        out = self.feature_extractor(
+            audio, sampling_rate=self.sampling_rate, return_tensors="np"
+        ).input_features[0]
+        want = self.model.num_frames
+        if out.shape[-1] != want:
+            raise ValueError(
+                f"the feature extractor gave {out.shape[-1]} frames; the encoder takes {want}"
+            )
+        return np.asarray(out, np.float32)
+
+    # -- Whisper -------------------------------------------------------------------------------
+    def _init_whisper(self, engine) -> None:
+        from transformers import GenerationConfig
+
+        runner = engine.runner
+        L = runner.num_layers
+        self.num_slots = int(runner.kv_caches[L].shape[1])
+        if engine.scheduler.max_num_seqs > self.num_slots:
+            logger.warning(
+                "max_num_seqs lowered from %d to %d: that many cross-attention slots fit",
+                engine.scheduler.max_num_seqs,
+                self.num_slots,
+            )
+            engine.scheduler.max_num_seqs = self.num_slots
+        self.slots = SlotPool(self.num_slots)
+        self._pending: list[weakref.ref] = []  # prepared, not yet encoded, in order
+        self._write = self.model.cross_kv_writer(runner.graphdef)
+        if os.path.exists(os.path.join(self.path, "generation_config.json")):
+            gen = GenerationConfig.from_pretrained(self.path, local_files_only=True)
+        else:
+            gen = GenerationConfig.from_model_config(engine.hf_config)
+        self.generation_config = gen
+        cfg = engine.hf_config
+        self.suppress_tokens = list(
+            gen.suppress_tokens or getattr(cfg, "suppress_tokens", None) or []
+        )
+        self.begin_suppress_tokens = list(
+            gen.begin_suppress_tokens or getattr(cfg, "begin_suppress_tokens", None) or []
+        )
+        self.max_target_positions = int(cfg.max_target_positions)
+
+    @property
+    def tokenizer(self):
+        if self.engine.tokenizer is None:
+            raise ValueError("the tokenizer is off (skip_tokenizer_init); pass prompt_token_ids")
+        return self.engine.tokenizer
+
+    def decoder_prompt(
+        self, language: str | None = "en", task: str = "transcribe", prompt: str | None = None
+    ) -> list[int]:
+        """The decoder prompt HF's Whisper `generate` starts from (short-form, no timestamps).
+
+        `prompt` is earlier text to condition on (OpenAI's `prompt`): it goes after
+        `<|startofprev|>`, before `<|startoftranscript|>`.
+        """
+        gen = self.generation_config
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        ids = [gen.decoder_start_token_id]
+        lang_to_id = getattr(gen, "lang_to_id", None)
+        task_to_id = getattr(gen, "task_to_id", None)
+        if lang_to_id:  # multilingual
+            ids.append(lang_to_id[self._language_token(language or "en", lang_to_id)])
+            ids.append(task_to_id[task])
+        else:
+            if language is not None and _language_code(language) != "en":
+                raise ValueError(
+                    f"this Whisper checkpoint is English-only; language={language!r} is not "
+                    "supported"
+                )
+            if task != "transcribe":
+                raise ValueError("this Whisper checkpoint is English-only: it cannot translate")
+            forced = getattr(gen, "forced_decoder_ids", None) or []
+            for i, (pos, tok) in enumerate(sorted(forced), 1):
+                if pos != i or tok is None:
+                    break
+                ids.append(tok)
+        no_ts = getattr(gen, "no_timestamps_token_id", None)
+        if no_ts is not None and ids[-1] != no_ts:
+            ids.append(no_ts)
+        if prompt:
+            prev = getattr(gen, "prev_sot_token_id", None)
+            if prev is None:
+                prev = self.tokenizer.convert_tokens_to_ids("<|startofprev|>")
+            text_ids = self.tokenizer(" " + prompt.strip(), add_special_tokens=False).input_ids
+            # keep the most recent text; HF keeps at most half the decoder's positions
+            text_ids = text_ids[-(self.max_target_positions // 2 - 1) :]
+            ids = [prev, *text_ids, *ids]
+        return [int(t) for t in ids]
+
+    @staticmethod
+    def _language_token(language: str, lang_to_id: dict) -> str:
+        if language in lang_to_id:
+            return language
+        token = f"<|{_language_code(language)}|>"
+        if token not in lang_to_id:
+            raise ValueError(
+                f"language {language!r} is not one this Whisper checkpoint knows; it knows "
+                + ", ".join(sorted(t.strip("<|>") for t in lang_to_id))
+            )
+        return token
+
+    def whisper_request(self, audio: np.ndarray) -> WhisperRequest:
+        req = WhisperRequest(self, self.features(audio), audio_hash(audio, self.sampling_rate))
+        with self._lock:
+            self._pending.append(weakref.ref(req))
+        return req
+
+    def encode(self, req: WhisperRequest) -> None:
+        """Give `req` a slot and its cross-attention K/V, batching other waiting requests'."""
+        with self._lock:
+            if self.slots.take(req, steal=True) is None:
+                raise RuntimeError(
+                    "no free cross-attention slot for a scheduled Whisper request: "
+                    f"more than {self.num_slots} requests running at once"
+                )
+            batch = [req]
+            waiting = []  # still unencoded after this call
+            for ref in self._pending:
+                other = ref()
+                if other is None or other is req or other.released or other.features is None:
+                    continue
+                if other.slot is not None:
+                    continue
+                if (
+                    len(batch) < MAX_ENCODE_BATCH
+                    and self.slots.take(other, steal=False) is not None
+                ):
+                    batch.append(other)
+                else:
+                    waiting.append(ref)
+            self._pending = waiting
+            runner = self.engine.runner
+            L = runner.num_layers
+            feats = np.stack([r.features for r in batch])
+            runner.kv_caches[L:] = self._write(
+                runner.params, runner.kv_caches[L:], feats, [r.slot for r in batch]
+            )
+
+    def release(self, req: WhisperRequest) -> None:
+        with self._lock:
+            if req.slot is not None:
+                self.slots.put(req.slot)
+                req.slot = None
+            req.features = None
+
+    def transcription_prompt(
+        self,
+        audio_item,
+        *,
+        language: str | None = "en",
+        task: str = "transcribe",
+        prompt: str | None = None,
+    ) -> tuple[str | None, list[int], WhisperRequest]:
+        if not self.encoder_decoder:
+            raise ValueError(
+                f"{type(self.model).__name__} is not a transcription (encoder-decoder) model"
+            )
+        audio = self.load(audio_item)
+        ids = self.decoder_prompt(language, task, prompt)
+        return None, ids, self.whisper_request(audio)
+
+    # -- prompts --------------------------------------------------------------------------------
+    def prepare(self, prompt: dict):
+        if not isinstance(prompt, dict):
+            raise TypeError(f"an audio prompt is a dict, got {type(prompt).__name__}")
+        if "encoder_prompt" in prompt or "decoder_prompt" in prompt:
+            prompt = _flatten_encoder_decoder(prompt)
+        unknown = sorted(set(prompt) - set(PROMPT_KEYS))
+        if unknown:
+            raise ValueError(f"unknown prompt keys {unknown}; known: {', '.join(PROMPT_KEYS)}")
+        items = _audio_items(prompt.get("multi_modal_data"))
+        if self.encoder_decoder:
+            return self._prepare_whisper(prompt, items)
+        return self._prepare_embeds(prompt, items)
+
+    def _prepare_whisper(self, prompt: dict, items: list):
+        if len(items) != 1:
+            raise ValueError(f"a Whisper prompt takes exactly one audio item, got {len(items)}")
+        text = prompt.get("prompt")
+        if "prompt_token_ids" in prompt:
+            ids = _check_ids(prompt["prompt_token_ids"])
+        elif text:
+            if not isinstance(text, str):
+                raise TypeError(f"'prompt' must be a str, got {type(text).__name__}")
+            ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        else:
+            opts = dict(prompt.get("mm_processor_kwargs") or {})
+            ids = self.decoder_prompt(opts.get("language", "en"), opts.get("task", "transcribe"))
+        return text, ids, self.whisper_request(self.load(items[0]))
+
+    # -- Qwen2-Audio and other audio-in-LLM models ----------------------------------------------
+    @property
+    def processor(self):
+        if self._processor is None:
+            from transformers import AutoProcessor
+
+            self._processor = AutoProcessor.from_pretrained(self.path, local_files_only=True)
+        return self._processor
+
+    def _prepare_embeds(self, prompt: dict, items: list):
+        from jaxmm.multimodal.inputs import MultimodalRequest, PlacedItem
+
+        text = prompt.get("prompt")
+        if not isinstance(text, str):
+            raise ValueError(
+                "an audio prompt for this model needs 'prompt' text with one audio placeholder "
+                f"({self.model.mm_placeholder_text('audio')!r}) per item"
+            )
+        audios = [self.load(it) for it in items]
+        for a in audios:
+            seconds = a.shape[-1] / self.sampling_rate
+            if seconds > self.max_seconds + 1e-6:
+                raise ValueError(
+                    f"audio is {seconds:.2f} s long; this model hears at most "
+                    f"{self.max_seconds:g} s per item"
+                )
+        kwargs = dict(prompt.get("mm_processor_kwargs") or {})
+        out = self.processor(
+            text=text,
+            audio=audios,
+            sampling_rate=self.sampling_rate,
+            return_tensors="np",
+            **kwargs,
+        )
+        ids = [int(t) for t in out["input_ids"][0]]
+        token = self.model.mm_token_id("audio")
+        runs = _runs([i for i, t in enumerate(ids) if t == token])
+        if len(runs) != len(audios):
+            raise ValueError(
+                f"the prompt has {len(runs)} audio placeholder run(s) for {len(audios)} audio "
+                "item(s): put one placeholder where each item goes"
+            )
+        if self._encode is None:
+            self._encode = self.model.mm_encoder(self.engine.runner.graphdef)
+        feats = [
+            {
+                "input_features": out["input_features"][i],
+                "feature_attention_mask": out["feature_attention_mask"][i],
+            }
+            for i in range(len(audios))
+        ]
+        embeds = self._encode(self.engine.runner.params, "audio", feats)
+        placed = []
+        for (start, length), audio, emb in zip(runs, audios, embeds, strict=True):
+            if len(emb) != length:
+                raise RuntimeError(
+                    f"the audio encoder gave {len(emb)} rows for {length} placeholder tokens"
+                )
+            key = audio_hash(audio, self.sampling_rate)
+            placed.append(PlacedItem(start, start + length, "audio", key, emb))
+        return text, ids, MultimodalRequest(placed, len(ids), cache_salt=prompt.get("cache_salt"))
+
+
+def _language_code(language: str) -> str:
+    from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
+    lang = language.lower().strip()
+    if lang.startswith("<|") and lang.endswith("|>"):
+        lang = lang[2:-2]
+    return TO_LANGUAGE_CODE.get(lang, lang)
+
+
+def _check_ids(ids) -> list[int]:
+    if not isinstance(ids, (list, tuple)) or not all(
+        isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids
+    ):
+        raise ValueError("prompt_token_ids must be a list of integers")
+    return [int(t) for t in ids]
+
+
+def _runs(positions: list[int]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for p in positions:
+        if runs and runs[-1][0] + runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((p, 1))
+    return runs
+
+
+def _flatten_encoder_decoder(prompt: dict) -> dict:
+    """vLLM's explicit form {"encoder_prompt": {..., "multi_modal_data"}, "decoder_prompt": ...}."""
+    enc = prompt.get("encoder_prompt") or {}
+    dec = prompt.get("decoder_prompt")
+    if not isinstance(enc, dict):
+        raise ValueError("encoder_prompt must be a dict holding multi_modal_data")
+    flat = {k: v for k, v in enc.items() if k not in ("prompt", "prompt_token_ids")}
+    if isinstance(dec, str):
+        flat["prompt"] = dec
+    elif isinstance(dec, dict):
+        flat.update({k: v for k, v in dec.items() if k in ("prompt", "prompt_token_ids")})
+    elif dec is not None:
+        raise ValueError("decoder_prompt must be a str or a dict")
+    return flat
+
+
+# ---------------------------------------------------------------------------------------
+# Entry points
+
+
+def audio_frontend(engine) -> AudioFrontend:
+    """The engine's audio front end, built on first use."""
+    fe = engine.__dict__.get("_audio_frontend")
+    if fe is None:
+        fe = AudioFrontend(engine)
+        engine._audio_frontend = fe
+    return fe
+
+
+def is_audio_prompt(prompt) -> bool:
+    """Whether a prompt dict carries audio (top level or vLLM's encoder_prompt)."""
+    if not isinstance(prompt, dict):
+        return False
+    data = prompt.get("multi_modal_data")
+    if data is None and isinstance(prompt.get("encoder_prompt"), dict):
+        data = prompt["encoder_prompt"].get("multi_modal_data")
+    return isinstance(data, dict) and "audio" in data
+
+
+def prepare_audio_prompt(engine, prompt: dict):
+    """A prompt dict with audio in `multi_modal_data` -> (text, prompt token ids, mm)."""
+    return audio_frontend(engine).prepare(prompt)
+
+
+def transcription_prompt(
+    engine,
+    samples,
+    sample_rate: int,
+    language: str | None = None,
+    prompt: str | None = None,
+    task: str = "transcribe",
+):
+    """One clip (<= the encoder's window) -> (text, decoder prompt ids, WhisperRequest).
+
+    `language` None means English (no language detection is done).
+    """
+    return audio_frontend(engine).transcription_prompt(
+        (samples, sample_rate), language=language or "en", task=task, prompt=prompt
+    )
