@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import math
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +70,16 @@ class SeqStep:
     # model-specific per-sequence inputs (name -> array), stacked to (S, ...) for the step,
     # e.g. an encoder-decoder's cross-attention slot
     seq_inputs: dict | None = None
+
+
+class StepArrays(NamedTuple):
+    """One step's device inputs, padded to its bucket (the jitted step's arguments)."""
+
+    input_ids: np.ndarray  # (T,)
+    md: AttentionMetadata
+    embeds: np.ndarray | None  # (T, D) spliced where embeds_mask is set
+    embeds_mask: np.ndarray | None  # (T,)
+    seq_inputs: dict | None  # model-specific (S, ...) arrays
 
 
 @dataclasses.dataclass
@@ -245,7 +256,8 @@ class ModelRunner:
         kwargs = {"seq_inputs": seq_inputs} if seq_inputs is not None else {}
         hidden, kv_caches = model(input_ids, kv_caches, md, inputs_embeds=x, **kwargs)
         logits = model.compute_logits(hidden[md.logits_indices])
-        return kv_caches, logits
+        # greedy tokens come with every step: an all-greedy batch skips the sampler program
+        return kv_caches, (logits, jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
     def bucket(self, num_tokens: int) -> tuple[int, int]:
         for T in self.token_buckets:
@@ -305,7 +317,6 @@ class ModelRunner:
                     if s.seq_inputs:
                         arr[i] = s.seq_inputs[name]
                 seq_inputs[name] = arr
-        self._pending_seq_inputs = seq_inputs
         md = AttentionMetadata(
             positions=positions,
             kv_lens=kv_lens,
@@ -314,7 +325,7 @@ class ModelRunner:
             num_seqs=np.array([len(steps)], np.int32),
             logits_indices=logits_indices,
         )
-        return ids, md, embeds, embeds_mask, S
+        return StepArrays(ids, md, embeds, embeds_mask, seq_inputs), S
 
     def _sampling_tensors(self, steps: list[SeqStep], S: int, penalties: bool) -> SamplingTensors:
         def col(name, dtype, default):
@@ -357,16 +368,14 @@ class ModelRunner:
 
     def logits(self, steps: list[SeqStep]) -> np.ndarray:
         """Run one step and return each sequence's last-token logits (S rows) without sampling."""
-        ids, md, embeds, embeds_mask, _ = self.prepare(steps)
-        self.kv_caches, logits = self._step(
-            self._param_leaves, self.kv_caches, ids, md, embeds, embeds_mask, self._pending_seq_inputs
-        )
+        arrays, _ = self.prepare(steps)
+        self.kv_caches, (logits, _) = self._step(self._param_leaves, self.kv_caches, *arrays)
         return np.asarray(logits)[: len(steps)]
 
     def execute(self, steps: list[SeqStep]) -> StepOutput:
-        ids, md, embeds, embeds_mask, S = self.prepare(steps)
-        self.kv_caches, logits = self._step(
-            self._param_leaves, self.kv_caches, ids, md, embeds, embeds_mask, self._pending_seq_inputs
+        arrays, S = self.prepare(steps)
+        self.kv_caches, (logits, greedy_tokens) = self._step(
+            self._param_leaves, self.kv_caches, *arrays
         )
         sampled = [s for s in steps if s.sample]
         if not sampled:
@@ -377,6 +386,9 @@ class ModelRunner:
             for s in sampled
         )
         want_lp = [s.num_logprobs for s in sampled if s.num_logprobs is not None]
+        if not penalties and not want_lp and all(s.temperature == 0 for s in sampled):
+            # greedy fast path: one program and one transfer per step
+            return StepOutput(np.asarray(greedy_tokens)[rows], None, None, None, None)
         num_logprobs = -1 if not want_lp else (0 if max(want_lp) == 0 else MAX_LOGPROBS)
         t = self._sampling_tensors(steps, S, penalties)
         tokens, lp, top_ids, top_lp = self._sample(
@@ -404,10 +416,8 @@ class ModelRunner:
         programs have exactly the signatures serving uses.
         """
         for T in self.token_buckets:
-            ids, md, embeds, embeds_mask, S = self.prepare([], min_tokens=T)
-            self.kv_caches, logits = self._step(
-                self._param_leaves, self.kv_caches, ids, md, embeds, embeds_mask, None
-            )
+            arrays, S = self.prepare([], min_tokens=T)
+            self.kv_caches, (logits, _) = self._step(self._param_leaves, self.kv_caches, *arrays)
             t = self._sampling_tensors([], S, False)
             for greedy, filters in ((True, False), (False, False), (False, True)):
                 out = self._sample(

@@ -44,15 +44,27 @@ def supports_transcription(hf_config) -> bool:
     )
 
 
-def _transcription_prompt(
+def _transcription_prompts(
     state: ServerState, data: bytes, language: str | None, prompt: str | None
-) -> tuple[Prompt, float]:
-    """Blocking: audio file bytes -> (Whisper prompt, duration in seconds)."""
-    from jaxmm.multimodal.audio import decode_audio_bytes
+) -> tuple[list[Prompt], float]:
+    """Blocking: audio file bytes -> (one Whisper prompt per 30 s window, duration in s).
+
+    Long audio is cut at quiet points by `split_audio`; the windows are transcribed as one
+    batch and their texts joined in order.
+    """
+    from jaxmm.multimodal.audio import decode_audio_bytes, normalize_channels, split_audio
     from jaxmm.multimodal.fetch import MediaPolicy
 
     samples, sample_rate = decode_audio_bytes(data, MediaPolicy().max_audio_duration_s)
     duration = samples.shape[-1] / sample_rate
+    samples = normalize_channels(samples, want_mono=True)
+    return [
+        _window_prompt(state, chunk, sample_rate, language, prompt)
+        for chunk in split_audio(samples, sample_rate)
+    ], duration
+
+
+def _window_prompt(state, samples, sample_rate, language, prompt) -> Prompt:
     try:
         from jaxmm.multimodal.inputs import transcription_prompt
     except ImportError:
@@ -64,7 +76,7 @@ def _transcription_prompt(
     text, ids, mm = transcription_prompt(
         state.client.engine, samples, sample_rate, language=language, prompt=prompt
     )
-    return Prompt(text, list(ids), mm), duration
+    return Prompt(text, list(ids), mm)
 
 
 def _field(form, name: str, default: str | None = None) -> str | None:
@@ -108,13 +120,13 @@ async def create_transcription(request: Request):
         )
     data = await upload.read()
     language = _field(form, "language")
-    prompt, duration = await run_blocking(
-        state, _transcription_prompt, state, data, language, _field(form, "prompt")
+    prompts, duration = await run_blocking(
+        state, _transcription_prompts, state, data, language, _field(form, "prompt")
     )
     params = SamplingParams(temperature=temperature, max_tokens=None)
-    sub = await submit(state, random_id("trsc"), [prompt], params, arrival)
-    (out,) = await cancel_on_disconnect(request, collect(sub))
-    text = out.outputs[0].text.strip()
+    sub = await submit(state, random_id("trsc"), prompts, params, arrival)
+    outs = await cancel_on_disconnect(request, collect(sub))
+    text = " ".join(o.outputs[0].text.strip() for o in outs).strip()
     if fmt == "text":
         return PlainTextResponse(text)
     if fmt == "verbose_json":
