@@ -11,10 +11,13 @@ Two kinds of audio model, one front end per engine (`audio_frontend(engine)`):
   encoders into the same call while slots are free, then hands the runner its slot every
   step and the suppressed tokens HF's generate masks (`suppress_tokens` always,
   `begin_suppress_tokens` for the first generated token). `release()` frees the slot.
-- Audio-in-LLM (Qwen2-Audio). The checkpoint's HF processor expands each audio placeholder
-  to the item's number of feature tokens; the model's audio encoder runs once per item when
-  the prompt is prepared, and the embeddings are spliced over the placeholders like images
-  (`jaxmm.multimodal.inputs.MultimodalRequest`).
+- Audio-in-LLM (Qwen2-Audio). Each audio becomes log-mel features as the checkpoint's HF
+  processor makes them; the model's audio encoder runs once per item when the prompt is
+  prepared (rows cached by uuid or content hash, so an item sent as `None` with a known uuid
+  is served from the cache), each placeholder token is expanded to its item's number of rows,
+  and the rows are spliced over the placeholders like images
+  (`jaxmm.multimodal.inputs.MultimodalRequest`). Chat audio parts arrive here through
+  `inputs.conversation_to_mm_prompt` as token ids with one placeholder per part.
 
 Slots. A sequence that has started keeps its slot until its request finishes, including
 across preemption; the scheduler admits a new sequence only after every preempted one is
@@ -25,8 +28,9 @@ started and are taken back when a started request needs one.
 
 Audio items: `(samples, sample_rate)` (1-D, or 2-D channels-first or channels-last, any
 rate; folded to mono when the feature extractor takes one channel, then resampled to its
-rate), a bare 1-D array already at the model's rate, or encoded file bytes. Plain Python +
-numpy; no JAX here (the model supplies the jitted encoder).
+rate), a bare 1-D array already at the model's rate, encoded file bytes, or `None` with a
+uuid in `multi_modal_uuids` (audio-in-LLM models). `limit_mm_per_prompt["audio"]` caps the
+items per prompt. Plain Python + numpy; no JAX here (the model supplies the jitted encoder).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import weakref
 import numpy as np
 
 from jaxmm.multimodal.audio import decode_audio_bytes, load_audio_item
+from jaxmm.multimodal.cache import EncoderCache
 
 logger = logging.getLogger(__name__)
 
@@ -177,8 +182,12 @@ class AudioFrontend:
         self.engine = engine
         runner = engine.runner
         self.model = runner.model_obj
-        if "audio" not in getattr(self.model, "mm_modalities", ()):
-            raise ValueError(f"{type(self.model).__name__} takes no audio input")
+        supported = tuple(getattr(self.model, "mm_modalities", ()))
+        if "audio" not in supported:
+            raise ValueError(
+                f"{type(self.model).__name__} does not take 'audio' inputs; it takes: "
+                + (", ".join(supported) or "text only")
+            )
         path = getattr(engine.checkpoint, "processor_path", None)
         if path is None:
             raise ValueError("this checkpoint carries no audio feature extractor config")
@@ -193,7 +202,7 @@ class AudioFrontend:
         self.max_seconds = float(getattr(fe, "chunk_length", 30))
         self.encoder_decoder = bool(getattr(self.model, "is_encoder_decoder", False))
         self._lock = threading.Lock()
-        self._processor = None
+        self.cache = EncoderCache()  # audio-in-LLM rows by uuid or content hash
         self._encode = None
         if self.encoder_decoder:
             self._init_whisper(engine)
@@ -395,9 +404,21 @@ class AudioFrontend:
         if unknown:
             raise ValueError(f"unknown prompt keys {unknown}; known: {', '.join(PROMPT_KEYS)}")
         items = _audio_items(prompt.get("multi_modal_data"))
+        self._check_limit(len(items))
         if self.encoder_decoder:
             return self._prepare_whisper(prompt, items)
         return self._prepare_embeds(prompt, items)
+
+    def _check_limit(self, num_items: int) -> None:
+        from jaxmm.multimodal.inputs import _limit
+
+        config = getattr(self.engine.config, "multimodal", None)
+        limit = _limit(getattr(config, "limit_mm_per_prompt", None) or {}, "audio")
+        if limit is not None and num_items > limit:
+            raise ValueError(
+                f"this prompt has {num_items} audio item(s), more than the {limit} allowed "
+                f"per prompt (limit_mm_per_prompt={{'audio': {limit}}})"
+            )
 
     def _prepare_whisper(self, prompt: dict, items: list):
         if len(items) != 1:
@@ -415,66 +436,146 @@ class AudioFrontend:
         return text, ids, self.whisper_request(self.load(items[0]))
 
     # -- Qwen2-Audio and other audio-in-LLM models ----------------------------------------------
-    @property
-    def processor(self):
-        if self._processor is None:
-            from transformers import AutoProcessor
-
-            self._processor = AutoProcessor.from_pretrained(self.path, local_files_only=True)
-        return self._processor
-
     def _prepare_embeds(self, prompt: dict, items: list):
+        """Prompt text or ids with one audio placeholder per item -> ids with each placeholder
+        expanded to its item's rows, and the rows to splice over them.
+
+        The rows come from the encoder cache (by uuid, else by content hash) or from the
+        feature extractor + the model's audio encoder. An item sent as `None` must come with
+        the uuid of an item sent before. Expanding here rather than in the HF processor keeps
+        `prompt_token_ids` (chat prompts, tokenized without special tokens) as given, and lets
+        a cached item stand in for audio that is not sent again.
+        """
         from jaxmm.multimodal.inputs import MultimodalRequest, PlacedItem
 
         text = prompt.get("prompt")
-        if not isinstance(text, str):
+        if "prompt_token_ids" in prompt:
+            ids = _check_ids(prompt["prompt_token_ids"])
+        elif isinstance(text, str):
+            # as the HF processor tokenizes (special tokens added): each added audio token
+            # splits the text, so expanding after tokenizing gives the same ids
+            ids = [int(t) for t in self.tokenizer(text).input_ids]
+        else:
             raise ValueError(
-                "an audio prompt for this model needs 'prompt' text with one audio placeholder "
-                f"({self.model.mm_placeholder_text('audio')!r}) per item"
+                "an audio prompt for this model needs 'prompt' text (or 'prompt_token_ids') "
+                f"with one audio placeholder ({self.model.mm_placeholder_text('audio')!r}) "
+                "per item"
             )
-        audios = [self.load(it) for it in items]
-        for a in audios:
-            seconds = a.shape[-1] / self.sampling_rate
+        uuids = _audio_uuids(prompt.get("multi_modal_uuids"), len(items))
+        kwargs = dict(prompt.get("mm_processor_kwargs") or {})
+        with self._lock:
+            outputs = self._resolve(items, uuids, kwargs)
+        token = self.model.mm_token_id("audio")
+        where = [i for i, t in enumerate(ids) if t == token]
+        spans = [(i, 1) for i in where]
+        if len(where) != len(items):  # maybe already expanded: one run per item
+            spans = _runs(where)
+        if len(spans) != len(items):
+            raise ValueError(
+                f"the prompt has {len(spans)} audio placeholder(s) for {len(items)} audio "
+                f"item(s): put one {self.model.mm_placeholder_text('audio')!r} where each "
+                "item goes (LLM.chat does this from audio content parts)"
+            )
+        out: list[int] = []
+        placed = []
+        cursor = 0
+        for i, ((pos, length), (key, emb)) in enumerate(zip(spans, outputs, strict=True)):
+            n = len(emb)
+            if length not in (1, n):
+                raise ValueError(
+                    f"audio item {i} takes {n} placeholder tokens; the prompt has a run of {length}"
+                )
+            out.extend(ids[cursor:pos])
+            placed.append(PlacedItem(len(out), len(out) + n, "audio", key, emb))
+            out.extend([token] * n)
+            cursor = pos + length
+        out.extend(ids[cursor:])
+        return text, out, MultimodalRequest(placed, len(out), cache_salt=prompt.get("cache_salt"))
+
+    def _resolve(self, items: list, uuids: list, kwargs: dict) -> list[tuple[str, np.ndarray]]:
+        """(key, rows (n, D)) per item: from the cache, else encoded (one batch per prompt)."""
+        from jaxmm.multimodal.cache import EncoderOutput
+
+        result: list[tuple[str, np.ndarray] | None] = [None] * len(items)
+        pending: dict[str, list[int]] = {}  # key -> items (the same audio twice: encoded once)
+        feats: list[dict] = []
+        for i, (item, uuid) in enumerate(zip(items, uuids, strict=True)):
+            if uuid is not None:
+                cached = self.cache.get(uuid)
+                if cached is not None:  # a uuid names its content: trust it
+                    result[i] = (uuid, cached.embeds)
+                    continue
+            if item is None:
+                if uuid is None:
+                    raise ValueError(
+                        f"audio item {i} is None: a None item must come with the uuid of an "
+                        "item sent before (served from the encoder cache)"
+                    )
+                raise ValueError(
+                    f"audio item {i} is None and its uuid {uuid!r} is not in the encoder cache "
+                    "(never sent, or evicted): send the audio itself again"
+                )
+            audio = self.load(item)
+            seconds = audio.shape[-1] / self.sampling_rate
             if seconds > self.max_seconds + 1e-6:
                 raise ValueError(
-                    f"audio is {seconds:.2f} s long; this model hears at most "
+                    f"audio item {i} is {seconds:.2f} s long; this model hears at most "
                     f"{self.max_seconds:g} s per item"
                 )
-        kwargs = dict(prompt.get("mm_processor_kwargs") or {})
-        out = self.processor(
-            text=text,
-            audio=audios,
+            key = uuid or audio_hash(audio, self.sampling_rate, sorted(kwargs.items()))
+            cached = None if uuid is not None else self.cache.get(key)
+            if cached is not None:
+                result[i] = (key, cached.embeds)
+                continue
+            if key not in pending:
+                pending[key] = []
+                feats.append(self._features(audio, kwargs))
+            pending[key].append(i)
+        if feats:
+            if self._encode is None:
+                self._encode = self.model.mm_encoder(self.engine.runner.graphdef)
+            embeds = self._encode(self.engine.runner.params, "audio", feats)
+            for (key, where), emb in zip(pending.items(), embeds, strict=True):
+                emb = np.asarray(emb, np.float32)
+                self.cache.put(key, EncoderOutput("audio", emb))
+                for i in where:
+                    result[i] = (key, emb)
+        return result  # type: ignore[return-value]
+
+    def _features(self, audio: np.ndarray, kwargs: dict) -> dict:
+        """What the HF processor hands the audio tower: padded log-mel + the valid frames."""
+        out = self.feature_extractor(
+            audio,
             sampling_rate=self.sampling_rate,
+            return_attention_mask=True,
+            padding="max_length",
             return_tensors="np",
             **kwargs,
         )
-        ids = [int(t) for t in out["input_ids"][0]]
-        token = self.model.mm_token_id("audio")
-        runs = _runs([i for i, t in enumerate(ids) if t == token])
-        if len(runs) != len(audios):
-            raise ValueError(
-                f"the prompt has {len(runs)} audio placeholder run(s) for {len(audios)} audio "
-                "item(s): put one placeholder where each item goes"
-            )
-        if self._encode is None:
-            self._encode = self.model.mm_encoder(self.engine.runner.graphdef)
-        feats = [
-            {
-                "input_features": out["input_features"][i],
-                "feature_attention_mask": out["feature_attention_mask"][i],
-            }
-            for i in range(len(audios))
-        ]
-        embeds = self._encode(self.engine.runner.params, "audio", feats)
-        placed = []
-        for (start, length), audio, emb in zip(runs, audios, embeds, strict=True):
-            if len(emb) != length:
-                raise RuntimeError(
-                    f"the audio encoder gave {len(emb)} rows for {length} placeholder tokens"
-                )
-            key = audio_hash(audio, self.sampling_rate)
-            placed.append(PlacedItem(start, start + length, "audio", key, emb))
-        return text, ids, MultimodalRequest(placed, len(ids), cache_salt=prompt.get("cache_salt"))
+        return {
+            "input_features": out["input_features"][0],
+            "feature_attention_mask": out["attention_mask"][0],
+        }
+
+
+def _audio_uuids(uuids, num_items: int) -> list:
+    if uuids is None:
+        return [None] * num_items
+    if not isinstance(uuids, dict):
+        raise TypeError(f"multi_modal_uuids must be a dict, got {type(uuids).__name__}")
+    unknown = sorted(set(uuids) - {"audio"})
+    if unknown:
+        raise ValueError(f"multi_modal_uuids names {unknown}, which has no multi_modal_data")
+    ids = uuids.get("audio")
+    ids = [None] * num_items if ids is None else (ids if isinstance(ids, list) else [ids])
+    if len(ids) != num_items:
+        raise ValueError(
+            f"multi_modal_uuids['audio'] has {len(ids)} entries for {num_items} audio item(s)"
+        )
+    for u in ids:
+        if u is not None and not isinstance(u, str):
+            raise TypeError(f"a multimodal uuid must be a str, got {type(u).__name__}")
+    return ids
 
 
 def _language_code(language: str) -> str:

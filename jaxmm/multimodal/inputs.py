@@ -621,17 +621,36 @@ _PART_MODALITY = {
     "image_embeds": "image",
     "video_url": "video",
     "video": "video",
+    "input_audio": "audio",
+    "audio_url": "audio",
+    "audio": "audio",
 }
+# `input_audio` formats: what libsndfile decodes, and containers librosa's audioread
+# fallback reads when FFmpeg is installed. The bytes are sniffed either way; the declared
+# format only has to be one of these.
+AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "aiff", "webm", "m4a", "aac")
 
 
 def _part_item(part: dict):
     kind = part["type"]
     value = part.get(kind)
-    if kind in ("image_url", "video_url"):
+    if kind in ("image_url", "video_url", "audio_url"):
         if isinstance(value, dict):
             value = value.get("url")
         if value is not None and not isinstance(value, str):
             raise ValueError(f"{kind} must be a URL string or {{'url': ...}}")
+    if kind == "input_audio" and value is not None:
+        if not isinstance(value, dict):
+            raise ValueError("input_audio must be {'data': <base64>, 'format': 'wav' | 'mp3' ...}")
+        fmt = value.get("format")
+        if fmt is not None and (not isinstance(fmt, str) or fmt.lower() not in AUDIO_FORMATS):
+            raise ValueError(
+                f"input_audio format {fmt!r} is not supported; supported: "
+                + ", ".join(AUDIO_FORMATS)
+            )
+        value = value.get("data")
+        if value is not None and not isinstance(value, str):
+            raise ValueError("input_audio data must be a base64 string")
     if kind == "image_embeds" and value is not None and not isinstance(value, dict):
         value = {"image_embeds": value}
     if kind == "image_embeds" and isinstance(value, dict) and "image_embeds" not in value:
@@ -639,11 +658,50 @@ def _part_item(part: dict):
     return value
 
 
+def _load_audio_part(kind: str, value, policy: MediaPolicy):
+    """An audio part's payload -> (samples, sample_rate) under the media policy (URLs,
+    base64 and file bytes); in-memory audio goes to the audio front end as is."""
+    from jaxmm.multimodal.media import decode_base64_payload, load_audio
+
+    if value is None:
+        return None  # served from the encoder cache by its uuid
+    if kind == "input_audio":
+        data = decode_base64_payload(
+            value, max_bytes=policy.max_download_bytes, what="input_audio data"
+        )
+        return load_audio(data, policy)
+    if isinstance(value, (str, bytes, bytearray, memoryview)):
+        return load_audio(value if isinstance(value, str) else bytes(value), policy)
+    return value
+
+
 def _takes_parts(template: str | None) -> bool:
     """Whether a chat template reads OpenAI-style content lists (else it wants strings)."""
     if not template:
         return False
-    return "type" in template and ("image" in template or "video" in template)
+    return "type" in template and any(m in template for m in ("image", "video", "audio"))
+
+
+def _check_modality(model, kind: str, modality: str) -> None:
+    supported = tuple(getattr(model, "mm_modalities", ()))
+    if modality not in supported:
+        name = type(model).__name__
+        raise ValueError(
+            f"content part type {kind!r} is not supported by {name}: it is {modality}, and "
+            f"{name} takes text and {', '.join(supported)} parts"
+        )
+    if modality == "audio" and getattr(model, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{type(model).__name__} is a speech-to-text model, not a chat model: send audio "
+            "to /v1/audio/transcriptions (LLM.transcribe), or chat with an audio-language "
+            "model such as Qwen2-Audio"
+        )
+
+
+def _placeholder_text(fe: MultimodalFrontend, modality: str) -> str:
+    if modality == "audio":  # audio models name their placeholder as text
+        return fe.model.mm_placeholder_text(modality)
+    return fe.placeholder_text(modality)
 
 
 def conversation_to_mm_prompt(engine, conversation: list[dict], **kwargs) -> dict:
@@ -651,8 +709,12 @@ def conversation_to_mm_prompt(engine, conversation: list[dict], **kwargs) -> dic
 
     Parts: text; image_url ({"url": ...}, a data: URL included); image_pil; image (any image
     form); image_embeds (array, base64 .npy/torch payload, or a dict with image_grid_thw);
-    video_url; video (frames). Any media part may carry a "uuid"; a part whose media is
-    None (or an image_url without a url) is served from the encoder cache by that uuid.
+    video_url; video (frames); input_audio ({"data": <base64>, "format": "wav" | "mp3" ...});
+    audio_url ({"url": ...}: http(s), data:audio/...;base64, file://); audio ((samples, rate),
+    an array at the model's rate, or file bytes). Any media part may carry a "uuid"; a part
+    whose media is None (or a URL part without a url) is served from the encoder cache by
+    that uuid. URLs and base64 audio are fetched and decoded here, under the engine's
+    MediaPolicy, after the per-prompt limits are checked.
     """
     from jaxmm.multimodal.chat import render_chat
 
@@ -674,6 +736,7 @@ def conversation_to_mm_prompt(engine, conversation: list[dict], **kwargs) -> dic
     as_parts = _takes_parts(template if isinstance(template, str) else None)
     data: dict[str, list] = {}
     uuids: dict[str, list] = {}
+    audio_kinds: list[str] = []  # the part type of each audio item, to load it after the limits
     messages = []
     for msg in conversation:
         if not isinstance(msg, dict) or "role" not in msg:
@@ -697,12 +760,26 @@ def conversation_to_mm_prompt(engine, conversation: list[dict], **kwargs) -> dic
                     + ", ".join(_PART_MODALITY)
                 )
             modality = _PART_MODALITY[kind]
+            _check_modality(fe.model, kind, modality)
             data.setdefault(modality, []).append(_part_item(part))
             uuids.setdefault(modality, []).append(part.get("uuid"))
+            if modality == "audio":
+                audio_kinds.append(kind)
             rendered_parts.append({"type": modality})
-            texts.append(fe.placeholder_text(modality))
+            texts.append(_placeholder_text(fe, modality))
         content = rendered_parts if as_parts else "\n".join(texts)
         messages.append({**msg, "content": content})
+    if "audio" in data:
+        limit = _limit(fe.config.limit_mm_per_prompt, "audio")
+        if limit is not None and len(data["audio"]) > limit:
+            raise ValueError(
+                f"this prompt has {len(data['audio'])} audio item(s), more than the {limit} "
+                f"allowed per prompt (limit_mm_per_prompt={{'audio': {limit}}})"
+            )
+        data["audio"] = [
+            _load_audio_part(kind, value, fe.policy)
+            for kind, value in zip(audio_kinds, data["audio"], strict=True)
+        ]
     text = render_chat(fe.tokenizer, messages, **render_kwargs)
     prompt = {
         "prompt": text,
