@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from jaxmm.config import EngineConfig
 from jaxmm.engine.block_manager import BlockManager
 from jaxmm.engine.detokenizer import detokenize_incrementally, find_stop_string, new_state
+from jaxmm.engine.prompts import tokenize_prompt
 from jaxmm.engine.scheduler import Scheduler
 from jaxmm.engine.sequence import Sequence
 from jaxmm.outputs import CompletionOutput, Logprob, RequestOutput
@@ -93,30 +94,7 @@ class LLMEngine:
         return str(next(self._ids))
 
     def tokenize(self, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            prompt = {"prompt": prompt}
-        if not isinstance(prompt, dict):
-            raise TypeError(
-                "a prompt is a str, {'prompt': str} or {'prompt_token_ids': [...]}, "
-                f"got {type(prompt).__name__}"
-            )
-        if "prompt_token_ids" in prompt:
-            ids = prompt["prompt_token_ids"]
-            if not isinstance(ids, (list, tuple)) or not all(
-                isinstance(t, int) and not isinstance(t, bool) for t in ids
-            ):
-                raise ValueError("prompt_token_ids must be a list of integers")
-            return prompt.get("prompt"), list(ids)
-        if "prompt" not in prompt:
-            raise ValueError(
-                f"prompt dict needs 'prompt' or 'prompt_token_ids', got {sorted(prompt)}"
-            )
-        text = prompt["prompt"]
-        if not isinstance(text, str):
-            raise TypeError(f"'prompt' must be a str, got {type(text).__name__}")
-        if self.tokenizer is None:
-            raise ValueError("the tokenizer is off (skip_tokenizer_init); pass prompt_token_ids")
-        return text, self.tokenizer(text).input_ids
+        return tokenize_prompt(prompt, self.tokenizer)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:

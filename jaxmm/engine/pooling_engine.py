@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from jaxmm.config import EngineConfig
+from jaxmm.engine.prompts import tokenize_prompt
 from jaxmm.models.registry import is_pooling_architecture
 from jaxmm.outputs import EmbeddingOutput, EmbeddingRequestOutput
 from jaxmm.pooling import PoolingParams, load_pooler_config
@@ -76,26 +77,7 @@ class PoolingEngine:
     # -- input ------------------------------------------------------------------------------
     def tokenize(self, prompt) -> list[int]:
         """A str, {'prompt': str} or {'prompt_token_ids': [...]} -> token ids."""
-        if isinstance(prompt, str):
-            prompt = {"prompt": prompt}
-        if not isinstance(prompt, dict):
-            raise TypeError(
-                "a prompt is a str, {'prompt': str} or {'prompt_token_ids': [...]}, "
-                f"got {type(prompt).__name__}"
-            )
-        if "prompt_token_ids" in prompt:
-            ids = prompt["prompt_token_ids"]
-            if not isinstance(ids, (list, tuple)) or not all(
-                isinstance(t, int) and not isinstance(t, bool) for t in ids
-            ):
-                raise ValueError("prompt_token_ids must be a list of integers")
-            return list(ids)
-        text = prompt.get("prompt")
-        if not isinstance(text, str):
-            raise ValueError("a prompt dict needs a 'prompt' str or 'prompt_token_ids'")
-        if self.tokenizer is None:
-            raise ValueError("the tokenizer is off (skip_tokenizer_init); pass prompt_token_ids")
-        return list(self.tokenizer(text).input_ids)
+        return tokenize_prompt(prompt, self.tokenizer)[1]
 
     def validate(self, ids: list[int], params: PoolingParams) -> None:
         if not isinstance(params, PoolingParams):

@@ -69,6 +69,15 @@ class LlavaMultiModalProjector(nnx.Module):
         return self.linear_2(activation(self.act)(self.linear_1(x)))
 
 
+def language_config(config):
+    """The text config of a multimodal checkpoint, with tied embeddings resolved from both."""
+    text_config = copy.copy(config.text_config)
+    text_config.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False)) or bool(
+        getattr(text_config, "tie_word_embeddings", False)
+    )
+    return text_config
+
+
 class LlavaForConditionalGeneration(nnx.Module):
     is_multimodal = True
     mm_modalities = ("image",)
@@ -83,19 +92,14 @@ class LlavaForConditionalGeneration(nnx.Module):
 
     def __init__(self, config, *, dtype=jnp.float32, attention_backend: str = "reference", rngs):
         self.hf_config = config
-        text_config = copy.copy(config.text_config)
-        tied = bool(getattr(config, "tie_word_embeddings", False)) or bool(
-            getattr(text_config, "tie_word_embeddings", False)
-        )
-        text_config.tie_word_embeddings = tied
-        self.config = text_config
+        self.config = text_config = language_config(config)
         self.vision_tower = CLIPVisionModel(config.vision_config, dtype=dtype, rngs=rngs)
         self.multi_modal_projector = LlavaMultiModalProjector(config, dtype=dtype, rngs=rngs)
         self.language_model = text_model_class(text_config)(
             text_config, dtype=dtype, attention_backend=attention_backend, rngs=rngs
         )
         ignored = [r"rotary_emb\.inv_freq", r"position_ids$"]
-        if tied:
+        if text_config.tie_word_embeddings:
             ignored.append(r"^language_model\.lm_head\.weight$")
         self.ignored_hf_keys = tuple(ignored)
         self.dtype = dtype

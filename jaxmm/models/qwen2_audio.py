@@ -15,8 +15,6 @@ Weights: hub checkpoints use `audio_tower.*`, `multi_modal_projector.*`,
 
 from __future__ import annotations
 
-import copy
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +22,7 @@ from flax import nnx
 
 from jaxmm.layers.attention import AttentionMetadata
 from jaxmm.layers.linear import Linear
+from jaxmm.models.llava import language_config
 from jaxmm.models.qwen2 import Qwen2ForCausalLM
 from jaxmm.models.whisper import WhisperEncoder, next_pow2
 
@@ -73,19 +72,14 @@ class Qwen2AudioForConditionalGeneration(nnx.Module):
 
     def __init__(self, config, *, dtype=jnp.float32, attention_backend: str = "reference", rngs):
         self.hf_config = config
-        text_config = copy.copy(config.text_config)
-        tied = bool(getattr(config, "tie_word_embeddings", False)) or bool(
-            getattr(text_config, "tie_word_embeddings", False)
-        )
-        text_config.tie_word_embeddings = tied
-        self.config = text_config
+        self.config = text_config = language_config(config)
         self.audio_tower = Qwen2AudioEncoder(config.audio_config, dtype=dtype, rngs=rngs)
         self.multi_modal_projector = Qwen2AudioMultiModalProjector(config, dtype=dtype, rngs=rngs)
         self.language_model = Qwen2ForCausalLM(
             text_config, dtype=dtype, attention_backend=attention_backend, rngs=rngs
         )
         ignored = [r"rotary_emb\.inv_freq", r"position_ids$"]
-        if tied:
+        if text_config.tie_word_embeddings:
             ignored.append(r"^language_model\.lm_head\.weight$")
         self.ignored_hf_keys = tuple(ignored)
         self.num_frames = self.audio_tower.num_frames
