@@ -67,6 +67,66 @@ def write_config(cfg: dict, path: str) -> None:
         json.dump(cfg, f)
 
 
+def physical_bound_s(
+    cfg: dict,
+    num_prompts: int,
+    input_len: int,
+    output_len: int,
+    batch: int,
+    matmul_flops: float,
+    copy_bw: float,
+    dtype_bytes: int,
+) -> float:
+    """Lower bound on the workload's time on this device.
+
+    Prefill: 2 * params * tokens (+ causal attention) FLOPs at the measured matmul rate.
+    Decode: for each step, max(weights + the batch's KV bytes over the copy bandwidth,
+    2 * params * batch FLOPs over the matmul rate); steps = output_len * waves of `batch`.
+    """
+    D, F, L, V = (
+        cfg["hidden_size"],
+        cfg["intermediate_size"],
+        cfg["num_hidden_layers"],
+        cfg["vocab_size"],
+    )
+    N, K = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    H = D // N
+    params = L * (D * (N + 2 * K) * H + N * H * D + 3 * D * F) + 2 * V * D
+    prefill_flops = 2 * params * num_prompts * input_len
+    prefill_flops += num_prompts * L * 2 * N * H * input_len * input_len  # causal QK^T + PV
+    t = prefill_flops / matmul_flops
+    waves = -(-num_prompts // batch)
+    for step in range(output_len):
+        ctx = input_len + step
+        kv_bytes = batch * L * 2 * K * H * ctx * dtype_bytes
+        t_bytes = (params * dtype_bytes + kv_bytes) / copy_bw
+        t_flops = (2 * params * batch + batch * L * 4 * N * H * ctx) / matmul_flops
+        t += waves * max(t_bytes, t_flops)
+    return t
+
+
+def device_rates() -> tuple[float, float]:
+    """Measured bf16 matmul FLOP/s and copy bandwidth (read + write bytes/s)."""
+    import jax
+    import jax.numpy as jnp
+
+    def timed(f, *args, iters=10):
+        jax.block_until_ready(f(*args))
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = f(*args)
+        jax.block_until_ready(out)
+        return (time.perf_counter() - t0) / iters
+
+    n = 8192 if jax.default_backend() != "cpu" else 512
+    a = jnp.ones((n, n), jnp.bfloat16)
+    flops = 2 * n**3 / timed(jax.jit(lambda x: x @ x), a)
+    m = (1 << 30) if jax.default_backend() != "cpu" else (1 << 24)
+    x = jnp.ones((m,), jnp.bfloat16)
+    bw = 2 * x.nbytes / timed(jax.jit(lambda x: x * 2), x)
+    return flops, bw
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--config", default="tiny", help=f"one of {sorted(CONFIGS)} or a config.json")
@@ -77,12 +137,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--bound", action="store_true", help="also compute the physical bound")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxmm-bench"))
     args = ap.parse_args(argv)
 
+    t_start = time.perf_counter()
     import jax
 
     from jaxmm import LLM, SamplingParams
+    from jaxmm.runner.model_runner import backend_compile_count
 
     if args.config in CONFIGS:
         cfg, name = CONFIGS[args.config], args.config
@@ -92,6 +155,7 @@ def main(argv=None) -> dict:
     path = os.path.join(args.workdir, name)
     write_config(cfg, path)
     max_len = args.input_len + args.output_len
+    compiles0 = backend_compile_count()
     llm = LLM(
         path,
         dtype=args.dtype,
@@ -105,15 +169,23 @@ def main(argv=None) -> dict:
     )
     rng = np.random.default_rng(0)
     V = cfg["vocab_size"]
+    first = llm.generate(
+        {"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=1), use_tqdm=False
+    )
+    assert first[0].outputs[0].token_ids
+    init_to_first_token = time.perf_counter() - t_start
+    warmup_compiles = backend_compile_count() - compiles0
     prompts = [
         {"prompt_token_ids": rng.integers(0, V, args.input_len).tolist()}
         for _ in range(args.num_prompts)
     ]
     sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    compiles1 = backend_compile_count()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, sp, use_tqdm=False)
     elapsed = time.perf_counter() - t0
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    runner = llm.llm_engine.runner
     result = {
         "benchmark": "throughput",
         "config": name,
@@ -124,13 +196,37 @@ def main(argv=None) -> dict:
         "output_tokens_per_s": round(out_tokens / elapsed, 2),
         "total_tokens_per_s": round((out_tokens + args.num_prompts * args.input_len) / elapsed, 2),
         "requests_per_s": round(args.num_prompts / elapsed, 3),
-        "attention_backend": llm.llm_engine.runner.backend,
-        "dtype": np.dtype(llm.llm_engine.runner.dtype).name,
+        "init_to_first_token_s": round(init_to_first_token, 2),
+        "compilation_cache": os.environ.get("JAXMM_CACHE_DIR"),
+        "warmup_compiles": warmup_compiles,
+        "compiles_during_run": backend_compile_count() - compiles1,
+        "token_buckets": runner.token_buckets,
+        "attention_backend": runner.backend,
+        "dtype": np.dtype(runner.dtype).name,
         "device": str(jax.devices()[0].device_kind),
         "backend": jax.default_backend(),
         "jax_version": jax.__version__,
         "python": platform.python_version(),
     }
+    if args.bound:
+        flops, bw = device_rates()
+        batch = min(args.num_prompts, runner.max_num_seqs)
+        bound = physical_bound_s(
+            cfg,
+            args.num_prompts,
+            args.input_len,
+            args.output_len,
+            batch,
+            flops,
+            bw,
+            np.dtype(runner.dtype).itemsize,
+        )
+        result.update(
+            matmul_tflops=round(flops / 1e12, 1),
+            copy_bandwidth_GBps=round(bw / 1e9, 1),
+            bound_s=round(bound, 3),
+            fraction_of_bound=round(bound / elapsed, 3),
+        )
     print(json.dumps(result))
     sys.stdout.flush()
     return result
