@@ -89,12 +89,20 @@ class EmbeddingRequest(_Request):
     user: str | None = None
 
 
+def _no_constant(name: str):
+    # Python's json accepts NaN and +-Infinity; JSON does not, and a NaN temperature would
+    # pass every range check
+    raise json.JSONDecodeError(f"{name} is not valid JSON", name, 0)
+
+
 def parse_request(model_cls: type[BaseModel], body: bytes) -> Any:
     """A request body -> `model_cls`, or an APIError 400 that names the bad field."""
     try:
-        data = json.loads(body) if body else None
+        data = json.loads(body, parse_constant=_no_constant) if body else None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
     try:

@@ -55,6 +55,11 @@ def get_state(request: Request) -> ServerState:
     return request.app.state.jaxmm
 
 
+def _clip(text: str, limit: int = 100) -> str:
+    """A client's string, cut short enough to quote back in an error message."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def check_model(state: ServerState, name: str | None) -> str:
     """The served name a request addresses; 404 when the server does not serve it."""
     if not name:
@@ -62,7 +67,7 @@ def check_model(state: ServerState, name: str | None) -> str:
     if name not in state.served_model_names:
         raise APIError(
             404,
-            f"the model {name!r} does not exist; this server serves "
+            f"the model {_clip(name)!r} does not exist; this server serves "
             f"{', '.join(repr(n) for n in state.served_model_names)}",
             type="NotFoundError",
             param="model",

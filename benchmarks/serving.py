@@ -1,0 +1,364 @@
+"""Online serving benchmark: Poisson arrivals against the OpenAI-compatible server, and the
+same workload through the offline engine for comparison. Prints one JSON line.
+
+    # against a running server (streams /v1/completions with token-id prompts)
+    python benchmarks/serving.py --url http://127.0.0.1:8000 --model-name M --api-key K \
+        --num-requests 200 --request-rate 8 --input-len 256 --output-len 64
+    # start a server in-process over a random-weight config (no download, no tokenizer)
+    python benchmarks/serving.py --config tiny --num-requests 16 --request-rate 20 \
+        --input-len 32 --output-len 16
+    # ... or over a checkpoint directory (--load-format dummy: its config, random weights)
+    python benchmarks/serving.py --model /path/to/ckpt --load-format dummy
+
+TTFT is the time from sending a request to its first streamed token, ITL the gap between
+successive tokens (a chunk carrying k tokens counts as k gaps of 1/k of its wait), E2E the
+whole request; each is reported as p50/p90/p99 in ms. The offline run feeds the same
+prompts at the same arrival times straight into the LLMEngine (after the server stopped,
+so both use one compiled engine) and times tokens as `step()` returns them: the
+difference is the cost of HTTP, JSON, SSE and the asyncio front end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+
+def percentiles(xs: list[float]) -> dict:
+    if not xs:
+        return {"p50": None, "p90": None, "p99": None, "mean": None}
+    a = np.asarray(xs) * 1000.0
+    return {
+        "p50": round(float(np.percentile(a, 50)), 3),
+        "p90": round(float(np.percentile(a, 90)), 3),
+        "p99": round(float(np.percentile(a, 99)), 3),
+        "mean": round(float(a.mean()), 3),
+    }
+
+
+def summarize(records: list[dict], duration: float) -> dict:
+    ok = [r for r in records if r.get("error") is None]
+    out_tokens = sum(r["output_tokens"] for r in ok)
+    itl: list[float] = []
+    for r in ok:
+        itl.extend(r["itl"])
+    return {
+        "completed": len(ok),
+        "failed": len(records) - len(ok),
+        "errors": sorted({r["error"] for r in records if r.get("error")})[:5],
+        "duration_s": round(duration, 3),
+        "requests_per_s": round(len(ok) / duration, 3) if duration else None,
+        "output_tokens_per_s": round(out_tokens / duration, 2) if duration else None,
+        "ttft_ms": percentiles([r["ttft"] for r in ok if r["ttft"] is not None]),
+        "itl_ms": percentiles(itl),
+        "e2e_ms": percentiles([r["e2e"] for r in ok]),
+    }
+
+
+def workload(args, vocab_size: int) -> tuple[list[list[int]], list[float]]:
+    """Random token-id prompts and Poisson arrival offsets (seconds from the start)."""
+    rng = np.random.default_rng(args.seed)
+    # avoid the lowest ids: small tokenizers keep their special tokens there
+    prompts = [
+        rng.integers(min(16, vocab_size - 1), vocab_size, args.input_len).tolist()
+        for _ in range(args.num_requests)
+    ]
+    if args.request_rate == float("inf"):
+        offsets = [0.0] * args.num_requests
+    else:
+        gaps = rng.exponential(1.0 / args.request_rate, args.num_requests)
+        offsets = np.cumsum(gaps).tolist()
+        offsets = [o - offsets[0] for o in offsets]
+    return prompts, offsets
+
+
+# -- the HTTP side --------------------------------------------------------------------------
+
+
+async def one_request(client, url: str, body: dict, headers: dict, delay: float, rec: dict):
+    await asyncio.sleep(delay)
+    t0 = time.perf_counter()
+    last, n_tokens = t0, 0
+    try:
+        async with client.stream("POST", url, json=body, headers=headers) as r:
+            if r.status_code != 200:
+                await r.aread()
+                rec["error"] = f"HTTP {r.status_code}"
+                return
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    rec["error"] = f"stream error {event['error'].get('code')}"
+                    return
+                if event.get("usage") and not event.get("choices"):
+                    rec["usage_tokens"] = event["usage"]["completion_tokens"]
+                    continue
+                now = time.perf_counter()
+                k = 0
+                for c in event.get("choices", []):
+                    lp = c.get("logprobs")
+                    k += len(lp["tokens"]) if lp else (1 if c.get("text") else 0)
+                if k == 0:
+                    continue
+                if rec["ttft"] is None:
+                    rec["ttft"] = now - t0
+                    k -= 1
+                rec["itl"].extend([(now - last) / max(k, 1)] * k)
+                n_tokens += k + (1 if n_tokens == 0 else 0)
+                last = now
+    except Exception as e:  # a transport failure counts as a failed request
+        rec["error"] = type(e).__name__
+        return
+    rec["e2e"] = time.perf_counter() - t0
+    rec["output_tokens"] = rec.get("usage_tokens", n_tokens)
+
+
+async def run_http(args, base_url: str, model: str, prompts, offsets) -> dict:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    records = [{"ttft": None, "itl": [], "error": None, "output_tokens": 0} for _ in prompts]
+
+    def body(p: list[int]) -> dict:
+        return {
+            "model": model,
+            "prompt": p,
+            "max_tokens": args.output_len,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            # one token per chunk even without a tokenizer (no text to stream)
+            "logprobs": 0,
+        }
+
+    limits = httpx.Limits(max_connections=max(len(prompts), 1), max_keepalive_connections=64)
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(args.timeout)) as client:
+        for p in prompts[: args.warmup_requests]:  # untimed: first-use costs (compiles, pools)
+            warm = {"ttft": None, "itl": [], "error": None, "output_tokens": 0}
+            await one_request(client, base_url + "/v1/completions", body(p), headers, 0.0, warm)
+        t0 = time.perf_counter()
+        await asyncio.gather(
+            *(
+                one_request(
+                    client,
+                    base_url + "/v1/completions",
+                    body(p),
+                    headers,
+                    off,
+                    rec,
+                )
+                for p, off, rec in zip(prompts, offsets, records, strict=True)
+            )
+        )
+        duration = time.perf_counter() - t0
+    return summarize(records, duration)
+
+
+class _Server:
+    """uvicorn on 127.0.0.1 (a free port) in a thread, over an AsyncEngine."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+# -- the offline side -----------------------------------------------------------------------
+
+
+def run_offline(engine, args, prompts, offsets) -> dict:
+    from jaxmm import SamplingParams
+
+    sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True, logprobs=0)
+    records = [{"ttft": None, "itl": [], "error": None, "output_tokens": 0} for _ in prompts]
+    start: dict[str, float] = {}
+    last: dict[str, float] = {}
+    seen: dict[str, int] = {}
+    t0 = time.perf_counter()
+    nxt = 0
+    while nxt < len(prompts) or engine.has_unfinished_requests():
+        now = time.perf_counter() - t0
+        while nxt < len(prompts) and offsets[nxt] <= now:
+            rid = f"off-{nxt}"
+            engine.add_request(rid, None, sp, time.monotonic(), prompt_ids=prompts[nxt])
+            start[rid] = last[rid] = time.perf_counter()
+            seen[rid] = 0
+            nxt += 1
+        if not engine.has_unfinished_requests():
+            time.sleep(max(0.0, min(offsets[nxt] - now, 0.01)))
+            continue
+        for out in engine.step():
+            rid = out.request_id
+            rec = records[int(rid.split("-")[1])]
+            t = time.perf_counter()
+            n = len(out.outputs[0].token_ids)
+            k = n - seen[rid]
+            if k > 0:
+                if rec["ttft"] is None:
+                    rec["ttft"] = t - start[rid]
+                    k -= 1
+                rec["itl"].extend([(t - last[rid]) / max(k, 1)] * k)
+                seen[rid], last[rid] = n, t
+            if out.finished:
+                rec["e2e"] = t - start[rid]
+                rec["output_tokens"] = n
+    return summarize(records, time.perf_counter() - t0)
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+def build_engine(args):
+    from jaxmm import LLM
+
+    if args.model is None:
+        try:
+            from benchmarks.throughput import CONFIGS, write_config
+        except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+            from throughput import CONFIGS, write_config
+
+        cfg = CONFIGS[args.config]
+        path = os.path.join(args.workdir, args.config)
+        write_config(cfg, path)
+        load_format, skip_tok = "dummy", True
+    else:
+        path, load_format = args.model, args.load_format
+        skip_tok = not os.path.exists(os.path.join(path, "tokenizer_config.json"))
+    llm = LLM(
+        path,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len or args.input_len + args.output_len + 8,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        skip_tokenizer_init=skip_tok,
+        load_format=load_format,
+        warmup=args.warmup,
+    )
+    return path, llm.llm_engine
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    src = ap.add_argument_group("what to benchmark (one of)")
+    src.add_argument("--url", help="a running server's base URL (no offline comparison)")
+    src.add_argument("--model", help="checkpoint directory: start a server in-process")
+    src.add_argument("--config", default="tiny", help="a benchmarks/throughput.py config name")
+    ap.add_argument("--model-name", help="`model` to send (default: what /v1/models lists)")
+    ap.add_argument("--api-key", default=None)
+    ap.add_argument("--load-format", default="auto", help="'dummy': random weights")
+    ap.add_argument("--num-requests", type=int, default=32)
+    ap.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s")
+    ap.add_argument("--input-len", type=int, default=32)
+    ap.add_argument("--output-len", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vocab-size", type=int, default=None, help="for --url: prompt id range")
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--warmup-requests", type=int, default=1, help="untimed, sent first")
+    ap.add_argument("--offline", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxmm-bench"))
+    args = ap.parse_args(argv)
+
+    result: dict = {
+        "benchmark": "serving",
+        "num_requests": args.num_requests,
+        "request_rate": args.request_rate if args.request_rate != float("inf") else "inf",
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+    }
+    if args.url:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        model = (
+            args.model_name
+            or httpx.get(args.url + "/v1/models", headers=headers, timeout=30).json()["data"][0][
+                "id"
+            ]
+        )
+        prompts, offsets = workload(args, args.vocab_size or 256)
+        result["target"] = args.url
+        result["server"] = asyncio.run(
+            run_http(args, args.url.rstrip("/"), model, prompts, offsets)
+        )
+        print(json.dumps(result))
+        sys.stdout.flush()
+        return result
+
+    import jax
+
+    from jaxmm.engine.async_engine import AsyncEngine
+    from jaxmm.server.app import build_app
+
+    path, engine = build_engine(args)
+    model = args.model_name or path
+    prompts, offsets = workload(args, engine.hf_config.vocab_size)
+    client = AsyncEngine(engine)
+    app = build_app(client, served_model_names=[model], api_keys=args.api_key)
+    server = _Server(app)
+    try:
+        result["server"] = asyncio.run(run_http(args, server.url, model, prompts, offsets))
+    finally:
+        server.stop()
+        client.shutdown()
+    if args.offline:
+        result["offline"] = run_offline(engine, args, prompts, offsets)
+        s, o = result["server"], result["offline"]
+        if s["ttft_ms"]["p50"] is not None and o["ttft_ms"]["p50"] is not None:
+            result["ttft_overhead_ms_p50"] = round(s["ttft_ms"]["p50"] - o["ttft_ms"]["p50"], 3)
+        if s["output_tokens_per_s"] and o["output_tokens_per_s"]:
+            result["throughput_ratio"] = round(
+                s["output_tokens_per_s"] / o["output_tokens_per_s"], 3
+            )
+    result.update(
+        model=os.path.basename(os.path.normpath(path)),
+        device=str(jax.devices()[0].device_kind),
+        backend=jax.default_backend(),
+        jax_version=jax.__version__,
+        python=platform.python_version(),
+    )
+    print(json.dumps(result))
+    sys.stdout.flush()
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Shared pieces of the live-server proof tests (load, fuzz, SSRF, hostile inputs)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from jaxmm import LLM
+from jaxmm.engine.async_engine import AsyncEngine
+from jaxmm.server.app import build_app
+from tests.server.util import running_server
+
+KEY = "sk-test"
+NAME = "tiny"
+
+
+@contextlib.contextmanager
+def live_server(path: str, *, app_kw: dict | None = None, **engine_kw):
+    """(LLMEngine, base URL) of a real uvicorn over an AsyncEngine over `path`."""
+    engine = LLM(path, **engine_kw).llm_engine
+    client = AsyncEngine(engine)
+    kw = dict(served_model_names=[NAME], model_path=path, api_keys=KEY)
+    kw.update(app_kw or {})
+    app = build_app(client, **kw)
+    try:
+        with running_server(app) as url:
+            yield engine, url
+    finally:
+        client.shutdown()
+
+
+def wait_clean(engine, timeout: float = 30.0) -> None:
+    """No unfinished request and every KV page back in the free pool."""
+    deadline = time.monotonic() + timeout
+    bm = engine.block_manager
+    while time.monotonic() < deadline:
+        if not engine.has_unfinished_requests() and bm.num_free_blocks == bm.num_blocks:
+            return
+        time.sleep(0.05)
+    assert not engine.has_unfinished_requests(), "requests left unfinished"
+    assert bm.num_free_blocks == bm.num_blocks, (bm.num_free_blocks, bm.num_blocks)
