@@ -178,6 +178,8 @@ def load_image(
         src, _ = fetch_bytes(src, "image", policy)
     if not isinstance(src, (bytes, bytearray, memoryview)):
         raise MediaError(f"an image must be a URL, bytes or PIL image, got {type(src).__name__}")
+    if len(src) == 0:
+        raise MediaError("the image is empty (0 bytes)")
     data = bytes(src)
     if len(data) > policy.max_download_bytes:
         raise MediaError(

@@ -87,7 +87,7 @@ def _sp():
 
 BAD = {
     "truncated_jpeg": (lambda d: truncated_jpeg(), MediaError, "truncated or corrupt"),
-    "zero_byte_bytes": (lambda d: b"", MediaError, "could not identify the image"),
+    "zero_byte_bytes": (lambda d: b"", MediaError, "image is empty"),
     "zero_byte_file": (lambda d: f"file://{d}/empty.png", MediaError, "empty.png' is empty"),
     "huge_png_header": (lambda d: huge_png_header(), MediaError, "too large|pixels"),
     "wrong_shape_embeds": (
