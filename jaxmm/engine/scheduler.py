@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from jaxmm.engine.block_manager import BlockManager
-from jaxmm.engine.sequence import Sequence, SequenceStatus
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
 
 
 @dataclass

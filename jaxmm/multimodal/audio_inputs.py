@@ -43,8 +43,8 @@ import weakref
 
 import numpy as np
 
-from jaxmm.multimodal.audio import decode_audio_bytes, load_audio_item
-from jaxmm.multimodal.cache import EncoderCache
+from .audio import decode_audio_bytes, load_audio_item
+from .cache import EncoderCache
 
 logger = logging.getLogger(__name__)
 
@@ -410,7 +410,7 @@ class AudioFrontend:
         return self._prepare_embeds(prompt, items)
 
     def _check_limit(self, num_items: int) -> None:
-        from jaxmm.multimodal.inputs import _limit
+        from .inputs import _limit
 
         config = getattr(self.engine.config, "multimodal", None)
         limit = _limit(getattr(config, "limit_mm_per_prompt", None) or {}, "audio")
@@ -446,7 +446,7 @@ class AudioFrontend:
         `prompt_token_ids` (chat prompts, tokenized without special tokens) as given, and lets
         a cached item stand in for audio that is not sent again.
         """
-        from jaxmm.multimodal.inputs import MultimodalRequest, PlacedItem
+        from .inputs import MultimodalRequest, PlacedItem
 
         text = prompt.get("prompt")
         if "prompt_token_ids" in prompt:
@@ -494,7 +494,7 @@ class AudioFrontend:
 
     def _resolve(self, items: list, uuids: list, kwargs: dict) -> list[tuple[str, np.ndarray]]:
         """(key, rows (n, D)) per item: from the cache, else encoded (one batch per prompt)."""
-        from jaxmm.multimodal.cache import EncoderOutput
+        from .cache import EncoderOutput
 
         result: list[tuple[str, np.ndarray] | None] = [None] * len(items)
         pending: dict[str, list[int]] = {}  # key -> items (the same audio twice: encoded once)

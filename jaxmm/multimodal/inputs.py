@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from jaxmm.multimodal.cache import EncoderCache, EncoderOutput
-from jaxmm.multimodal.media import MediaPolicy, load_image, load_video_with_metadata
+from .cache import EncoderCache, EncoderOutput
+from .media import MediaPolicy, load_image, load_video_with_metadata
 
 MODALITIES = ("image", "video")
 _EMBED_ALIASES = {"image_embeds": "image", "video_embeds": "video"}
@@ -258,7 +258,7 @@ class MultimodalFrontend:
     @property
     def processor(self):
         if self._processor is None:
-            from jaxmm.multimodal.processor import MultimodalProcessor
+            from .processor import MultimodalProcessor
 
             path = getattr(self.engine.checkpoint, "processor_path", None)
             if path is None:
@@ -597,7 +597,7 @@ def prepare_multimodal_prompt(engine, prompt: dict):
 
     Audio prompts (Whisper, Qwen2-Audio) go to the audio front end.
     """
-    from jaxmm.multimodal.audio_inputs import is_audio_prompt, prepare_audio_prompt
+    from .audio_inputs import is_audio_prompt, prepare_audio_prompt
 
     if is_audio_prompt(prompt):
         return prepare_audio_prompt(engine, prompt)
@@ -606,7 +606,7 @@ def prepare_multimodal_prompt(engine, prompt: dict):
 
 def transcription_prompt(engine, samples, sample_rate, **kwargs):
     """The server's /v1/audio/transcriptions hook (see audio_inputs.transcription_prompt)."""
-    from jaxmm.multimodal.audio_inputs import transcription_prompt as make
+    from .audio_inputs import transcription_prompt as make
 
     return make(engine, samples, sample_rate, **kwargs)
 
@@ -661,7 +661,7 @@ def _part_item(part: dict):
 def _load_audio_part(kind: str, value, policy: MediaPolicy):
     """An audio part's payload -> (samples, sample_rate) under the media policy (URLs,
     base64 and file bytes); in-memory audio goes to the audio front end as is."""
-    from jaxmm.multimodal.media import decode_base64_payload, load_audio
+    from .media import decode_base64_payload, load_audio
 
     if value is None:
         return None  # served from the encoder cache by its uuid
@@ -716,7 +716,7 @@ def conversation_to_mm_prompt(engine, conversation: list[dict], **kwargs) -> dic
     that uuid. URLs and base64 audio are fetched and decoded here, under the engine's
     MediaPolicy, after the per-prompt limits are checked.
     """
-    from jaxmm.multimodal.chat import render_chat
+    from .chat import render_chat
 
     fe = frontend(engine)
     media_io_kwargs = kwargs.pop("media_io_kwargs", None)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from jaxmm.multimodal.fetch import (
+from .fetch import (
     MediaError,
     MediaPolicy,
     decode_base64_payload,
@@ -463,7 +463,7 @@ def load_audio(src: str | bytes, policy: MediaPolicy | None = None) -> tuple[np.
         raise MediaError(
             f"audio is larger than the {policy.max_download_bytes} bytes allowed", status=413
         )
-    from jaxmm.multimodal import audio  # imported here: librosa/soundfile load slowly
+    from . import audio  # imported here: librosa/soundfile load slowly
 
     try:
         return audio.decode_audio_bytes(data, max_duration_s=policy.max_audio_duration_s)

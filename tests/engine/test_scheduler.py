@@ -24,7 +24,10 @@ def run_step(sched: Scheduler, new_token=7):
 def test_no_jax_import():
     code = (
         "import sys, jaxmm.engine.scheduler, jaxmm.engine.block_manager, jaxmm.engine.sequence;"
-        "import jaxmm.engine.detokenizer; assert 'jax' not in sys.modules, 'jax imported'"
+        "import jaxmm.engine.detokenizer, jaxmm.engine.prompts;"
+        "import jaxmm.multimodal.inputs, jaxmm.multimodal.chat, jaxmm.multimodal.media;"
+        "import jaxmm.multimodal.audio_inputs, jaxmm.multimodal.processor;"
+        "assert 'jax' not in sys.modules, 'jax imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
