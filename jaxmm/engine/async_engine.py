@@ -169,7 +169,25 @@ def _deliver(items: list[tuple[RequestStream, RequestOutput | BaseException]]) -
         stream._put(item)
 
 
-class AsyncEngine:
+class EngineView:
+    """What every engine client shows the server of its core engine (read-only)."""
+
+    engine: Any
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def hf_config(self) -> Any:
+        return self.engine.hf_config
+
+
+class AsyncEngine(EngineView):
     """Runs a core engine (an `LLMEngine`) on its own thread; see the module docstring."""
 
     def __init__(self, engine: Any, *, start: bool = True, idle_wait_s: float = 1.0):
@@ -190,18 +208,6 @@ class AsyncEngine:
         return cls(LLMEngine(config), **kwargs)
 
     # -- what the server reads --------------------------------------------------------------
-    @property
-    def tokenizer(self) -> Any:
-        return self.engine.tokenizer
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.max_model_len
-
-    @property
-    def hf_config(self) -> Any:
-        return self.engine.hf_config
-
     @property
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._dead is None

@@ -15,11 +15,11 @@ import itertools
 import json
 import os
 import threading
-from typing import Any
 
 import numpy as np
 
 from jaxmm.config import EngineConfig
+from jaxmm.engine.async_engine import EngineView
 from jaxmm.engine.prompts import tokenize_prompt
 from jaxmm.models.registry import is_pooling_architecture
 from jaxmm.outputs import EmbeddingOutput, EmbeddingRequestOutput
@@ -126,24 +126,12 @@ class PoolingEngine:
         return dict(self.stats)
 
 
-class PoolingClient:
+class PoolingClient(EngineView):
     """The server's EngineClient over a PoolingEngine: no engine thread to start or stop;
     /v1/embeddings calls `engine.embed` from the server's thread pool."""
 
     def __init__(self, engine: PoolingEngine):
         self.engine = engine
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.engine.tokenizer
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.max_model_len
-
-    @property
-    def hf_config(self) -> Any:
-        return self.engine.hf_config
 
     @property
     def is_running(self) -> bool:
