@@ -80,10 +80,15 @@ def main(argv=None) -> dict:
         llm.generate(prompt, sp, use_tqdm=False)
         return time.perf_counter() - t0
 
-    gen(args.short)
-    shorts = [gen(args.short) for _ in range(3)]
-    longs = [gen(args.long) for _ in range(3)]
-    tpot_ms = (np.median(longs) - np.median(shorts)) / (args.long - args.short) * 1e3
+    def tpot(async_scheduling: bool) -> float:
+        llm.llm_engine.async_scheduling = async_scheduling
+        gen(args.short)
+        shorts = [gen(args.short) for _ in range(3)]
+        longs = [gen(args.long) for _ in range(3)]
+        return (np.median(longs) - np.median(shorts)) / (args.long - args.short) * 1e3
+
+    sync_tpot_ms = tpot(False)
+    tpot_ms = tpot(True)
 
     # bare step: one decode token of a 100-token context, step + sampler, synchronised
     step = SeqStep(token_ids=[5], start=99, block_table=list(range(7)), sample=True)
@@ -103,7 +108,7 @@ def main(argv=None) -> dict:
     jax.block_until_ready(kv)
     t0 = time.perf_counter()
     for _ in range(n_dev):
-        kv, (logits, _) = runner._step(runner._param_leaves, kv, *arrays)
+        kv, (logits, _) = runner._step(runner._param_leaves, kv, runner._no_prev, *arrays)
     jax.block_until_ready(logits)
     device_step_ms = (time.perf_counter() - t0) / n_dev * 1e3
     runner.kv_caches = kv
@@ -116,6 +121,9 @@ def main(argv=None) -> dict:
         "roofline_ms_per_token": round(roofline_ms, 3),
         "engine_ms_per_token": round(float(tpot_ms), 3),
         "engine_vs_roofline": round(float(tpot_ms) / roofline_ms, 3),
+        "engine_sync_ms_per_token": round(float(sync_tpot_ms), 3),
+        "engine_sync_vs_roofline": round(float(sync_tpot_ms) / roofline_ms, 3),
+        "init_times_s": runner.init_times,
         "runner_step_ms": round(step_ms, 3),
         "runner_step_vs_roofline": round(step_ms / roofline_ms, 3),
         "device_step_ms": round(device_step_ms, 3),

@@ -138,6 +138,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--bound", action="store_true", help="also compute the physical bound")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxmm-bench"))
     args = ap.parse_args(argv)
 
@@ -166,6 +167,7 @@ def main(argv=None) -> dict:
         attention_backend=args.attention_backend,
         load_format="dummy",
         warmup=True,
+        async_scheduling=args.async_scheduling,
     )
     rng = np.random.default_rng(0)
     V = cfg["vocab_size"]
@@ -197,6 +199,8 @@ def main(argv=None) -> dict:
         "total_tokens_per_s": round((out_tokens + args.num_prompts * args.input_len) / elapsed, 2),
         "requests_per_s": round(args.num_prompts / elapsed, 3),
         "init_to_first_token_s": round(init_to_first_token, 2),
+        "init_times_s": llm.llm_engine.runner.init_times,
+        "async_scheduling": args.async_scheduling,
         "compilation_cache": os.environ.get("JAXMM_CACHE_DIR"),
         "warmup_compiles": warmup_compiles,
         "compiles_during_run": backend_compile_count() - compiles1,

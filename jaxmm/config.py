@@ -46,6 +46,8 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None  # None: 1024 on CPU, 4096 on accelerators
+    # schedule step N+1 while step N runs (sampled tokens stay on device)
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

@@ -47,6 +47,7 @@ class LLM:
         mm_processor_kwargs: dict | None = None,
         trust_remote_code: bool = False,
         load_format: str = "auto",
+        async_scheduling: bool = True,
     ):
         if model is None:
             from jaxmm.default_model import default_model_path
@@ -73,6 +74,7 @@ class LLM:
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens,
+                async_scheduling=async_scheduling,
             ),
             multimodal=MultimodalConfig(
                 limit_mm_per_prompt=dict(limit_mm_per_prompt or {}),

@@ -22,17 +22,18 @@ def new_state(num_prompt_tokens: int) -> DetokState:
 
 
 def detokenize_incrementally(
-    tokenizer, all_ids: list[int], st: DetokState, skip_special: bool
+    tokenizer, all_ids: list[int], st: DetokState, skip_special: bool, end: int | None = None
 ) -> str:
-    """Append the text of newly added ids to st.text; returns the new piece."""
+    """Append the text of newly added ids (up to `end`) to st.text; returns the new piece."""
+    end = len(all_ids) if end is None else end
     prefix = tokenizer.decode(
         all_ids[st.prefix_offset : st.read_offset], skip_special_tokens=skip_special
     )
-    full = tokenizer.decode(all_ids[st.prefix_offset :], skip_special_tokens=skip_special)
+    full = tokenizer.decode(all_ids[st.prefix_offset : end], skip_special_tokens=skip_special)
     if len(full) > len(prefix) and not full.endswith("\ufffd"):
         delta = full[len(prefix) :]
         st.prefix_offset = st.read_offset
-        st.read_offset = len(all_ids)
+        st.read_offset = end
         st.text += delta
         return delta
     return ""

@@ -5,6 +5,12 @@
 2. `step` asks the Scheduler for a batch, turns it into SeqSteps for the ModelRunner,
    appends the sampled tokens, detokenizes incrementally, applies the stop conditions and
    frees finished sequences' pages; it returns the outputs of the requests that advanced.
+   With asynchronous scheduling (the default) step N+1 is scheduled and launched before
+   step N's tokens are read back: each sequence sampled in step N gets a placeholder token
+   -(row + 1) that the device fills from step N's output, so host work (scheduling, array
+   preparation, detokenization) overlaps the device. A sequence that stops at step N has
+   one wasted token computed in N+1, dropped here. Steps whose sequences use penalties
+   (which need the real previous tokens on the host) run synchronously.
 3. `abort_request` finishes requests early (a client went away) and frees their pages.
 The server drives the same three calls from its engine thread (AsyncEngine).
 """
@@ -20,11 +26,11 @@ from jaxmm.config import EngineConfig
 from jaxmm.engine.block_manager import BlockManager
 from jaxmm.engine.detokenizer import detokenize_incrementally, find_stop_string, new_state
 from jaxmm.engine.prompts import tokenize_prompt
-from jaxmm.engine.scheduler import Scheduler
+from jaxmm.engine.scheduler import ScheduledBatch, Scheduler
 from jaxmm.engine.sequence import Sequence
 from jaxmm.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxmm.runner.checkpoint import load_tokenizer, open_checkpoint
-from jaxmm.runner.model_runner import ModelRunner, SeqStep, enable_compilation_cache
+from jaxmm.runner.model_runner import InFlight, ModelRunner, SeqStep, enable_compilation_cache
 from jaxmm.sampling_params import SamplingParams
 
 
@@ -45,6 +51,16 @@ class Request:
     @property
     def finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
+
+
+@dataclass
+class _Pending:
+    """A launched step: its batch, the device handle, and where its tokens go."""
+
+    batch: ScheduledBatch
+    handle: InFlight
+    sampled: list[tuple[Sequence, int]]  # (sequence, index of its placeholder token)
+    sync: bool  # a sequence uses penalties: resolve before scheduling the next step
 
 
 class LLMEngine:
@@ -86,6 +102,8 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0, "aborted": 0}
+        self.async_scheduling = sc.async_scheduling
+        self._pending: _Pending | None = None
         if config.warmup:
             self.runner.warmup()
 
@@ -175,7 +193,7 @@ class LLMEngine:
             release()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._pending is not None
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
@@ -214,22 +232,74 @@ class LLMEngine:
         return s
 
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
-        if not batch.seqs:
-            return []
+        pending, self._pending = self._pending, None
+        try:
+            outputs = []
+            if pending is not None and pending.sync:
+                outputs += self._resolve(pending)
+                pending = None
+            batch = self.scheduler.schedule(exclude=self._certain_to_finish(pending))
+            launched = self._launch(batch, pending) if batch.seqs else None
+            if pending is not None:
+                outputs += self._resolve(pending)
+            if launched is not None:
+                if self.async_scheduling and not launched.sync:
+                    self._pending = launched
+                else:
+                    outputs += self._resolve(launched)
+            return outputs
+        except BaseException:
+            self._pending = None
+            raise
+
+    def _certain_to_finish(self, pending: _Pending | None) -> set[int]:
+        """Sequences whose in-flight token is their last by length: don't schedule them."""
+        if pending is None:
+            return set()
+        done = set()
+        for seq, idx in pending.sampled:
+            req = self.requests.get(seq.request_id)
+            if req is None or seq.is_finished:
+                continue
+            n_out = idx + 1 - seq.num_prompt_tokens
+            max_tokens = req.params.max_tokens
+            if (max_tokens is not None and n_out >= max_tokens) or idx + 1 >= self.max_model_len:
+                done.add(seq.seq_id)
+        return done
+
+    def _launch(self, batch: ScheduledBatch, pending: _Pending | None) -> _Pending:
         steps = [self._seq_step(seq, n) for seq, n in zip(batch.seqs, batch.num_new_tokens)]
-        out = self.runner.execute(steps)
-        sampled = self.scheduler.postprocess(batch)
+        handle = self.runner.dispatch(steps, None if pending is None else pending.handle)
+        sampled = []
+        sync = False
+        for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            seq.num_computed_tokens += n
+            if seq.num_computed_tokens == len(seq):
+                sampled.append((seq, len(seq)))
+                seq.token_ids.append(-(row + 1))  # filled in by `_resolve`
+                sync = sync or self.requests[seq.request_id].params.uses_penalties
+        return _Pending(batch, handle, sampled, sync)
+
+    def _resolve(self, pending: _Pending) -> list[RequestOutput]:
+        out = self.runner.resolve(pending.handle)
+        live = []
+        for j, (seq, idx) in enumerate(pending.sampled):
+            if seq.is_finished or seq.request_id not in self.requests:
+                continue  # stopped or aborted while this token was in flight
+            seq.token_ids[idx] = int(out.tokens[j])
+            live.append((j, seq, idx))
+        for seq in pending.batch.seqs:
+            if not seq.is_finished:
+                self.block_manager.register_full_blocks(seq)
         now = time.monotonic()
         touched: dict[str, Request] = {}
-        for j, seq in enumerate(sampled):
+        for j, seq, idx in live:
             req = self.requests[seq.request_id]
             if req.first_token_time is None:
                 req.first_token_time = now
                 req.num_cached_tokens = seq.num_cached_tokens
             req.last_token_time = now
-            token = int(out.tokens[j])
-            self._append_token(req, seq, token, out, j)
+            self._append_token(req, seq, idx, out, j)
             touched[req.request_id] = req
         outputs = [self._make_output(req) for req in touched.values()]
         for req in touched.values():
@@ -239,9 +309,11 @@ class LLMEngine:
                 self.stats["finished"] += 1
         return outputs
 
-    def _append_token(self, req: Request, seq: Sequence, token: int, out, j: int) -> None:
+    def _append_token(self, req: Request, seq: Sequence, idx: int, out, j: int) -> None:
+        """Account for the token now at seq.token_ids[idx] (later ids are placeholders)."""
         p = req.params
-        seq.token_ids.append(token)
+        token = seq.token_ids[idx]
+        end = idx + 1
         self.stats["generation_tokens"] += 1
         if seq.data["logprobs"] is not None:
             lp = float(out.logprobs[j])
@@ -261,7 +333,7 @@ class LLMEngine:
                     lpo.decoded_token = self.tokenizer.decode([tid])
             seq.data["logprobs"].append(entry)
 
-        n_out = seq.num_output_tokens
+        n_out = end - seq.num_prompt_tokens
         reason, stop_reason = None, None
         can_stop = n_out >= p.min_tokens
         if can_stop and p.stop_token_ids and token in p.stop_token_ids:
@@ -271,7 +343,7 @@ class LLMEngine:
         if self.tokenizer is not None and reason is None:
             st = seq.data["detok"]
             delta = detokenize_incrementally(
-                self.tokenizer, seq.token_ids, st, p.skip_special_tokens
+                self.tokenizer, seq.token_ids, st, p.skip_special_tokens, end
             )
             if p.stop_strings and delta and can_stop:
                 hit = find_stop_string(st.text, len(delta), p.stop_strings)
@@ -286,9 +358,10 @@ class LLMEngine:
         if reason is None:
             if p.max_tokens is not None and n_out >= p.max_tokens:
                 reason = "length"
-            elif len(seq) >= self.max_model_len:
+            elif end >= self.max_model_len:
                 reason = "length"
         if reason is not None:
+            del seq.token_ids[end:]  # the next step's placeholder, if one was launched
             self.scheduler.finish(seq, reason, stop_reason)
 
     def _make_output(self, req: Request) -> RequestOutput:
@@ -299,7 +372,7 @@ class LLMEngine:
                 CompletionOutput(
                     index=seq.index,
                     text=seq.data["detok"].text,
-                    token_ids=list(seq.output_token_ids),
+                    token_ids=seq.resolved_output_ids,
                     cumulative_logprob=seq.data["cum_logprob"] if lps is not None else None,
                     logprobs=list(lps) if lps is not None else None,
                     finish_reason=seq.finish_reason,

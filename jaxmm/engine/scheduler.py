@@ -55,7 +55,9 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, exclude: set[int] | frozenset = frozenset()) -> ScheduledBatch:
+        """The next step's batch. `exclude`: seq_ids of running sequences to leave out
+        (their in-flight token is known to be their last)."""
         bm = self.block_manager
         budget = self.max_num_batched_tokens
         batch = ScheduledBatch()
@@ -64,6 +66,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.seq_id in exclude:
+                i += 1
+                continue
             n = min(seq.num_uncomputed, budget)
             scheduled = True
             while not bm.ensure_slots(seq, seq.num_computed_tokens + n):
@@ -88,6 +93,8 @@ class Scheduler:
             and len(self.running) < self.max_num_seqs
         ):
             seq = self.waiting[0]
+            if seq.token_ids[-1] < 0:
+                break  # preempted while its last token is in flight: admit it next step
             if not seq.block_table:
                 bm.admit(seq)
             n = min(seq.num_uncomputed, budget)

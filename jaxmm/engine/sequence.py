@@ -52,6 +52,14 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens :]
 
     @property
+    def resolved_output_ids(self) -> list[int]:
+        """Output ids without a trailing in-flight placeholder (negative id)."""
+        ids, end = self.token_ids, len(self.token_ids)
+        while end > self.num_prompt_tokens and ids[end - 1] < 0:
+            end -= 1
+        return ids[self.num_prompt_tokens : end]
+
+    @property
     def num_uncomputed(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
 

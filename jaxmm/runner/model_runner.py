@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import math
 import os
+import time
 from typing import NamedTuple
 
 import jax
@@ -80,6 +81,16 @@ class StepArrays(NamedTuple):
     embeds: np.ndarray | None  # (T, D) spliced where embeds_mask is set
     embeds_mask: np.ndarray | None  # (T,)
     seq_inputs: dict | None  # model-specific (S, ...) arrays
+
+
+@dataclasses.dataclass
+class InFlight:
+    """A dispatched step whose results are still on device (see `dispatch`)."""
+
+    tokens: jax.Array  # (R,) sampled token per row, padded to the largest row count
+    rows: np.ndarray  # rows of the steps that sample, in order
+    logprobs: tuple | None = None
+    top: tuple | None = None
 
 
 @dataclasses.dataclass
@@ -156,6 +167,9 @@ class ModelRunner:
                 ck.hf_config, dtype=self.dtype, attention_backend=self.backend, rngs=nnx.Rngs(0)
             )
 
+        t0 = time.perf_counter()
+        # seconds spent in each phase of start-up (and warmup), for benchmarks and logs
+        self.init_times: dict[str, float] = {}
         abstract = nnx.eval_shape(build)
         self.graphdef, abstract_state = nnx.split(abstract)
         self.model_obj = abstract
@@ -163,6 +177,8 @@ class ModelRunner:
             self.params = random_params(abstract_state, self.mesh)
         else:
             self.params = load_params(abstract, abstract_state, ck.tensors(), self.mesh, self.dtype)
+        jax.block_until_ready(self.params)
+        self.init_times["params"] = round(time.perf_counter() - t0, 3)
         self.num_layers, self.num_kv_heads, self.head_dim = abstract.kv_cache_spec()
         self.vocab_size = text_config.vocab_size
         self.hidden_size = text_config.hidden_size
@@ -215,18 +231,27 @@ class ModelRunner:
                 jax.device_put(a, NamedSharding(self.mesh, PartitionSpec()))
                 for a in extra(self.dtype, self.max_num_seqs)
             ]
+        jax.block_until_ready(self.kv_caches)
+        self.init_times["kv_cache"] = round(time.perf_counter() - t0 - self.init_times["params"], 3)
         self.token_buckets = []
         b = MIN_BUCKET
         while b < max_num_batched_tokens:
             self.token_buckets.append(b)
             b *= 2
         self.token_buckets.append(next_pow2(max_num_batched_tokens))
+        # rows of the largest bucket: sampled tokens are padded to it on device, so the next
+        # step can read them (asynchronous scheduling) with one signature for every bucket
+        self.max_rows = max(self.bucket(T)[1] for T in self.token_buckets)
+        self._no_prev = jax.device_put(
+            np.zeros(self.max_rows, np.int32), NamedSharding(self.mesh, PartitionSpec())
+        )
         # the step takes the parameters as a flat list: flattening an nnx.State on every
         # call costs ~0.2 ms of host time per step, a flat list ~0.01 ms
         self._param_leaves, self._param_treedef = jax.tree_util.tree_flatten(self.params)
         self._step = jax.jit(self._step_fn, donate_argnums=(1,))
         self._sample = jax.jit(
-            sample, static_argnames=("all_greedy", "use_filters", "use_penalties", "num_logprobs")
+            self._sample_fn,
+            static_argnames=("all_greedy", "use_filters", "use_penalties", "num_logprobs"),
         )
 
     # -- setup ------------------------------------------------------------------------------
@@ -246,9 +271,21 @@ class ModelRunner:
         return max(0, int(limit * utilization) - used - reserve)
 
     # -- the compiled step --------------------------------------------------------------------
-    def _step_fn(self, leaves, kv_caches, input_ids, md, embeds, embeds_mask, seq_inputs=None):
+    def _pad_rows(self, tokens: jax.Array) -> jax.Array:
+        return jnp.zeros(self.max_rows, jnp.int32).at[: tokens.shape[0]].set(tokens)
+
+    def _sample_fn(self, logits, t, **static):
+        tokens, lp, top_ids, top_lp = sample(logits, t, **static)
+        return self._pad_rows(tokens.astype(jnp.int32)), lp, top_ids, top_lp
+
+    def _step_fn(
+        self, leaves, kv_caches, prev_tokens, input_ids, md, embeds, embeds_mask, seq_inputs=None
+    ):
         params = jax.tree_util.tree_unflatten(self._param_treedef, leaves)
         model = nnx.merge(self.graphdef, params)
+        # a negative id -(r + 1) stands for the token the previous step sampled in row r,
+        # still on device (asynchronous scheduling)
+        input_ids = jnp.where(input_ids < 0, prev_tokens[jnp.maximum(-input_ids - 1, 0)], input_ids)
         x = None
         if embeds is not None:
             x = model.embed(input_ids)
@@ -257,7 +294,7 @@ class ModelRunner:
         hidden, kv_caches = model(input_ids, kv_caches, md, inputs_embeds=x, **kwargs)
         logits = model.compute_logits(hidden[md.logits_indices])
         # greedy tokens come with every step: an all-greedy batch skips the sampler program
-        return kv_caches, (logits, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        return kv_caches, (logits, self._pad_rows(jnp.argmax(logits, axis=-1).astype(jnp.int32)))
 
     def bucket(self, num_tokens: int) -> tuple[int, int]:
         for T in self.token_buckets:
@@ -369,18 +406,29 @@ class ModelRunner:
     def logits(self, steps: list[SeqStep]) -> np.ndarray:
         """Run one step and return each sequence's last-token logits (S rows) without sampling."""
         arrays, _ = self.prepare(steps)
-        self.kv_caches, (logits, _) = self._step(self._param_leaves, self.kv_caches, *arrays)
+        self.kv_caches, (logits, _) = self._step(
+            self._param_leaves, self.kv_caches, self._no_prev, *arrays
+        )
         return np.asarray(logits)[: len(steps)]
 
     def execute(self, steps: list[SeqStep]) -> StepOutput:
+        return self.resolve(self.dispatch(steps))
+
+    def dispatch(self, steps: list[SeqStep], prev: InFlight | None = None) -> InFlight:
+        """Launch one step (and its sampler) without waiting for the device.
+
+        Token ids -(r + 1) in `steps` are read from row r of `prev`'s sampled tokens on
+        device, so the engine can schedule step N+1 before step N's tokens reach the host.
+        """
         arrays, S = self.prepare(steps)
+        prev_tokens = self._no_prev if prev is None else prev.tokens
         self.kv_caches, (logits, greedy_tokens) = self._step(
-            self._param_leaves, self.kv_caches, *arrays
+            self._param_leaves, self.kv_caches, prev_tokens, *arrays
         )
         sampled = [s for s in steps if s.sample]
+        rows = np.array([i for i, s in enumerate(steps) if s.sample], np.int64)
         if not sampled:
-            return StepOutput(np.zeros(0, np.int32), None, None, None, None)
-        rows = np.array([i for i, s in enumerate(steps) if s.sample])
+            return InFlight(greedy_tokens, rows)
         penalties = any(
             s.presence != 0 or s.frequency != 0 or s.repetition != 1.0 or s.banned_ids
             for s in sampled
@@ -388,7 +436,7 @@ class ModelRunner:
         want_lp = [s.num_logprobs for s in sampled if s.num_logprobs is not None]
         if not penalties and not want_lp and all(s.temperature == 0 for s in sampled):
             # greedy fast path: one program and one transfer per step
-            return StepOutput(np.asarray(greedy_tokens)[rows], None, None, None, None)
+            return InFlight(greedy_tokens, rows)
         num_logprobs = -1 if not want_lp else (0 if max(want_lp) == 0 else MAX_LOGPROBS)
         t = self._sampling_tensors(steps, S, penalties)
         tokens, lp, top_ids, top_lp = self._sample(
@@ -399,13 +447,20 @@ class ModelRunner:
             use_penalties=penalties,
             num_logprobs=num_logprobs,
         )
-        tokens = np.asarray(tokens)[rows]
+        return InFlight(tokens, rows, lp, None if top_ids is None else (top_ids, top_lp))
+
+    def resolve(self, inflight: InFlight) -> StepOutput:
+        """Wait for a dispatched step and bring its sampled tokens (and logprobs) to the host."""
+        rows = inflight.rows
+        if not len(rows):
+            return StepOutput(np.zeros(0, np.int32), None, None, None, None)
+        lp, top = inflight.logprobs, inflight.top
         return StepOutput(
-            tokens,
+            np.asarray(inflight.tokens)[rows],
             None if lp is None else np.asarray(lp[0])[rows],
             None if lp is None else np.asarray(lp[1])[rows],
-            None if top_ids is None else np.asarray(top_ids)[rows],
-            None if top_lp is None else np.asarray(top_lp)[rows],
+            None if top is None else np.asarray(top[0])[rows],
+            None if top is None else np.asarray(top[1])[rows],
         )
 
     # -- warmup and the compile guard ---------------------------------------------------------
@@ -415,9 +470,12 @@ class ModelRunner:
         Each bucket is reached with an all-padding batch built by `prepare`, so the warm
         programs have exactly the signatures serving uses.
         """
+        t0 = time.perf_counter()
         for T in self.token_buckets:
             arrays, S = self.prepare([], min_tokens=T)
-            self.kv_caches, (logits, _) = self._step(self._param_leaves, self.kv_caches, *arrays)
+            self.kv_caches, (logits, _) = self._step(
+                self._param_leaves, self.kv_caches, self._no_prev, *arrays
+            )
             t = self._sampling_tensors([], S, False)
             for greedy, filters in ((True, False), (False, False), (False, True)):
                 out = self._sample(
@@ -429,6 +487,8 @@ class ModelRunner:
                     num_logprobs=-1,
                 )
             jax.block_until_ready(out)
+        self.init_times["warmup"] = round(time.perf_counter() - t0, 3)
+        logger.info("start-up times (s): %s", self.init_times)
 
     def num_compiled(self) -> int:
         """Programs traced for this runner (step variants + sampler variants)."""

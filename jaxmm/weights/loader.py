@@ -10,6 +10,7 @@ The loader asserts that every parameter is filled exactly once with the right sh
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -95,10 +96,24 @@ def load_params(
     return nnx.from_flat_state([(p, flat[p].replace(filled[p])) for p in flat])
 
 
+@functools.cache
+def _random_maker(shape, dtype, ones: bool, sharding, scale: float):
+    """One small program per distinct (shape, dtype, sharding), reused by equal tensors."""
+
+    def make(key):
+        if ones:
+            return jnp.ones(shape, dtype)
+        return (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
+
+    return jax.jit(make, out_shardings=sharding)
+
+
 def random_params(abstract_state: nnx.State, mesh: Mesh, seed: int = 0, scale: float = 0.02):
     """Random weights with the model's shapes, made on device in place (load_format="dummy").
 
     Norm weights are ones; everything else is N(0, scale). For benchmarks: no file I/O.
+    Tensors of one shape share a compiled program (a handful of compilations for a whole
+    model; one program for all tensors compiles for minutes on a GPU).
     """
     flat = list(nnx.to_flat_state(abstract_state))
     out = []
@@ -107,14 +122,8 @@ def random_params(abstract_state: nnx.State, mesh: Mesh, seed: int = 0, scale: f
         sd = var.get_value()
         sharding = NamedSharding(mesh, partition_spec(path, len(sd.shape)))
         is_norm = path[-1] == "weight" and len(sd.shape) == 1
-
-        def make(k, shape=sd.shape, dtype=sd.dtype, ones=is_norm):
-            if ones:
-                return jnp.ones(shape, dtype)
-            return (jax.random.normal(k, shape, jnp.float32) * scale).astype(dtype)
-
-        arr = jax.jit(make, out_shardings=sharding)(jax.random.fold_in(key, i))
-        out.append((path, var.replace(arr)))
+        make = _random_maker(tuple(sd.shape), jnp.dtype(sd.dtype), is_norm, sharding, scale)
+        out.append((path, var.replace(make(jax.random.fold_in(key, i)))))
     return nnx.from_flat_state(out)
 
 
