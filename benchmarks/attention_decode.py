@@ -1,6 +1,6 @@
 """Paged decode attention: jaxmm Pallas kernel vs its peers, one JSON line per measurement.
 
-    python benchmarks/attention_decode.py [--sweep] [--out results.json]
+    python benchmarks/attention_decode.py [--sweep] [--variants JSON] [--out results.json]
 
 Problem: bf16, N=32 query heads, K=8 KV heads, H=128, page size G=16, one query token per
 sequence, B in {1, 8, 64, 256} x max context L in {512, 2048, 8192}, all lengths = L
@@ -14,6 +14,10 @@ Peers, each fed its own native layout (built once, outside the timed region):
   cudnn         jax._src.cudnn.fused_attention_stablehlo.paged_attention (blocks (A, G, K, H))
   xla_ref       jaxmm.kernels.reference (gather + einsum in XLA), KV write stubbed out;
                 only where B * L <= 8 * 8192 (it materialises (K, B, L, H) in f32)
+
+`--variants '[{"split_mode": "balanced"}, {"split_mode": "balanced", "block_k": 128}]'`
+adds one more implementation per dict: `jaxmm` with those `gpu_decode.DecodeOptions`
+pinned, named e.g. `jaxmm[split_mode=balanced,block_k=128]`, measured in the same run.
 
 Timing (METHOD.md): one jitted function runs `unroll` calls back to back, each call's output
 feeding the next call's query (no CSE), each call reading a different page table into a
@@ -118,8 +122,29 @@ class DecodeCase:
         return int(self.lens[mode].sum()) * K * H * 2 * 2 + 2 * self.B * N * H * 2
 
 
-def build_step(impl, case, plan):
-    """(step(q, table, data, lens), data) for one implementation, or None to skip."""
+def variant_name(options: dict) -> str:
+    """`jaxmm[k=v,...]`: the implementation key of `jaxmm` with DecodeOptions `options`."""
+    vals = (v if isinstance(v, str) else json.dumps(v) for v in options.values())
+    return "jaxmm[" + ",".join(f"{k}={v}" for k, v in zip(options, vals)) + "]"
+
+
+def parse_variants(text: str | None) -> dict:
+    """--variants JSON (a list of DecodeOptions kwargs) -> {impl name: DecodeOptions}."""
+    from jaxmm.kernels.gpu_decode import DecodeOptions
+
+    variants = {}
+    for options in json.loads(text) if text else []:
+        if not isinstance(options, dict) or not options:
+            raise ValueError(f"each variant must be a non-empty dict, got {options!r}")
+        variants[variant_name(options)] = DecodeOptions(**options)  # bad keys fail here
+    return variants
+
+
+def build_step(impl, case, plan, options=None):
+    """(step(q, table, data, lens), data) for one implementation, or None to skip.
+
+    `options`: a DecodeOptions for our kernel (the `jaxmm[...]` variants).
+    """
     B = case.B
     sm_scale = 1.0 / math.sqrt(H)
     cu = jnp.arange(B + 1, dtype=jnp.int32)
@@ -130,13 +155,15 @@ def build_step(impl, case, plan):
         data = case.kv_pages
 
         def step(q, table, kv, lens):
-            return paged_attention(q, kv, lens, table, cu, ns, sm_scale=sm_scale, plan=plan)
+            return paged_attention(
+                q, kv, lens, table, cu, ns, sm_scale=sm_scale, plan=plan, decode_options=options
+            )
 
     elif impl == "jaxmm_kernel":
         from jaxmm.kernels import gpu_decode
-        from jaxmm.kernels.ragged_paged_attention import _plan
+        from jaxmm.kernels.ragged_paged_attention import _plan, decode_kwargs
 
-        p = _plan(B, N, K, B, case.P, G, H, DTYPE, False, dict(plan or ()))
+        p = _plan(B, N, K, B, case.P, G, H, DTYPE, False, dict(plan or ()), options)
         data = case.kv_pages
 
         def step(q, table, kv, lens):
@@ -151,11 +178,7 @@ def build_step(impl, case, plan):
                 sm_scale=sm_scale,
                 sliding_window=None,
                 soft_cap=None,
-                block_k=p.decode_block_k,
-                num_splits=p.num_splits,
-                num_warps=p.decode_warps,
-                num_stages=p.decode_stages,
-                gather=p.gather,
+                **decode_kwargs(p),
             )
 
     elif impl == "jax_triton":
@@ -223,14 +246,21 @@ def build_step(impl, case, plan):
     return step, data
 
 
-def run_case(case: DecodeCase, impls, modes=("equal", "random"), plan=None, sink=None):
+def run_case(
+    case: DecodeCase, impls, modes=("equal", "random"), plan=None, sink=None, variants=None
+):
+    """Time each implementation on both length modes; `variants`: {name: DecodeOptions}."""
     rows = []
+    variants = variants or {}
     for impl in impls:
         base = dict(bench="decode", impl=impl, B=case.B, L=case.L)
         if plan:
             base["plan"] = dict(plan)
         try:
-            built = build_step(impl, case, plan)
+            if impl in variants:
+                built = build_step("jaxmm", case, plan, variants[impl])
+            else:
+                built = build_step(impl, case, plan)
             if built is None:
                 continue
             step, data = built
@@ -287,8 +317,18 @@ def main(argv=None):
     ap.add_argument("--modes", default="equal,random")
     ap.add_argument("--shapes", default=None, help="B:L,B:L,... instead of --batch x --ctx")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument(
+        "--variants",
+        default=None,
+        help="JSON list of gpu_decode.DecodeOptions kwarg dicts, each timed as jaxmm[k=v,...]",
+    )
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
+    variants = parse_variants(a.variants)
+    impls = a.impls.split(",")
+    # variant columns right after `jaxmm` (at the end if it is not measured)
+    at = impls.index("jaxmm") + 1 if "jaxmm" in impls else len(impls)
+    impls[at:at] = list(variants)
     info = env_info()
     print(json.dumps(dict(bench="env", **info)), flush=True)
     rows = []
@@ -311,7 +351,7 @@ def main(argv=None):
             ]
         for B, L in shapes:
             case = DecodeCase(B, L)
-            rows += run_case(case, a.impls.split(","), a.modes.split(","), sink=sink)
+            rows += run_case(case, impls, a.modes.split(","), sink=sink, variants=variants)
             del case
     if a.out:
         with open(a.out, "w") as f:

@@ -7,16 +7,19 @@ One call serves a whole step (decodes first, then prefill chunks, then padding):
 2. Decode kernel (`gpu_decode`): flash-decoding over rows s < num_decodes, where
    num_decodes is the length of the leading run of q_len == 1 sequences (computed on
    device). All query heads of a KV group share one tile; long contexts are split over J
-   programs and merged in XLA.
+   programs and merged in XLA ("per_seq"), or cut into equal work items over the whole
+   batch and merged by a second small kernel ("balanced"; `decode_options`).
 3. Prefill kernel (`gpu_prefill`): FlashAttention-2 over query blocks of every other
    sequence (a q_len == 1 sequence after a prefill lands here too: correct, just slower),
    plus the padding tokens, which it writes as zeros. It runs first and produces `out`.
 4. The decode kernel then writes its rows straight into `out` (aliased in and out), or,
-   with split-K, its merged partials through an in-place dynamic-update-slice.
+   with split-K, its merged partials through an in-place dynamic-update-slice (or the
+   combine kernel, aliased too).
 
 Both kernels use Pallas' Triton lowering on GPU and run in interpret mode anywhere
 (`interpret=True`, used by the CPU tests). Tile sizes and split counts are static choices
-from the shapes (see `_plan`).
+from the shapes (see `_plan`); `decode_options` (a `gpu_decode.DecodeOptions`) pins the
+decode ones, for sweeps.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmm.kernels import gpu_decode, gpu_prefill
+from jaxmm.kernels.gpu_decode import DecodeOptions
 from jaxmm.kernels.kv_write import write_kv_pallas, write_kv_xla
 from jaxmm.kernels.reference import ragged_paged_attention as reference_attention
 
@@ -47,6 +51,11 @@ class Plan:
     prefill_warps: int
     prefill_stages: int
     gather: str = "page"  # how a KV block is gathered (gpu_decode.load_kv_block)
+    # Decode work split (gpu_decode module docstring); the last three: "balanced" only.
+    split_mode: str = "per_seq"
+    decode_programs: int = 528  # target programs in all: 4 per SM of an H100
+    min_blocks_per_split: int = 2
+    longest_first: bool = True
 
 
 def _pow2_floor(x: int) -> int:
@@ -60,8 +69,11 @@ def _num_cores(interpret: bool) -> int:
     return int(getattr(d, "core_count", 0) or 132)
 
 
-def _plan(T, N, K, S, P, G, H, dtype, interpret, overrides) -> Plan:
-    """Static tile/grid choices (H100 sweeps in docs/performance.md)."""
+def _plan(T, N, K, S, P, G, H, dtype, interpret, overrides, decode=None) -> Plan:
+    """Static tile/grid choices (H100 sweeps in docs/performance.md).
+
+    `overrides`: Plan fields to replace; `decode`: a DecodeOptions, applied last.
+    """
     cores = _num_cores(interpret)
     small = jnp.dtype(dtype).itemsize <= 2 and H <= 128
     # Decode: 64-token KV blocks, 3 pipeline stages, 4 warps (best of the B=64, L=2048 sweep;
@@ -86,8 +98,35 @@ def _plan(T, N, K, S, P, G, H, dtype, interpret, overrides) -> Plan:
         prefill_programs=2 * cores,
         prefill_warps=8 if bq >= 128 else 4,
         prefill_stages=2,
+        decode_programs=4 * cores,
     )
-    return dataclasses.replace(plan, **(overrides or {}))
+    plan = dataclasses.replace(plan, **(overrides or {}))
+    if decode is not None:
+        names = dict(block_k="decode_block_k", num_warps="decode_warps", num_stages="decode_stages")
+        pinned = {
+            names.get(f.name, f.name): getattr(decode, f.name)
+            for f in dataclasses.fields(decode)
+            if getattr(decode, f.name) is not None
+        }
+        if "programs_per_core" in pinned:
+            pinned["decode_programs"] = pinned.pop("programs_per_core") * cores
+        plan = dataclasses.replace(plan, **pinned)
+    return plan
+
+
+def decode_kwargs(plan: Plan) -> dict:
+    """The static arguments of `gpu_decode.decode_attention` a plan picks."""
+    return dict(
+        block_k=plan.decode_block_k,
+        num_splits=plan.num_splits,
+        num_warps=plan.decode_warps,
+        num_stages=plan.decode_stages,
+        gather=plan.gather,
+        split_mode=plan.split_mode,
+        num_programs=plan.decode_programs,
+        min_blocks_per_split=plan.min_blocks_per_split,
+        longest_first=plan.longest_first,
+    )
 
 
 def supported(q_shape, kv_pages_shape) -> bool:
@@ -101,7 +140,10 @@ def supported(q_shape, kv_pages_shape) -> bool:
     return H >= 16 and pow2(H) and pow2(G) and pow2(K)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "interpret"))
+@functools.partial(
+    jax.jit,
+    static_argnames=("sm_scale", "sliding_window", "soft_cap", "interpret", "decode_options"),
+)
 def ragged_paged_attention(
     q,
     k,
@@ -116,10 +158,12 @@ def ragged_paged_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     interpret: bool = False,
+    decode_options: DecodeOptions | None = None,
 ):
     """Pallas ragged paged attention; see `reference.ragged_paged_attention` for the contract.
 
     Shapes the kernels don't take (`supported`) go to the pure-JAX reference.
+    `decode_options`: decode-kernel choices to pin (default: the plan's, from the shapes).
     """
     if not supported(q.shape, kv_pages.shape):
         return reference_attention(
@@ -152,12 +196,21 @@ def ragged_paged_attention(
         sliding_window=sliding_window,
         soft_cap=soft_cap,
         interpret=interpret,
+        decode_options=decode_options,
     )
     return out, kv_pages
 
 
 @functools.partial(
-    jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "interpret", "plan")
+    jax.jit,
+    static_argnames=(
+        "sm_scale",
+        "sliding_window",
+        "soft_cap",
+        "interpret",
+        "plan",
+        "decode_options",
+    ),
 )
 def paged_attention(
     q,
@@ -172,10 +225,12 @@ def paged_attention(
     soft_cap: float | None = None,
     interpret: bool = False,
     plan: tuple | None = None,
+    decode_options: DecodeOptions | None = None,
 ):
     """Attention over pages that already hold this step's K/V (no write). (T, N, H) out.
 
-    `plan`: optional tuple of (field, value) overrides of the static tiling (benchmarks).
+    `plan`: optional tuple of (field, value) overrides of the static tiling (benchmarks);
+    `decode_options` (applied after it): decode-kernel choices, as in ragged_paged_attention.
     """
     T, N, H = q.shape
     _, K, A, G, _ = kv_pages.shape
@@ -184,7 +239,7 @@ def paged_attention(
         raise ValueError(f"query heads {N} not a multiple of KV heads {K}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError("sliding_window must be >= 1")
-    p = _plan(T, N, K, S, P, G, H, q.dtype, interpret, dict(plan or ()))
+    p = _plan(T, N, K, S, P, G, H, q.dtype, interpret, dict(plan or ()), decode_options)
     kv_lens = kv_lens.astype(jnp.int32)
     page_indices = page_indices.astype(jnp.int32)
     cu_q_lens = cu_q_lens.astype(jnp.int32)
@@ -232,12 +287,8 @@ def paged_attention(
         sm_scale=sm_scale,
         sliding_window=sliding_window,
         soft_cap=soft_cap,
-        block_k=p.decode_block_k,
-        num_splits=p.num_splits,
-        num_warps=p.decode_warps,
-        num_stages=p.decode_stages,
-        gather=p.gather,
         interpret=interpret,
+        **decode_kwargs(p),
     )
 
 

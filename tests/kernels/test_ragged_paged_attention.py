@@ -10,6 +10,7 @@ stray read shows up as NaN in the output.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -17,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmm.kernels import get_attention_fn, kv_write, reference
+from jaxmm.kernels import get_attention_fn, gpu_decode, kv_write, reference
 from jaxmm.kernels import ragged_paged_attention as rpa
+from jaxmm.kernels.gpu_decode import DecodeOptions
 
 NATIVE = os.environ.get("JAXMM_NATIVE_KERNELS") == "1"
 INTERPRET = not NATIVE
@@ -91,14 +93,14 @@ def make_batch(
     )
 
 
-def check(args, dtype, *, plan=None, **kw):
+def check(args, dtype, *, plan=None, decode_options=None, **kw):
     sm_scale = 1.0 / np.sqrt(args[0].shape[-1])
     up = [a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a for a in args]
     with jax.default_matmul_precision("highest"):  # XLA's GPU default for f32 is TF32
         want, want_kv = reference.ragged_paged_attention(*up, sm_scale=sm_scale, **kw)
     if plan is None:
         got, got_kv = rpa.ragged_paged_attention(
-            *args, sm_scale=sm_scale, interpret=INTERPRET, **kw
+            *args, sm_scale=sm_scale, interpret=INTERPRET, decode_options=decode_options, **kw
         )
     else:
         got_kv = kv_write.write_kv_xla(*args[1:4], *args[4:])
@@ -109,6 +111,7 @@ def check(args, dtype, *, plan=None, **kw):
             sm_scale=sm_scale,
             interpret=INTERPRET,
             plan=tuple(plan.items()),
+            decode_options=decode_options,
             **kw,
         )
     got = np.asarray(got.astype(jnp.float32))
@@ -185,6 +188,100 @@ def test_large_pages_and_out_of_order_decode():
         seed=3,
     )
     check(args, jnp.float32)
+
+
+# split_mode="balanced": equal work items over the whole batch, merged by a second kernel.
+# One page per KV block and one-block items in interpret mode, so sequences get several items
+# (GPU tiles need >= 16 keys).
+BALANCED = DecodeOptions(
+    split_mode="balanced", block_k=4 if INTERPRET else 16, min_blocks_per_split=1
+)
+
+
+@pytest.mark.parametrize(
+    "group,head_dim,dtype",
+    [(1, 64, jnp.float32), (4, 128, jnp.bfloat16), (8, 64, jnp.float16)],
+)
+def test_balanced_mixed_batch(group, head_dim, dtype):
+    """Decodes of 1-4 items each, prefill chunks and padding in one step."""
+    args = make_batch(**MIXED, num_heads=2 * group, num_kv_heads=2, head_dim=head_dim, dtype=dtype)
+    check(args, dtype, decode_options=BALANCED)
+
+
+@pytest.mark.parametrize(
+    "sliding_window,soft_cap,dtype", [(5, None, jnp.float32), (13, 2.0, jnp.bfloat16)]
+)
+def test_balanced_window_and_soft_cap(sliding_window, soft_cap, dtype):
+    args = make_batch(**MIXED, num_heads=8, num_kv_heads=2, dtype=dtype, seed=7)
+    opts = dataclasses.replace(BALANCED, longest_first=False)
+    check(args, dtype, decode_options=opts, sliding_window=sliding_window, soft_cap=soft_cap)
+
+
+@pytest.mark.parametrize("programs_per_core,longest_first", [(1, True), (8, True), (4, False)])
+def test_balanced_random_lengths(programs_per_core, longest_first):
+    """Random lengths (mostly not page multiples), then a prefill chunk, then padding rows."""
+    rng = np.random.default_rng(programs_per_core)
+    kv_lens = [int(x) for x in rng.integers(1, 65, 7)] + [12]
+    args = make_batch(
+        [1] * 7 + [5],
+        kv_lens,
+        num_heads=8,
+        num_kv_heads=2,
+        page_size=4,
+        pages_per_seq=16,
+        num_tokens=16,
+        max_seqs=10,
+        seed=8,
+    )
+    opts = dataclasses.replace(
+        BALANCED, programs_per_core=programs_per_core, longest_first=longest_first
+    )
+    check(args, jnp.float32, plan={}, decode_options=opts)
+
+
+def test_balanced_large_pages():
+    """Pages larger than a KV block; a sequence of one token; a q_len 1 row after a prefill."""
+    args = make_batch(
+        [1, 1, 1, 6, 1],
+        [70, 1, 33, 40, 3],
+        num_heads=4,
+        num_kv_heads=1,
+        page_size=32,
+        pages_per_seq=3,
+        seed=9,
+    )
+    check(args, jnp.float32, decode_options=BALANCED)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 20])
+def test_balance_work_items(sliding_window):
+    """Items cover each decode's blocks exactly, are <= bps blocks, fit the static grid."""
+    rng = np.random.default_rng(10)
+    S, BK, P, target, min_blocks = 24, 16, 32, 6, 2
+    for trial in range(20):
+        kv = rng.integers(0, P * 4 + 1, S) if trial % 2 else np.full(S, P * 4)
+        num_dec = int(rng.integers(0, S + 1))
+        meta = np.asarray(
+            gpu_decode.balance_work(
+                jnp.asarray(kv, jnp.int32),
+                jnp.asarray([num_dec], jnp.int32),
+                num_seqs=S,
+                block_k=BK,
+                sliding_window=sliding_window,
+                target_items=target,
+                min_blocks=min_blocks,
+                longest_first=bool(trial % 3),
+            )
+        )
+        cum, order, count, kvs = meta[:, :S]
+        assert sorted(order) == list(range(S)) and (kvs == kv[order]).all()
+        lo = np.maximum(kv - (sliding_window or 10**9), 0) // BK
+        n = np.where(np.arange(S) < num_dec, -(-kv // BK) - lo, 0)
+        bps = max(min_blocks, -(-n.sum() // target))
+        np.testing.assert_array_equal(count, -(-n[order] // bps))
+        np.testing.assert_array_equal(cum, np.cumsum(count))
+        assert cum[-1] <= gpu_decode.num_work_items(S, -(-P * 4 // BK), target, min_blocks)
+        assert (meta[0, S:] == np.iinfo(np.int32).max).all()
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
