@@ -72,9 +72,7 @@ def main(argv=None) -> dict:
         "init_times_s": r.init_times,
         "attention_backend": r.backend,
         "buckets": buckets,
-        "total": {
-            k: round(sum(b[k] for b in buckets), 2) for k in ("trace", "lower", "compile")
-        },
+        "total": {k: round(sum(b[k] for b in buckets), 2) for k in ("trace", "lower", "compile")},
         "process_s": round(time.perf_counter() - t_process, 2),
         "device": jax.devices()[0].device_kind,
         "jax_version": jax.__version__,
