@@ -14,7 +14,7 @@ class ModelConfig:
     dtype: str = "auto"
     max_model_len: int | None = None  # None: from the checkpoint
     skip_tokenizer_init: bool = False
-    attention_backend: str = "auto"  # "auto" | "reference" | "xla" | "pallas"
+    attention_backend: str = "auto"  # "auto" | "reference" | "xla" | "pallas" | "pallas_tpu"
     load_format: str = "auto"  # "auto" | "dummy" (random weights, for benchmarks)
 
     def __post_init__(self) -> None:

@@ -3,9 +3,12 @@
 `get_attention_fn(backend)` is the one switch:
   "reference"  pure-jnp gather + softmax over the whole page table (any backend; the oracle)
   "xla"        plain XLA with work proportional to the real context (`xla.py`)
-  "pallas"     our Pallas kernels (GPU, Triton lowering); `interpret=True` runs them anywhere
-  "auto"       "pallas" on GPU if a small probe compiles and matches the reference, else
-               "xla" (CPU; TPU until a Mosaic TPU kernel exists)
+  "pallas"     our Pallas kernels: GPU (Triton lowering), or on a TPU backend the TPU kernel;
+               `interpret=True` runs them anywhere
+  "pallas_tpu" the Pallas TPU (Mosaic) kernel (`tpu_ragged_paged_attention.py`); TPU
+               interpret mode off TPU
+  "auto"       on GPU "pallas", on TPU "pallas_tpu", each if a small probe compiles and
+               matches the reference; else "xla" (CPU, or a failed probe)
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from jaxmm.kernels.reference import ragged_paged_attention as reference_attentio
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("reference", "xla", "pallas", "auto")
+BACKENDS = ("reference", "xla", "pallas", "pallas_tpu", "auto")
 
 
 def get_attention_fn(backend: str = "auto"):
@@ -33,20 +36,41 @@ def get_attention_fn(backend: str = "auto"):
 
     if backend == "xla":
         return xla.ragged_paged_attention
+    on_tpu = jax.default_backend() == "tpu"
+    if backend == "pallas_tpu" or (backend == "pallas" and on_tpu):
+        return _tpu_attention(interpret=not on_tpu)
     if backend == "pallas":
         return ragged_paged_attention
     if jax.default_backend() == "gpu" and _pallas_works():
         return ragged_paged_attention
+    if on_tpu and _pallas_works("tpu"):
+        return _tpu_attention(interpret=False)
     return xla.ragged_paged_attention
 
 
 @functools.cache
-def _pallas_works() -> bool:
-    """Compile and check a tiny mixed batch once per process (fallback if lowering fails)."""
+def _tpu_attention(interpret: bool):
+    """The TPU kernel; off TPU in TPU interpret mode (CPU tests)."""
+    from jaxmm.kernels.tpu_ragged_paged_attention import ragged_paged_attention
+
+    if interpret:
+        return functools.partial(ragged_paged_attention, interpret=True)
+    return ragged_paged_attention
+
+
+@functools.cache
+def _pallas_works(kind: str = "gpu") -> bool:
+    """Compile and check a tiny mixed batch once per process (fallback if lowering fails).
+
+    kind: "gpu" probes the Triton kernels, "tpu" the Mosaic TPU kernel.
+    """
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxmm.kernels.ragged_paged_attention import ragged_paged_attention
+    if kind == "tpu":
+        from jaxmm.kernels.tpu_ragged_paged_attention import ragged_paged_attention
+    else:
+        from jaxmm.kernels.ragged_paged_attention import ragged_paged_attention
 
     try:
         rng = np.random.default_rng(0)

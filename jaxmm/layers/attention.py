@@ -36,9 +36,11 @@ def resolve_backend(name: str) -> str:
         raise ValueError(f"attention_backend must be one of {BACKENDS}; got {name!r}")
     if name != "auto":
         return name
-    # our Pallas kernels lower through Triton (GPU); CPU and TPU use the XLA path
+    # our Pallas kernels: Triton lowering on GPU, Mosaic on TPU; CPU uses the XLA path
     if jax.default_backend() == "gpu" and _pallas_works():
         return "pallas"
+    if jax.default_backend() == "tpu" and _pallas_works("tpu"):
+        return "pallas_tpu"
     return "xla"
 
 
@@ -50,6 +52,10 @@ def attention_fn(backend: str):
         from jaxmm.kernels import xla
 
         return xla.ragged_paged_attention
+    if backend == "pallas_tpu" or (backend == "pallas" and jax.default_backend() == "tpu"):
+        from jaxmm.kernels import _tpu_attention
+
+        return _tpu_attention(interpret=jax.default_backend() != "tpu")
     if backend in ("pallas", "pallas_interpret"):
         from jaxmm.kernels import ragged_paged_attention as rpa
 
