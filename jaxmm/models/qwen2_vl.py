@@ -30,12 +30,16 @@ from jaxmm.layers.rope import rope_parameters
 from jaxmm.models.encoders.qwen2_vl_vision import (
     Qwen2_5_VisionTransformer,
     Qwen2VisionTransformer,
+    attention_implementation,
+    layout_slots,
     pack,
 )
 from jaxmm.models.llama import head_dim
 from jaxmm.models.qwen2 import Qwen2ForCausalLM, Qwen2Model
 
-MAX_PATCHES_PER_CALL = 16384  # items are packed up to this many patches per encoder call
+# items share an encoder call while its padded attention layouts (segments x longest
+# segment, see `layout_slots`) stay within this many rows; a bigger item runs alone
+MAX_SLOTS = 16384
 
 
 class Qwen2VLTextModel(Qwen2Model):
@@ -164,38 +168,30 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
         vc = self.hf_config.vision_config
         windowed = self.vision_cls.windowed
         unit = self._merge() ** 2
+        width = self.vision_cls.width(vc)
+        impl = attention_implementation(self.dtype, width // vc.num_heads)
 
         @jax.jit
-        def run(params, pixels, pos, full_seg, window_seg):
+        def run(params, pixels, pos, full, window, order):
             model = nnx.merge(graphdef, params)
-            return model.visual(pixels.astype(model.dtype), pos, full_seg, window_seg)
+            return model.visual(pixels.astype(model.dtype), pos, full, window, order, impl)
+
+        def run_chunk(params, chunk: list[tuple]) -> list[np.ndarray]:
+            b = pack(chunk, vc, windowed)
+            merged = run(params, b["pixels"], b["pos"], b["full"], b["window"], b["order"])
+            merged = np.asarray(merged, np.float32)[: b["num_units"]]
+            merged = merged[b["unpermute"]]
+            return np.split(merged, np.cumsum([len(px) // unit for px, _ in chunk])[:-1])
 
         def encode(params, modality: str, items: list[dict]) -> list[np.ndarray]:
-            out: list[np.ndarray] = []
-            chunk: list[tuple] = []
-            size = 0
-            for it in [*items, None]:
-                n = 0 if it is None else len(it["pixel_values"])
-                if chunk and (it is None or size + n > MAX_PATCHES_PER_CALL):
-                    batch = pack(chunk, vc, windowed)
-                    merged = run(
-                        params,
-                        batch["pixels"],
-                        batch["pos"],
-                        batch["full_seg"],
-                        batch["window_seg"],
-                    )
-                    merged = np.asarray(merged, np.float32)[: batch["num_units"]]
-                    merged = merged[batch["unpermute"]]
-                    sizes = np.cumsum([len(px) // unit for px, _ in chunk])[:-1]
-                    out.extend(np.split(merged, sizes))
-                    chunk, size = [], 0
-                if it is not None:
-                    chunk.append(
-                        (np.asarray(it["pixel_values"], np.float32), tuple(it["grid_thw"]))
-                    )
-                    size += n
-            return out
+            chunks: list[list[tuple]] = []
+            for it in items:
+                item = (np.asarray(it["pixel_values"], np.float32), tuple(it["grid_thw"]))
+                grids = [g for _, g in chunks[-1]] + [item[1]] if chunks else []
+                if not chunks or layout_slots(grids, vc, windowed) > MAX_SLOTS:
+                    chunks.append([])  # a new call
+                chunks[-1].append(item)
+            return [feats for chunk in chunks for feats in run_chunk(params, chunk)]
 
         return encode
 

@@ -1,20 +1,44 @@
 """Qwen2-VL / Qwen2.5-VL vision transformers, HF names, one packed batch per call.
 
 Images and videos arrive as flattened patches (n, C*tp*p*p) with their grid (t, h, w).
-Several items are packed into one sequence of N patches (padded to a power of two, so
-new sizes reuse compiled programs) and attention is confined to each frame by segment
-ids: a patch attends to patches of its own frame (Qwen2-VL, and Qwen2.5-VL's full
-attention blocks) or of its own window (Qwen2.5-VL's other blocks).
+Several items are packed into one sequence of N patches and attention is confined to
+segments: a patch attends to patches of its own frame (Qwen2-VL, and Qwen2.5-VL's full
+attention blocks) or of its own window (Qwen2.5-VL's other blocks). Segments are
+contiguous runs of the packed sequence.
+
+Attention (`packed_attention`): per layer, q/k/v are gathered from the packed order into
+a padded batch (B segments, C slots) with each segment's length, run through
+`jax.nn.dot_product_attention` (cuDNN flash attention on GPU in bf16/fp16, so no
+(C, C) score matrix is ever stored; XLA elsewhere, in query blocks once the scores
+would pass `SCORE_BUDGET`), and gathered back. The (B, C) <-> N index arrays are built
+on the host by `pack` (numpy) and passed in as inputs, so one compiled program serves
+every batch of the same bucket shapes. `segment_attention` is the dense masked oracle.
+
+Buckets (the shapes one compiled program serves; `ladder` rounds up with 8 steps per
+octave, i.e. to a multiple of 2^(k-3) for 2^k <= n, so at most 12.5% padding where a
+power of two pads up to 100% (9216 patches of a 1344^2 image: 9216, not 16384)):
+  N  patches        ladder(N), multiples of 64 (the merger needs multiples of m^2)
+  full attention    B = next power of two of the frame count, C = ladder(longest frame)
+                    (one image: (1, N bucket); a video of t equal frames: (pow2(t), ...))
+  window attention  C = window^2 * m^2 patches (a full window), B = ladder(windows, 8)
+One image size thus compiles one program, and nearby sizes share it. The caller packs
+items into one call only while the padded layouts stay within a slot budget
+(`layout_slots`), so a big frame next to many small ones never pads them all to its size.
 
 Qwen2-VL: LayerNorm, fc1/fc2 MLP, 2D rotary over (h, w) patch coordinates, then a patch
 merger (LayerNorm + MLP over 2x2 neighbourhoods). Qwen2.5-VL: RMSNorm, gated SiLU MLP with
 biases, the same merger with RMSNorm, and window attention: patches are reordered window by
-window on the host (`pack`), which changes no math (attention is masked by segment, all
+window on the host (`pack`), which changes no math (attention is confined to segments, all
 other ops are per patch), and the merged rows are put back in order afterwards.
-Shape letters: N patches (packed), D width, Hn heads, Hd head dim, K patch pixels.
+Shape letters: N patches (packed), D width, Hn heads, Hd head dim, K patch pixels,
+B segments and C slots per segment in the padded attention batch.
 """
 
 from __future__ import annotations
+
+import functools
+import logging
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,12 +51,30 @@ from jaxmm.layers.norm import RMSNorm
 from jaxmm.layers.rope import rotate_half
 from jaxmm.models.encoders.clip import ConvWeight, LayerNorm
 
+log = logging.getLogger(__name__)
+
 MIN_PATCH_BUCKET = 64
-QUERY_BLOCK = 512  # encoder attention processes this many query patches at a time
+QUERY_BLOCK = 512  # the dense oracle processes this many query patches at a time
+SCORE_BUDGET = 1 << 26  # XLA path: score floats per query block (256 MB in float32)
 
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def ladder(n: int, min_step: int = 1) -> int:
+    """n rounded up to a multiple of max(min_step, 2^(k-3)), 2^k <= n: 8 steps per octave."""
+    n = max(int(n), 1)
+    step = max(int(min_step), 1 << max(0, n.bit_length() - 4))
+    return -(-n // step) * step
+
+
+class Segments(NamedTuple):
+    """Where each segment (frame or window) sits in the padded (B, C) attention batch."""
+
+    index: jax.Array  # (B, C) int32: the packed patch in each slot (0 in padding slots)
+    lens: jax.Array  # (B,) int32: real patches per segment (0 for padding segments)
+    slot: jax.Array  # (N,) int32: each patch's flat slot b * C + c (0 for padding patches)
 
 
 class PatchEmbed(nnx.Module):
@@ -51,23 +93,116 @@ class VisionAttention(nnx.Module):
         self.qkv = Linear(dim, 3 * dim, bias=True, dtype=dtype, rngs=rngs)
         self.proj = Linear(dim, dim, bias=True, dtype=dtype, shard=ROW, rngs=rngs)
 
-    def __call__(self, x, cos, sin, seg):
+    def __call__(self, x, cos, sin, segs: Segments, implementation: str = "xla"):
         N = x.shape[0]
         qkv = self.qkv(x).reshape(N, 3, self.Hn, self.Hd)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (N, Hn, Hd)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        out = segment_attention(q, k, v, seg, self.Hd**-0.5)
+        out = packed_attention(q, k, v, segs, self.Hd**-0.5, implementation)
         return self.proj(out.reshape(N, self.Hn * self.Hd))
 
 
-def segment_attention(q, k, v, seg, scale: float, block: int = QUERY_BLOCK):
-    """Attention within segments: q/k/v (N, Hn, Hd), seg (N,) -> (N, Hn, Hd).
+def packed_attention(q, k, v, segs: Segments, scale: float, implementation: str = "xla"):
+    """Attention within segments: q/k/v (N, Hn, Hd) -> (N, Hn, Hd).
 
-    Queries go `block` at a time, so the scores never exceed (Hn, block, N) floats however
-    many patches are packed (16k patches at once would need N^2 floats per head). Matmuls
-    take the model's dtype with float32 accumulation (tensor cores for bf16: ~10x faster
-    than float32 operands on an H100); softmax in float32 and probabilities cast back to
-    the model's dtype before the PV product, as HF's eager attention does.
+    Gathers the segments into a padded (B, C, Hn, Hd) batch, attends with per-segment
+    lengths and gathers the rows back. implementation: "cudnn" (flash attention, GPU,
+    bf16/fp16; see `attention_implementation`) or "xla". Either way the scores and softmax
+    are float32 with model-dtype operands, probabilities cast back to the model's dtype
+    before the PV product, as HF's eager attention does.
+    """
+    N, Hn, Hd = q.shape
+    B, C = segs.index.shape
+    # one segment as long as the bucket (one image): slot c holds patch c, no gathers
+    # (padding slots and padding patches are never read back, whichever they pair with)
+    identity = (B, C) == (1, N)
+    if identity:
+        qs, ks, vs = q[None], k[None], v[None]
+    else:
+        qs, ks, vs = q[segs.index], k[segs.index], v[segs.index]  # (B, C, Hn, Hd)
+    if implementation == "cudnn":
+        out = jax.nn.dot_product_attention(
+            qs,
+            ks,
+            vs,
+            scale=scale,
+            query_seq_lengths=segs.lens,
+            key_value_seq_lengths=segs.lens,
+            implementation="cudnn",
+        )
+    elif implementation == "xla":
+        out = _xla_attention(qs, ks, vs, segs.lens, scale)
+    else:
+        raise ValueError(f"unknown vision attention implementation {implementation!r}")
+    return out[0] if identity else out.reshape(B * C, Hn, Hd)[segs.slot]
+
+
+def _xla_attention(q, k, v, lens, scale: float, budget: int = SCORE_BUDGET):
+    """(B, C, Hn, Hd) -> (B, C, Hn, Hd) with keys masked past `lens`, in query blocks.
+
+    XLA stores the (B, Hn, Cq, C) scores of a block of Cq queries: halve Cq until they fit
+    `budget` (one 16k-patch frame at once would take 16 GB in float32). Padding queries
+    attend to their segment's keys (finite, and never read back).
+    """
+    B, C, Hn, Hd = q.shape
+    Cq = C
+    while B * Hn * Cq * C > budget and Cq % 2 == 0 and Cq > 16:
+        Cq //= 2
+
+    def one(qc):  # (B, Cq, Hn, Hd)
+        return jax.nn.dot_product_attention(
+            qc, k, v, scale=scale, key_value_seq_lengths=lens, implementation="xla"
+        )
+
+    if Cq == C:
+        return one(q)
+    blocks = q.reshape(B, C // Cq, Cq, Hn, Hd).swapaxes(0, 1)
+    return jax.lax.map(one, blocks).swapaxes(0, 1).reshape(B, C, Hn, Hd)
+
+
+def attention_implementation(dtype, head_dim: int) -> str:
+    """The attention path here: cuDNN on a GPU for bf16/fp16 if a probe lowers and matches."""
+    if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return "xla"
+    return "cudnn" if _cudnn_works(jnp.dtype(dtype).name, int(head_dim)) else "xla"
+
+
+@functools.cache
+def _cudnn_works(dtype_name: str, head_dim: int) -> bool:
+    """Compile and check cuDNN flash attention once per (dtype, head dim) and process."""
+    try:
+        rng = np.random.default_rng(0)
+        B, C, Hn = 2, 40, 2
+        q, k, v = (
+            jnp.asarray(rng.standard_normal((B, C, Hn, head_dim)), dtype_name) for _ in range(3)
+        )
+        lens = jnp.array([C, 17], jnp.int32)
+        got = jax.jit(
+            functools.partial(
+                jax.nn.dot_product_attention,
+                query_seq_lengths=lens,
+                key_value_seq_lengths=lens,
+                implementation="cudnn",
+            )
+        )(q, k, v)
+        want = _xla_attention(q, k, v, lens, head_dim**-0.5)
+        rows = np.arange(C)[None, :] < np.asarray(lens)[:, None]  # padding rows are unread
+        diff = jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))
+        err = float(jnp.max(jnp.where(rows[:, :, None, None], diff, 0.0)))
+        if not err < 5e-2:
+            log.warning("cuDNN vision attention probe mismatch (max err %g): using XLA", err)
+            return False
+        return True
+    except Exception as e:  # no cuDNN, or this shape / dtype is unsupported
+        log.warning("cuDNN vision attention unavailable (%s): using XLA", e)
+        return False
+
+
+def segment_attention(q, k, v, seg, scale: float, block: int = QUERY_BLOCK):
+    """The dense oracle: q/k/v (N, Hn, Hd), segment ids seg (N,) -> (N, Hn, Hd).
+
+    Every query scores every patch and masks other segments ((Hn, block, N) floats per
+    block of queries): what `packed_attention` must match, for tests.
     """
     N, Hn, Hd = q.shape
     Bq = min(block, N)
@@ -109,8 +244,8 @@ class Qwen2VLVisionBlock(nnx.Module):
         self.attn = VisionAttention(dim, vc.num_heads, dtype=dtype, rngs=rngs)
         self.mlp = VisionMlp(dim, int(dim * vc.mlp_ratio), vc.hidden_act, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, seg):
-        x = x + self.attn(self.norm1(x), cos, sin, seg)
+    def __call__(self, x, cos, sin, segs: Segments, implementation: str = "xla"):
+        x = x + self.attn(self.norm1(x), cos, sin, segs, implementation)
         return x + self.mlp(self.norm2(x))
 
 
@@ -189,8 +324,23 @@ class Qwen2VisionTransformer(nnx.Module):
     def out_width(vc) -> int:
         return vc.hidden_size
 
-    def __call__(self, pixels, pos, full_seg, window_seg):
-        """pixels (N, K), pos (N, 2) int (h, w), segment ids (N,) -> merged (N / m^2, D_out)."""
+    def __call__(
+        self,
+        pixels,
+        pos,
+        full: Segments,
+        window: Segments | None = None,
+        order=None,
+        implementation: str = "xla",
+    ):
+        """pixels (N, K), pos (N, 2) int (h, w), segment layouts -> merged (N / m^2, D_out).
+
+        full: one segment per frame; window: one per window and order (N,) int32, the row of
+        `pixels` at each packed position (Qwen2.5-VL; None otherwise). implementation:
+        "xla" or "cudnn" (`attention_implementation`), fixed per compiled program.
+        """
+        if order is not None:
+            pixels = pixels[order]  # window by window
         x = self.patch_embed(pixels)
         inv = jnp.asarray(np.array(self.inv_freq, np.float32))
         freqs = pos.astype(jnp.float32)[:, :, None] * inv  # (N, 2, Hd/4): h then w
@@ -198,8 +348,8 @@ class Qwen2VisionTransformer(nnx.Module):
         emb = jnp.concatenate([freqs, freqs], axis=-1)  # (N, Hd)
         cos, sin = jnp.cos(emb), jnp.sin(emb)
         for i, block in enumerate(self.blocks):
-            full = not self.windowed or i in self.full_blocks
-            x = block(x, cos, sin, full_seg if full else window_seg)
+            use_full = not self.windowed or i in self.full_blocks
+            x = block(x, cos, sin, full if use_full else window, implementation)
         return self.merger(x)
 
 
@@ -217,7 +367,7 @@ class Qwen2_5_VisionTransformer(Qwen2VisionTransformer):
 
 
 # ---------------------------------------------------------------------------------------
-# Host-side packing (numpy): positions, segments, window order, padding to a bucket
+# Host-side packing (numpy): positions, window order, segment layouts, padding to a bucket
 
 
 def patch_positions(t: int, h: int, w: int, m: int) -> np.ndarray:
@@ -247,47 +397,95 @@ def window_order(t: int, h: int, w: int, m: int, window: int) -> tuple[np.ndarra
     return windows[keep], win_id[keep]
 
 
+def segments(lengths, num_segments: int, max_len: int, num_patches: int) -> Segments:
+    """Contiguous runs of `lengths` patches -> their padded (num_segments, max_len) layout."""
+    lengths = np.asarray(lengths, np.int64)
+    total = int(lengths.sum())
+    if len(lengths) > num_segments or lengths.max() > max_len or total > num_patches:
+        raise ValueError(
+            f"{len(lengths)} segments up to {lengths.max()} patches do not fit "
+            f"({num_segments}, {max_len}) / {num_patches} patches"
+        )
+    starts = np.cumsum(lengths) - lengths
+    c = np.arange(max_len)
+    index = np.zeros((num_segments, max_len), np.int32)
+    index[: len(lengths)] = np.where(c < lengths[:, None], starts[:, None] + c, 0)
+    lens = np.zeros(num_segments, np.int32)
+    lens[: len(lengths)] = lengths
+    seg = np.repeat(np.arange(len(lengths)), lengths)
+    slot = np.zeros(num_patches, np.int32)
+    slot[:total] = seg * max_len + np.arange(total) - starts[seg]
+    return Segments(index, lens, slot)
+
+
+def _window_side(vc, windowed: bool) -> int:
+    """Window side in merged units (HF: window_size // m // patch_size); 0: no windows."""
+    return vc.window_size // vc.spatial_merge_size // vc.patch_size if windowed else 0
+
+
+def _layout_shapes(grids, m: int, window: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(B, C) of the full-attention and window layouts for items of these (t, h, w)."""
+    frames = sum(t for t, _, _ in grids)
+    full = (next_pow2(frames), ladder(max(h * w for _, h, w in grids), MIN_PATCH_BUCKET))
+    if not window:
+        return full, (0, 0)
+    count = sum(t * -(-(h // m) // window) * -(-(w // m) // window) for t, h, w in grids)
+    return full, (ladder(count, 8), window * window * m * m)
+
+
+def layout_slots(grids, vc, windowed: bool) -> int:
+    """Padded rows one encoder call on these (t, h, w) items gathers for attention.
+
+    The caller keeps this under its per-call budget: frames of very different sizes in one
+    call would otherwise all be padded to the longest.
+    """
+    (B, C), (Bw, Cw) = _layout_shapes(grids, vc.spatial_merge_size, _window_side(vc, windowed))
+    return max(B * C, Bw * Cw)
+
+
 def pack(items: list[tuple[np.ndarray, tuple]], vc, windowed: bool) -> dict:
-    """Pack items [(pixels (n, K), (t, h, w))] into one padded batch for the tower."""
+    """Pack items [(pixels (n, K), (t, h, w))] into one padded batch for the tower.
+
+    Pixels stay in item order and are copied at most once, into the padded buffer (not at
+    all for one item that fills its bucket, as 448^2 and 1344^2 images do): a 1344^2 image
+    is 43 MB of float32 and each host copy of it took ~15 ms on an H100 host. Qwen2.5-VL's
+    window-by-window order is applied on device instead, through `order`.
+    """
     m = vc.spatial_merge_size
     unit = m * m
-    window = vc.window_size // m // vc.patch_size if windowed else 0
-    pixels, pos, full, win, order = [], [], [], [], []
-    unit_base = seg_base = win_base = 0
-    for px, (t, h, w) in items:
-        pixels.append(px)
+    window = _window_side(vc, windowed)
+    pos, frames, win_lens, order = [], [], [], []
+    unit_base = 0
+    for _, (t, h, w) in items:
         pos.append(patch_positions(t, h, w, m))
-        full.append(np.repeat(np.arange(t) + seg_base, h * w))
-        seg_base += t
+        frames += [h * w] * t
         units = t * (h // m) * (w // m)
         if windowed:
             idx, wid = window_order(t, h, w, m, window)
             order.append(idx + unit_base)
-            win.append(np.repeat(wid + win_base, unit))
-            win_base += int(wid.max()) + 1
+            win_lens.append(np.bincount(wid) * unit)  # ids ascend: windows in packed order
         else:
             order.append(np.arange(units) + unit_base)
         unit_base += units
-    pixels = np.concatenate(pixels).astype(np.float32)
-    pos = np.concatenate(pos)
-    full = np.concatenate(full)
     units = np.concatenate(order)
     perm = (units[:, None] * unit + np.arange(unit)).reshape(-1)  # patches, window by window
-    pixels, pos, full = pixels[perm], pos[perm], full[perm]
-    win = np.concatenate(win) if windowed else full
-    N = len(pixels)
-    B = max(MIN_PATCH_BUCKET, next_pow2(N))
-
-    def pad(a, value):
-        out = np.full((B, *a.shape[1:]), value, a.dtype)
-        out[:N] = a
-        return out
-
+    N = len(perm)
+    Nb = ladder(N, MIN_PATCH_BUCKET)
+    if len(items) == 1 and N == Nb:
+        pixels = np.asarray(items[0][0], np.float32)
+    else:
+        pixels = np.zeros((Nb, np.shape(items[0][0])[1]), np.float32)
+        np.concatenate([px for px, _ in items], out=pixels[:N])
+    padded_pos = np.zeros((Nb, 2), np.int32)
+    padded_pos[:N] = np.concatenate(pos)[perm]
+    (B, C), (Bw, Cw) = _layout_shapes([g for _, g in items], m, window)
     return {
-        "pixels": pad(pixels, 0.0),
-        "pos": pad(pos.astype(np.int32), 0),
-        "full_seg": pad(full.astype(np.int32), -1),  # padding is its own segment
-        "window_seg": pad(win.astype(np.int32), -1),
+        "pixels": pixels,  # (Nb, K), item order
+        # packed patch -> row of `pixels` (None: the same order)
+        "order": np.concatenate([perm, np.arange(N, Nb)]).astype(np.int32) if windowed else None,
+        "pos": padded_pos,  # (Nb, 2) (row, col) of each packed patch
+        "full": segments(frames, B, C, Nb),  # a frame's patches stay contiguous
+        "window": segments(np.concatenate(win_lens), Bw, Cw, Nb) if windowed else None,
         "num_units": len(units),
         "unpermute": np.argsort(units, kind="stable"),  # merged rows back in item order
     }
