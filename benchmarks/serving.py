@@ -195,6 +195,68 @@ class _Server:
         self.sock.close()
 
 
+def run_client_process(args, url: str, model: str, vocab_size: int) -> dict:
+    """This script with --url in a child process: the same workload (same seed and vocab)."""
+    import subprocess
+
+    cmd = [sys.executable, os.path.abspath(__file__), "--url", url, "--model-name", model]
+    cmd += ["--vocab-size", str(vocab_size), "--seed", str(args.seed)]
+    cmd += ["--num-requests", str(args.num_requests), "--request-rate", str(args.request_rate)]
+    cmd += ["--input-len", str(args.input_len), "--output-len", str(args.output_len)]
+    cmd += ["--warmup-requests", str(args.warmup_requests), "--timeout", str(args.timeout)]
+    if args.api_key:
+        cmd += ["--api-key", args.api_key]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout + 60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the client process failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["server"]
+
+
+class StackSampler(threading.Thread):
+    """A sampling profiler of this process's threads (`--profile`): every `interval` s it
+    records each thread's stack; `report()` lists, per thread, the functions that were on
+    the stack most often (inclusive) and the most frequent innermost frames."""
+
+    def __init__(self, interval: float = 0.002):
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.stop = threading.Event()
+        self.samples = 0
+        self.inclusive: dict = {}
+        self.leaf: dict = {}
+
+    def run(self) -> None:
+        from collections import Counter
+
+        me = threading.get_ident()
+        while not self.stop.is_set():
+            names = {t.ident: t.name for t in threading.enumerate()}
+            for tid, frame in sys._current_frames().items():
+                if tid == me:
+                    continue
+                name = names.get(tid, str(tid))
+                stack = []
+                f = frame
+                while f is not None:
+                    code = f.f_code
+                    stack.append(f"{os.path.basename(code.co_filename)}:{code.co_name}")
+                    f = f.f_back
+                self.inclusive.setdefault(name, Counter()).update(set(stack))
+                self.leaf.setdefault(name, Counter())[" < ".join(stack[:3])] += 1
+            self.samples += 1
+            time.sleep(self.interval)
+
+    def report(self) -> dict:
+        return {
+            name: {
+                "samples": sum(self.leaf[name].values()),
+                "inclusive": self.inclusive[name].most_common(30),
+                "leaf": self.leaf[name].most_common(20),
+            }
+            for name in self.leaf
+        }
+
+
 # -- the offline side -----------------------------------------------------------------------
 
 
@@ -213,7 +275,9 @@ def run_offline(engine, args, prompts, offsets) -> dict:
         while nxt < len(prompts) and offsets[nxt] <= now:
             rid = f"off-{nxt}"
             engine.add_request(rid, None, sp, time.monotonic(), prompt_ids=prompts[nxt])
-            start[rid] = last[rid] = time.perf_counter()
+            # from the scheduled arrival (as the HTTP client measures), not from when the
+            # loop got to it: a request arriving mid-step waits for that step either way
+            start[rid] = last[rid] = t0 + offsets[nxt]
             seen[rid] = 0
             nxt += 1
         if not engine.has_unfinished_requests():
@@ -294,11 +358,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup-requests", type=int, default=1, help="untimed, sent first")
     ap.add_argument("--offline", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--profile", help="write a sampling profile of the server's threads here")
+    ap.add_argument(
+        "--client-process",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the load generator in its own process (default), as a real client is; "
+        "in-process it shares the server's interpreter lock",
+    )
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxmm-bench"))
     args = ap.parse_args(argv)
 
     result: dict = {
         "benchmark": "serving",
+        "client_process": bool(args.client_process and not args.url),
         "num_requests": args.num_requests,
         "request_rate": args.request_rate if args.request_rate != float("inf") else "inf",
         "input_len": args.input_len,
@@ -334,9 +407,21 @@ def main(argv=None) -> dict:
     client = AsyncEngine(engine)
     app = build_app(client, served_model_names=[model], api_keys=args.api_key)
     server = _Server(app)
+    sampler = StackSampler() if args.profile else None
+    if sampler is not None:
+        sampler.start()
     try:
-        result["server"] = asyncio.run(run_http(args, server.url, model, prompts, offsets))
+        if args.client_process:
+            vocab = engine.hf_config.vocab_size
+            result["server"] = run_client_process(args, server.url, model, vocab)
+        else:
+            result["server"] = asyncio.run(run_http(args, server.url, model, prompts, offsets))
     finally:
+        if sampler is not None:
+            sampler.stop.set()
+            sampler.join()
+            with open(args.profile, "w") as f:
+                json.dump(sampler.report(), f, indent=1)
         server.stop()
         client.shutdown()
     if args.offline:

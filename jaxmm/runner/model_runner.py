@@ -145,10 +145,18 @@ class ModelRunner:
         tensor_parallel_size: int = 1,
         load_format: str = "auto",
     ):
+        t_start = time.perf_counter()
+        # seconds spent in each phase of start-up (and warmup), for benchmarks and logs
+        self.init_times: dict[str, float] = {}
         self.hf_config = ck.hf_config
         self.dtype = cast_dtype(dtype, ck.hf_config)
         self.block_size = block_size
+        jax.devices()
+        self.init_times["backend_init"] = round(time.perf_counter() - t_start, 3)
         self.backend = resolve_backend(attention_backend)
+        self.init_times["attention_probe"] = round(
+            time.perf_counter() - t_start - self.init_times["backend_init"], 3
+        )
         self.on_cpu = jax.default_backend() == "cpu"
 
         if tensor_parallel_size > len(jax.devices()):
@@ -168,9 +176,9 @@ class ModelRunner:
             )
 
         t0 = time.perf_counter()
-        # seconds spent in each phase of start-up (and warmup), for benchmarks and logs
-        self.init_times: dict[str, float] = {}
         abstract = nnx.eval_shape(build)
+        self.init_times["build"] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
         self.graphdef, abstract_state = nnx.split(abstract)
         self.model_obj = abstract
         if load_format == "dummy":  # random weights, for benchmarks
@@ -437,7 +445,9 @@ class ModelRunner:
         if not penalties and not want_lp and all(s.temperature == 0 for s in sampled):
             # greedy fast path: one program and one transfer per step
             return InFlight(greedy_tokens, rows)
-        num_logprobs = -1 if not want_lp else (0 if max(want_lp) == 0 else MAX_LOGPROBS)
+        # the sampled token's logprob is always computed (cheap next to the model), so one
+        # warm variant serves requests with and without `logprobs=0`
+        num_logprobs = MAX_LOGPROBS if want_lp and max(want_lp) > 0 else 0
         t = self._sampling_tensors(steps, S, penalties)
         tokens, lp, top_ids, top_lp = self._sample(
             logits,
@@ -447,6 +457,8 @@ class ModelRunner:
             use_penalties=penalties,
             num_logprobs=num_logprobs,
         )
+        if not want_lp:
+            return InFlight(tokens, rows)
         return InFlight(tokens, rows, lp, None if top_ids is None else (top_ids, top_lp))
 
     def resolve(self, inflight: InFlight) -> StepOutput:
@@ -484,7 +496,7 @@ class ModelRunner:
                     all_greedy=greedy,
                     use_filters=filters,
                     use_penalties=False,
-                    num_logprobs=-1,
+                    num_logprobs=0,
                 )
             jax.block_until_ready(out)
         self.init_times["warmup"] = round(time.perf_counter() - t0, 3)
