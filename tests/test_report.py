@@ -82,12 +82,17 @@ def test_generated_tables_and_plot_match_json(tmp_path):
     header, table_rows = table(body)
     assert header == ["B", "L", "lengths"] + [report.HEADER.get(i, i) for i in impls]
     for r in rows:
-        cell = table_rows[(str(r["B"]), str(r["L"]), r["lengths"])][report.HEADER[r["impl"]]]
+        cell = table_rows[(str(r["B"]), str(r["L"]), r["lengths"])][
+            report.HEADER.get(r["impl"], r["impl"])
+        ]
         ms, tb = numbers(cell)[:2]
         assert ms == pytest.approx(r["ms"], abs=5e-4 + 1e-9)
         assert tb == pytest.approx(r["tb_s"], abs=5e-3 + 1e-9)
     # every (B, L, lengths) row shows each implementation, or "-" when not measured
-    seen = {(str(r["B"]), str(r["L"]), r["lengths"], report.HEADER[r["impl"]]) for r in rows}
+    seen = {
+        (str(r["B"]), str(r["L"]), r["lengths"], report.HEADER.get(r["impl"], r["impl"]))
+        for r in rows
+    }
     for key, row in table_rows.items():
         for col in header[3:]:
             assert (row[col] == "-") == ((*key, col) not in seen)
@@ -95,8 +100,16 @@ def test_generated_tables_and_plot_match_json(tmp_path):
     for row in table_rows.values():
         assert sum("**" in c for c in row.values()) <= 1
         assert "**" not in row["kernel"]
-    assert "**0.209 / 2.57**" in table_rows[("64", "2048", "equal")]["cuDNN paged"]
-    assert "(0.211 / 2.55)*" in table_rows[("64", "2048", "equal")]["jaxmm"]
+    # the bold cell is the fastest whole call of its row
+    fastest: dict = {}
+    for r in rows:
+        if r["impl"] != "jaxmm_kernel":
+            key = (str(r["B"]), str(r["L"]), r["lengths"])
+            if key not in fastest or r["ms"] < fastest[key]["ms"]:
+                fastest[key] = r
+    for key, r in fastest.items():
+        if sum(1 for x in rows if (str(x["B"]), str(x["L"]), x["lengths"]) == key) > 1:
+            assert "**" in table_rows[key][report.HEADER.get(r["impl"], r["impl"])]
 
     pre = json.loads(report.PREFILL_JSON.read_text())
     header, prows = table(region(text, "prefill-table"))
