@@ -170,14 +170,14 @@ async def run_http(args, base_url: str, model: str, prompts, offsets) -> dict:
 class _Server:
     """uvicorn on 127.0.0.1 (a free port) in a thread, over an AsyncEngine."""
 
-    def __init__(self, app):
+    def __init__(self, app, http: str = "auto", loop: str = "auto"):
         import uvicorn
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on")
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", http=http, loop=loop)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
@@ -358,6 +358,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup-requests", type=int, default=1, help="untimed, sent first")
     ap.add_argument("--offline", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--http", default="auto", help="uvicorn HTTP implementation (auto: httptools)")
+    ap.add_argument("--loop", default="auto", help="uvicorn event loop (auto: uvloop)")
     ap.add_argument("--profile", help="write a sampling profile of the server's threads here")
     ap.add_argument(
         "--client-process",
@@ -406,7 +408,7 @@ def main(argv=None) -> dict:
     prompts, offsets = workload(args, engine.hf_config.vocab_size)
     client = AsyncEngine(engine)
     app = build_app(client, served_model_names=[model], api_keys=args.api_key)
-    server = _Server(app)
+    server = _Server(app, http=args.http, loop=args.loop)
     sampler = StackSampler() if args.profile else None
     if sampler is not None:
         sampler.start()
