@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from jaxmm.config import EngineConfig
 from jaxmm.engine.block_manager import BlockManager
 from jaxmm.engine.detokenizer import detokenize_incrementally, find_stop_string, new_state
-from jaxmm.engine.prompts import tokenize_prompt
+from jaxmm.engine.prompts import check_prompt_ids, tokenize_prompt
 from jaxmm.engine.scheduler import ScheduledBatch, Scheduler
 from jaxmm.engine.sequence import Sequence
 from jaxmm.outputs import CompletionOutput, Logprob, RequestOutput
@@ -115,17 +115,7 @@ class LLMEngine:
         return tokenize_prompt(prompt, self.tokenizer)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_ids:
-            raise ValueError("the prompt is empty: it must contain at least one token")
-        if len(prompt_ids) > self.max_model_len:
-            raise ValueError(
-                f"the prompt is {len(prompt_ids)} tokens long, longer than the maximum model "
-                f"length of {self.max_model_len} tokens"
-            )
-        vocab = self.runner.vocab_size
-        bad = [t for t in prompt_ids if t < 0 or t >= vocab]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        check_prompt_ids(prompt_ids, self.max_model_len, self.runner.vocab_size)
         if not isinstance(params, SamplingParams):
             raise TypeError(f"expected SamplingParams, got {type(params).__name__}")
 

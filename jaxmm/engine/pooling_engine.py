@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxmm.config import EngineConfig
 from jaxmm.engine.async_engine import EngineView
-from jaxmm.engine.prompts import tokenize_prompt
+from jaxmm.engine.prompts import check_prompt_ids, tokenize_prompt
 from jaxmm.models.registry import is_pooling_architecture
 from jaxmm.outputs import EmbeddingOutput, EmbeddingRequestOutput
 from jaxmm.pooling import PoolingParams, load_pooler_config
@@ -88,17 +88,7 @@ class PoolingEngine:
                 f"have {self.embedding_dim} dimensions and it was not trained for others "
                 "(no Matryoshka truncation)"
             )
-        if not ids:
-            raise ValueError("the prompt is empty: it must contain at least one token")
-        if len(ids) > self.max_model_len:
-            raise ValueError(
-                f"this model's maximum context length is {self.max_model_len} tokens, but the "
-                f"prompt is {len(ids)} tokens long; shorten the input"
-            )
-        vocab = self.runner.vocab_size
-        bad = [t for t in ids if t < 0 or t >= vocab]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        check_prompt_ids(ids, self.max_model_len, self.runner.vocab_size)
 
     # -- the forward ------------------------------------------------------------------------
     def embed(

@@ -27,3 +27,17 @@ def tokenize_prompt(prompt, tokenizer) -> tuple[str | None, list[int]]:
     if tokenizer is None:
         raise ValueError("the tokenizer is off (skip_tokenizer_init); pass prompt_token_ids")
     return text, list(tokenizer(text).input_ids)
+
+
+def check_prompt_ids(ids: list[int], max_model_len: int, vocab_size: int) -> None:
+    """The checks every engine makes of a prompt's token ids before queueing it."""
+    if not ids:
+        raise ValueError("the prompt is empty: it must contain at least one token")
+    if len(ids) > max_model_len:
+        raise ValueError(
+            f"the prompt is {len(ids)} tokens long, but this model's maximum context length "
+            f"is {max_model_len} tokens; shorten the input"
+        )
+    bad = [t for t in ids if t < 0 or t >= vocab_size]
+    if bad:
+        raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
