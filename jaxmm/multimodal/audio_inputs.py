@@ -45,20 +45,12 @@ import numpy as np
 
 from .audio import decode_audio_bytes, load_audio_item
 from .cache import EncoderCache
+from .inputs import check_prompt_keys
 
 logger = logging.getLogger(__name__)
 
 # encoder calls batch at most this many requests (padded to a power of two)
 MAX_ENCODE_BATCH = 8
-PROMPT_KEYS = (
-    "prompt",
-    "prompt_token_ids",
-    "multi_modal_data",
-    "multi_modal_uuids",
-    "mm_processor_kwargs",
-    "media_io_kwargs",
-    "cache_salt",
-)
 TASKS = ("transcribe", "translate")
 
 
@@ -400,9 +392,7 @@ class AudioFrontend:
             raise TypeError(f"an audio prompt is a dict, got {type(prompt).__name__}")
         if "encoder_prompt" in prompt or "decoder_prompt" in prompt:
             prompt = _flatten_encoder_decoder(prompt)
-        unknown = sorted(set(prompt) - set(PROMPT_KEYS))
-        if unknown:
-            raise ValueError(f"unknown prompt keys {unknown}; known: {', '.join(PROMPT_KEYS)}")
+        check_prompt_keys(prompt)
         items = _audio_items(prompt.get("multi_modal_data"))
         self._check_limit(len(items))
         if self.encoder_decoder:

@@ -59,6 +59,13 @@ PROMPT_KEYS = (
 )
 
 
+def check_prompt_keys(prompt: dict) -> None:
+    """A prompt dict may only hold the keys of vLLM's multimodal prompt schema."""
+    unknown = sorted(set(prompt) - set(PROMPT_KEYS))
+    if unknown:
+        raise ValueError(f"unknown prompt keys {unknown}; known: {', '.join(PROMPT_KEYS)}")
+
+
 # ---------------------------------------------------------------------------------------
 # What the engine holds per request
 
@@ -537,9 +544,7 @@ class MultimodalFrontend:
     def _prepare(self, prompt: dict):
         if not isinstance(prompt, dict):
             raise TypeError(f"a multimodal prompt is a dict, got {type(prompt).__name__}")
-        unknown = sorted(set(prompt) - set(PROMPT_KEYS))
-        if unknown:
-            raise ValueError(f"unknown prompt keys {unknown}; known: {', '.join(PROMPT_KEYS)}")
+        check_prompt_keys(prompt)
         io_kwargs = _check_media_io_kwargs(prompt.get("media_io_kwargs"))
         io = {m: {**self.media_io_kwargs.get(m, {}), **io_kwargs.get(m, {})} for m in MODALITIES}
         proc_kwargs = dict(prompt.get("mm_processor_kwargs") or {})

@@ -118,6 +118,17 @@ def backend_compile_count() -> int:
     return _BACKEND_COMPILES[0]
 
 
+def make_mesh(tensor_parallel_size: int) -> Mesh:
+    """A (1, tp) mesh with axes ("data", "model") over the first tp visible devices."""
+    if tensor_parallel_size > len(jax.devices()):
+        raise ValueError(
+            f"tensor_parallel_size={tensor_parallel_size} but only {len(jax.devices())} "
+            "devices are visible"
+        )
+    devices = np.array(jax.devices()[:tensor_parallel_size]).reshape(1, tensor_parallel_size)
+    return Mesh(devices, ("data", "model"))
+
+
 def enable_compilation_cache(path: str | None) -> None:
     path = path or os.environ.get("JAXMM_CACHE_DIR")
     if not path:
@@ -159,13 +170,7 @@ class ModelRunner:
         )
         self.on_cpu = jax.default_backend() == "cpu"
 
-        if tensor_parallel_size > len(jax.devices()):
-            raise ValueError(
-                f"tensor_parallel_size={tensor_parallel_size} but only {len(jax.devices())} "
-                "devices are visible"
-            )
-        devices = np.array(jax.devices()[:tensor_parallel_size]).reshape(1, tensor_parallel_size)
-        self.mesh = Mesh(devices, ("data", "model"))
+        self.mesh = make_mesh(tensor_parallel_size)
 
         cls = model_class(ck.hf_config)
         text_config = getattr(ck.hf_config, "text_config", None) or ck.hf_config

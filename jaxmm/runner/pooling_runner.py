@@ -19,11 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
 
 from jaxmm.models.registry import model_class
 from jaxmm.runner.checkpoint import Checkpoint
-from jaxmm.runner.model_runner import MIN_BUCKET, next_pow2
+from jaxmm.runner.model_runner import MIN_BUCKET, make_mesh, next_pow2
 from jaxmm.weights.loader import cast_dtype, load_params, random_params
 
 # B * C per batch when max_num_batched_tokens is not given: attention scores are
@@ -65,13 +64,7 @@ class PoolingRunner:
         self.hf_config = ck.hf_config
         self.pooling_type = pooling_type
         self.dtype = cast_dtype(dtype, ck.hf_config)
-        if tensor_parallel_size > len(jax.devices()):
-            raise ValueError(
-                f"tensor_parallel_size={tensor_parallel_size} but only {len(jax.devices())} "
-                "devices are visible"
-            )
-        devices = np.array(jax.devices()[:tensor_parallel_size]).reshape(1, tensor_parallel_size)
-        self.mesh = Mesh(devices, ("data", "model"))
+        self.mesh = make_mesh(tensor_parallel_size)
 
         cls = model_class(ck.hf_config)
         abstract = nnx.eval_shape(lambda: cls(ck.hf_config, dtype=self.dtype, rngs=nnx.Rngs(0)))
