@@ -125,7 +125,14 @@ async def one_request(client, url: str, body: dict, headers: dict, delay: float,
     rec["output_tokens"] = rec.get("usage_tokens", n_tokens)
 
 
-async def run_http(args, base_url: str, model: str, prompts, offsets) -> dict:
+async def run_http(
+    args, base_url: str, model: str, prompts, offsets, *, ready=None
+) -> tuple[list[dict], float, float]:
+    """Send `prompts` at `offsets` (s); returns (records, start, end) in `time.time()` terms.
+
+    `ready`, when given, is awaited after the warmup requests and returns the wall-clock
+    time to start at (the barrier that lines up several client processes).
+    """
     import httpx
 
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -149,7 +156,10 @@ async def run_http(args, base_url: str, model: str, prompts, offsets) -> dict:
         for p in prompts[: args.warmup_requests]:  # untimed: first-use costs (compiles, pools)
             warm = {"ttft": None, "itl": [], "error": None, "output_tokens": 0}
             await one_request(client, base_url + "/v1/completions", body(p), headers, 0.0, warm)
-        t0 = time.perf_counter()
+        start = time.time()
+        if ready is not None:
+            start = await ready()
+            await asyncio.sleep(max(0.0, start - time.time()))
         await asyncio.gather(
             *(
                 one_request(
@@ -157,14 +167,14 @@ async def run_http(args, base_url: str, model: str, prompts, offsets) -> dict:
                     base_url + "/v1/completions",
                     body(p),
                     headers,
-                    off,
+                    off + start - time.time(),
                     rec,
                 )
                 for p, off, rec in zip(prompts, offsets, records, strict=True)
             )
         )
-        duration = time.perf_counter() - t0
-    return summarize(records, duration)
+        end = time.time()
+    return records, start, end
 
 
 class _Server:
@@ -195,10 +205,14 @@ class _Server:
         self.sock.close()
 
 
-def run_client_process(args, url: str, model: str, vocab_size: int) -> dict:
-    """This script with --url in a child process: the same workload (same seed and vocab)."""
+def run_client_processes(args, url: str, model: str, vocab_size: int) -> dict:
+    """The load generator in `--client-procs` processes (this script with --url and --shard),
+    each sending every N-th request of the same workload (same seed and vocab). They warm up,
+    report ready, and start together at a time this process sends them; the summary is over
+    all their records, from that start to the last one's end."""
     import subprocess
 
+    n = max(1, args.client_procs)
     cmd = [sys.executable, os.path.abspath(__file__), "--url", url, "--model-name", model]
     cmd += ["--vocab-size", str(vocab_size), "--seed", str(args.seed)]
     cmd += ["--num-requests", str(args.num_requests), "--request-rate", str(args.request_rate)]
@@ -206,10 +220,40 @@ def run_client_process(args, url: str, model: str, vocab_size: int) -> dict:
     cmd += ["--warmup-requests", str(args.warmup_requests), "--timeout", str(args.timeout)]
     if args.api_key:
         cmd += ["--api-key", args.api_key]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout + 60)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the client process failed: {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["server"]
+    procs = [
+        subprocess.Popen(
+            [*cmd, "--shard", f"{i}/{n}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(n)
+    ]
+    try:
+        for p in procs:
+            line = p.stdout.readline()
+            if line.strip() != "ready":
+                raise RuntimeError(f"a client process failed: {p.stderr.read()[-2000:]}")
+        start = time.time() + 0.2
+        for p in procs:
+            p.stdin.write(f"{start}\n")
+            p.stdin.flush()
+        records: list[dict] = [{} for _ in range(args.num_requests)]
+        end = start
+        for i, p in enumerate(procs):
+            out, err = p.communicate(timeout=args.timeout + 60)
+            if p.returncode != 0:
+                raise RuntimeError(f"a client process failed: {err[-2000:]}")
+            shard = json.loads(out.strip().splitlines()[-1])
+            for j, rec in zip(range(i, args.num_requests, n), shard["records"], strict=True):
+                records[j] = rec
+            end = max(end, shard["end"])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return summarize(records, end - start)
 
 
 class StackSampler(threading.Thread):
@@ -304,9 +348,8 @@ def run_offline(engine, args, prompts, offsets) -> dict:
 # -- main -----------------------------------------------------------------------------------
 
 
-def build_engine(args):
-    from jaxmm import LLM
-
+def engine_kwargs(args) -> tuple[str, dict]:
+    """(checkpoint path, LLM keyword arguments) of the engine under test."""
     if args.model is None:
         try:
             from benchmarks.throughput import CONFIGS, write_config
@@ -320,8 +363,8 @@ def build_engine(args):
     else:
         path, load_format = args.model, args.load_format
         skip_tok = not os.path.exists(os.path.join(path, "tokenizer_config.json"))
-    llm = LLM(
-        path,
+    return path, dict(
+        model=path,
         dtype=args.dtype,
         max_model_len=args.max_model_len or args.input_len + args.output_len + 8,
         max_num_seqs=args.max_num_seqs,
@@ -331,7 +374,21 @@ def build_engine(args):
         load_format=load_format,
         warmup=args.warmup,
     )
-    return path, llm.llm_engine
+
+
+def device_info() -> dict:
+    import jax
+
+    return {
+        "device": str(jax.devices()[0].device_kind),
+        "backend": jax.default_backend(),
+        "jax_version": jax.__version__,
+    }
+
+
+def core_info(engine) -> dict:
+    """Run where the engine is (maybe its own process): the vocabulary size and the device."""
+    return {"vocab_size": engine.hf_config.vocab_size, **device_info()}
 
 
 def main(argv=None) -> dict:
@@ -362,72 +419,80 @@ def main(argv=None) -> dict:
     ap.add_argument("--loop", default="auto", help="uvicorn event loop (auto: uvloop)")
     ap.add_argument("--profile", help="write a sampling profile of the server's threads here")
     ap.add_argument(
-        "--client-process",
+        "--client-procs",
+        type=int,
+        default=4,
+        help="load generator processes (default 4), as real clients are; 0: a task in the "
+        "server's process, sharing its interpreter lock",
+    )
+    ap.add_argument(
+        "--engine-process",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="run the load generator in its own process (default), as a real client is; "
-        "in-process it shares the server's interpreter lock",
+        help="the engine core in a process of its own (as `jaxmm serve` runs text models); "
+        "--no-engine-process: on a thread of the server process",
     )
+    ap.add_argument("--shard", help=argparse.SUPPRESS)  # i/N: one of the client processes
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxmm-bench"))
     args = ap.parse_args(argv)
 
     result: dict = {
         "benchmark": "serving",
-        "client_process": bool(args.client_process and not args.url),
+        "client_procs": 0 if args.url else args.client_procs,
+        "engine_process": bool(args.engine_process and not args.url),
         "num_requests": args.num_requests,
         "request_rate": args.request_rate if args.request_rate != float("inf") else "inf",
         "input_len": args.input_len,
         "output_len": args.output_len,
     }
     if args.url:
-        import httpx
+        return run_client(args, result)
 
-        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-        model = (
-            args.model_name
-            or httpx.get(args.url + "/v1/models", headers=headers, timeout=30).json()["data"][0][
-                "id"
-            ]
-        )
-        prompts, offsets = workload(args, args.vocab_size or 256)
-        result["target"] = args.url
-        result["server"] = asyncio.run(
-            run_http(args, args.url.rstrip("/"), model, prompts, offsets)
-        )
-        print(json.dumps(result))
-        sys.stdout.flush()
-        return result
-
-    import jax
-
-    from jaxmm.engine.async_engine import AsyncEngine
     from jaxmm.server.app import build_app
 
-    path, engine = build_engine(args)
+    path, kwargs = engine_kwargs(args)
     model = args.model_name or path
-    prompts, offsets = workload(args, engine.hf_config.vocab_size)
-    client = AsyncEngine(engine)
+    if args.engine_process:
+        from jaxmm.engine.core_process import ProcessEngine
+        from jaxmm.llm import engine_config
+
+        client = ProcessEngine(engine_config(**kwargs))
+        info = client.call(core_info)
+        engine = None
+    else:
+        from jaxmm import LLM
+        from jaxmm.engine.async_engine import AsyncEngine
+
+        engine = LLM(**kwargs).llm_engine
+        client = AsyncEngine(engine)
+        info = core_info(engine)
+    vocab = info.pop("vocab_size")
+    prompts, offsets = workload(args, vocab)
     app = build_app(client, served_model_names=[model], api_keys=args.api_key)
     server = _Server(app, http=args.http, loop=args.loop)
     sampler = StackSampler() if args.profile else None
     if sampler is not None:
         sampler.start()
     try:
-        if args.client_process:
-            vocab = engine.hf_config.vocab_size
-            result["server"] = run_client_process(args, server.url, model, vocab)
+        if args.client_procs > 0:
+            result["server"] = run_client_processes(args, server.url, model, vocab)
         else:
-            result["server"] = asyncio.run(run_http(args, server.url, model, prompts, offsets))
-    finally:
+            records, start, end = asyncio.run(run_http(args, server.url, model, prompts, offsets))
+            result["server"] = summarize(records, end - start)
         if sampler is not None:
             sampler.stop.set()
             sampler.join()
             with open(args.profile, "w") as f:
                 json.dump(sampler.report(), f, indent=1)
         server.stop()
+        if args.offline and engine is None:  # the same engine, in its process, after HTTP
+            result["offline"] = client.call(run_offline, args, prompts, offsets)
+    finally:
+        server.stop()
         client.shutdown()
-    if args.offline:
+    if args.offline and engine is not None:
         result["offline"] = run_offline(engine, args, prompts, offsets)
+    if args.offline:
         s, o = result["server"], result["offline"]
         if s["ttft_ms"]["p50"] is not None and o["ttft_ms"]["p50"] is not None:
             result["ttft_overhead_ms_p50"] = round(s["ttft_ms"]["p50"] - o["ttft_ms"]["p50"], 3)
@@ -436,12 +501,42 @@ def main(argv=None) -> dict:
                 s["output_tokens_per_s"] / o["output_tokens_per_s"], 3
             )
     result.update(
-        model=os.path.basename(os.path.normpath(path)),
-        device=str(jax.devices()[0].device_kind),
-        backend=jax.default_backend(),
-        jax_version=jax.__version__,
-        python=platform.python_version(),
+        model=os.path.basename(os.path.normpath(path)), **info, python=platform.python_version()
     )
+    print(json.dumps(result))
+    sys.stdout.flush()
+    return result
+
+
+def run_client(args, result: dict) -> dict:
+    """--url: load a running server. As a --shard of run_client_processes: print "ready"
+    after the warmup, wait for the start time on stdin, print this shard's records."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    model = (
+        args.model_name
+        or httpx.get(args.url + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+    )
+    prompts, offsets = workload(args, args.vocab_size or 256)
+    url = args.url.rstrip("/")
+    if args.shard:
+        i, n = (int(x) for x in args.shard.split("/"))
+
+        async def ready() -> float:
+            print("ready", flush=True)
+            line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+            return float(line)
+
+        records, _, end = asyncio.run(
+            run_http(args, url, model, prompts[i::n], offsets[i::n], ready=ready)
+        )
+        print(json.dumps({"records": records, "end": end}))
+        sys.stdout.flush()
+        return result
+    records, start, end = asyncio.run(run_http(args, url, model, prompts, offsets))
+    result["target"] = args.url
+    result["server"] = summarize(records, end - start)
     print(json.dumps(result))
     sys.stdout.flush()
     return result

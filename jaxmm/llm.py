@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence as Seq
 
@@ -49,48 +50,9 @@ class LLM:
         load_format: str = "auto",
         async_scheduling: bool = True,
     ):
-        if model is None:
-            from jaxmm.default_model import default_model_path
-
-            model = default_model_path()
-        del trust_remote_code  # nothing is executed from checkpoints
-        config = EngineConfig(
-            model=ModelConfig(
-                model=model,
-                tokenizer=tokenizer,
-                dtype=dtype,
-                max_model_len=max_model_len,
-                skip_tokenizer_init=skip_tokenizer_init,
-                attention_backend=attention_backend,
-                load_format=load_format,
-            ),
-            cache=CacheConfig(
-                block_size=block_size,
-                gpu_memory_utilization=gpu_memory_utilization,
-                kv_cache_memory_bytes=kv_cache_memory_bytes,
-                num_gpu_blocks_override=num_gpu_blocks_override,
-                enable_prefix_caching=enable_prefix_caching,
-            ),
-            scheduler=SchedulerConfig(
-                max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_num_batched_tokens,
-                async_scheduling=async_scheduling,
-            ),
-            multimodal=MultimodalConfig(
-                limit_mm_per_prompt=dict(limit_mm_per_prompt or {}),
-                enable_mm_embeds=enable_mm_embeds,
-                media_io_kwargs=dict(media_io_kwargs or {}),
-                allowed_local_media_path=allowed_local_media_path,
-                allowed_media_domains=tuple(allowed_media_domains)
-                if allowed_media_domains
-                else None,
-                mm_processor_kwargs=dict(mm_processor_kwargs or {}),
-            ),
-            seed=seed,
-            compilation_cache_dir=compilation_cache_dir,
-            warmup=warmup,
-            tensor_parallel_size=tensor_parallel_size,
-        )
+        args = {k: v for k, v in locals().items() if k != "self"}
+        config = _engine_config(**args)
+        model = config.model.model
         # an encoder-only pooling model (BertModel, ...) gets the PoolingEngine instead
         self.llm_engine: LLMEngine | None = None
         self.pooling_engine: PoolingEngine | None = None
@@ -246,6 +208,87 @@ class LLM:
         finally:
             if bar is not None:
                 bar.close()
+
+
+def engine_config(**kwargs) -> EngineConfig:
+    """The EngineConfig that `LLM(**kwargs)` builds: the same arguments and defaults (the
+    server hands it to an engine in another process)."""
+    bound = inspect.signature(LLM.__init__).bind(None, **kwargs)
+    bound.apply_defaults()
+    args = dict(bound.arguments)
+    del args["self"]
+    return _engine_config(**args)
+
+
+def _engine_config(
+    *,
+    model,
+    tokenizer,
+    dtype,
+    max_model_len,
+    max_num_seqs,
+    max_num_batched_tokens,
+    block_size,
+    gpu_memory_utilization,
+    kv_cache_memory_bytes,
+    num_gpu_blocks_override,
+    enable_prefix_caching,
+    seed,
+    skip_tokenizer_init,
+    compilation_cache_dir,
+    warmup,
+    attention_backend,
+    tensor_parallel_size,
+    limit_mm_per_prompt,
+    enable_mm_embeds,
+    media_io_kwargs,
+    allowed_local_media_path,
+    allowed_media_domains,
+    mm_processor_kwargs,
+    trust_remote_code,
+    load_format,
+    async_scheduling,
+) -> EngineConfig:
+    del trust_remote_code  # nothing is executed from checkpoints
+    if model is None:
+        from jaxmm.default_model import default_model_path
+
+        model = default_model_path()
+    return EngineConfig(
+        model=ModelConfig(
+            model=model,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            skip_tokenizer_init=skip_tokenizer_init,
+            attention_backend=attention_backend,
+            load_format=load_format,
+        ),
+        cache=CacheConfig(
+            block_size=block_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
+            num_gpu_blocks_override=num_gpu_blocks_override,
+            enable_prefix_caching=enable_prefix_caching,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            async_scheduling=async_scheduling,
+        ),
+        multimodal=MultimodalConfig(
+            limit_mm_per_prompt=dict(limit_mm_per_prompt or {}),
+            enable_mm_embeds=enable_mm_embeds,
+            media_io_kwargs=dict(media_io_kwargs or {}),
+            allowed_local_media_path=allowed_local_media_path,
+            allowed_media_domains=tuple(allowed_media_domains) if allowed_media_domains else None,
+            mm_processor_kwargs=dict(mm_processor_kwargs or {}),
+        ),
+        seed=seed,
+        compilation_cache_dir=compilation_cache_dir,
+        warmup=warmup,
+        tensor_parallel_size=tensor_parallel_size,
+    )
 
 
 def _broadcast_params(params, n: int, cls=SamplingParams) -> list:

@@ -114,6 +114,10 @@ class LLMEngine:
     def tokenize(self, prompt) -> tuple[str | None, list[int]]:
         return tokenize_prompt(prompt, self.tokenizer)
 
+    @property
+    def is_multimodal(self) -> bool:
+        return self.runner.is_multimodal
+
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         check_prompt_ids(prompt_ids, self.max_model_len, self.runner.vocab_size)
         if not isinstance(params, SamplingParams):

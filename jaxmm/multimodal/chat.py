@@ -69,7 +69,7 @@ def render_chat(
 def conversation_to_prompt(engine, conversation: list[dict], **kwargs) -> dict:
     """A conversation -> {"prompt": text, "prompt_token_ids": ids} (or a multimodal prompt)."""
     if has_media(conversation):
-        if not getattr(engine.runner.model_obj, "is_multimodal", False):
+        if not getattr(engine, "is_multimodal", False):
             _text_only(conversation)  # raises, naming the part type
         from .inputs import conversation_to_mm_prompt
 

@@ -1,0 +1,591 @@
+"""ProcessEngine: the LLMEngine in a process of its own, behind the server's EngineClient.
+
+Why a process: in one process the engine loop (scheduling, launching steps, building
+outputs) and the HTTP event loop (parsing, JSON, SSE writes) take turns on one interpreter
+lock, and at saturation each slows the other down (docs/performance.md). With the engine
+core in its own process, steps run at the offline engine's pace and the server process only
+turns outputs into events. When the server falls behind, a request's cumulative outputs
+merge (`RequestStream` keeps the newest) and one event carries several tokens.
+
+The two processes and their threads:
+
+- The core process (spawned; the only process that initialises JAX) builds the LLMEngine,
+  then loops: read the commands waiting on the command pipe (add, abort, call, stop), run
+  one step while there is work, and queue the step's outputs as one message of deltas. A
+  sender thread pickles and writes the messages, so a slow reader never stalls a step.
+- In the server process the event loop puts commands on a queue that a sender thread
+  writes (a full pipe never blocks the event loop). A reader thread reads the core's
+  messages, folds each request's deltas into a cumulative RequestOutput, and hands a step's
+  outputs to the event loop in one `call_soon_threadsafe`.
+
+Messages are pickled tuples. Server to core: ("add", rid, prompt, params, prompt_ids,
+arrival), ("abort", [rid, ...]), ("call", call_id, fn, args), ("stop",). Core to server:
+("ready", info), ("startup_failed", text), ("ack", rid, error), ("out", deltas, stats),
+("stats", stats), ("fail", [rid, ...]), ("result", call_id, value, error).
+
+A delta carries, per completion, how much of the text and token list the server already has
+and what follows: outputs stay cumulative for the server's code (as with AsyncEngine) while
+each step sends only its new tokens, so a step costs the same at token 10 and token 1000.
+
+The server side reads the tokenizer, the HF config and the engine config from the checkpoint
+itself (`FrontendView`); it never loads weights or touches a device. Only text models take
+this path: multimodal models, whose front end runs the vision and audio encoders on the
+device while it prepares a prompt, keep the engine on a thread of the server process
+(`AsyncEngine`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import gc
+import itertools
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from jaxmm.engine.async_engine import (
+    EngineDeadError,
+    EngineError,
+    EngineView,
+    RequestStream,
+    _call_soon,
+    _deliver,
+    _resolve,
+)
+from jaxmm.engine.prompts import tokenize_prompt
+from jaxmm.outputs import CompletionOutput, RequestOutput
+from jaxmm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# what an add's error may be sent back as: the exceptions bad input raises
+_PORTABLE_ERRORS = (ValueError, TypeError, OverflowError)
+
+
+def _portable(e: BaseException) -> BaseException:
+    """An add's exception as the server process may see it: bad-input errors keep their type
+    and text; anything else becomes a generic EngineError (its text stays in the log)."""
+    if type(e) in _PORTABLE_ERRORS:
+        return type(e)(str(e))
+    logger.error("the engine refused a request", exc_info=e)
+    return EngineError("the engine could not take this request")
+
+
+# -- deltas --------------------------------------------------------------------------------------
+
+
+class DeltaEncoder:
+    """Core side: each RequestOutput as what is new since the last one sent for its request.
+
+    A delta is (request_id, finished, num_cached_tokens, metrics, [completion, ...]) with a
+    completion (index, text_keep, text_tail, tokens_keep, token_tail, logprob_tail,
+    cumulative_logprob, finish_reason, stop_reason): the new text is the old one's first
+    `text_keep` characters + `text_tail` (text can shrink: a stop string is cut off), the new
+    token list the old one's first `tokens_keep` ids + `token_tail` (logprobs likewise).
+    """
+
+    def __init__(self):
+        self._sent: dict[str, dict[int, tuple[str, int]]] = {}
+
+    def encode(self, out: RequestOutput) -> tuple:
+        sent = self._sent.get(out.request_id)
+        if sent is None:
+            sent = self._sent[out.request_id] = {}
+        comps = []
+        for o in out.outputs:
+            old_text, old_n = sent.get(o.index, ("", 0))
+            if o.text.startswith(old_text):
+                keep = len(old_text)
+            else:
+                keep = len(os.path.commonprefix([old_text, o.text]))
+            n = min(old_n, len(o.token_ids))
+            comps.append(
+                (
+                    o.index,
+                    keep,
+                    o.text[keep:],
+                    n,
+                    o.token_ids[n:],
+                    None if o.logprobs is None else o.logprobs[n:],
+                    o.cumulative_logprob,
+                    o.finish_reason,
+                    o.stop_reason,
+                )
+            )
+            sent[o.index] = (o.text, len(o.token_ids))
+        if out.finished:
+            del self._sent[out.request_id]
+        return (out.request_id, out.finished, out.num_cached_tokens, out.metrics, comps)
+
+    def forget(self, request_ids) -> None:
+        for rid in request_ids:
+            self._sent.pop(rid, None)
+
+
+@dataclass
+class _Live:
+    """Server side: one request's stream and what it has received so far."""
+
+    stream: RequestStream
+    loop: asyncio.AbstractEventLoop
+    prompt: str | None
+    prompt_ids: list[int]
+    ack: asyncio.Future
+    outputs: dict[int, CompletionOutput] = field(default_factory=dict)
+
+    def apply(self, delta: tuple) -> RequestOutput:
+        """Fold a delta in; returns a new cumulative RequestOutput (never mutated later)."""
+        rid, finished, num_cached, metrics, comps = delta
+        outs = []
+        for idx, keep, tail, n, tok_tail, lp_tail, cum, finish, stop in comps:
+            old = self.outputs.get(idx)
+            text = old.text[:keep] + tail if old is not None else tail
+            ids = old.token_ids[:n] + tok_tail if old is not None else list(tok_tail)
+            if lp_tail is None:
+                lps = None
+            elif old is not None and old.logprobs is not None:
+                lps = old.logprobs[:n] + lp_tail
+            else:
+                lps = list(lp_tail)
+            o = CompletionOutput(idx, text, ids, cum, lps, finish, stop)
+            self.outputs[idx] = o
+            outs.append(o)
+        return RequestOutput(
+            rid,
+            self.prompt,
+            self.prompt_ids,
+            outs,
+            finished,
+            num_cached_tokens=num_cached,
+            metrics=metrics,
+        )
+
+
+# -- the server process's view of the checkpoint ------------------------------------------------
+
+
+class FrontendView:
+    """What the server's front end reads of the engine: config, HF config, tokenizer.
+
+    Built from the checkpoint in the server process (no weights, no device); the context
+    length comes from the core once it has sized the model.
+    """
+
+    is_multimodal = False
+
+    def __init__(self, config):
+        from jaxmm.runner.checkpoint import load_tokenizer, open_checkpoint
+
+        self.config = config
+        mc = config.model
+        ck = open_checkpoint(mc.model, mc.load_format)
+        self.checkpoint = ck
+        self.hf_config = ck.hf_config
+        self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(ck, mc.tokenizer)
+        self.max_model_len: int = 0  # set from the core's "ready" message
+
+    def tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        return tokenize_prompt(prompt, self.tokenizer)
+
+
+def is_multimodal_checkpoint(model: str, load_format: str = "auto") -> bool:
+    """Whether the checkpoint's architecture takes images/video/audio (reads the config only)."""
+    from jaxmm.models.registry import model_class
+    from jaxmm.runner.checkpoint import open_checkpoint
+
+    return bool(
+        getattr(model_class(open_checkpoint(model, load_format).hf_config), "is_multimodal", False)
+    )
+
+
+# -- the server side ----------------------------------------------------------------------------
+
+
+class ProcessEngine(EngineView):
+    """An EngineClient whose LLMEngine runs in a spawned process (see the module docstring).
+
+    `ProcessEngine(config)` returns once the core has built the engine (and compiled, when
+    `config.warmup` is on); a core that fails to start raises RuntimeError with its reason.
+    """
+
+    def __init__(self, config, *, startup_timeout: float | None = None):
+        ctx = multiprocessing.get_context("spawn")
+        cmd_recv, self._cmd_send = ctx.Pipe(duplex=False)
+        self._out_recv, out_send = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(
+            target=_core_main,
+            args=(config, cmd_recv, out_send, logging.getLogger("jaxmm").getEffectiveLevel()),
+            name="jaxmm-engine-core",
+            daemon=True,
+        )
+        self._proc.start()
+        # only the core holds these ends now: its exit shows here as end-of-file
+        cmd_recv.close()
+        out_send.close()
+        try:
+            # the front end's share of start-up runs while the core loads and compiles
+            self.engine = FrontendView(config)
+            info = self._wait_ready(startup_timeout)
+        except BaseException:
+            self._kill()
+            raise
+        self.engine.max_model_len = info["max_model_len"]
+        self._stats: dict = dict(info["stats"])
+        self._live: dict[str, _Live] = {}
+        self._calls: dict[int, concurrent.futures.Future] = {}
+        self._call_ids = itertools.count()
+        self._dead: BaseException | None = None
+        self._closing = False
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
+        gc.collect()
+        gc.freeze()
+        self._sender = threading.Thread(target=self._send_loop, name="jaxmm-core-send", daemon=True)
+        self._reader = threading.Thread(target=self._read_loop, name="jaxmm-core-read", daemon=True)
+        self._sender.start()
+        self._reader.start()
+
+    def _wait_ready(self, timeout: float | None) -> dict:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+            if self._out_recv.poll(wait):
+                try:
+                    msg = self._out_recv.recv()
+                except EOFError:
+                    raise RuntimeError(
+                        f"the engine process exited while starting (exit code "
+                        f"{self._proc.exitcode}); see its log above"
+                    ) from None
+                if msg[0] == "ready":
+                    return msg[1]
+                if msg[0] == "startup_failed":
+                    raise RuntimeError(f"the engine process failed to start: {msg[1]}")
+            elif not self._proc.is_alive():
+                raise RuntimeError(
+                    f"the engine process exited while starting (exit code {self._proc.exitcode})"
+                )
+            if deadline is not None and time.monotonic() >= deadline:
+                raise RuntimeError("the engine process did not start in time")
+
+    # -- what the server reads ------------------------------------------------------------------
+    @property
+    def is_running(self) -> bool:
+        return self._dead is None and not self._closing and self._proc.is_alive()
+
+    def get_stats(self) -> dict:
+        return dict(self._stats)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    # -- requests -------------------------------------------------------------------------------
+    async def add_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        params: SamplingParams,
+        *,
+        prompt_ids: list[int] | None = None,
+        mm: Any = None,
+        arrival_time: float | None = None,
+    ) -> RequestStream:
+        if mm is not None:
+            raise ValueError("this server's engine runs text models only: it takes no media")
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        if request_id in self._live:
+            raise ValueError(f"request id {request_id!r} is already running")
+        if prompt_ids is None:
+            prompt, prompt_ids = self.engine.tokenize(prompt)
+        loop = asyncio.get_running_loop()
+        stream = RequestStream(request_id, self)
+        ack = loop.create_future()
+        self._live[request_id] = _Live(stream, loop, prompt, list(prompt_ids), ack)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        self._commands.put(("add", request_id, prompt, params, list(prompt_ids), arrival))
+        try:
+            await ack
+        except asyncio.CancelledError:
+            self.abort(request_id)
+            raise
+        except BaseException:
+            self._live.pop(request_id, None)
+            raise
+        return stream
+
+    async def generate(self, request_id: str, prompt, params: SamplingParams, **kwargs):
+        stream = await self.add_request(request_id, prompt, params, **kwargs)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.abort()
+
+    def abort(self, request_id: str | list[str]) -> None:
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            self._live.pop(rid, None)
+        self._commands.put(("abort", ids))
+
+    def call(self, fn, *args, timeout: float | None = None) -> Any:
+        """Run `fn(engine, *args)` in the core between two steps and return its result.
+
+        `fn` must be a module-level function (it is pickled by name). For tests and
+        benchmarks: the core does nothing else while `fn` runs.
+        """
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        cid = next(self._call_ids)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls[cid] = fut
+        self._commands.put(("call", cid, fn, args))
+        return fut.result(timeout)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._commands.put(("stop",))
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._kill()
+        self._reader.join(timeout)
+        self._fail_all(EngineDeadError("the engine was shut down"))
+
+    def _kill(self) -> None:
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+
+    # -- the threads ----------------------------------------------------------------------------
+    def _send_loop(self) -> None:
+        while True:
+            cmd = self._commands.get()
+            try:
+                self._cmd_send.send(cmd)
+            except (OSError, ValueError):  # the core is gone; the reader reports it
+                return
+            if cmd[0] == "stop":
+                return
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                self._on_message(self._out_recv.recv())
+        except (EOFError, OSError):
+            pass
+        except BaseException as e:  # a bug here: nobody would ever hear from the core again
+            logger.exception("reading the engine's messages failed")
+            self._dead = e
+        if not self._closing:
+            code = self._proc.exitcode if not self._proc.is_alive() else None
+            logger.error("the engine process exited (exit code %s)", code)
+            self._dead = self._dead or EngineDeadError("the engine process exited")
+        self._fail_all(EngineDeadError("the engine stopped"))
+
+    def _on_message(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "out":
+            _, deltas, stats = msg
+            self._stats = stats
+            by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+            for delta in deltas:
+                live = self._live.get(delta[0])
+                if live is None:  # aborted meanwhile
+                    continue
+                out = live.apply(delta)
+                if out.finished:
+                    self._live.pop(delta[0], None)
+                by_loop.setdefault(live.loop, []).append((live.stream, out))
+            for loop, items in by_loop.items():
+                _call_soon(loop, _deliver, items)
+        elif kind == "ack":
+            _, rid, err = msg
+            live = self._live.get(rid)
+            if live is not None:
+                if err is not None:
+                    self._live.pop(rid, None)
+                _call_soon(live.loop, _resolve, live.ack, err)
+        elif kind == "stats":
+            self._stats = msg[1]
+        elif kind == "fail":
+            exc = EngineError("the engine failed while running this request")
+            for rid in msg[1]:
+                live = self._live.pop(rid, None)
+                if live is not None:
+                    _call_soon(live.loop, _deliver, [(live.stream, exc)])
+        elif kind == "result":
+            _, cid, value, err = msg
+            fut = self._calls.pop(cid, None)
+            if fut is not None:
+                if err is None:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(err)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for rid in list(self._live):
+            live = self._live.pop(rid, None)
+            if live is None:
+                continue
+            if not live.ack.done():
+                _call_soon(live.loop, _resolve, live.ack, exc)
+            _call_soon(live.loop, _deliver, [(live.stream, exc)])
+        for cid in list(self._calls):
+            fut = self._calls.pop(cid, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
+
+
+# -- the core process ---------------------------------------------------------------------------
+
+
+def _core_main(config, commands, out, log_level: int) -> None:
+    """The core process: build the engine, then serve commands until "stop" or until the
+    server process goes away (its end of the command pipe closes)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s [core]: %(message)s")
+    sender = _CoreSender(out)
+    try:
+        from jaxmm.engine.llm_engine import LLMEngine
+
+        engine = LLMEngine(config)
+    except BaseException as e:
+        logger.exception("the engine failed to start")
+        sender.put(("startup_failed", f"{type(e).__name__}: {e}"))
+        sender.close()
+        return
+    sender.put(("ready", {"max_model_len": engine.max_model_len, "stats": engine.get_stats()}))
+    # everything allocated so far lives for the process: keep it out of the collector's way
+    gc.collect()
+    gc.freeze()
+    gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(gen0, 70_000), gen1, gen2)
+    try:
+        _CoreLoop(engine, commands, sender).run()
+    except BaseException:
+        logger.exception("the engine loop died")
+    finally:
+        sender.close()
+
+
+class _CoreSender:
+    """Pickles and writes the core's messages on a thread of its own, in order."""
+
+    def __init__(self, conn):
+        self._conn = conn
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="jaxmm-core-out", daemon=True)
+        self._thread.start()
+
+    def put(self, msg: tuple) -> None:
+        self._queue.put(msg)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while True:
+            msg = self._queue.get()
+            if msg is None:
+                return
+            try:
+                self._conn.send(msg)
+            except (OSError, ValueError):  # the server process is gone
+                return
+
+
+class _CoreLoop:
+    def __init__(self, engine, commands, sender: _CoreSender):
+        self.engine = engine
+        self.commands = commands
+        self.sender = sender
+        self.live: set[str] = set()
+        self.deltas = DeltaEncoder()
+
+    def run(self) -> None:
+        engine = self.engine
+        while True:
+            busy = engine.has_unfinished_requests()
+            try:
+                cmds = self._read(block=not busy)
+            except (EOFError, OSError):  # the server process went away
+                return
+            for cmd in cmds:
+                if cmd[0] == "stop":
+                    return
+                self._handle(cmd)
+            if engine.has_unfinished_requests():
+                self._step()
+            elif cmds:
+                self.sender.put(("stats", engine.get_stats()))
+
+    def _read(self, block: bool) -> list:
+        cmds = []
+        if block and not self.commands.poll(1.0):
+            return cmds
+        while self.commands.poll(0):
+            cmds.append(self.commands.recv())
+        return cmds
+
+    def _handle(self, cmd: tuple) -> None:
+        kind = cmd[0]
+        if kind == "add":
+            _, rid, prompt, params, prompt_ids, arrival = cmd
+            try:
+                self.engine.add_request(rid, prompt, params, arrival, prompt_ids=prompt_ids)
+            except Exception as e:  # bad input: this request only
+                self.sender.put(("ack", rid, _portable(e)))
+                return
+            self.live.add(rid)
+            self.sender.put(("ack", rid, None))
+        elif kind == "abort":
+            ids = [rid for rid in cmd[1] if rid in self.live]
+            if ids:
+                self.engine.abort_request(ids)
+                self.live.difference_update(ids)
+                self.deltas.forget(ids)
+        elif kind == "call":
+            _, cid, fn, args = cmd
+            try:
+                value, err = fn(self.engine, *args), None
+            except Exception as e:
+                value, err = None, RuntimeError(f"{type(e).__name__}: {e}")
+            self.sender.put(("result", cid, value, err))
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception:
+            logger.exception(
+                "engine step failed; dropping the %d requests in flight", len(self.live)
+            )
+            failed = sorted(self.live)
+            try:
+                self.engine.abort_request(failed)
+            except Exception:
+                logger.exception("abort after a failed step failed too")
+            self.live.clear()
+            self.deltas.forget(failed)
+            self.sender.put(("fail", failed))
+            return
+        deltas = []
+        for out in outputs:
+            if out.request_id not in self.live:  # aborted meanwhile
+                continue
+            if out.finished:
+                self.live.discard(out.request_id)
+            deltas.append(self.deltas.encode(out))
+        self.sender.put(("out", deltas, self.engine.get_stats()))
