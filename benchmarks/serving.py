@@ -205,7 +205,7 @@ class _Server:
         self.sock.close()
 
 
-def run_client_processes(args, url: str, model: str, vocab_size: int) -> dict:
+def run_client_processes(args, url: str, model: str, vocab_size: int) -> tuple:
     """The load generator in `--client-procs` processes (this script with --url and --shard),
     each sending every N-th request of the same workload (same seed and vocab). They warm up,
     report ready, and start together at a time this process sends them; the summary is over
@@ -253,7 +253,7 @@ def run_client_processes(args, url: str, model: str, vocab_size: int) -> dict:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    return summarize(records, end - start)
+    return records, start, end
 
 
 class StackSampler(threading.Thread):
@@ -299,6 +299,61 @@ class StackSampler(threading.Thread):
             }
             for name in self.leaf
         }
+
+
+class ServerTimeline:
+    """Where a request's time goes inside the server (`--timeline`, with --engine-process):
+    wraps the ProcessEngine's add_request and message handler to record, per request, when
+    the front end submitted it and got the engine's acknowledgement, and when the server
+    process received its first and its last output; the engine's own first-token time comes
+    with the outputs. All in `time.monotonic()` (one clock for both processes)."""
+
+    def __init__(self, client):
+        self.by_prompt: dict[tuple, dict] = {}
+        self.by_rid: dict[str, dict] = {}
+        add, on_message = client.add_request, client._on_message
+
+        async def add_request(rid, prompt, params, **kw):
+            rec = {"submit": time.monotonic()}
+            self.by_prompt[tuple(kw.get("prompt_ids") or ())] = self.by_rid[rid] = rec
+            stream = await add(rid, prompt, params, **kw)
+            rec["ack"] = time.monotonic()
+            return stream
+
+        def handle(msg):
+            if msg[0] == "out":
+                now = time.monotonic()
+                for rid, finished, _, metrics, _ in msg[1]:
+                    rec = self.by_rid.get(rid)
+                    if rec is None:
+                        continue
+                    rec.setdefault("first_received", now)
+                    if metrics.get("first_token_time") is not None:
+                        rec["engine_first_token"] = metrics["first_token_time"]
+                    if finished:
+                        rec["done_received"] = now
+            on_message(msg)
+
+        client.add_request = add_request
+        client._on_message = handle
+
+    def report(self, prompts, offsets, start_wall: float, records: list[dict]) -> dict:
+        """Per-stage percentiles (ms) from each request's scheduled arrival."""
+        start = start_wall - time.time() + time.monotonic()  # the start in monotonic terms
+        stages: dict[str, list] = {}
+        for p, off, client_rec in zip(prompts, offsets, records, strict=True):
+            rec = self.by_prompt.get(tuple(p))
+            if rec is None:
+                continue
+            t0 = start + off
+            for name in ("submit", "ack", "engine_first_token", "first_received", "done_received"):
+                if name in rec:
+                    stages.setdefault(name, []).append(rec[name] - t0)
+            if client_rec.get("ttft") is not None and "first_received" in rec:
+                stages.setdefault("client_first_token", []).append(client_rec["ttft"])
+            if client_rec.get("e2e") is not None:
+                stages.setdefault("client_done", []).append(client_rec["e2e"])
+        return {name: percentiles(v) for name, v in stages.items()}
 
 
 # -- the offline side -----------------------------------------------------------------------
@@ -432,6 +487,11 @@ def main(argv=None) -> dict:
         help="the engine core in a process of its own (as `jaxmm serve` runs text models); "
         "--no-engine-process: on a thread of the server process",
     )
+    ap.add_argument(
+        "--timeline",
+        action="store_true",
+        help="with --engine-process: per-stage times inside the server (ServerTimeline)",
+    )
     ap.add_argument("--shard", help=argparse.SUPPRESS)  # i/N: one of the client processes
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxmm-bench"))
     args = ap.parse_args(argv)
@@ -468,6 +528,7 @@ def main(argv=None) -> dict:
         info = core_info(engine)
     vocab = info.pop("vocab_size")
     prompts, offsets = workload(args, vocab)
+    timeline = ServerTimeline(client) if args.timeline and args.engine_process else None
     app = build_app(client, served_model_names=[model], api_keys=args.api_key)
     server = _Server(app, http=args.http, loop=args.loop)
     sampler = StackSampler() if args.profile else None
@@ -475,10 +536,12 @@ def main(argv=None) -> dict:
         sampler.start()
     try:
         if args.client_procs > 0:
-            result["server"] = run_client_processes(args, server.url, model, vocab)
+            records, start, end = run_client_processes(args, server.url, model, vocab)
         else:
             records, start, end = asyncio.run(run_http(args, server.url, model, prompts, offsets))
-            result["server"] = summarize(records, end - start)
+        result["server"] = summarize(records, end - start)
+        if timeline is not None:
+            result["server_timeline_ms"] = timeline.report(prompts, offsets, start, records)
         if sampler is not None:
             sampler.stop.set()
             sampler.join()

@@ -130,6 +130,37 @@ class DeltaEncoder:
             self._sent.pop(rid, None)
 
 
+def merge_deltas(first: list, second: list) -> list:
+    """Two consecutive steps' deltas as one (a reader that fell behind takes them at once)."""
+    merged = {d[0]: d for d in first}
+    for d in second:
+        a = merged.get(d[0])
+        merged[d[0]] = d if a is None else _merge_delta(a, d)
+    return list(merged.values())
+
+
+def _merge_delta(a: tuple, b: tuple) -> tuple:
+    rid, finished, num_cached, metrics, comps_b = b
+    comps = {c[0]: c for c in a[4]}
+    for c in comps_b:
+        p = comps.get(c[0])
+        comps[c[0]] = c if p is None else _merge_completion(p, c)
+    return (rid, finished, num_cached, metrics, list(comps.values()))
+
+
+def _merge_completion(p: tuple, c: tuple) -> tuple:
+    idx, k1, t1, n1, ids1, lps1 = p[:6]
+    _, k2, t2, n2, ids2, lps2, cum, finish, stop = c
+    # c's keeps count in the text/tokens that p produced: old[:k1] + t1
+    keep, tail = (k1, t1[: k2 - k1] + t2) if k2 >= k1 else (k2, t2)
+    if n2 >= n1:
+        n, ids = n1, ids1[: n2 - n1] + ids2
+        lps = None if lps2 is None else (lps1 or [])[: n2 - n1] + lps2
+    else:
+        n, ids, lps = n2, ids2, lps2
+    return (idx, keep, tail, n, ids, lps, cum, finish, stop)
+
+
 @dataclass
 class _Live:
     """Server side: one request's stream and what it has received so far."""
@@ -380,9 +411,14 @@ class ProcessEngine(EngineView):
                 return
 
     def _read_loop(self) -> None:
+        conn = self._out_recv
         try:
             while True:
-                self._on_message(self._out_recv.recv())
+                msgs = [conn.recv()]
+                while conn.poll(0):  # behind: take what is waiting, fold consecutive steps
+                    msgs.append(conn.recv())
+                for msg in _coalesce(msgs):
+                    self._on_message(msg)
         except (EOFError, OSError):
             pass
         except BaseException as e:  # a bug here: nobody would ever hear from the core again
@@ -498,13 +534,36 @@ class _CoreSender:
 
     def _run(self) -> None:
         while True:
-            msg = self._queue.get()
-            if msg is None:
-                return
-            try:
-                self._conn.send(msg)
-            except (OSError, ValueError):  # the server process is gone
-                return
+            msgs = [self._queue.get()]
+            while True:  # a backlog (the server reads slower than steps come): send it merged
+                try:
+                    msgs.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            for msg in _coalesce(msgs):
+                if msg is None:
+                    return
+                try:
+                    self._conn.send(msg)
+                except (OSError, ValueError):  # the server process is gone
+                    return
+
+
+def _coalesce(msgs: list) -> list:
+    """Messages in order, each run of consecutive "out"/"stats" messages folded into one."""
+    out: list = []
+    for msg in msgs:
+        prev = out[-1] if out else None
+        if msg is not None and prev is not None and prev[0] in ("out", "stats"):
+            if msg[0] == "out":
+                deltas = merge_deltas(prev[1], msg[1]) if prev[0] == "out" else msg[1]
+                out[-1] = ("out", deltas, msg[2])
+                continue
+            if msg[0] == "stats":
+                out[-1] = (prev[0], prev[1], msg[1]) if prev[0] == "out" else msg
+                continue
+        out.append(msg)
+    return out
 
 
 class _CoreLoop:
