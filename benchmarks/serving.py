@@ -153,7 +153,12 @@ async def run_http(
 
     limits = httpx.Limits(max_connections=max(len(prompts), 1), max_keepalive_connections=64)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(args.timeout)) as client:
-        for p in prompts[: args.warmup_requests]:  # untimed: first-use costs (compiles, pools)
+        # untimed, first-use costs (connections, pools); prompts of their own, so that no
+        # timed prompt finds its pages in the prefix cache
+        rng = np.random.default_rng(args.seed + 1_000_003)
+        for _ in range(args.warmup_requests):
+            vocab = args.vocab_size or 256
+            p = rng.integers(min(16, vocab - 1), vocab, args.input_len).tolist()
             warm = {"ttft": None, "itl": [], "error": None, "output_tokens": 0}
             await one_request(client, base_url + "/v1/completions", body(p), headers, 0.0, warm)
         start = time.time()
@@ -362,6 +367,10 @@ class ServerTimeline:
 def run_offline(engine, args, prompts, offsets) -> dict:
     from jaxmm import SamplingParams
 
+    # the HTTP run left these prompts' pages in the prefix cache: start from a cold cache, as
+    # the HTTP run did
+    engine.reset_prefix_cache()
+
     sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True, logprobs=0)
     records = [{"ttft": None, "itl": [], "error": None, "output_tokens": 0} for _ in prompts]
     start: dict[str, float] = {}
@@ -526,7 +535,7 @@ def main(argv=None) -> dict:
         engine = LLM(**kwargs).llm_engine
         client = AsyncEngine(engine)
         info = core_info(engine)
-    vocab = info.pop("vocab_size")
+    vocab = args.vocab_size = info.pop("vocab_size")
     prompts, offsets = workload(args, vocab)
     timeline = ServerTimeline(client) if args.timeline and args.engine_process else None
     app = build_app(client, served_model_names=[model], api_keys=args.api_key)

@@ -277,8 +277,7 @@ class ProcessEngine(EngineView):
         self._closing = False
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
-        gc.collect()
-        gc.freeze()
+        _quiet_gc()
         self._sender = threading.Thread(target=self._send_loop, name="jaxmm-core-send", daemon=True)
         self._reader = threading.Thread(target=self._read_loop, name="jaxmm-core-read", daemon=True)
         self._sender.start()
@@ -503,17 +502,22 @@ def _core_main(config, commands, out, log_level: int) -> None:
         sender.close()
         return
     sender.put(("ready", {"max_model_len": engine.max_model_len, "stats": engine.get_stats()}))
-    # everything allocated so far lives for the process: keep it out of the collector's way
-    gc.collect()
-    gc.freeze()
-    gen0, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(max(gen0, 70_000), gen1, gen2)
+    _quiet_gc()
     try:
         _CoreLoop(engine, commands, sender).run()
     except BaseException:
         logger.exception("the engine loop died")
     finally:
         sender.close()
+
+
+def _quiet_gc() -> None:
+    """Everything allocated so far lives for the process: move it out of the collector's
+    view, and collect the young generation 100x less often (as AsyncEngine.start does)."""
+    gc.collect()
+    gc.freeze()
+    gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(gen0, 70_000), gen1, gen2)
 
 
 class _CoreSender:

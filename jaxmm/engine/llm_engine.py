@@ -114,6 +114,11 @@ class LLMEngine:
     def tokenize(self, prompt) -> tuple[str | None, list[int]]:
         return tokenize_prompt(prompt, self.tokenizer)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix page not in use (vLLM's `reset_prefix_cache`)."""
+        self.block_manager.reset_prefix_cache()
+        return True
+
     @property
     def is_multimodal(self) -> bool:
         return self.runner.is_multimodal
