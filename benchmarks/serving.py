@@ -14,8 +14,15 @@ TTFT is the time from sending a request to its first streamed token, ITL the gap
 successive tokens (a chunk carrying k tokens counts as k gaps of 1/k of its wait), E2E the
 whole request; each is reported as p50/p90/p99 in ms. The offline run feeds the same
 prompts at the same arrival times straight into the LLMEngine (after the server stopped,
-so both use one compiled engine) and times tokens as `step()` returns them: the
-difference is the cost of HTTP, JSON, SSE and the asyncio front end.
+in the same engine, so both use one compiled engine; from a cold prefix cache, as the HTTP
+run had) and times tokens as `step()` returns them: the difference is the cost of HTTP,
+JSON, SSE and the front end.
+
+The server's engine runs in a process of its own (as `jaxmm serve` runs text models; the
+offline run then happens in that process too) or, with --no-engine-process, on a thread of
+the server's process. The load comes from --client-procs processes that warm up with
+prompts of their own, then start together. --timeline adds where each request's time goes
+inside the server; --profile samples the server process's threads.
 """
 
 from __future__ import annotations

@@ -258,7 +258,7 @@ def test_models_without_audio_refuse_audio_parts():
         is_multimodal = True
         mm_modalities = ("image",)
 
-    vision = SimpleNamespace(runner=SimpleNamespace(model_obj=VisionOnly()))
+    vision = SimpleNamespace(runner=SimpleNamespace(model_obj=VisionOnly()), is_multimodal=True)
     vision._mm_frontend = SimpleNamespace(model=VisionOnly(), tokenizer=None)
     with pytest.raises(
         ValueError, match="'input_audio' is not supported by VisionOnly: it is audio"

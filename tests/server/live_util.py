@@ -7,18 +7,28 @@ import time
 
 from jaxmm import LLM
 from jaxmm.engine.async_engine import AsyncEngine
+from jaxmm.engine.core_process import ProcessEngine, is_multimodal_checkpoint
+from jaxmm.llm import engine_config
 from jaxmm.server.app import build_app
-from tests.server.util import running_server
+from tests.server.util import CoreProbe, running_server
 
 KEY = "sk-test"
 NAME = "tiny"
 
 
 @contextlib.contextmanager
-def live_server(path: str, *, app_kw: dict | None = None, **engine_kw):
-    """(LLMEngine, base URL) of a real uvicorn over an AsyncEngine over `path`."""
-    engine = LLM(path, **engine_kw).llm_engine
-    client = AsyncEngine(engine)
+def live_server(path: str, *, app_kw: dict | None = None, engine_process=None, **engine_kw):
+    """(engine, base URL) of a real uvicorn over the engine `jaxmm serve` would run: a text
+    model's core in a process of its own (`engine` then reads the core's state through
+    calls), a multimodal model's on a thread of this process (`engine` is the LLMEngine)."""
+    if engine_process is None:
+        engine_process = not is_multimodal_checkpoint(path)
+    if engine_process:
+        client = ProcessEngine(engine_config(model=path, **engine_kw))
+        engine = CoreProbe(client)
+    else:
+        engine = LLM(path, **engine_kw).llm_engine
+        client = AsyncEngine(engine)
     kw = dict(served_model_names=[NAME], model_path=path, api_keys=KEY)
     kw.update(app_kw or {})
     app = build_app(client, **kw)

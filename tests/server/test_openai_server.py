@@ -1,6 +1,6 @@
-"""A real `jaxmm` server (uvicorn on 127.0.0.1, AsyncEngine over an LLMEngine of the tiny
-random Llama) driven by the official `openai` client; greedy results must equal the offline
-`LLM`'s for the same prompt and parameters."""
+"""A real `jaxmm` server (uvicorn on 127.0.0.1 over the tiny random Llama, its engine on a
+thread of the server process or in a process of its own) driven by the official `openai`
+client; greedy results must equal the offline `LLM`'s for the same prompt and parameters."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ import pytest
 
 from jaxmm import LLM, SamplingParams
 from jaxmm.engine.async_engine import AsyncEngine
+from jaxmm.engine.core_process import ProcessEngine
+from jaxmm.llm import engine_config
 from jaxmm.server.app import build_app
 from tests.helpers import make_checkpoint
-from tests.server.util import running_server
+from tests.server.util import CoreProbe, running_server
 
 KEY = "sk-test"
 NAME = "tiny-llama"
@@ -38,10 +40,16 @@ def offline(ckpt):
     return LLM(ckpt, **ENGINE_KW)
 
 
-@pytest.fixture(scope="module")
-def live(ckpt):
-    engine = LLM(ckpt, **ENGINE_KW).llm_engine
-    client = AsyncEngine(engine)
+@pytest.fixture(scope="module", params=["engine-thread", "engine-process"])
+def live(request, ckpt):
+    """(engine, URL): the engine on a thread of the server process (AsyncEngine), or in a
+    process of its own (ProcessEngine; `engine` then reads the core's state through calls)."""
+    if request.param == "engine-thread":
+        engine = LLM(ckpt, **ENGINE_KW).llm_engine
+        client = AsyncEngine(engine)
+    else:
+        client = ProcessEngine(engine_config(model=ckpt, **ENGINE_KW))
+        engine = CoreProbe(client)
     app = build_app(
         client, served_model_names=[NAME], model_path=ckpt, api_keys=KEY, max_body_bytes=256 * 1024
     )

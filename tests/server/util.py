@@ -6,8 +6,11 @@ import contextlib
 import socket
 import threading
 import time
+import types
 
 import uvicorn
+
+from jaxmm.engine.core_process import ProcessEngine
 
 
 @contextlib.contextmanager
@@ -31,3 +34,38 @@ def running_server(app):
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+def core_state(engine) -> dict:
+    """Run in an engine process (ProcessEngine.call): what the tests read of its engine."""
+    return {
+        "unfinished": engine.has_unfinished_requests(),
+        "stats": dict(engine.stats),
+        "usage": engine.block_manager.usage,
+        "free": engine.block_manager.num_free_blocks,
+        "blocks": engine.block_manager.num_blocks,
+    }
+
+
+class CoreProbe:
+    """The parts of an LLMEngine the server tests read, for an engine in its own process."""
+
+    def __init__(self, client: ProcessEngine):
+        self.client = client
+
+    def state(self) -> dict:
+        return self.client.call(core_state, timeout=60)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.state()["unfinished"]
+
+    @property
+    def stats(self) -> dict:
+        return self.state()["stats"]
+
+    @property
+    def block_manager(self):
+        s = self.state()
+        return types.SimpleNamespace(
+            usage=s["usage"], num_free_blocks=s["free"], num_blocks=s["blocks"]
+        )
