@@ -171,10 +171,37 @@ def _deliver(items: list[tuple[RequestStream, RequestOutput | BaseException]]) -
         stream._put(item)
 
 
+def quiet_gc() -> None:
+    """Before serving: everything allocated so far (model, compiled programs, tokenizer)
+    lives for the process, so move it out of the collector's view, which makes collections
+    cheap; and run young-generation collections 100x less often (each one also runs JAX's
+    collector callback, which showed up as ~6% of the engine thread at saturation)."""
+    gc.collect()
+    gc.freeze()
+    gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(gen0, 70_000), gen1, gen2)
+
+
 class EngineView:
-    """What every engine client shows the server of its core engine (read-only)."""
+    """What every engine client shows the server of its core engine (read-only), and
+    `generate` over the client's `add_request`."""
 
     engine: Any
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt: str | None,
+        params: SamplingParams,
+        **kwargs,
+    ) -> AsyncIterator[RequestOutput]:
+        """`add_request` + iterate, aborting the request if the caller stops early."""
+        stream = await self.add_request(request_id, prompt, params, **kwargs)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.abort()
 
     @property
     def tokenizer(self) -> Any:
@@ -226,14 +253,7 @@ class AsyncEngine(EngineView):
     def start(self) -> None:
         if self._thread is not None:
             return
-        # Everything allocated so far (model, compiled programs, tokenizer) lives for the
-        # process: moving it out of the collector's view makes collections cheap...
-        gc.collect()
-        gc.freeze()
-        # and run young-generation collections 100x less often: each one also runs JAX's
-        # collector callback, which showed up as ~6% of the engine thread at saturation
-        gen0, gen1, gen2 = gc.get_threshold()
-        gc.set_threshold(max(gen0, 70_000), gen1, gen2)
+        quiet_gc()
         self._thread = threading.Thread(target=self._run, name="jaxmm-engine", daemon=True)
         self._thread.start()
 
@@ -276,21 +296,6 @@ class AsyncEngine(EngineView):
             self.abort(request_id)
             raise
         return stream
-
-    async def generate(
-        self,
-        request_id: str,
-        prompt: str | None,
-        params: SamplingParams,
-        **kwargs,
-    ) -> AsyncIterator[RequestOutput]:
-        """`add_request` + iterate, aborting the request if the caller stops early."""
-        stream = await self.add_request(request_id, prompt, params, **kwargs)
-        try:
-            async for out in stream:
-                yield out
-        finally:
-            stream.abort()
 
     def abort(self, request_id: str | list[str]) -> None:
         """Thread-safe; unknown or finished ids are ignored."""

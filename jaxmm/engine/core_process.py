@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import gc
 import itertools
 import logging
 import multiprocessing
@@ -59,6 +58,7 @@ from jaxmm.engine.async_engine import (
     _call_soon,
     _deliver,
     _resolve,
+    quiet_gc,
 )
 from jaxmm.engine.prompts import tokenize_prompt
 from jaxmm.outputs import CompletionOutput, RequestOutput
@@ -277,7 +277,7 @@ class ProcessEngine(EngineView):
         self._closing = False
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
-        _quiet_gc()
+        quiet_gc()
         self._sender = threading.Thread(target=self._send_loop, name="jaxmm-core-send", daemon=True)
         self._reader = threading.Thread(target=self._read_loop, name="jaxmm-core-read", daemon=True)
         self._sender.start()
@@ -352,14 +352,6 @@ class ProcessEngine(EngineView):
             self._live.pop(request_id, None)
             raise
         return stream
-
-    async def generate(self, request_id: str, prompt, params: SamplingParams, **kwargs):
-        stream = await self.add_request(request_id, prompt, params, **kwargs)
-        try:
-            async for out in stream:
-                yield out
-        finally:
-            stream.abort()
 
     def abort(self, request_id: str | list[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
@@ -502,22 +494,13 @@ def _core_main(config, commands, out, log_level: int) -> None:
         sender.close()
         return
     sender.put(("ready", {"max_model_len": engine.max_model_len, "stats": engine.get_stats()}))
-    _quiet_gc()
+    quiet_gc()
     try:
         _CoreLoop(engine, commands, sender).run()
     except BaseException:
         logger.exception("the engine loop died")
     finally:
         sender.close()
-
-
-def _quiet_gc() -> None:
-    """Everything allocated so far lives for the process: move it out of the collector's
-    view, and collect the young generation 100x less often (as AsyncEngine.start does)."""
-    gc.collect()
-    gc.freeze()
-    gen0, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(max(gen0, 70_000), gen1, gen2)
 
 
 class _CoreSender:
