@@ -488,11 +488,15 @@ class ModelRunner:
         programs have exactly the signatures serving uses.
         """
         t0 = time.perf_counter()
+        t_steps = 0.0
         for T in self.token_buckets:
             arrays, S = self.prepare([], min_tokens=T)
+            t1 = time.perf_counter()
             self.kv_caches, (logits, _) = self._step(
                 self._param_leaves, self.kv_caches, self._no_prev, *arrays
             )
+            jax.block_until_ready(logits)
+            t_steps += time.perf_counter() - t1
             t = self._sampling_tensors([], S, False)
             for greedy, filters in ((True, False), (False, False), (False, True)):
                 out = self._sample(
@@ -505,6 +509,7 @@ class ModelRunner:
                 )
             jax.block_until_ready(out)
         self.init_times["warmup"] = round(time.perf_counter() - t0, 3)
+        self.init_times["warmup_steps"] = round(t_steps, 3)
         logger.info("start-up times (s): %s", self.init_times)
 
     def num_compiled(self) -> int:
