@@ -121,7 +121,9 @@ def full(args) -> dict:
     )
     t_llm = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=1), use_tqdm=False)
+    out = llm.generate(
+        {"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=1), use_tqdm=False
+    )
     assert out[0].outputs[0].token_ids
     t_first = time.perf_counter() - t0
     if prof is not None:

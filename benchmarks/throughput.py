@@ -6,6 +6,11 @@
 
 Writes only the config (under --workdir); weights are random, made on device; runs
 `LLM.generate` over random token prompts with ignore_eos, prints one JSON line.
+
+--step-log FILE records every step of the timed run (its bucket, sequences, prefill and
+decode tokens, summed context, and when its tokens reached the host) and adds a summary by
+kind of step to the JSON: pure-decode steps vs steps that carry prefill chunks, each with
+its time and the time its own FLOPs / bytes bound it to (see `step_bound_s`).
 """
 
 from __future__ import annotations
@@ -105,6 +110,75 @@ def physical_bound_s(
     return t
 
 
+def step_bound_s(cfg: dict, rec: dict, flops: float, bw: float, dtype_bytes: int) -> float:
+    """One step's floor: max(FLOPs / matmul rate, (weights + KV read) / copy bandwidth).
+    FLOPs: 2 * non-embedding params per token, the LM head per sampled row, attention
+    4 * N * H * context per new token per layer (causal prefill: half)."""
+    D, F, L, V = (
+        cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+    )
+    N, K = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    H = D // N
+    body = L * (D * (N + 2 * K) * H + N * H * D + 3 * D * F)
+    f = 2 * body * rec["tokens"] + 2 * V * D * rec["seqs"] + L * 4 * N * H * rec["attn_ctx"]
+    kv = L * 2 * K * H * rec["ctx"] * dtype_bytes
+    return max(f / flops, ((body + V * D) * dtype_bytes + kv) / bw)
+
+
+class StepLog:
+    """Wraps the runner's dispatch/resolve to time each step of an asynchronous engine: a
+    step's time is the gap between its tokens reaching the host and the previous step's."""
+
+    def __init__(self, runner):
+        self.records: list[dict] = []
+        self._dispatch, self._resolve = runner.dispatch, runner.resolve
+        runner.dispatch, runner.resolve = self.dispatch, self.resolve
+        self.runner = runner
+
+    def dispatch(self, steps, prev=None):
+        decode = sum(1 for s in steps if len(s.token_ids) == 1 and s.start > 0)
+        tokens = sum(len(s.token_ids) for s in steps)
+        rec = dict(
+            T=self.runner.bucket(max(tokens, len(steps)))[0],
+            seqs=len(steps),
+            decode=decode,
+            tokens=tokens,
+            prefill_tokens=tokens - decode,
+            ctx=sum(s.start + len(s.token_ids) for s in steps),
+            # new tokens x their average context (causal within a chunk)
+            attn_ctx=sum(len(s.token_ids) * (s.start + (len(s.token_ids) + 1) / 2) for s in steps),
+        )
+        handle = self._dispatch(steps, prev)
+        handle._log = rec
+        return handle
+
+    def resolve(self, inflight):
+        out = self._resolve(inflight)
+        rec = getattr(inflight, "_log", None)
+        if rec is not None:
+            rec["done"] = time.perf_counter()
+            self.records.append(rec)
+        return out
+
+    def summary(self, cfg, t0: float, flops: float, bw: float, dtype_bytes: int) -> dict:
+        prev = t0
+        kinds: dict[str, dict] = {}
+        for r in self.records:
+            r["time_s"] = r["done"] - prev
+            prev = r["done"]
+            r["bound_s"] = step_bound_s(cfg, r, flops, bw, dtype_bytes)
+            kind = "decode" if r["prefill_tokens"] == 0 else "with_prefill"
+            k = kinds.setdefault(kind, dict(steps=0, time_s=0.0, bound_s=0.0, tokens=0))
+            k["steps"] += 1
+            k["time_s"] += r["time_s"]
+            k["bound_s"] += r["bound_s"]
+            k["tokens"] += r["tokens"]
+        for k in kinds.values():
+            k["fraction_of_bound"] = round(k["bound_s"] / k["time_s"], 3) if k["time_s"] else None
+            k["time_s"], k["bound_s"] = round(k["time_s"], 3), round(k["bound_s"], 3)
+        return kinds
+
+
 def device_rates() -> tuple[float, float]:
     """Measured bf16 matmul FLOP/s and copy bandwidth (read + write bytes/s)."""
     import jax
@@ -140,6 +214,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--bound", action="store_true", help="also compute the physical bound")
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxmm-bench"))
+    ap.add_argument("--step-log", help="write each step of the timed run here (JSON lines)")
     args = ap.parse_args(argv)
 
     t_start = time.perf_counter()
@@ -183,6 +258,7 @@ def main(argv=None) -> dict:
     ]
     sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     compiles1 = backend_compile_count()
+    log = StepLog(llm.llm_engine.runner) if args.step_log else None
     t0 = time.perf_counter()
     outs = llm.generate(prompts, sp, use_tqdm=False)
     elapsed = time.perf_counter() - t0
@@ -212,8 +288,14 @@ def main(argv=None) -> dict:
         "jax_version": jax.__version__,
         "python": platform.python_version(),
     }
-    if args.bound:
+    if args.bound or log is not None:
         flops, bw = device_rates()
+    if log is not None:
+        result["steps"] = log.summary(cfg, t0, flops, bw, np.dtype(runner.dtype).itemsize)
+        with open(args.step_log, "w") as f:
+            for r in log.records:
+                f.write(json.dumps(r) + "\n")
+    if args.bound:
         batch = min(args.num_prompts, runner.max_num_seqs)
         bound = physical_bound_s(
             cfg,

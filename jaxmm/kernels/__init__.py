@@ -62,8 +62,22 @@ def _tpu_attention(interpret: bool):
 def _pallas_works(kind: str = "gpu") -> bool:
     """Compile and check a tiny mixed batch once per process (fallback if lowering fails).
 
-    kind: "gpu" probes the Triton kernels, "tpu" the Mosaic TPU kernel.
+    kind: "gpu" probes the Triton kernels, "tpu" the Mosaic TPU kernel. A passing verdict is
+    kept in the persistent cache directory (keyed by jaxmm's source, JAX and the device), so
+    a warm start skips the probe's ~2.5 s of tracing and compiling.
     """
+    from jaxmm import disk_cache
+
+    key = disk_cache.key_of("attention-probe", kind)
+    if disk_cache.read("probe", key) == b"ok":
+        return True
+    works = _probe(kind)
+    if works:
+        disk_cache.write("probe", key, b"ok")
+    return works
+
+
+def _probe(kind: str) -> bool:
     import jax.numpy as jnp
     import numpy as np
 

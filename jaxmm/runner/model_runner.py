@@ -10,12 +10,14 @@
    bucket is exactly one compiled program: `step(params, kv_caches, ids, md) ->
    (kv_caches, logits)` with the caches donated. Sampling is a second small program.
 4. Warmup compiles every bucket up front; `num_compiled()` lets a test check that serving
-   compiles nothing new afterwards.
+   compiles nothing new afterwards. With a persistent cache directory, warmup's programs are
+   saved whole and a later start loads them without tracing (`saved_programs.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -32,6 +34,7 @@ from jaxmm.layers.attention import AttentionMetadata, resolve_backend
 from jaxmm.layers.sampler import MAX_LOGPROBS, SamplingTensors, sample
 from jaxmm.models.registry import model_class
 from jaxmm.runner.checkpoint import Checkpoint
+from jaxmm.runner.saved_programs import SavedPrograms
 from jaxmm.weights.loader import cast_dtype, load_params, random_params
 
 logger = logging.getLogger(__name__)
@@ -266,6 +269,15 @@ class ModelRunner:
             self._sample_fn,
             static_argnames=("all_greedy", "use_filters", "use_penalties", "num_logprobs"),
         )
+        # what the model and the step close over, besides the arguments' shapes
+        salt = (
+            _config_fingerprint(ck.hf_config),
+            jnp.dtype(self.dtype).name,
+            self.backend,
+            self.max_rows,
+        )
+        self.step_programs = SavedPrograms("step", self._step, salt)
+        self.sample_programs = SavedPrograms("sample", self._sample, salt)
 
     # -- setup ------------------------------------------------------------------------------
     def _kv_budget(self, utilization: float, kv_bytes: int | None) -> int:
@@ -308,6 +320,17 @@ class ModelRunner:
         logits = model.compute_logits(hidden[md.logits_indices])
         # greedy tokens come with every step: an all-greedy batch skips the sampler program
         return kv_caches, (logits, self._pad_rows(jnp.argmax(logits, axis=-1).astype(jnp.int32)))
+
+    @staticmethod
+    def _step_sig(arrays: StepArrays) -> tuple:
+        """The step program a batch needs (cheap: read per step)."""
+        si = arrays.seq_inputs
+        return (
+            len(arrays.input_ids),
+            arrays.md.positions.ndim,
+            arrays.embeds is None,
+            None if si is None else tuple((k, np.shape(v)) for k, v in si.items()),
+        )
 
     def bucket(self, num_tokens: int) -> tuple[int, int]:
         for T in self.token_buckets:
@@ -419,8 +442,8 @@ class ModelRunner:
     def logits(self, steps: list[SeqStep]) -> np.ndarray:
         """Run one step and return each sequence's last-token logits (S rows) without sampling."""
         arrays, _ = self.prepare(steps)
-        self.kv_caches, (logits, _) = self._step(
-            self._param_leaves, self.kv_caches, self._no_prev, *arrays
+        self.kv_caches, (logits, _) = self.step_programs(
+            self._step_sig(arrays), self._param_leaves, self.kv_caches, self._no_prev, *arrays
         )
         return np.asarray(logits)[: len(steps)]
 
@@ -435,8 +458,8 @@ class ModelRunner:
         """
         arrays, S = self.prepare(steps)
         prev_tokens = self._no_prev if prev is None else prev.tokens
-        self.kv_caches, (logits, greedy_tokens) = self._step(
-            self._param_leaves, self.kv_caches, prev_tokens, *arrays
+        self.kv_caches, (logits, greedy_tokens) = self.step_programs(
+            self._step_sig(arrays), self._param_leaves, self.kv_caches, prev_tokens, *arrays
         )
         sampled = [s for s in steps if s.sample]
         rows = np.array([i for i, s in enumerate(steps) if s.sample], np.int64)
@@ -454,14 +477,15 @@ class ModelRunner:
         # warm variant serves requests with and without `logprobs=0`
         num_logprobs = MAX_LOGPROBS if want_lp and max(want_lp) > 0 else 0
         t = self._sampling_tensors(steps, S, penalties)
-        tokens, lp, top_ids, top_lp = self._sample(
-            logits,
-            t,
+        static = dict(
             all_greedy=all(s.temperature == 0 for s in sampled),
             use_filters=any(s.top_k > 0 or s.top_p < 1 or s.min_p > 0 for s in sampled),
             use_penalties=penalties,
             num_logprobs=num_logprobs,
         )
+        # penalty tensors vary in shape: those variants stay with jit
+        sig = None if penalties else (S, *sorted(static.items()))
+        tokens, lp, top_ids, top_lp = self.sample_programs(sig, logits, t, **static)
         if not want_lp:
             return InFlight(tokens, rows)
         return InFlight(tokens, rows, lp, None if top_ids is None else (top_ids, top_lp))
@@ -492,26 +516,41 @@ class ModelRunner:
         for T in self.token_buckets:
             arrays, S = self.prepare([], min_tokens=T)
             t1 = time.perf_counter()
-            self.kv_caches, (logits, _) = self._step(
-                self._param_leaves, self.kv_caches, self._no_prev, *arrays
-            )
+            sig = self._step_sig(arrays)
+            args = (self._param_leaves, self.kv_caches, self._no_prev, *arrays)
+            self.step_programs.prepare(sig, args)
+            self.kv_caches, (logits, _) = self.step_programs(sig, *args)
             jax.block_until_ready(logits)
             t_steps += time.perf_counter() - t1
             t = self._sampling_tensors([], S, False)
             for greedy, filters in ((True, False), (False, False), (False, True)):
-                out = self._sample(
-                    logits,
-                    t,
-                    all_greedy=greedy,
-                    use_filters=filters,
-                    use_penalties=False,
-                    num_logprobs=0,
+                static = dict(
+                    all_greedy=greedy, use_filters=filters, use_penalties=False, num_logprobs=0
                 )
+                sig = (S, *sorted(static.items()))
+                if sig not in self.sample_programs.programs:
+                    self.sample_programs.prepare(sig, (logits, t), static)
+                out = self.sample_programs(sig, logits, t, **static)
             jax.block_until_ready(out)
         self.init_times["warmup"] = round(time.perf_counter() - t0, 3)
         self.init_times["warmup_steps"] = round(t_steps, 3)
+        self.init_times["programs_from_disk"] = (
+            self.step_programs.sources["disk"] + self.sample_programs.sources["disk"]
+        )
         logger.info("start-up times (s): %s", self.init_times)
 
     def num_compiled(self) -> int:
         """Programs traced for this runner (step variants + sampler variants)."""
-        return self._step._cache_size() + self._sample._cache_size()
+        return (
+            self._step._cache_size()
+            + self._sample._cache_size()
+            + len(self.step_programs)
+            + len(self.sample_programs)
+        )
+
+
+def _config_fingerprint(hf_config) -> str:
+    """The checkpoint config as sorted JSON: part of every saved program's key."""
+    to_dict = getattr(hf_config, "to_dict", None)
+    d = to_dict() if callable(to_dict) else dict(vars(hf_config))
+    return json.dumps(d, sort_keys=True, default=str)
