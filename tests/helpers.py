@@ -48,6 +48,23 @@ def make_tokenizer(path: str, vocab_size: int = 256):
     return fast
 
 
+TEXTS = ["Hello, my name is Ada.", "The capital of France is Paris. 0123456789", " spaced  out "]
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+
+
+def tokenizer_behaviour(tok) -> dict:
+    """What jaxmm uses a tokenizer for, on a few inputs (JSON-able, to compare across processes)."""
+    chat = tok.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=True)
+    return {
+        "ids": [tok(t).input_ids for t in TEXTS],
+        "decoded": [tok.decode(tok(t).input_ids) for t in TEXTS],
+        "skip": [tok.decode(tok(t).input_ids, skip_special_tokens=True) for t in TEXTS],
+        "chat": tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True),
+        "chat_ids": chat["input_ids"],
+        "specials": [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, len(tok)],
+    }
+
+
 ARCH_CONFIGS = {
     "llama": dict(
         cls="LlamaConfig",

@@ -2,7 +2,8 @@
 
 A checkpoint is a directory in HF layout (`config.json` + `*.safetensors`) or a GGUF file
 (or a directory holding one). Nothing is downloaded: a model that is not on disk is a
-clear error.
+clear error. The config and tokenizer of the common text models are read without importing
+torch (see hf_config.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from jaxmm.runner.hf_config import load_config, tokenizer_class
+
 
 @dataclass
 class Checkpoint:
@@ -21,7 +24,7 @@ class Checkpoint:
     hf_config: object
     tensors: Callable[[], Iterator[tuple[str, np.ndarray]]]
     eos_token_ids: list[int]
-    tokenizer_path: str | None  # directory for AutoTokenizer, or None when built in memory
+    tokenizer_path: str | None  # tokenizer directory, or None when built in memory
     tokenizer: object | None = None  # a ready tokenizer (GGUF)
     processor_path: str | None = None
 
@@ -72,11 +75,9 @@ def open_checkpoint(model: str, load_format: str = "auto") -> Checkpoint:
         )
     if not os.path.isdir(model) or not os.path.exists(os.path.join(model, "config.json")):
         raise FileNotFoundError(f"{model!r} has no config.json: not an HF checkpoint directory")
-    from transformers import AutoConfig
-
     from jaxmm.weights.safetensors_io import iter_safetensors
 
-    hf_config = AutoConfig.from_pretrained(model, local_files_only=True)
+    hf_config = load_config(model)
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"load_format must be auto, safetensors or dummy; got {load_format!r}")
     return Checkpoint(
@@ -92,9 +93,12 @@ def open_checkpoint(model: str, load_format: str = "auto") -> Checkpoint:
 def load_tokenizer(ck: Checkpoint, tokenizer: str | None = None):
     if ck.tokenizer is not None and tokenizer is None:
         return ck.tokenizer
-    from transformers import AutoTokenizer
-
     path = tokenizer or ck.tokenizer_path
     if path is None:
         raise ValueError("this checkpoint carries no tokenizer; pass tokenizer=...")
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    cls = tokenizer_class(path)  # None: let AutoTokenizer choose (it imports torch)
+    if cls is None:
+        from transformers import AutoTokenizer
+
+        cls = AutoTokenizer
+    return cls.from_pretrained(path, local_files_only=True)
