@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 CONFIGS = {
     "llama-3.1-8b": dict(
         architectures=["LlamaForCausalLM"],
