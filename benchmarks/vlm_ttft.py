@@ -16,8 +16,10 @@ Every size runs once on both sides before it is timed, so compilation (XLA) and 
 start-up are excluded; each number is the median of --iters runs.
 
 jaxmm, split (each piece timed on its own, synchronised):
-  preprocess_s  the HF image processor (MultimodalProcessor.image, as the front end calls it)
-  encoder_s     the jitted vision tower on those pixels (MultimodalFrontend.encode)
+  preprocess_s  the HF image processor (MultimodalProcessor.image, as the front end calls it:
+                for HF's PIL processor, fast_image.py's uint8 patches and byte table)
+  encoder_s     the jitted vision tower on those pixels (MultimodalFrontend.encode), the
+                transfer and the on-device byte -> float32 lookup included
   prefill_s     engine.step() from a prepared request until its first token is sampled
   e2e_s         wall time of llm.generate(prompt, max_tokens=1): all of the above plus image
                 hashing, tokenisation, placeholder expansion and M-RoPE positions

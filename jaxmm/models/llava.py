@@ -12,7 +12,9 @@ other spellings (`model.language_model.*`, ...) onto it.
 
 The multimodal contract every VLM here offers the front end (`jaxmm.multimodal.inputs`):
 `mm_modalities`, `mm_token_id`, `mm_prompt_placeholder`, `mm_num_tokens`,
-`mm_check_embeds`, `mm_encoder`, `uses_mrope` (+ `mrope_positions` when True).
+`mm_check_embeds`, `mm_encoder`, `uses_mrope` (+ `mrope_positions` when True); optionally
+`mm_patch_bytes = True` where `mm_encoder` also takes `fast_image.PatchBytes` pixel values
+(Qwen2-VL: the byte lookup runs on the device).
 """
 
 from __future__ import annotations

@@ -31,11 +31,13 @@ from jaxmm.models.encoders.qwen2_vl_vision import (
     Qwen2_5_VisionTransformer,
     Qwen2VisionTransformer,
     attention_implementation,
+    expand_patch_bytes,
     layout_slots,
     pack,
 )
 from jaxmm.models.llama import head_dim
 from jaxmm.models.qwen2 import Qwen2ForCausalLM, Qwen2Model
+from jaxmm.multimodal.fast_image import PatchBytes
 
 # items share an encoder call while its padded attention layouts (segments x longest
 # segment, see `layout_slots`) stay within this many rows; a bigger item runs alone
@@ -69,6 +71,7 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
     is_multimodal = True
     mm_modalities = ("image", "video")
     uses_mrope = True
+    mm_patch_bytes = True  # images through fast_image.py: uint8 patches, expanded on device
     time_scaled_video = False  # Qwen2.5-VL: temporal positions in tokens_per_second units
     hf_key_rules = (
         (r"^model\.language_model\.", "model."),
@@ -164,36 +167,76 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
         return pos, delta
 
     def mm_encoder(self, graphdef):
-        """A host function (params, modality, items) -> [features (n, D_text) per item]."""
+        """A host function (params, modality, items) -> [features (n, D_text) per item].
+
+        Pixel values come as float32 (n, K) or as `fast_image.PatchBytes`; those go to the
+        device as uint8 patches with their byte table, and the jitted program expands them
+        (`expand_patch_bytes`) before the tower. A call holds one kind (and one table).
+        """
         vc = self.hf_config.vision_config
         windowed = self.vision_cls.windowed
         unit = self._merge() ** 2
+        tp = int(vc.temporal_patch_size)
         width = self.vision_cls.width(vc)
         impl = attention_implementation(self.dtype, width // vc.num_heads)
 
         @jax.jit
-        def run(params, pixels, pos, full, window, order):
+        def run(params, pixels, table, pos, full, window, order, unpermute):
             model = nnx.merge(graphdef, params)
-            return model.visual(pixels.astype(model.dtype), pos, full, window, order, impl)
+            if table is not None:  # uint8 patches: the byte -> float32 lookup, here
+                pixels = expand_patch_bytes(pixels, table, tp)
+            merged = model.visual(pixels.astype(model.dtype), pos, full, window, order, impl)
+            return merged if unpermute is None else merged[unpermute]  # item order
 
-        def run_chunk(params, chunk: list[tuple]) -> list[np.ndarray]:
+        def run_chunk(params, table, chunk: list[tuple]) -> list[np.ndarray]:
             b = pack(chunk, vc, windowed)
-            merged = run(params, b["pixels"], b["pos"], b["full"], b["window"], b["order"])
-            merged = np.asarray(merged, np.float32)[: b["num_units"]]
-            merged = merged[b["unpermute"]]
+            merged = run(
+                params,
+                b["pixels"],
+                table,
+                b["pos"],
+                b["full"],
+                b["window"],
+                b["order"],
+                b["unpermute"],
+            )
+            merged = np.asarray(merged)[: b["num_units"]].astype(np.float32, copy=False)
             return np.split(merged, np.cumsum([len(px) // unit for px, _ in chunk])[:-1])
 
         def encode(params, modality: str, items: list[dict]) -> list[np.ndarray]:
-            chunks: list[list[tuple]] = []
+            chunks: list[tuple[np.ndarray | None, list[tuple]]] = []  # (table, items) per call
             for it in items:
-                item = (np.asarray(it["pixel_values"], np.float32), tuple(it["grid_thw"]))
-                grids = [g for _, g in chunks[-1]] + [item[1]] if chunks else []
-                if not chunks or layout_slots(grids, vc, windowed) > MAX_SLOTS:
-                    chunks.append([])  # a new call
-                chunks[-1].append(item)
-            return [feats for chunk in chunks for feats in run_chunk(params, chunk)]
+                pixels, grid, table = it["pixel_values"], tuple(it["grid_thw"]), None
+                if isinstance(pixels, PatchBytes):
+                    if pixels.temporal_patch_size != tp:
+                        raise ValueError(
+                            f"patch bytes repeated over {pixels.temporal_patch_size} frames; "
+                            f"this tower's temporal_patch_size is {tp}"
+                        )
+                    pixels, table = pixels.data, pixels.table
+                else:
+                    pixels = np.asarray(pixels, np.float32)
+                if not chunks or not joins(chunks[-1], table, grid):
+                    chunks.append((table, []))  # a new call
+                chunks[-1][1].append((pixels, grid))
+            return [f for table, chunk in chunks for f in run_chunk(params, table, chunk)]
+
+        def joins(chunk: tuple, table: np.ndarray | None, grid: tuple) -> bool:
+            """Whether an item may join this call: its kind of pixels, slots to spare."""
+            chunk_table, chunk_items = chunk
+            grids = [g for _, g in chunk_items] + [grid]
+            return (
+                _same_table(table, chunk_table) and layout_slots(grids, vc, windowed) <= MAX_SLOTS
+            )
 
         return encode
+
+
+def _same_table(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    """Whether two items' pixels take one encoder call: both float32, or one byte table."""
+    if a is None or b is None:
+        return a is b
+    return a is b or np.array_equal(a, b)
 
 
 class Qwen2_5_VLForConditionalGeneration(Qwen2VLForConditionalGeneration):

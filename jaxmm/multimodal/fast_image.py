@@ -8,15 +8,24 @@ the same bytes:
 1. convert to RGB exactly as `transformers.image_transforms.convert_to_rgb` does (alpha and
    palette transparency composited onto white, everything else `convert("RGB")`);
 2. resize the uint8 PIL image to `smart_resize`'s (h, w) with the same filter (HF also resizes
-   the uint8 image: `to_pil_image` keeps uint8 input as uint8, `reducing_gap=None`);
-3. patchify the uint8 pixels (rows (h/m, w/m, m, m), columns (C, tp, p, p), the image repeated
-   tp times), then map each byte through a (C, 256) float32 table.
+   the uint8 image: `to_pil_image` keeps uint8 input as uint8, `reducing_gap=None`; at the
+   image's own size PIL's resize is a copy, so it is skipped);
+3. patchify the uint8 pixels: (n, C, p*p) bytes, rows in HF's (h/m, w/m, m, m) patch order;
+4. map each byte through a (C, 256) float32 table and repeat the image tp times:
+   HF's (n, C*tp*p*p) float32 `pixel_values`.
 
-Step 3 is why the result is bitwise HF's: every value HF computes after the resize is a
+Step 4 is why the result is bitwise HF's: every value HF computes after the resize is a
 function of (channel, byte) only. Rescale is `f32(f64(v) * scale)` and normalize is
 `(x - f32(mean)) / f32(std)` in float32; each is a correctly rounded IEEE op, so evaluating
 them once on the 256 bytes (in HF's order and dtypes) gives the same float as evaluating
 them on every pixel.
+
+Step 4 runs here (`expand`, numpy) or, for a tower that takes them, on the accelerator:
+`preprocess(..., patch_bytes=True)` stops after step 3 and returns `PatchBytes`, the bytes
+plus their table, which stands for the float array (its `shape`; `np.asarray` expands it).
+The Qwen2-VL encoder looks the bytes up inside its jitted program with the same table, so
+the tower sees the same floats from 1/(4*tp) of the host memory and transfer: 5.4 MB instead
+of 43 MB at 1344², and no 43 MB array to fill on the host (15 ms on a dev CPU).
 
 `settings_for` is the gate: it returns None (use HF) unless the image processor is exactly
 HF's PIL Qwen2-VL class and every setting of the call is one implemented here.
@@ -121,10 +130,42 @@ def settings_for(image_processor, kwargs: dict) -> Qwen2VLImageSettings | None:
     )
 
 
-def preprocess(images: Sequence[Image.Image], s: Qwen2VLImageSettings) -> dict | None:
+@dataclass(frozen=True, eq=False)
+class PatchBytes:
+    """HF's `pixel_values` (n, C*tp*p*p) float32, held as the bytes they come from (step 4
+    not yet applied): the image's uint8 patches and the per-channel byte table.
+
+    It reads as the float array it stands for where only the shape matters (`shape`, `len`,
+    `np.shape`), and `np.asarray` expands it on the host; towers that take it expand it on
+    the device with the same table (`jaxmm.models.encoders.qwen2_vl_vision.expand_patch_bytes`).
+    """
+
+    data: np.ndarray  # (n, C, p*p) uint8, one copy of the image (not repeated over tp)
+    table: np.ndarray  # (C, 256) float32: HF's value of each byte, per channel
+    temporal_patch_size: int  # tp: each patch holds the image tp times
+
+    dtype = np.dtype(np.float32)  # of the values it stands for
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n, C, pp = self.data.shape
+        return n, C * self.temporal_patch_size * pp
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def __array__(self, dtype=None, copy=None):
+        out = expand(self.data, self.table, self.temporal_patch_size)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def preprocess(
+    images: Sequence[Image.Image], s: Qwen2VLImageSettings, patch_bytes: bool = False
+) -> dict | None:
     """PIL images -> {"pixel_values": (n, C*tp*p*p) float32, "image_grid_thw": (len, 3) int64},
     HF's outputs byte for byte; None where HF would take a path not reproduced here (an input
-    that is not a PIL image, a shape HF's patchify rejects), so the caller falls back to HF."""
+    that is not a PIL image, a shape HF's patchify rejects), so the caller falls back to HF.
+    patch_bytes: "pixel_values" is a `PatchBytes` (steps 1-3; step 4 left to its consumer)."""
     pixels = []
     for image in images:
         u8 = _rgb_uint8(image, s)
@@ -139,8 +180,23 @@ def preprocess(images: Sequence[Image.Image], s: Qwen2VLImageSettings) -> dict |
             return None
         patches.append(_patchify(u8, s))
         grids.append([1, h // s.patch_size, w // s.patch_size])
-    values = patches[0] if len(patches) == 1 else np.concatenate(patches, axis=0)
+    data = patches[0] if len(patches) == 1 else np.concatenate(patches, axis=0)
+    values = PatchBytes(data, _byte_table(s), s.temporal_patch_size)
+    if not patch_bytes:
+        values = np.asarray(values)
     return {"pixel_values": values, "image_grid_thw": np.array(grids, dtype=np.int64)}
+
+
+def expand(data: np.ndarray, table: np.ndarray, temporal_patch_size: int) -> np.ndarray:
+    """Step 4 on the host: (n, C, p*p) uint8 -> (n, C*tp*p*p) float32, columns (C, tp, p, p)."""
+    n, C, pp = data.shape
+    tp = temporal_patch_size
+    out = np.empty((n, C, tp, pp), np.float32)
+    for c in range(C):
+        out[:, c, 0] = table[c][data[:, c]]
+    for t in range(1, tp):  # the single image repeated over the temporal patch
+        out[:, :, t] = out[:, :, 0]
+    return out.reshape(n, C * tp * pp)
 
 
 def smart_resize(
@@ -193,26 +249,19 @@ def _rgb_uint8(image, s: Qwen2VLImageSettings) -> np.ndarray | None:
             min_pixels=s.min_pixels,
             max_pixels=s.max_pixels,
         )
-        image = image.resize((w, h), resample=s.resample, reducing_gap=None)
+        if (w, h) != image.size:  # (PIL's resize to the same size is a copy)
+            image = image.resize((w, h), resample=s.resample, reducing_gap=None)
     return np.asarray(image)
 
 
 def _patchify(u8: np.ndarray, s: Qwen2VLImageSettings) -> np.ndarray:
-    """(h, w, C) uint8 -> (gh*gw, C*tp*p*p) float32 through the byte table (step 3)."""
-    p, m, tp = s.patch_size, s.merge_size, s.temporal_patch_size
+    """(h, w, C) uint8 -> (gh*gw, C, p*p) uint8 patches (step 3)."""
+    p, m = s.patch_size, s.merge_size
     h, w, C = u8.shape
     gh, gw = h // p, w // p
-    n = gh * gw
-    # rows (gh/m, gw/m, m, m), columns (C, p, p): HF's patch order, still in bytes
+    # rows (gh/m, gw/m, m, m), columns (C, p, p): HF's patch order
     x = u8.reshape(gh // m, m, p, gw // m, m, p, C).transpose(0, 3, 1, 4, 6, 2, 5)
-    x = np.ascontiguousarray(x).reshape(n, C, p * p)
-    table = _byte_table(s)
-    out = np.empty((n, C, tp, p * p), np.float32)
-    for c in range(C):
-        out[:, c, 0] = table[c][x[:, c]]
-    for t in range(1, tp):  # the single image repeated over the temporal patch
-        out[:, :, t] = out[:, :, 0]
-    return out.reshape(n, C * tp * p * p)
+    return np.ascontiguousarray(x).reshape(gh * gw, C, p * p)
 
 
 @functools.lru_cache(maxsize=16)

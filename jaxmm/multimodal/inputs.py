@@ -6,11 +6,12 @@
    shapes checked against the model's.
 2. Load: URLs (http(s), data:, file://), bytes and arrays become RGB images or (T, H, W, 3)
    frames through `media.py`, under the engine's MediaPolicy.
-3. Key: an item's cache key is its uuid when given, else a content hash (BLAKE2b of the
-   decoded pixels or embedding bytes, with the processor options).
+3. Key: an item's cache key is its uuid when given, else a content hash (`hashing.py`:
+   BLAKE2b of the decoded pixels or embedding bytes, with the processor options).
 4. Encode: items found in the encoder cache are reused (an item sent as `None` must be
-   there under its uuid); the others go through the HF image processor (`processor.py`)
-   and the model's vision encoder (jitted, batched and bucketed by the model) and are cached.
+   there under its uuid); the others go through the HF image processor (`processor.py`),
+   their shapes are checked (`mm_num_tokens`), and the model's vision encoder (jitted,
+   batched and bucketed by the model) encodes them; the features are cached.
 5. Place: each placeholder token is expanded to its item's number of feature tokens; the
    spans, their keys (for prefix caching) and M-RoPE positions make up a
    `MultimodalRequest`, which the engine asks to `fill_step` every step.
@@ -30,9 +31,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import io
-import json
 import threading
 from dataclasses import dataclass, field
 
@@ -40,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from .cache import EncoderCache, EncoderOutput
+from .hashing import content_hash
 from .media import MediaPolicy, load_image, load_video_with_metadata
 
 MODALITIES = ("image", "video")
@@ -187,20 +187,6 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, list) else [value]
 
 
-def _content_hash(*parts) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for part in parts:
-        if isinstance(part, np.ndarray):
-            h.update(str((part.dtype.str, part.shape)).encode())
-            h.update(np.ascontiguousarray(part).tobytes())
-        elif isinstance(part, (bytes, bytearray)):
-            h.update(bytes(part))
-        else:
-            h.update(json.dumps(part, sort_keys=True, default=str).encode())
-        h.update(b"\x00")
-    return h.hexdigest()
-
-
 def _check_media_io_kwargs(kwargs: dict | None) -> dict:
     kwargs = dict(kwargs or {})
     for modality, opts in kwargs.items():
@@ -271,7 +257,10 @@ class MultimodalFrontend:
             if path is None:
                 raise ValueError("this checkpoint carries no image processor config")
             self._processor = MultimodalProcessor.from_pretrained(
-                path, dict(getattr(self.config, "mm_processor_kwargs", {}) or {})
+                path,
+                dict(getattr(self.config, "mm_processor_kwargs", {}) or {}),
+                # uint8 patches + byte table, expanded by the tower on the device
+                patch_bytes=bool(getattr(self.model, "mm_patch_bytes", False)),
             )
         return self._processor
 
@@ -420,11 +409,11 @@ class MultimodalFrontend:
 
     # -- 2-4. key, look up, encode -----------------------------------------------------------
     def resolve(self, items: list[_Item], proc_kwargs: dict) -> None:
-        pending: dict[str, list[tuple[_Item, dict]]] = {}
+        pending: dict[str, list[tuple[_Item, dict, int]]] = {}
         duplicates: dict[str, list[_Item]] = {}
         for item in items:
             if item.kind == "embeds":
-                item.key = item.uuid or _content_hash(
+                item.key = item.uuid or content_hash(
                     item.modality, "embeds", item.embeds, item.meta
                 )
                 item.output = EncoderOutput(item.modality, item.embeds, item.meta)
@@ -448,12 +437,12 @@ class MultimodalFrontend:
                     )
             if item.modality == "image":
                 img = item.media
-                item.key = item.uuid or _content_hash(
+                item.key = item.uuid or content_hash(
                     "image", img.mode, img.size, img.tobytes(), proc_kwargs
                 )
             else:
                 frames, fps = item.media
-                item.key = item.uuid or _content_hash("video", frames, fps, proc_kwargs)
+                item.key = item.uuid or content_hash("video", frames, fps, proc_kwargs)
             cached = None if item.uuid is not None else self.cache.get(item.key)
             if cached is not None:
                 item.output = cached
@@ -467,12 +456,12 @@ class MultimodalFrontend:
             else:
                 frames, fps = item.media
                 processed = self.processor.video(frames, fps, proc_kwargs)
-            pending.setdefault(item.modality, []).append((item, processed))
+            want = self.model.mm_num_tokens(item.modality, processed)  # checks the shapes
+            pending.setdefault(item.modality, []).append((item, processed, want))
 
         for modality, batch in pending.items():
-            feats = self.encode(modality, [p for _, p in batch])
-            for (item, processed), embeds in zip(batch, feats, strict=True):
-                want = self.model.mm_num_tokens(modality, processed)
+            feats = self.encode(modality, [p for _, p, _ in batch])
+            for (item, processed, want), embeds in zip(batch, feats, strict=True):
                 if embeds.shape[0] != want:
                     raise RuntimeError(
                         f"the vision encoder gave {embeds.shape[0]} rows for a {modality} that "

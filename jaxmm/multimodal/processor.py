@@ -17,6 +17,9 @@ embeddings all expand the same way.
 Images for HF's PIL Qwen2-VL processor take `fast_image.py` instead: the same bytes from a
 uint8 patchify and a per-byte table, without HF's float64 passes (issue #4; 2.6 -> 1.1 ms at
 448² on a dev CPU). Any other class (the torchvision backend included) or setting goes to HF.
+With `patch_bytes` (the front end sets it for towers that declare `mm_patch_bytes`, i.e.
+Qwen2-VL's), those images keep their pixel values as `fast_image.PatchBytes` (uint8 patches +
+the byte table), which the tower expands on the device; HF's output stays float32.
 """
 
 from __future__ import annotations
@@ -39,21 +42,27 @@ class MultimodalProcessor:
         video_config: dict | None = None,
         kwargs: dict | None = None,
         fast_images: bool = True,
+        patch_bytes: bool = False,
     ):
         self.image_processor = image_processor
         self.video_config = dict(video_config or {})
         self.kwargs = dict(kwargs or {})  # engine-level mm_processor_kwargs
         self.fast_images = fast_images  # fast_image.py where it reproduces HF; False: always HF
+        self.patch_bytes = patch_bytes  # fast_image's pixel values as PatchBytes, not float32
 
     @classmethod
     def from_pretrained(
-        cls, path: str, kwargs: dict | None = None, image_backend: str | None = "pil"
+        cls,
+        path: str,
+        kwargs: dict | None = None,
+        image_backend: str | None = "pil",
+        patch_bytes: bool = False,
     ) -> MultimodalProcessor:
         """`image_backend` ("pil" / "torchvision") is passed to `AutoImageProcessor`; None keeps
         transformers' choice (torchvision where installed). The default is HF's PIL backend:
         the same pixels with or without torchvision installed (the parity tests' reference),
         and the one `fast_image.py` reproduces byte for byte. A transformers version without
-        the `backend` argument gets its default class."""
+        the `backend` argument gets its default class. `patch_bytes`: see the class."""
         from transformers import AutoImageProcessor
 
         if not os.path.exists(os.path.join(path, "preprocessor_config.json")):
@@ -76,7 +85,7 @@ class MultimodalProcessor:
         if os.path.exists(video_path):
             with open(video_path) as f:
                 video_config = json.load(f)
-        return cls(image_processor, video_config, kwargs)
+        return cls(image_processor, video_config, kwargs, patch_bytes=patch_bytes)
 
     @property
     def patches(self) -> bool:
@@ -99,15 +108,19 @@ class MultimodalProcessor:
         return kw
 
     def image(self, image: Image.Image, overrides: dict | None = None) -> dict:
-        """One RGB image -> {"pixel_values", "grid_thw"} (grid_thw None for fixed-size towers)."""
+        """One RGB image -> {"pixel_values", "grid_thw"} (grid_thw None for fixed-size towers).
+
+        pixel_values: float32, or a `fast_image.PatchBytes` standing for it (`patch_bytes`)."""
         kw = self._call_kwargs(overrides)
         out = None
         if self.fast_images and self.patches:
             settings = fast_image.settings_for(self.image_processor, kw)
-            out = settings and fast_image.preprocess([image], settings)
+            out = settings and fast_image.preprocess([image], settings, self.patch_bytes)
         if out is None:
             out = self.image_processor(images=[image], return_tensors="np", **kw)
-        pixels = np.asarray(out["pixel_values"], np.float32)
+        pixels = out["pixel_values"]
+        if not isinstance(pixels, fast_image.PatchBytes):
+            pixels = np.asarray(pixels, np.float32)
         if not self.patches:
             return {"pixel_values": pixels[0], "grid_thw": None}
         grid = tuple(int(g) for g in np.asarray(out["image_grid_thw"])[0])

@@ -1,7 +1,8 @@
 """`fast_image.py` against HF's `Qwen2VLImageProcessorPil`: the same bytes, on a grid of inputs.
 
-Equality is bitwise (`tobytes()`), dtypes and shapes included. The timing test prints HF vs
-the fast path on this CPU (not asserted: CI machines vary).
+Equality is bitwise (`tobytes()`), dtypes and shapes included, for the float32 arrays made
+here and for `PatchBytes` expanded on the device (as the Qwen2-VL encoder does). The timing
+test prints HF vs the fast path on this CPU (not asserted: CI machines vary).
 """
 
 from __future__ import annotations
@@ -127,6 +128,66 @@ def test_batch_of_sizes():
     assert_bitwise(_fast(images), _hf(images))
 
 
+@pytest.fixture(scope="module")
+def expand_on_device():
+    """`expand_patch_bytes` jitted as the encoder runs it: bytes and table are inputs."""
+    import jax
+
+    from jaxmm.models.encoders.qwen2_vl_vision import expand_patch_bytes
+
+    return jax.jit(expand_patch_bytes, static_argnums=2)
+
+
+def _device_values(expand_on_device, images, **kw) -> np.ndarray:
+    s = fast_image.settings_for(HFProcessor(size=dict(CHECKPOINT_BUDGET)), kw)
+    out = fast_image.preprocess(images, s, patch_bytes=True)
+    pb = out["pixel_values"]
+    assert isinstance(pb, fast_image.PatchBytes) and pb.data.dtype == np.uint8
+    assert np.asarray(pb).tobytes() == _fast(images, **kw)["pixel_values"].tobytes()  # host
+    return np.asarray(expand_on_device(pb.data, pb.table, pb.temporal_patch_size))
+
+
+@pytest.mark.parametrize(
+    "w,h,mode",
+    [(28, 28, "RGB"), (333, 517, "RGB"), (1000, 200, "RGBA"), (333, 517, "P+transparency")]
+    + [(56, 84, "L"), (1344, 1344, "RGB")],
+)
+def test_patch_bytes_expanded_on_device_are_hf_pixel_values(expand_on_device, w, h, mode):
+    image = _image(w, h, mode)
+    got = _device_values(expand_on_device, [image])
+    want = _hf([image])["pixel_values"]
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert got.tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"rescale_factor": 1 / 127.5, "image_mean": [0.5, 0.5, 0.5], "image_std": 0.25},
+        {"do_normalize": False},
+        {"patch_size": 14, "merge_size": 1, "temporal_patch_size": 3},
+    ],
+)
+def test_patch_bytes_expanded_on_device_with_settings(expand_on_device, kw):
+    images = [_image(333, 517), _image(448, 448, seed=1)]
+    assert _device_values(expand_on_device, images, **kw).tobytes() == (
+        _hf(images, **kw)["pixel_values"].tobytes()
+    )
+
+
+def test_patch_bytes_stand_for_the_float_array():
+    s = fast_image.settings_for(HFProcessor(size=dict(CHECKPOINT_BUDGET)), {})
+    pb = fast_image.preprocess([_image(333, 517)], s, patch_bytes=True)["pixel_values"]
+    want = _hf([_image(333, 517)])["pixel_values"]
+    assert pb.shape == np.shape(pb) == want.shape and len(pb) == len(want)
+    assert pb.data.nbytes * 4 * s.temporal_patch_size == want.nbytes  # a byte per value
+    assert np.asarray(pb, np.float32).tobytes() == want.tobytes()
+    mp = MultimodalProcessor(HFProcessor(size=dict(CHECKPOINT_BUDGET)), patch_bytes=True)
+    assert isinstance(mp.image(_image(333, 517))["pixel_values"], fast_image.PatchBytes)
+    odd = MultimodalProcessor(mp.image_processor, {"disable_grouping": True}, patch_bytes=True)
+    assert odd.image(_image(56, 56))["pixel_values"].dtype == np.float32  # HF's path: floats
+
+
 def test_smart_resize_matches_hf():
     rng = np.random.default_rng(0)
     for _ in range(2000):
@@ -188,11 +249,16 @@ def _best_ms(fn, reps: int) -> float:
 def test_timing(side, capsys):
     ip = HFProcessor(size=dict(CHECKPOINT_BUDGET))
     fast, slow = MultimodalProcessor(ip), MultimodalProcessor(ip, fast_images=False)
+    as_bytes = MultimodalProcessor(ip, patch_bytes=True)
     image = _image(side, side)
     hf_ms = _best_ms(lambda: slow.image(image), 10)
     fast_ms = _best_ms(lambda: fast.image(image), 10)
+    bytes_ms = _best_ms(lambda: as_bytes.image(image), 10)
     with capsys.disabled():
-        print(f"\n{side}x{side}: HF {hf_ms:.2f} ms, fast_image {fast_ms:.2f} ms")
+        print(
+            f"\n{side}x{side}: HF {hf_ms:.2f} ms, fast_image {fast_ms:.2f} ms, "
+            f"as patch bytes {bytes_ms:.2f} ms"
+        )
 
 
 def test_loaded_checkpoint_takes_fast_path(tmp_path):

@@ -1,6 +1,8 @@
 """Qwen2-VL / Qwen2.5-VL vision transformers, HF names, one packed batch per call.
 
-Images and videos arrive as flattened patches (n, C*tp*p*p) with their grid (t, h, w).
+Images and videos arrive as flattened patches (n, C*tp*p*p) with their grid (t, h, w), or
+(images through `fast_image.py`) as uint8 patches (n, C, p*p) that `expand_patch_bytes` maps
+through their byte table on the device: the float32 values HF's processor would have sent.
 Several items are packed into one sequence of N patches and attention is confined to
 segments: a patch attends to patches of its own frame (Qwen2-VL, and Qwen2.5-VL's full
 attention blocks) or of its own window (Qwen2.5-VL's other blocks). Segments are
@@ -85,6 +87,19 @@ class PatchEmbed(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:  # (N, K) -> (N, D)
         w = self.proj.weight[...]
         return jnp.einsum("NK,DK->ND", x.astype(w.dtype), w.reshape(w.shape[0], -1))
+
+
+def expand_patch_bytes(data: jax.Array, table: jax.Array, temporal_patch_size: int) -> jax.Array:
+    """uint8 patches (N, C, P) -> pixel values (N, C*tp*P) float32, columns (C, tp, P).
+
+    `fast_image.py`'s step 4 on the device: a gather from the (C, 256) float32 byte table
+    (an input of the program, not a constant of it) and a broadcast over the temporal patch.
+    No arithmetic touches the values, so they are the table's: bitwise HF's `pixel_values`.
+    """
+    N, C, P = data.shape
+    values = table[jnp.arange(C)[:, None], data]  # (N, C, P)
+    values = jnp.broadcast_to(values[:, :, None], (N, C, temporal_patch_size, P))
+    return values.reshape(N, C * temporal_patch_size * P)
 
 
 class VisionAttention(nnx.Module):
@@ -444,12 +459,14 @@ def layout_slots(grids, vc, windowed: bool) -> int:
 
 
 def pack(items: list[tuple[np.ndarray, tuple]], vc, windowed: bool) -> dict:
-    """Pack items [(pixels (n, K), (t, h, w))] into one padded batch for the tower.
+    """Pack items [(pixels (n, ...), (t, h, w))] into one padded batch for the tower.
 
-    Pixels stay in item order and are copied at most once, into the padded buffer (not at
-    all for one item that fills its bucket, as 448^2 and 1344^2 images do): a 1344^2 image
-    is 43 MB of float32 and each host copy of it took ~15 ms on an H100 host. Qwen2.5-VL's
-    window-by-window order is applied on device instead, through `order`.
+    pixels: (n, K) float32 values or (n, C, p*p) uint8 patch bytes, one kind per batch.
+    They stay in item order and are copied at most once, into the padded buffer (not at all
+    for one item that fills its bucket, as 448^2 and 1344^2 images do): a 1344^2 image is
+    43 MB of float32 (5.4 MB of bytes) and each host copy of it took ~15 ms on an H100 host.
+    Qwen2.5-VL's window-by-window order is applied on device instead, through `order`, and
+    undone there on the merged rows, through `unpermute`.
     """
     m = vc.spatial_merge_size
     unit = m * m
@@ -471,21 +488,26 @@ def pack(items: list[tuple[np.ndarray, tuple]], vc, windowed: bool) -> dict:
     perm = (units[:, None] * unit + np.arange(unit)).reshape(-1)  # patches, window by window
     N = len(perm)
     Nb = ladder(N, MIN_PATCH_BUCKET)
+    first = np.asarray(items[0][0])
     if len(items) == 1 and N == Nb:
-        pixels = np.asarray(items[0][0], np.float32)
+        pixels = first
     else:
-        pixels = np.zeros((Nb, np.shape(items[0][0])[1]), np.float32)
+        pixels = np.zeros((Nb,) + first.shape[1:], first.dtype)
         np.concatenate([px for px, _ in items], out=pixels[:N])
     padded_pos = np.zeros((Nb, 2), np.int32)
     padded_pos[:N] = np.concatenate(pos)[perm]
     (B, C), (Bw, Cw) = _layout_shapes([g for _, g in items], m, window)
+    unpermute = None
+    if windowed:  # merged rows back in item order (the padding rows stay last)
+        tail = np.arange(len(units), Nb // unit)
+        unpermute = np.concatenate([np.argsort(units, kind="stable"), tail]).astype(np.int32)
     return {
-        "pixels": pixels,  # (Nb, K), item order
+        "pixels": pixels,  # (Nb, ...), item order
         # packed patch -> row of `pixels` (None: the same order)
         "order": np.concatenate([perm, np.arange(N, Nb)]).astype(np.int32) if windowed else None,
         "pos": padded_pos,  # (Nb, 2) (row, col) of each packed patch
         "full": segments(frames, B, C, Nb),  # a frame's patches stay contiguous
         "window": segments(np.concatenate(win_lens), Bw, Cw, Nb) if windowed else None,
         "num_units": len(units),
-        "unpermute": np.argsort(units, kind="stable"),  # merged rows back in item order
+        "unpermute": unpermute,  # (Nb / m^2,) merged row -> its row in item order (None: same)
     }
