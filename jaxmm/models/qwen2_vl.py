@@ -200,7 +200,9 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
                 b["order"],
                 b["unpermute"],
             )
-            merged = np.asarray(merged)[: b["num_units"]].astype(np.float32, copy=False)
+            # in the model's dtype (bf16: half the device -> host copy); the step's embeddings
+            # buffer has that dtype too
+            merged = np.asarray(merged)[: b["num_units"]]
             return np.split(merged, np.cumsum([len(px) // unit for px, _ in chunk])[:-1])
 
         def encode(params, modality: str, items: list[dict]) -> list[np.ndarray]:

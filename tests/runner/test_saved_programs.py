@@ -18,12 +18,15 @@ from jaxmm.runner.saved_programs import SavedPrograms, abstract_signature
 @pytest.fixture
 def cache(tmp_path):
     """A persistent cache directory for this test only (JAX's setting is process-global)."""
+    from jax.experimental.compilation_cache import compilation_cache
+
     old = jax.config.jax_compilation_cache_dir
     jax.config.update("jax_compilation_cache_dir", str(tmp_path))
     try:
         yield tmp_path
-    finally:
+    finally:  # JAX keeps its cache object once made: drop it, as tests/weights does
         jax.config.update("jax_compilation_cache_dir", old)
+        compilation_cache.reset_cache()
 
 
 def _f(x, y, scale=1.0):
