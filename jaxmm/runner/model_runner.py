@@ -7,8 +7,9 @@
    sharded over KV heads.
 3. Step: the engine's batch becomes flat arrays padded to a token bucket T (powers of two
    from 16, with 1.5x steps from 1,024 on: `token_buckets`) with S = min(T, max_num_seqs)
-   sequence rows, so each bucket is exactly one compiled program: `step(params, kv_caches, ids, md) ->
-   (kv_caches, logits)` with the caches donated. Sampling is a second small program.
+   sequence rows, so each bucket is exactly one compiled program:
+   `step(params, kv_caches, ids, md) -> (kv_caches, logits)` with the caches donated.
+   Sampling is a second small program.
 4. Warmup compiles every bucket up front; `num_compiled()` lets a test check that serving
    compiles nothing new afterwards. With a persistent cache directory, warmup's programs are
    saved whole and a later start loads them without tracing (`saved_programs.py`).
