@@ -14,6 +14,10 @@ Peers, each fed its own native layout (built once, outside the timed region):
   cudnn         jax._src.cudnn.fused_attention_stablehlo.paged_attention (blocks (A, G, K, H))
   xla_ref       jaxmm.kernels.reference (gather + einsum in XLA), KV write stubbed out;
                 only where B * L <= 8 * 8192 (it materialises (K, B, L, H) in f32)
+  ejkernel      ejkernel's Triton ragged_page_attention_v3 (what EasyDeL runs on GPUs;
+                cache (A, G, K, 2, H), K and V interleaved), its integrated KV write stubbed
+                out as for xla_ref (not in the default --impls: the wheel pins jax~=0.10, so
+                it is installed with --no-deps next to its few pure-Python dependencies)
 
 `--variants '[{"split_mode": "balanced"}, {"split_mode": "balanced", "block_k": 128}]'`
 adds one more implementation per dict: `jaxmm` with those `gpu_decode.DecodeOptions`
@@ -240,6 +244,35 @@ def build_step(impl, case, plan, options=None):
                 )[0]
             finally:
                 reference.write_kv = real
+
+    elif impl == "ejkernel":
+        import importlib
+
+        rpa = importlib.import_module(
+            "ejkernel.kernels._triton.ragged_page_attention_v3._triton_impl_fwd"
+        )
+        data = jax.block_until_ready(jnp.transpose(case.kv_pages, (2, 3, 1, 0, 4)))
+        new_kv = jax.random.normal(jax.random.PRNGKey(1), (B, K, H), DTYPE)
+        dist = jnp.array([B, B, B], jnp.int32)  # [decodes, + prefills, + chunked]: all decode
+
+        def step(q, table, kv, lens):
+            real = rpa._kv_update_scatter
+            rpa._kv_update_scatter = lambda **kw: kw["kv_cache"]  # time attention only
+            try:
+                return rpa.ragged_paged_attention_triton(
+                    q,
+                    new_kv,
+                    new_kv,
+                    kv,
+                    lens,
+                    table.reshape(-1),
+                    cu,
+                    dist,
+                    None,
+                    softmax_scale=sm_scale,
+                )[0]
+            finally:
+                rpa._kv_update_scatter = real
 
     else:
         raise ValueError(impl)
