@@ -48,6 +48,9 @@ import numpy as np
 N, K, H, G = 32, 8, 128, 16
 DTYPE = jnp.bfloat16
 L2_BYTES = 50 * 2**20
+# ejkernel's defaults (16 pages x 16 tokens per KV block, 128 queries per block) ask for
+# 256 KB of shared memory, more than an H100 has (227 KB): its launch fails. These fit.
+EJKERNEL_OPTIONS = {"num_kv_pages_per_block": 8, "num_queries_per_block": 16}
 
 
 def env_info():
@@ -270,6 +273,7 @@ def build_step(impl, case, plan, options=None):
                     dist,
                     None,
                     softmax_scale=sm_scale,
+                    **EJKERNEL_OPTIONS,
                 )[0]
             finally:
                 rpa._kv_update_scatter = real
@@ -356,7 +360,10 @@ def main(argv=None):
         help="JSON list of gpu_decode.DecodeOptions kwarg dicts, each timed as jaxmm[k=v,...]",
     )
     ap.add_argument("--out", default=None)
+    ap.add_argument("--ejkernel-options", default=None, help="JSON kwargs for ejkernel's call")
     a = ap.parse_args(argv)
+    if a.ejkernel_options:
+        EJKERNEL_OPTIONS.update(json.loads(a.ejkernel_options))
     variants = parse_variants(a.variants)
     impls = a.impls.split(",")
     # variant columns right after `jaxmm` (at the end if it is not measured)
