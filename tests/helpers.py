@@ -65,6 +65,61 @@ def tokenizer_behaviour(tok) -> dict:
     }
 
 
+# everything jaxmm reads of a text model's HF config (models/llama.py, runner/, weights/loader.py,
+# runner/checkpoint.py, models/registry.py), plus the fields those defaults come from
+READ = [
+    "model_type",
+    "architectures",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "rms_norm_eps",
+    "max_position_embeddings",
+    "attention_bias",
+    "mlp_bias",
+    "tie_word_embeddings",
+    "sliding_window",
+    "use_sliding_window",
+    "max_window_layers",
+    "layer_types",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "rope_parameters",
+    "rope_scaling",
+    "rope_theta",
+    "text_config",
+]
+_MISSING = object()
+
+
+def assert_same(light, full) -> None:
+    """`light` is a hf_config `TextConfig` and agrees with transformers' config `full` on
+    every field jaxmm reads, and on what jaxmm derives from them."""
+    from jaxmm.layers.rope import rope_parameters
+    from jaxmm.models.llama import head_dim, layer_sliding_window
+    from jaxmm.weights.hf_config import TextConfig
+    from jaxmm.weights.loader import cast_dtype
+
+    assert isinstance(light, TextConfig)
+    for key in READ:
+        assert getattr(light, key, _MISSING) == getattr(full, key, _MISSING), key
+    # AutoConfig turns the dtype into a torch.dtype; jaxmm reads only its name
+    assert str(light.dtype) == str(full.dtype).removeprefix("torch."), "dtype"
+    assert cast_dtype("auto", light) == cast_dtype("auto", full)
+    assert rope_parameters(light) == rope_parameters(full)
+    assert head_dim(light) == head_dim(full)
+    n = full.num_hidden_layers
+    assert [layer_sliding_window(light, i) for i in range(n)] == [
+        layer_sliding_window(full, i) for i in range(n)
+    ]
+
+
 ARCH_CONFIGS = {
     "llama": dict(
         cls="LlamaConfig",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jaxmm.runner.hf_config import load_config, tokenizer_class
+from jaxmm.weights.hf_config import load_config, tokenizer_class
 
 
 @dataclass

@@ -5,9 +5,11 @@ GGML type, offset) followed by the aligned tensor data. Loading one goes:
 
 1. `_read_header` parses the header into plain Python values and memory-maps the file; no
    tensor bytes are read yet.
-2. `_hf_config` rebuilds a transformers config from the `{arch}.*` metadata (llama.cpp's key
-   names), and `_hf_tokenizer` hands the `tokenizer.*` metadata to transformers' GGUF
-   tokenizer converter; the chat template is `tokenizer.chat_template`.
+2. `_hf_config` rebuilds the keyword arguments of a transformers config class from the
+   `{arch}.*` metadata (llama.cpp's key names) and turns them into the `TextConfig`
+   hf_config.py builds without torch (that class imports it), or into that class
+   where hf_config cannot vouch for them. `_hf_tokenizer` hands the `tokenizer.*` metadata to
+   transformers' GGUF tokenizer converter; the chat template is `tokenizer.chat_template`.
 3. `GGUFCheckpoint.tensors` streams `(hf_key, array)` one tensor at a time: rename by the key
    map below, dequantize (`dequant.py`), and undo the rotary row permutation llama.cpp's
    converter applies to llama's q/k projections, so every array is in HF layout.
@@ -15,6 +17,8 @@ GGML type, offset) followed by the aligned tensor data. Loading one goes:
 Orientation: GGUF lists dims fastest-first (`ne`), so a weight of HF shape `(out, in)` is stored
 with `ne = [in, out]` and rows of `in` values -- reversing `ne` gives the HF shape directly.
 """
+
+from __future__ import annotations
 
 import dataclasses
 import logging
@@ -28,6 +32,8 @@ from typing import Any
 import numpy as np
 import transformers
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from jaxmm.weights.hf_config import text_config_from_dict
 
 from .dequant import SUPPORTED_TYPES, dequantize, supported_names
 
@@ -136,13 +142,13 @@ def _read_header(path: str) -> tuple[dict[str, Any], list[_TensorInfo], np.memma
 # Architectures and names
 # ---------------------------------------------------------------------------------------------
 
-# GGUF `general.architecture` -> (HF config class, HF architectures name). Mistral models come as
-# `llama` (llama.cpp converts them with the llama graph) and load as llama.
+# GGUF `general.architecture` -> (HF model type, its config class, HF architectures name).
+# Mistral models come as `llama` (llama.cpp converts them with the llama graph) and load as llama.
 _ARCHS = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM"),
-    "mistral": ("LlamaConfig", "LlamaForCausalLM"),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "llama": ("llama", "LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("llama", "LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3Config", "Qwen3ForCausalLM"),
 }
 # llama.cpp permutes the q/k rows of these into its rotary layout; `_unpermute` undoes it.
 _PERMUTED_QK = {"llama", "mistral"}
@@ -250,12 +256,21 @@ def _llama3_rope(rope_freqs: np.ndarray, theta: float, head_dim: int) -> dict | 
     return None
 
 
-def _hf_config(
+def _hf_config(metadata: dict[str, Any], infos: dict[str, _TensorInfo], data: np.ndarray) -> Any:
+    """The HF config of this file: `_config_kwargs` given to the config class `_ARCHS` names,
+    as hf_config's `TextConfig` (same values, no torch import) where it can vouch for them."""
+    model_type, config_class, _ = _ARCHS[metadata["general.architecture"]]
+    kwargs = _config_kwargs(metadata, infos, data)
+    config = text_config_from_dict({"model_type": model_type, **kwargs})
+    return config if config is not None else getattr(transformers, config_class)(**kwargs)
+
+
+def _config_kwargs(
     metadata: dict[str, Any], infos: dict[str, _TensorInfo], data: np.ndarray
-) -> transformers.PretrainedConfig:
+) -> dict[str, Any]:
+    """The keyword arguments of the transformers config class for this file."""
     arch = metadata["general.architecture"]
-    config_class, architecture = _ARCHS[arch]
-    kwargs: dict[str, Any] = {"architectures": [architecture]}
+    kwargs: dict[str, Any] = {"architectures": [_ARCHS[arch][2]]}
     for key, field in _CONFIG_KEYS.items():
         if f"{arch}.{key}" in metadata:
             kwargs[field] = metadata[f"{arch}.{key}"]
@@ -298,23 +313,70 @@ def _hf_config(
         if params is None:
             raise ValueError("GGUF rope_freqs tensor does not match llama3 rope scaling")
         kwargs["rope_scaling"] = params
-    return getattr(transformers, config_class)(**kwargs)
+    return kwargs
 
 
-def _hf_tokenizer(path: str) -> transformers.PreTrainedTokenizerFast:
+def _hf_tokenizer(path: str, metadata: dict[str, Any]) -> transformers.PreTrainedTokenizerFast:
     """transformers' GGUF tokenizer converter: byte-level BPE (`gpt2`), sentencepiece (`llama`)
     and the rest it knows, with control tokens as special tokens, the split regex named by
-    `tokenizer.ggml.pre`, and `chat_template`/`add_bos_token` in the tokenizer's config."""
+    `tokenizer.ggml.pre`, and `chat_template`/`add_bos_token` in the tokenizer's config.
+
+    Its `get_gguf_tokenizer(path)` reads the file again with transformers' GGUF reader, which
+    imports torch; `_gguf_tokenizer_inputs` gives the same from the metadata read here where it
+    can vouch for it. The converter itself imports no torch."""
     try:
         from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
     except ImportError:  # transformers < 5: only the public entry point
         directory, name = os.path.split(os.path.abspath(path))
         return transformers.PreTrainedTokenizerFast.from_pretrained(directory, gguf_file=name)
-    arch, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(path)
+    inputs = _gguf_tokenizer_inputs(metadata)
+    arch, tokenizer_dict, tokenizer_config = inputs or get_gguf_tokenizer(path)
     backend, extra = convert_gguf_tokenizer(arch, tokenizer_dict)
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend, **tokenizer_config, **extra
     )
+
+
+# `_gguf_tokenizer_inputs` mirrors `get_gguf_tokenizer` of these transformers versions
+# (major.minor; it has changed between 5.x releases) for these `tokenizer.ggml.model`s (its
+# other rules concern gemma4 files). Another version takes transformers' route until checked.
+_TOKENIZER_INPUTS_VERSIONS = {"5.23"}
+_TOKENIZER_MODELS = {"gpt2", "llama"}
+_SPECIAL_TOKEN_IDS = {  # tokenizer argument -> `tokenizer.ggml.<key>` of its id
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
+
+
+def _gguf_tokenizer_inputs(metadata: dict[str, Any]) -> tuple[str, dict, dict] | None:
+    """What transformers' `get_gguf_tokenizer` returns -- (architecture, tokenizer dict,
+    tokenizer config) -- from this file's metadata, renamed by its `GGUF_TOKENIZER_MAPPING`;
+    None where it might differ. tests/weights/test_gguf.py compares the two."""
+    model = metadata.get("tokenizer.ggml.model")
+    version = ".".join(transformers.__version__.split(".")[:2])
+    if model not in _TOKENIZER_MODELS or version not in _TOKENIZER_INPUTS_VERSIONS:
+        return None
+    from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING
+
+    tokenizer, tokenizer_config = (
+        {
+            name: metadata[f"tokenizer.{key}"]
+            for key, name in GGUF_TOKENIZER_MAPPING[group].items()
+            if f"tokenizer.{key}" in metadata
+        }
+        for group in ("tokenizer", "tokenizer_config")
+    )
+    # `_read_header` replaces bytes that are not UTF-8, where transformers' reader raises
+    if any("\ufffd" in s for key in ("tokens", "merges") for s in tokenizer.get(key, ())):
+        return None
+    if model == "llama":  # older files have no flag; llama.cpp adds BOS to sentencepiece then
+        tokenizer_config.setdefault("add_bos_token", True)
+    for name, key in _SPECIAL_TOKEN_IDS.items():
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        tokenizer_config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+    return metadata["general.architecture"], tokenizer, tokenizer_config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,7 +386,7 @@ def _hf_tokenizer(path: str) -> transformers.PreTrainedTokenizerFast:
 
 @dataclasses.dataclass
 class GGUFCheckpoint:
-    hf_config: transformers.PretrainedConfig
+    hf_config: Any  # hf_config.TextConfig, or transformers' config class (see `_hf_config`)
     tokenizer: transformers.PreTrainedTokenizerFast
     eos_token_ids: list[int]
     path: str
@@ -392,7 +454,7 @@ def load_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
                 f"does not support; supported: {supported_names()}"
             )
     hf_config = _hf_config(metadata, {i.name: i for i in infos}, data)
-    tokenizer = _hf_tokenizer(file)
+    tokenizer = _hf_tokenizer(file, metadata)
     # end of generation: eos, and llama 3's end-of-turn / end-of-message tokens where given
     eos = [
         metadata[f"tokenizer.ggml.{key}"]

@@ -12,43 +12,16 @@ import pytest
 import transformers
 from transformers import AutoConfig, AutoTokenizer
 
-from jaxmm.layers.rope import rope_parameters
-from jaxmm.models.llama import head_dim, layer_sliding_window
 from jaxmm.runner.checkpoint import _eos_ids
-from jaxmm.runner.hf_config import LIGHT_TOKENIZERS, TextConfig, load_config, tokenizer_class
-from jaxmm.weights.loader import cast_dtype
-from tests.helpers import make_checkpoint, make_tokenizer, tokenizer_behaviour
+from jaxmm.weights.hf_config import (
+    LIGHT_TOKENIZERS,
+    TextConfig,
+    load_config,
+    text_config_from_dict,
+    tokenizer_class,
+)
+from tests.helpers import assert_same, make_checkpoint, make_tokenizer, tokenizer_behaviour
 
-# everything jaxmm reads of a text model's HF config (models/llama.py, runner/, weights/loader.py,
-# runner/checkpoint.py, models/registry.py), plus the fields those defaults come from
-READ = [
-    "model_type",
-    "architectures",
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "hidden_act",
-    "rms_norm_eps",
-    "max_position_embeddings",
-    "attention_bias",
-    "mlp_bias",
-    "tie_word_embeddings",
-    "sliding_window",
-    "use_sliding_window",
-    "max_window_layers",
-    "layer_types",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "rope_parameters",
-    "rope_scaling",
-    "rope_theta",
-    "text_config",
-]
 CLASSES = {
     "llama": "LlamaConfig",
     "mistral": "MistralConfig",
@@ -89,24 +62,6 @@ SLIDING = {
 }
 SLIDING["qwen3"] = SLIDING["qwen2"]
 
-MISSING = object()
-
-
-def assert_same(light, full):
-    """Every field jaxmm reads, and what jaxmm derives from them, agree."""
-    assert isinstance(light, TextConfig)
-    for key in READ:
-        assert getattr(light, key, MISSING) == getattr(full, key, MISSING), key
-    # AutoConfig turns the dtype into a torch.dtype; jaxmm reads only its name
-    assert str(light.dtype) == str(full.dtype).removeprefix("torch."), "dtype"
-    assert cast_dtype("auto", light) == cast_dtype("auto", full)
-    assert rope_parameters(light) == rope_parameters(full)
-    assert head_dim(light) == head_dim(full)
-    n = full.num_hidden_layers
-    assert [layer_sliding_window(light, i) for i in range(n)] == [
-        layer_sliding_window(full, i) for i in range(n)
-    ]
-
 
 def assert_reads_like_autoconfig(path):
     """load_config(path) == AutoConfig's, or the same error where transformers refuses it."""
@@ -129,6 +84,13 @@ def _cases():
 def test_saved_config_reads_like_autoconfig(tmp_path, model_type, kw):
     getattr(transformers, CLASSES[model_type])(**kw).save_pretrained(tmp_path)
     assert_same(load_config(str(tmp_path)), AutoConfig.from_pretrained(tmp_path))
+
+
+@pytest.mark.parametrize("model_type,kw", list(_cases()))
+def test_keyword_arguments_read_like_the_class(model_type, kw):
+    """text_config_from_dict of a config class's keyword arguments, as weights/gguf.py has."""
+    light = text_config_from_dict({"model_type": model_type, **kw})
+    assert_same(light, getattr(transformers, CLASSES[model_type])(**kw))
 
 
 BARE = dict(SMALL, num_attention_heads=4)  # no rope_theta, head_dim, num_key_value_heads, ...

@@ -16,10 +16,13 @@ has no switch for it, so for the text architectures jaxmm runs natively:
    and the model type, with `getattr(transformers, name)` (transformers' lazy module then
    imports only that tokenizer's module).
 
+`text_config_from_dict` does step 1 for a dict built elsewhere (a GGUF file's metadata, as
+weights/gguf.py does).
+
 Whatever these cannot vouch for -- another model type (multimodal, encoder and audio configs
 are composite), remote code, a quantization config, a rope or layer type not listed here,
 a tokenizer whose choice depends on more than these files -- goes to `AutoConfig` /
-`AutoTokenizer` as before. tests/runner/test_hf_config.py compares both paths field by field.
+`AutoTokenizer` as before. tests/weights/test_hf_config.py compares both paths field by field.
 """
 
 from __future__ import annotations
@@ -129,12 +132,20 @@ def load_config(model_dir: str):
     """The HF config of the checkpoint directory `model_dir`: a `TextConfig` for the model
     types in `DEFAULTS`, else (or when in doubt) `AutoConfig.from_pretrained`'s."""
     raw = _read_json(os.path.join(model_dir, "config.json"))  # None: transformers says why
-    values = None if raw is None else _text_config_values(raw)
-    if values is None:
+    config = None if raw is None else text_config_from_dict(raw)
+    if config is None:
         from transformers import AutoConfig
 
         return AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    return TextConfig(**values)
+    return config
+
+
+def text_config_from_dict(values: dict) -> TextConfig | None:
+    """The config transformers' class for `values["model_type"]` builds from `values` (the keys
+    of a config.json, or that class's keyword arguments), with the defaults and changes of
+    `load_config`; None where it cannot vouch for it: then build transformers' class."""
+    values = _text_config_values(values)
+    return None if values is None else TextConfig(**values)
 
 
 def _read_json(path: str) -> dict | None:
