@@ -27,6 +27,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.throughput import CONFIGS, write_config  # noqa: E402
 
 
+def build_llm(LLM, args, warmup: bool):
+    """The benchmark's engine: the config's shape, random weights, token-id prompts."""
+    path = os.path.join(args.workdir, args.config)
+    write_config(CONFIGS[args.config], path)
+    return LLM(
+        path,
+        dtype=args.dtype,
+        max_model_len=1024,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        skip_tokenizer_init=True,
+        load_format="dummy",
+        warmup=warmup,
+    )
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", default="llama-3.1-8b")
@@ -45,19 +60,8 @@ def main(argv=None) -> dict:
     from jaxmm import LLM
 
     t_import = time.perf_counter() - t0
-    cfg = CONFIGS[args.config]
-    path = os.path.join(args.workdir, args.config)
-    write_config(cfg, path)
     t0 = time.perf_counter()
-    llm = LLM(
-        path,
-        dtype=args.dtype,
-        max_model_len=1024,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        skip_tokenizer_init=True,
-        load_format="dummy",
-        warmup=False,
-    )
+    llm = build_llm(LLM, args, warmup=False)
     t_llm = time.perf_counter() - t0
     r = llm.llm_engine.runner
     buckets = []
@@ -107,18 +111,9 @@ def full(args) -> dict:
     from jaxmm.runner.model_runner import backend_compile_count
 
     t_import = time.perf_counter() - t0
-    path = os.path.join(args.workdir, args.config)
-    write_config(CONFIGS[args.config], path)
     t0 = time.perf_counter()
-    llm = LLM(
-        path,
-        dtype=args.dtype,
-        max_model_len=1024,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        skip_tokenizer_init=True,
-        load_format="dummy",
-        warmup=True,  # every bucket compiled before the first request, as serving needs
-    )
+    # every bucket compiled before the first request, as serving needs
+    llm = build_llm(LLM, args, warmup=True)
     t_llm = time.perf_counter() - t0
     t0 = time.perf_counter()
     out = llm.generate(
