@@ -353,6 +353,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--no-hf", action="store_true", help="time jaxmm only")
     ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--profile", action="store_true", help="add a per-kernel device profile")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxmm-bench"))
     args = ap.parse_args(argv)
 
@@ -444,6 +445,13 @@ def main(argv=None) -> list[dict]:
                 "date": time.strftime("%Y-%m-%d"),
             }
         )
+        if args.profile:  # device kernels of whole llm.generate calls (encoder + prefill)
+            from benchmarks.profile_step import profile
+
+            def call(size=size):
+                return jaxmm_e2e(llm, images(size), sp)
+
+            r["profile"] = profile(call, 3, args.workdir)
         print(json.dumps(r), flush=True)
         results.append(r)
     sys.stdout.flush()
