@@ -5,6 +5,7 @@
 Problem: one sequence of S in {512, 2048, 8192} tokens, bf16, N=32, K=8, H=128, causal.
   jaxmm  paged_attention over a page-16 KV pool holding the sequence (KV already written)
   cudnn  jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn"), dense
+  jax_mgpu[:BK]  JAX's Mosaic GPU attention (ops/gpu/attention_mgpu.py), dense, KV tile BK
 Also the cost of the KV write (`reference.write_kv`, XLA scatter into donated pages) for
 T = 64 decode tokens and for an 8192-token prefill.
 
@@ -73,6 +74,21 @@ def prefill_rows(S, impls, plan=None):
                         implementation="cudnn",
                     )
                     return o[0]
+
+            elif impl.startswith("jax_mgpu"):
+                # JAX's Mosaic GPU flash attention (Hopper: TMA, wgmma, warp specialised),
+                # dense (B, S, N, H); `jax_mgpu:<block_kv>` picks its KV tile (default 128).
+                from jax.experimental.pallas.ops.gpu import attention_mgpu as am
+
+                block_kv = int(impl.split(":")[1]) if ":" in impl else 128
+                cfg = am.TuningConfig(
+                    block_q=64, block_kv=block_kv, max_concurrent_steps=2, causal=True
+                )
+                data = (k, v)
+
+                def step(x, t, kv, cfg=cfg):
+                    # it takes no softmax scale: the query comes pre-scaled
+                    return am.attention(x[None], kv[0][None], kv[1][None], cfg)[0]
 
             else:
                 raise ValueError(impl)
