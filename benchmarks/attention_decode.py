@@ -1,6 +1,6 @@
 """Paged decode attention: jaxmm Pallas kernel vs its peers, one JSON line per measurement.
 
-    python benchmarks/attention_decode.py [--sweep] [--variants JSON] [--out results.json]
+    python benchmarks/attention_decode.py [--sweep] [--variants JSON] [--profile] [--out F]
 
 Problem: bf16, N=32 query heads, K=8 KV heads, H=128, page size G=16, one query token per
 sequence, B in {1, 8, 64, 256} x max context L in {512, 2048, 8192}, all lengths = L
@@ -283,10 +283,35 @@ def build_step(impl, case, plan, options=None):
     return step, data
 
 
+def kernel_breakdown(run, args, unroll: int) -> dict:
+    """Device microseconds per call by kernel name (jax.profiler, as profile_step.py)."""
+    import tempfile
+
+    from benchmarks.profile_step import profile
+
+    with tempfile.TemporaryDirectory() as d:
+        prof = profile(lambda: run(*args), iters=5, workdir=d)
+    return {
+        "device_us": round(prof["device_ms_per_step"] * 1e3 / unroll, 2),
+        "kernels_us": [
+            [n[:60], round(ms * 1e3 / unroll, 2)] for n, ms, _ in prof["top_kernels_ms"]
+        ],
+    }
+
+
 def run_case(
-    case: DecodeCase, impls, modes=("equal", "random"), plan=None, sink=None, variants=None
+    case: DecodeCase,
+    impls,
+    modes=("equal", "random"),
+    plan=None,
+    sink=None,
+    variants=None,
+    profile=False,
 ):
-    """Time each implementation on both length modes; `variants`: {name: DecodeOptions}."""
+    """Time each implementation on both length modes; `variants`: {name: DecodeOptions}.
+
+    profile: also record each call's device time by kernel (`kernel_breakdown`).
+    """
     rows = []
     variants = variants or {}
     for impl in impls:
@@ -321,6 +346,8 @@ def run_case(
                     tb_s=round(nbytes / t / 1e12, 3),
                     spread=round(spread, 3),
                 )
+                if profile:
+                    row.update(kernel_breakdown(run, (case.q, tables, data, lens), unroll))
             except Exception as e:
                 row = dict(base, lengths=mode, error=f"{type(e).__name__}: {str(e)[:300]}")
             print(json.dumps(row), flush=True)
@@ -359,6 +386,7 @@ def main(argv=None):
         default=None,
         help="JSON list of gpu_decode.DecodeOptions kwarg dicts, each timed as jaxmm[k=v,...]",
     )
+    ap.add_argument("--profile", action="store_true", help="device time per kernel, per call")
     ap.add_argument("--out", default=None)
     ap.add_argument("--ejkernel-options", default=None, help="JSON kwargs for ejkernel's call")
     a = ap.parse_args(argv)
@@ -391,7 +419,9 @@ def main(argv=None):
             ]
         for B, L in shapes:
             case = DecodeCase(B, L)
-            rows += run_case(case, impls, a.modes.split(","), sink=sink, variants=variants)
+            rows += run_case(
+                case, impls, a.modes.split(","), sink=sink, variants=variants, profile=a.profile
+            )
             del case
     if a.out:
         with open(a.out, "w") as f:
