@@ -12,7 +12,8 @@ other spellings (`model.language_model.*`, ...) onto it.
 
 The multimodal contract every VLM here offers the front end (`jaxmm.multimodal.inputs`):
 `mm_modalities`, `mm_token_id`, `mm_prompt_placeholder`, `mm_num_tokens`,
-`mm_check_embeds`, `mm_encoder`, `uses_mrope` (+ `mrope_positions` when True); optionally
+`mm_check_embeds`, `mm_encoder` (features as `device_rows.DeviceRows`: they stay on the
+device), `uses_mrope` (+ `mrope_positions` when True); optionally
 `mm_patch_bytes = True` where `mm_encoder` also takes `fast_image.PatchBytes` pixel values
 (Qwen2-VL: the byte lookup runs on the device).
 """
@@ -30,6 +31,7 @@ from flax import nnx
 from jaxmm.layers.attention import AttentionMetadata
 from jaxmm.layers.linear import Linear
 from jaxmm.layers.mlp import activation
+from jaxmm.models.device_rows import DeviceRows
 from jaxmm.models.encoders.clip import CLIPVisionModel
 
 # text model_type -> (module, class) of the language model
@@ -167,13 +169,14 @@ class LlavaForConditionalGeneration(nnx.Module):
         return {}
 
     def mm_encoder(self, graphdef):
-        """A host function (params, modality, items) -> [features (n, D_text) per item]."""
+        """A host function (params, modality, items) -> [features (n, D_text) per item], left
+        on the device (`DeviceRows`, in the model's dtype) for the runner to splice."""
 
         @jax.jit
         def run(params, pixel_values):
             return nnx.merge(graphdef, params).get_image_features(pixel_values)
 
-        def encode(params, modality: str, items: list[dict]) -> list[np.ndarray]:
+        def encode(params, modality: str, items: list[dict]) -> list[DeviceRows]:
             pixels = np.stack([np.asarray(it["pixel_values"], np.float32) for it in items])
             out = []
             for i in range(0, len(pixels), MAX_IMAGES_PER_CALL):
@@ -181,8 +184,9 @@ class LlavaForConditionalGeneration(nnx.Module):
                 B = next_pow2(len(chunk))  # bucket: one program per power of two
                 padded = np.zeros((B, *chunk.shape[1:]), np.float32)
                 padded[: len(chunk)] = chunk
-                feats = np.asarray(run(params, padded), np.float32)
-                out.extend(feats[: len(chunk)])
+                feats = run(params, padded)  # (B, n, D_text)
+                # feats[j]: one program per (B, n, D_text), any j
+                out.extend(DeviceRows(feats[j]) for j in range(len(chunk)))
             return out
 
         return encode

@@ -22,6 +22,7 @@ from flax import nnx
 
 from jaxmm.layers.attention import AttentionMetadata
 from jaxmm.layers.linear import Linear
+from jaxmm.models.device_rows import DeviceRows
 from jaxmm.models.llava import language_config
 from jaxmm.models.qwen2 import Qwen2ForCausalLM
 from jaxmm.models.whisper import WhisperEncoder, next_pow2
@@ -113,14 +114,15 @@ class Qwen2AudioForConditionalGeneration(nnx.Module):
         return self.multi_modal_projector(self.audio_tower(features, after_conv))
 
     def mm_encoder(self, graphdef):
-        """A host function (params, modality, items) -> [features (n, D_text) per item];
-        items hold `input_features` (mel, frames) and `feature_attention_mask` (frames,)."""
+        """A host function (params, modality, items) -> [features (n, D_text) per item], left
+        on the device (`DeviceRows`, in the model's dtype); items hold `input_features`
+        (mel, frames) and `feature_attention_mask` (frames,)."""
 
         @jax.jit
         def run(params, features, mel_lengths):
             return nnx.merge(graphdef, params).get_audio_features(features, mel_lengths)
 
-        def encode(params, modality: str, items: list[dict]) -> list[np.ndarray]:
+        def encode(params, modality: str, items: list[dict]) -> list[DeviceRows]:
             del modality
             feats = np.stack([np.asarray(it["input_features"], np.float32) for it in items])
             lengths = np.array(
@@ -134,9 +136,10 @@ class Qwen2AudioForConditionalGeneration(nnx.Module):
                 padded[: len(chunk)] = chunk
                 padded_n = np.full(B, chunk.shape[-1], np.int32)
                 padded_n[: len(n)] = n
-                rows = np.asarray(run(params, padded, padded_n), np.float32)
-                for row, mel in zip(rows, n):
-                    out.append(row[: audio_output_lengths(int(mel))[1]])
+                rows = run(params, padded, padded_n)  # (B, C/2, D_text)
+                # rows[j]: one program per (B, C/2, D_text), any j; the view trims the padding
+                for j, mel in enumerate(n):
+                    out.append(DeviceRows(rows[j], 0, int(audio_output_lengths(int(mel))[1])))
             return out
 
         return encode

@@ -27,11 +27,13 @@ import numpy as np
 from flax import nnx
 
 from jaxmm.layers.rope import rope_parameters
+from jaxmm.models.device_rows import DeviceRows, own_rows
 from jaxmm.models.encoders.qwen2_vl_vision import (
     Qwen2_5_VisionTransformer,
     Qwen2VisionTransformer,
     attention_implementation,
     expand_patch_bytes,
+    ladder,
     layout_slots,
     pack,
 )
@@ -167,7 +169,8 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
         return pos, delta
 
     def mm_encoder(self, graphdef):
-        """A host function (params, modality, items) -> [features (n, D_text) per item].
+        """A host function (params, modality, items) -> [features (n, D_text) per item], left
+        on the device (`DeviceRows`, in the model's dtype) for the runner to splice.
 
         Pixel values come as float32 (n, K) or as `fast_image.PatchBytes`; those go to the
         device as uint8 patches with their byte table, and the jitted program expands them
@@ -188,7 +191,7 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
             merged = model.visual(pixels.astype(model.dtype), pos, full, window, order, impl)
             return merged if unpermute is None else merged[unpermute]  # item order
 
-        def run_chunk(params, table, chunk: list[tuple]) -> list[np.ndarray]:
+        def run_chunk(params, table, chunk: list[tuple]) -> list[DeviceRows]:
             b = pack(chunk, vc, windowed)
             merged = run(
                 params,
@@ -199,13 +202,16 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
                 b["window"],
                 b["order"],
                 b["unpermute"],
-            )
-            # in the model's dtype (bf16: half the device -> host copy); the step's embeddings
-            # buffer has that dtype too
-            merged = np.asarray(merged)[: b["num_units"]]
-            return np.split(merged, np.cumsum([len(px) // unit for px, _ in chunk])[:-1])
+            )  # (M, D_text) in the model's dtype, items back to back, padding rows last
+            counts = [len(px) // unit for px, _ in chunk]
+            if len(chunk) == 1:
+                return [DeviceRows(merged, 0, counts[0])]
+            # several items: each gets an array of its own (ladder(n, 16) rows: a program per
+            # bucket), so a cached item keeps only its rows alive
+            starts = np.cumsum(counts) - counts
+            return [own_rows(merged, int(s), n, ladder(n, 16)) for s, n in zip(starts, counts)]
 
-        def encode(params, modality: str, items: list[dict]) -> list[np.ndarray]:
+        def encode(params, modality: str, items: list[dict]) -> list[DeviceRows]:
             chunks: list[tuple[np.ndarray | None, list[tuple]]] = []  # (table, items) per call
             for it in items:
                 pixels, grid, table = it["pixel_values"], tuple(it["grid_thw"]), None

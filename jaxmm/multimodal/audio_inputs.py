@@ -482,11 +482,12 @@ class AudioFrontend:
         out.extend(ids[cursor:])
         return text, out, MultimodalRequest(placed, len(out), cache_salt=prompt.get("cache_salt"))
 
-    def _resolve(self, items: list, uuids: list, kwargs: dict) -> list[tuple[str, np.ndarray]]:
-        """(key, rows (n, D)) per item: from the cache, else encoded (one batch per prompt)."""
+    def _resolve(self, items: list, uuids: list, kwargs: dict) -> list[tuple[str, object]]:
+        """(key, rows (n, D)) per item: from the cache, else encoded (one batch per prompt);
+        the rows stay as the encoder left them (on the device, opaque here)."""
         from .cache import EncoderOutput
 
-        result: list[tuple[str, np.ndarray] | None] = [None] * len(items)
+        result: list[tuple[str, object] | None] = [None] * len(items)
         pending: dict[str, list[int]] = {}  # key -> items (the same audio twice: encoded once)
         feats: list[dict] = []
         for i, (item, uuid) in enumerate(zip(items, uuids, strict=True)):
@@ -526,7 +527,6 @@ class AudioFrontend:
                 self._encode = self.model.mm_encoder(self.engine.runner.graphdef)
             embeds = self._encode(self.engine.runner.params, "audio", feats)
             for (key, where), emb in zip(pending.items(), embeds, strict=True):
-                emb = np.asarray(emb, np.float32)
                 self.cache.put(key, EncoderOutput("audio", emb))
                 for i in where:
                     result[i] = (key, emb)

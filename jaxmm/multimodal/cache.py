@@ -1,9 +1,13 @@
 """Encoder-output cache: vision features by content hash or user uuid, LRU bounded by bytes.
 
-Plain Python + numpy. An entry is what the language model needs to place an item without
-running the vision tower again: its feature rows and the grid metadata M-RoPE positions
-are computed from. A prompt may send an item as `None` with a uuid it sent before; that
-item is served from here, and a miss (never seen, or evicted) is a clear error.
+Plain Python. An entry is what the language model needs to place an item without running
+the vision tower again: its feature rows and the grid metadata M-RoPE positions are
+computed from. A prompt may send an item as `None` with a uuid it sent before; that item is
+served from here, and a miss (never seen, or evicted) is a clear error.
+
+Rows from the model's encoder stay on the device (`models.device_rows`), so the capacity
+(`JAXMM_MM_CACHE_BYTES`) bounds device memory; user embeddings are host numpy. Either way
+an entry counts the `.nbytes` its rows keep alive.
 """
 
 from __future__ import annotations
@@ -12,15 +16,13 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-import numpy as np
-
 DEFAULT_CAPACITY_BYTES = 512 << 20
 
 
 @dataclass(frozen=True)
 class EncoderOutput:
     modality: str  # "image" | "video"
-    embeds: np.ndarray  # (n, D) rows that replace the item's n placeholder tokens
+    embeds: object  # (n, D) rows that replace the item's n placeholder tokens (opaque)
     meta: dict = field(default_factory=dict)  # grid_thw, second_per_grid_t (M-RoPE models)
 
     @property

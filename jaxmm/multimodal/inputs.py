@@ -11,7 +11,9 @@
 4. Encode: items found in the encoder cache are reused (an item sent as `None` must be
    there under its uuid); the others go through the HF image processor (`processor.py`),
    their shapes are checked (`mm_num_tokens`), and the model's vision encoder (jitted,
-   batched and bucketed by the model) encodes them; the features are cached.
+   batched and bucketed by the model) encodes them; the features are cached as the encoder
+   leaves them (on the device: this module only takes their `len`, `.shape`, `.nbytes` and
+   row slices; the runner splices them into the step there).
 5. Place: each placeholder token is expanded to its item's number of feature tokens; the
    spans, their keys (for prefix caching) and M-RoPE positions make up a
    `MultimodalRequest`, which the engine asks to `fill_step` every step.
@@ -76,7 +78,7 @@ class PlacedItem:
     end: int
     modality: str
     key: str  # uuid or content hash
-    embeds: np.ndarray  # (end - start, D)
+    embeds: object  # (end - start, D): numpy, or the encoder's rows on the device (opaque)
     meta: dict = field(default_factory=dict)
 
 
@@ -264,7 +266,8 @@ class MultimodalFrontend:
             )
         return self._processor
 
-    def encode(self, modality: str, items: list[dict]) -> list[np.ndarray]:
+    def encode(self, modality: str, items: list[dict]) -> list:
+        """Items -> their features (n, D) each, as the model's encoder leaves them (opaque)."""
         runner = self.engine.runner
         if self._encode is None:
             self._encode = self.model.mm_encoder(runner.graphdef)
@@ -470,7 +473,7 @@ class MultimodalFrontend:
                 meta = {
                     k: processed[k] for k in ("grid_thw", "second_per_grid_t") if processed.get(k)
                 }
-                output = EncoderOutput(modality, np.asarray(embeds, np.float32), meta)
+                output = EncoderOutput(modality, embeds, meta)
                 for same in duplicates[item.key]:
                     same.output = output
                 self.cache.put(item.key, output)

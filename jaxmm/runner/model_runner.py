@@ -9,7 +9,10 @@
    from 16, with 1.5x steps from 1,024 on: `token_buckets`) with S = min(T, max_num_seqs)
    sequence rows, so each bucket is exactly one compiled program:
    `step(params, kv_caches, ids, md) -> (kv_caches, logits)` with the caches donated.
-   Sampling is a second small program.
+   Sampling is a second small program. Multimodal rows spliced over placeholder tokens come
+   as host arrays (user embeddings: copied into a host buffer) or as the encoder's rows left
+   on the device (`DeviceRows`: gathered into the step's embeddings there, by one small
+   program per (T, source array shape), with row indices built on the host).
 4. Warmup compiles every bucket up front; `num_compiled()` lets a test check that serving
    compiles nothing new afterwards. With a persistent cache directory, warmup's programs are
    saved whole and a later start loads them without tracing (`saved_programs.py`).
@@ -33,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxmm.layers.attention import AttentionMetadata, resolve_backend
 from jaxmm.layers.sampler import MAX_LOGPROBS, SamplingTensors, sample
+from jaxmm.models.device_rows import DeviceRows
 from jaxmm.models.registry import model_class
 from jaxmm.runner.checkpoint import Checkpoint
 from jaxmm.runner.saved_programs import SavedPrograms
@@ -69,7 +73,8 @@ class SeqStep:
     output_ids: list[int] | None = None
     num_logprobs: int | None = None
     banned_ids: list[int] | None = None  # e.g. EOS/stop ids while min_tokens is not reached
-    # multimodal: (offset in token_ids, (n, D) embeddings) to splice over placeholder tokens
+    # multimodal: (offset in token_ids, (n, D) rows: numpy or DeviceRows) to splice over
+    # placeholder tokens
     embeds: list | None = None
     mrope_positions: np.ndarray | None = None  # (3, n) for M-RoPE models
     # model-specific per-sequence inputs (name -> array), stacked to (S, ...) for the step,
@@ -82,7 +87,7 @@ class StepArrays(NamedTuple):
 
     input_ids: np.ndarray  # (T,)
     md: AttentionMetadata
-    embeds: np.ndarray | None  # (T, D) spliced where embeds_mask is set
+    embeds: np.ndarray | jax.Array | None  # (T, D) spliced where embeds_mask is set
     embeds_mask: np.ndarray | None  # (T,)
     seq_inputs: dict | None  # model-specific (S, ...) arrays
 
@@ -277,6 +282,10 @@ class ModelRunner:
             self._sample_fn,
             static_argnames=("all_greedy", "use_filters", "use_penalties", "num_logprobs"),
         )
+        # replicated like the host buffers the step's programs were compiled for
+        self._splice = jax.jit(
+            self._splice_fn, out_shardings=NamedSharding(self.mesh, PartitionSpec())
+        )
         # what the model and the step close over, besides the arguments' shapes
         salt = (
             _config_fingerprint(ck.hf_config),
@@ -310,6 +319,16 @@ class ModelRunner:
     def _sample_fn(self, logits, t, **static):
         tokens, lp, top_ids, top_lp = sample(logits, t, **static)
         return self._pad_rows(tokens.astype(jnp.int32)), lp, top_ids, top_lp
+
+    def _splice_fn(self, x, src, rows):
+        """x (T, D) (None: zeros) with row t replaced by src[rows[t]] where rows[t] >= 0.
+
+        src: (M, D) rows left on the device by an encoder. One program per (T, M, x given).
+        """
+        if x is None:
+            x = jnp.zeros((rows.shape[0], self.hidden_size), self.dtype)
+        picked = src[jnp.maximum(rows, 0)].astype(x.dtype)  # (T, D)
+        return jnp.where((rows >= 0)[:, None], picked, x)
 
     def _step_fn(
         self, leaves, kv_caches, prev_tokens, input_ids, md, embeds, embeds_mask, seq_inputs=None
@@ -358,8 +377,10 @@ class ModelRunner:
         page_indices = np.zeros((S, self.pages_per_seq), np.int32)
         cu = np.zeros(S + 1, np.int32)
         logits_indices = np.zeros(S, np.int32)
-        embeds = None
+        embeds = None  # (T, D): a host buffer for rows given as host arrays (user embeddings)
         embeds_mask = None
+        # rows left on the device: id(source array) -> (array, its row per token (T,), or -1)
+        sources: dict[int, tuple[jax.Array, np.ndarray]] = {}
         t = 0
         for i, s in enumerate(steps):
             n = len(s.token_ids)
@@ -375,20 +396,29 @@ class ModelRunner:
             page_indices[i, : len(s.block_table)] = s.block_table
             cu[i + 1] = t + n
             logits_indices[i] = t + n - 1
-            if s.embeds:
+            for off, e in s.embeds or ():
+                if embeds_mask is None:
+                    embeds_mask = np.zeros(T, bool)
+                lo, hi = t + off, t + off + len(e)
+                embeds_mask[lo:hi] = True
+                if isinstance(e, DeviceRows):
+                    _, rows = sources.setdefault(id(e.array), (e.array, np.full(T, -1, np.int32)))
+                    rows[lo:hi] = np.arange(e.start, e.stop)
+                    continue
                 if embeds is None:
                     # in the model's dtype: the step casts to it anyway, and a bf16 buffer is
                     # half the host -> device copy (25 -> 12.5 MB for a 4,096-token step)
                     embeds = np.zeros((T, self.hidden_size), self.dtype)
-                    embeds_mask = np.zeros(T, bool)
-                for off, e in s.embeds:
-                    embeds[t + off : t + off + len(e)] = e
-                    embeds_mask[t + off : t + off + len(e)] = True
+                embeds[lo:hi] = e
             t += n
         cu[len(steps) + 1 :] = t
-        if embeds is None and self.is_multimodal:
+        if embeds_mask is None and self.is_multimodal:
             embeds = np.zeros((T, self.hidden_size), self.dtype)
             embeds_mask = np.zeros(T, bool)
+        # the encoder's rows join on the device (no per-size program: the row indices are
+        # data, the shapes are buckets)
+        for array, rows in sources.values():
+            embeds = self._splice(embeds, array, rows)
         seq_inputs = None
         if any(s.seq_inputs for s in steps):
             seq_inputs = {}
@@ -550,10 +580,11 @@ class ModelRunner:
         logger.info("start-up times (s): %s", self.init_times)
 
     def num_compiled(self) -> int:
-        """Programs traced for this runner (step variants + sampler variants)."""
+        """Programs traced for this runner (step, sampler and splice variants)."""
         return (
             self._step._cache_size()
             + self._sample._cache_size()
+            + self._splice._cache_size()
             + len(self.step_programs)
             + len(self.sample_programs)
         )

@@ -508,6 +508,5 @@ def pack(items: list[tuple[np.ndarray, tuple]], vc, windowed: bool) -> dict:
         "pos": padded_pos,  # (Nb, 2) (row, col) of each packed patch
         "full": segments(frames, B, C, Nb),  # a frame's patches stay contiguous
         "window": segments(np.concatenate(win_lens), Bw, Cw, Nb) if windowed else None,
-        "num_units": len(units),
         "unpermute": unpermute,  # (Nb / m^2,) merged row -> its row in item order (None: same)
     }
