@@ -3,7 +3,9 @@
     python benchmarks/attention_prefill.py [--sweep] [--out results.json]
 
 Problem: one sequence of S in {512, 2048, 8192} tokens, bf16, N=32, K=8, H=128, causal.
-  jaxmm  paged_attention over a page-16 KV pool holding the sequence (KV already written)
+  jaxmm  paged_attention over a page-16 KV pool holding the sequence (KV already written);
+         on an H100 its prefill kernel is the Mosaic GPU one (gpu_prefill_mgpu)
+  jaxmm_triton  the same with the Triton-lowered prefill kernel (gpu_prefill)
   cudnn  jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn"), dense
   jax_mgpu[:BK]  JAX's Mosaic GPU attention (ops/gpu/attention_mgpu.py), dense, KV tile BK
 Also the cost of the KV write (`reference.write_kv`, XLA scatter into donated pages) for
@@ -53,13 +55,12 @@ def prefill_rows(S, impls, plan=None):
     rows = []
     for impl in impls:
         try:
-            if impl == "jaxmm":
+            if impl in ("jaxmm", "jaxmm_triton"):
                 data = pages
+                p = plan if impl == "jaxmm" else (*(plan or ()), ("prefill_impl", "triton"))
 
-                def step(x, t, pages):
-                    return paged_attention(
-                        x, pages, kv_lens, t, cu, ns, sm_scale=sm_scale, plan=plan
-                    )
+                def step(x, t, pages, p=p):
+                    return paged_attention(x, pages, kv_lens, t, cu, ns, sm_scale=sm_scale, plan=p)
 
             elif impl == "cudnn":
                 data = (k, v)

@@ -30,7 +30,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxmm.kernels import gpu_decode, gpu_prefill
+from jaxmm.kernels import gpu_decode, gpu_prefill, gpu_prefill_mgpu
 from jaxmm.kernels.gpu_decode import DecodeOptions
 from jaxmm.kernels.kv_write import write_kv_pallas, write_kv_xla
 from jaxmm.kernels.reference import ragged_paged_attention as reference_attention
@@ -56,6 +56,8 @@ class Plan:
     decode_programs: int = 528  # target programs in all: 4 per SM of an H100
     min_blocks_per_split: int = 2
     longest_first: bool = True
+    # "mosaic": the Hopper prefill kernel (gpu_prefill_mgpu), "triton": gpu_prefill
+    prefill_impl: str = "triton"
 
 
 def _pow2_floor(x: int) -> int:
@@ -69,7 +71,14 @@ def _num_cores(interpret: bool) -> int:
     return int(getattr(d, "core_count", 0) or 132)
 
 
-def _plan(T, N, K, S, P, G, H, dtype, interpret, overrides, decode=None) -> Plan:
+def _hopper() -> bool:
+    d = jax.devices()[0]
+    return d.platform == "gpu" and str(getattr(d, "compute_capability", "")).startswith("9.")
+
+
+def _plan(
+    T, N, K, S, P, G, H, dtype, interpret, overrides, decode=None, window=None, cap=None
+) -> Plan:
     """Static tile/grid choices (H100 sweeps in docs/performance.md).
 
     `overrides`: Plan fields to replace; `decode`: a DecodeOptions, applied last.
@@ -99,6 +108,9 @@ def _plan(T, N, K, S, P, G, H, dtype, interpret, overrides, decode=None) -> Plan
         prefill_warps=8 if bq >= 128 else 4,
         prefill_stages=2,
         decode_programs=4 * cores,
+        prefill_impl="mosaic"
+        if not interpret and _hopper() and gpu_prefill_mgpu.supported(H, G, dtype, window, cap)
+        else "triton",
     )
     plan = dataclasses.replace(plan, **(overrides or {}))
     if decode is not None:
@@ -239,7 +251,21 @@ def paged_attention(
         raise ValueError(f"query heads {N} not a multiple of KV heads {K}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError("sliding_window must be >= 1")
-    p = _plan(T, N, K, S, P, G, H, q.dtype, interpret, dict(plan or ()), decode_options)
+    p = _plan(
+        T,
+        N,
+        K,
+        S,
+        P,
+        G,
+        H,
+        q.dtype,
+        interpret,
+        dict(plan or ()),
+        decode_options,
+        sliding_window,
+        soft_cap,
+    )
     kv_lens = kv_lens.astype(jnp.int32)
     page_indices = page_indices.astype(jnp.int32)
     cu_q_lens = cu_q_lens.astype(jnp.int32)
@@ -253,28 +279,46 @@ def paged_attention(
     owned = live & (jnp.arange(S) >= num_decodes[0])
 
     # Prefill / mixed part (also zero-fills padding tokens).
-    bq = p.prefill_block_q
+    mosaic = p.prefill_impl == "mosaic"
+    if mosaic and not gpu_prefill_mgpu.supported(H, G, q.dtype, sliding_window, soft_cap):
+        raise ValueError("the Mosaic GPU prefill kernel does not take these shapes/options")
+    bq = gpu_prefill_mgpu.ROWS if mosaic else p.prefill_block_q
     num_work = pl_cdiv(T, bq) + min(S, T) + 1
     meta, count = gpu_prefill.build_work_list(
         q_lens, kv_lens, cu_q_lens, num_seqs, owned, T, bq, num_work
     )
-    out = gpu_prefill.prefill_attention(
-        q,
-        kv_pages,
-        page_indices,
-        meta,
-        count,
-        sm_scale=sm_scale,
-        sliding_window=sliding_window,
-        soft_cap=soft_cap,
-        block_q=bq,
-        block_k=p.prefill_block_k,
-        num_programs=p.prefill_programs,
-        num_warps=p.prefill_warps,
-        num_stages=p.prefill_stages,
-        gather=p.gather,
-        interpret=interpret,
-    )
+    if mosaic:
+        out = gpu_prefill_mgpu.prefill_attention(
+            q,
+            kv_pages,
+            page_indices,
+            meta,
+            count,
+            sm_scale=sm_scale,
+            num_programs=_num_cores(interpret),
+            interpret=interpret,
+        )
+        # XLA's GPU compiler cannot take a Mosaic GPU call's result as the target of the
+        # decode rows' in-place update (DynamicSliceFusion, JAX 0.11.2): keep it apart.
+        out = jax.lax.optimization_barrier(out)
+    else:
+        out = gpu_prefill.prefill_attention(
+            q,
+            kv_pages,
+            page_indices,
+            meta,
+            count,
+            sm_scale=sm_scale,
+            sliding_window=sliding_window,
+            soft_cap=soft_cap,
+            block_q=bq,
+            block_k=p.prefill_block_k,
+            num_programs=p.prefill_programs,
+            num_warps=p.prefill_warps,
+            num_stages=p.prefill_stages,
+            gather=p.gather,
+            interpret=interpret,
+        )
     # Decode rows [0, num_decodes), written over `out` in place.
     return gpu_decode.decode_attention(
         q,
