@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,9 @@ from jaxmm.kernels.reference import ragged_paged_attention as reference_attentio
 
 # How this step's K/V reach the pages (docs/performance.md: "KV write").
 KV_WRITE = "pallas"
+# The prefill kernel: "auto" (Mosaic GPU on Hopper where it takes the shapes, else Triton),
+# "mosaic" or "triton"; JAXMM_PREFILL_KERNEL sets it at import.
+PREFILL_KERNEL = os.environ.get("JAXMM_PREFILL_KERNEL", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +80,17 @@ def _hopper() -> bool:
     return d.platform == "gpu" and str(getattr(d, "compute_capability", "")).startswith("9.")
 
 
+def _prefill_impl(H, G, dtype, window, cap, interpret) -> str:
+    if PREFILL_KERNEL not in ("auto", "mosaic", "triton"):
+        raise ValueError(f"JAXMM_PREFILL_KERNEL={PREFILL_KERNEL!r}: auto, mosaic or triton")
+    if PREFILL_KERNEL == "triton" or interpret:
+        return "triton"
+    takes = gpu_prefill_mgpu.supported(H, G, dtype, window, cap)
+    if PREFILL_KERNEL == "mosaic":
+        return "mosaic" if takes else "triton"
+    return "mosaic" if takes and _hopper() else "triton"
+
+
 def _plan(
     T, N, K, S, P, G, H, dtype, interpret, overrides, decode=None, window=None, cap=None
 ) -> Plan:
@@ -108,9 +123,7 @@ def _plan(
         prefill_warps=8 if bq >= 128 else 4,
         prefill_stages=2,
         decode_programs=4 * cores,
-        prefill_impl="mosaic"
-        if not interpret and _hopper() and gpu_prefill_mgpu.supported(H, G, dtype, window, cap)
-        else "triton",
+        prefill_impl=_prefill_impl(H, G, dtype, window, cap, interpret),
     )
     plan = dataclasses.replace(plan, **(overrides or {}))
     if decode is not None:
