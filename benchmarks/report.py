@@ -29,7 +29,7 @@ from xml.sax.saxutils import escape
 
 ROOT = Path(__file__).resolve().parent.parent
 DECODE_JSON = ROOT / "benchmarks" / "results" / "attention_decode_h100.json"
-PREFILL_JSON = ROOT / "benchmarks" / "results" / "attention_prefill_h100.json"
+PREFILL_JSON = ROOT / "benchmarks" / "results" / "attention_prefill_mosaic_h100.json"
 DOC = ROOT / "docs" / "performance.md"
 SVG = ROOT / "docs" / "img" / "decode_bandwidth.svg"
 
@@ -43,7 +43,12 @@ HEADER = {
     "cudnn": "cuDNN paged",
     "xla_ref": "XLA ref",
 }
-PREFILL_HEADER = {"jaxmm": "jaxmm", "cudnn": "cuDNN"}
+PREFILL_HEADER = {
+    "jaxmm": "jaxmm",
+    "jaxmm_triton": "jaxmm Triton",
+    "cudnn": "cuDNN",
+    "jax_mgpu": "JAX Mosaic dense",
+}
 LEGEND = {
     "jaxmm": "jaxmm (whole ragged call)",
     "jaxmm_kernel": "jaxmm decode kernel alone",

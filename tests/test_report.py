@@ -113,7 +113,7 @@ def test_generated_tables_and_plot_match_json(tmp_path):
 
     pre = json.loads(report.PREFILL_JSON.read_text())
     header, prows = table(region(text, "prefill-table"))
-    assert header[0] == "S" and header[-1] == "ours / cuDNN"
+    assert header[0] == "S" and "ours / cuDNN" in header
     for r in pre["rows"]:
         if r["bench"] != "prefill" or "ms" not in r:
             continue
