@@ -58,7 +58,6 @@ COMPUTE_WGS = 2
 ROWS = BQ * COMPUTE_WGS  # query rows per work entry
 BLOCK_K = 128
 STEPS_IN_FLIGHT = 2
-HEAVY_FIRST = True
 
 
 def supported(head_dim: int, page_size: int, dtype, sliding_window, soft_cap) -> bool:
@@ -157,7 +156,7 @@ def _kernel(
         idx = k * nprog + jnp.where(lax.rem(k, 2) == 0, pid, nprog - 1 - pid)
         rank = lax.div(idx, jnp.int32(N))
         # latest entries first: they carry the most causal context
-        e = count_ref[0] - 1 - rank if HEAVY_FIRST else rank
+        e = count_ref[0] - 1 - rank
         head = lax.rem(idx, jnp.int32(N))
         f = {n: meta_ref[r, e] for n, r in (("seq", W_SEQ), ("t0", W_T0), ("nrows", W_NROWS))}
         f.update(pos0=meta_ref[W_POS0, e], kv_hi=meta_ref[W_KVHI, e], head=head)
