@@ -34,8 +34,11 @@ from jaxmm.kernels.ragged_paged_attention import paged_attention  # noqa: E402
 from jaxmm.kernels.reference import write_kv  # noqa: E402
 
 
-def prefill_rows(S, impls, plan=None):
+def prefill_rows(S, impls, plan=None, page_size=G, layout="random"):
+    """Rows for one S. page_size / layout ("random" permutation or "contiguous" run of the
+    pool) set our kernel's KV pool; the published rows are page 16, random."""
     rng = np.random.default_rng(0)
+    G = page_size
     P = S // G
     sm_scale = 1.0 / math.sqrt(H)
     key = jax.random.PRNGKey(0)
@@ -44,7 +47,8 @@ def prefill_rows(S, impls, plan=None):
     k = jax.random.normal(kk, (S, K, H), DTYPE)
     v = jax.random.normal(kv_, (S, K, H), DTYPE)
     A = P + 7
-    table = jnp.asarray(rng.permutation(A)[:P].astype(np.int32))[None]
+    order = rng.permutation(A) if layout == "random" else np.arange(A)
+    table = jnp.asarray(order[:P].astype(np.int32))[None]
     kv_lens = jnp.array([S], jnp.int32)
     cu = jnp.array([0, S], jnp.int32)
     ns = jnp.array([1], jnp.int32)
@@ -107,6 +111,8 @@ def prefill_rows(S, impls, plan=None):
             )
             if plan:
                 row["plan"] = dict(plan)
+            if impl.startswith("jaxmm") and (G, layout) != (16, "random"):
+                row.update(page_size=G, pages=layout)
         except Exception as e:
             row = dict(bench="prefill", impl=impl, S=S, error=f"{type(e).__name__}: {str(e)[:300]}")
         print(json.dumps(row), flush=True)
@@ -205,6 +211,8 @@ def main(argv=None):
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--write-only", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--page-size", type=int, default=G, help="our KV pool's page size")
+    ap.add_argument("--pages", choices=("random", "contiguous"), default="random")
     a = ap.parse_args(argv)
     info = env_info()
     print(json.dumps(dict(bench="env", **info)), flush=True)
@@ -215,7 +223,7 @@ def main(argv=None):
         rows += sweep()
     else:
         for S in map(int, a.seq.split(",")):
-            rows += prefill_rows(S, a.impls.split(","))
+            rows += prefill_rows(S, a.impls.split(","), page_size=a.page_size, layout=a.pages)
         if not a.no_write:
             rows += write_rows()
     if a.out:

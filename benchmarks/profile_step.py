@@ -61,7 +61,85 @@ def device_events(path: str, seen: list | None = None):
                 yield ev.name, ev.duration_ns
 
 
-def profile(run, iters: int, workdir: str) -> dict:
+def _device_intervals(pd):
+    """(start_ns, end_ns, name) of every kernel on the GPU's stream lines, sorted."""
+    out = []
+    for plane in pd.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if "stream" not in line.name.lower():
+                continue
+            out.extend((ev.start_ns, ev.start_ns + ev.duration_ns, ev.name) for ev in line.events)
+    return sorted(out)
+
+
+def gaps(path: str, iters: int, min_gap_us: float = 200.0, top: int = 12) -> dict:
+    """Where the GPU sits idle between the first and the last kernel of the profiled calls.
+
+    Kernels of all streams are merged into busy intervals; every idle stretch longer than
+    min_gap_us is blamed on the innermost host Python frames (the profiler's Python tracer)
+    that span it. Returns the busy and idle milliseconds per call and the longest gaps with
+    the kernels either side and those frames.
+    """
+    from jax.profiler import ProfileData
+
+    pd = ProfileData.from_file(path)
+    kernels = _device_intervals(pd)
+    if not kernels:
+        return {}
+    busy, idle, spans = 0, [], []
+    cur_s, cur_e, cur_n = kernels[0]
+    for s, e, n in kernels[1:]:
+        if s > cur_e:
+            spans.append((cur_s, cur_e))
+            if s - cur_e > min_gap_us * 1e3:
+                idle.append((cur_e, s, cur_n, n))
+            cur_s, cur_e = s, e
+        elif e > cur_e:
+            cur_e, cur_n = e, n
+    spans.append((cur_s, cur_e))
+    busy = sum(e - s for s, e in spans)
+    host = []
+    for plane in pd.planes:
+        if plane.name.startswith("/host"):
+            for line in plane.lines:
+                if line.name == "python" or line.name.startswith("python"):
+                    host.extend(
+                        (ev.start_ns, ev.start_ns + ev.duration_ns, ev.name) for ev in line.events
+                    )
+    blame: dict[str, float] = collections.defaultdict(float)
+    rows = []
+    for a, b, before, after in idle:
+        around = sorted(
+            (e - s, n) for s, e, n in host if s <= a and e >= b
+        )  # innermost first
+        frames = [n[:90] for _, n in around[:4]]
+        blame[frames[0] if frames else "?"] += (b - a) / 1e6 / iters
+        inside: dict[str, float] = collections.defaultdict(float)
+        for s, e, n in host:  # the longest calls made within the gap
+            if s >= a and e <= b:
+                inside[n[:90]] += (e - s) / 1e6
+        inner = sorted(inside.items(), key=lambda kv: -kv[1])[:4]
+        rows.append((b - a, before[:60], after[:60], frames, [[n, round(ms, 3)] for n, ms in inner]))
+    rows.sort(key=lambda r: -r[0])
+    first, last = kernels[0][0], max(e for _, e, _ in kernels)
+    return {
+        "span_ms_per_call": round((last - first) / 1e6 / iters, 3),
+        "busy_ms_per_call": round(busy / 1e6 / iters, 3),
+        "idle_over_min_ms_per_call": round(sum(b - a for a, b, *_ in idle) / 1e6 / iters, 3),
+        "min_gap_us": min_gap_us,
+        "idle_by_host_frame_ms": {
+            k: round(v, 3) for k, v in sorted(blame.items(), key=lambda kv: -kv[1])[:top]
+        },
+        "longest_gaps": [
+            {"ms": round(d / 1e6, 3), "after": bf, "before": af, "host": fr, "within": inn}
+            for d, bf, af, fr, inn in rows[:top]
+        ],
+    }
+
+
+def profile(run, iters: int, workdir: str, with_gaps: bool = False) -> dict:
     import jax
 
     out = run()
@@ -84,13 +162,16 @@ def profile(run, iters: int, workdir: str) -> dict:
     for name, ms in by_name.items():
         by_class[classify(name)] += ms
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:25]
-    return {
+    res = {
         "wall_ms_per_step": round(wall * 1e3, 3),
         "device_ms_per_step": round(total, 3),
         "by_class_ms": {k: round(v, 3) for k, v in sorted(by_class.items(), key=lambda x: -x[1])},
         "top_kernels_ms": [[n[:120], round(ms, 3), round(ms / total, 3)] for n, ms in top],
         "trace_lines": sorted(set(seen))[:40],
     }
+    if with_gaps:
+        res["gaps"] = gaps(files[0], iters)
+    return res
 
 
 def main(argv=None) -> list[dict]:
