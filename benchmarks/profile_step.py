@@ -111,9 +111,7 @@ def gaps(path: str, iters: int, min_gap_us: float = 200.0, top: int = 12) -> dic
     blame: dict[str, float] = collections.defaultdict(float)
     rows = []
     for a, b, before, after in idle:
-        around = sorted(
-            (e - s, n) for s, e, n in host if s <= a and e >= b
-        )  # innermost first
+        around = sorted((e - s, n) for s, e, n in host if s <= a and e >= b)  # innermost first
         frames = [n[:90] for _, n in around[:4]]
         blame[frames[0] if frames else "?"] += (b - a) / 1e6 / iters
         inside: dict[str, float] = collections.defaultdict(float)
@@ -121,7 +119,9 @@ def gaps(path: str, iters: int, min_gap_us: float = 200.0, top: int = 12) -> dic
             if s >= a and e <= b:
                 inside[n[:90]] += (e - s) / 1e6
         inner = sorted(inside.items(), key=lambda kv: -kv[1])[:4]
-        rows.append((b - a, before[:60], after[:60], frames, [[n, round(ms, 3)] for n, ms in inner]))
+        rows.append(
+            (b - a, before[:60], after[:60], frames, [[n, round(ms, 3)] for n, ms in inner])
+        )
     rows.sort(key=lambda r: -r[0])
     first, last = kernels[0][0], max(e for _, e, _ in kernels)
     return {

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -130,6 +131,7 @@ def _kernel(
     sm_scale: float,
     group: int,
     interpret: bool,
+    prefetch_pages: bool,
 ):
     (q_smem2, o_smem2, k_smem, v_smem), (k_bar, v_bar, q_bar), (k_free, v_free), sched = scoped
     A, G, H = kv_ref.shape[2], kv_ref.shape[3], kv_ref.shape[4]
@@ -189,13 +191,16 @@ def _kernel(
             n_full = jnp.minimum(n_steps, lax.div(jnp.maximum(qpos + 1, 0), jnp.int32(BLOCK_K)))
             # A tiled tile's rows must start at a multiple of 8 in the source; a sequence's
             # tokens start anywhere. So the rows land in the untiled staging buffer first.
-            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(f["t0"] + row0, BQ), head], o_smem, q_bar.at[wg])
-            plgpu.barrier_wait(q_bar.at[wg])
-            if interpret:
-                q_smem[...] = o_smem[...]
-            else:
-                q_smem[...] = plgpu.load(o_smem, (), layout=plgpu.Layout.WGMMA, optimized=False)
-            plgpu.commit_smem()
+            with jax.named_scope("q_in"):
+                plgpu.copy_gmem_to_smem(
+                    q_ref.at[pl.ds(f["t0"] + row0, BQ), head], o_smem, q_bar.at[wg]
+                )
+                plgpu.barrier_wait(q_bar.at[wg])
+                if interpret:
+                    q_smem[...] = o_smem[...]
+                else:
+                    q_smem[...] = plgpu.load(o_smem, (), layout=plgpu.Layout.WGMMA, optimized=False)
+                plgpu.commit_smem()
 
             rows = plgpu.Layout.WGMMA.reduce(1)
             m = _with_layout(jnp.full((BQ,), M_INIT, jnp.float32), rows, interpret)
@@ -227,7 +232,8 @@ def _kernel(
                         schedule()
                         return acc_ref[...]
 
-                    s = pl.run_scoped(qk, plgpu.ACC((BQ, BLOCK_K), jnp.float32))
+                    with jax.named_scope("qk"):
+                        s = pl.run_scoped(qk, plgpu.ACC((BQ, BLOCK_K), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
                 if masked:
                     r = _iota((BQ, BLOCK_K), 0, interpret)
@@ -242,8 +248,10 @@ def _kernel(
                 p16 = p.astype(dtype)
                 acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
                 plgpu.barrier_arrive(sched)  # softmax done
-                plgpu.barrier_wait(v_bar.at[slot])
-                plgpu.barrier_wait(sched)  # the tensor cores are free
+                with jax.named_scope("wait_v"):
+                    plgpu.barrier_wait(v_bar.at[slot])
+                with jax.named_scope("wait_tc"):
+                    plgpu.barrier_wait(sched)  # the tensor cores are free
                 if masked:
 
                     @pl.when((j + 1) * BLOCK_K > kv_hi)
@@ -275,7 +283,8 @@ def _kernel(
                         def _():
                             plgpu.barrier_wait(k_bar.at[nxt_slot])
 
-                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                    with jax.named_scope("pv_wait_k"):
+                        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l
 
@@ -296,12 +305,13 @@ def _kernel(
             pl.when(wg == 0)(schedule)
             acc, m, l = carry
 
-            l = jnp.where(l == 0.0, 1.0, l)  # no keys (padding rows): write zeros
-            o_smem[...] = (acc / _bcast_rows(l, acc.shape)).astype(dtype)
-            plgpu.commit_smem()
-            valid = jnp.clip(f["nrows"] - row0, 0, BQ)
-            _store_rows(o_smem, out_ref, f["t0"] + row0, head, valid)
-            plgpu.wait_smem_to_gmem(0)  # o_smem stages the next item's queries
+            with jax.named_scope("out"):
+                l = jnp.where(l == 0.0, 1.0, l)  # no keys (padding rows): write zeros
+                o_smem[...] = (acc / _bcast_rows(l, acc.shape)).astype(dtype)
+                plgpu.commit_smem()
+                valid = jnp.clip(f["nrows"] - row0, 0, BQ)
+                _store_rows(o_smem, out_ref, f["t0"] + row0, head, valid)
+                plgpu.wait_smem_to_gmem(0)  # o_smem stages the next item's queries
             return g + total
 
         lax.fori_loop(0, my_items, one_item, jnp.int32(0))
@@ -314,13 +324,21 @@ def _kernel(
             f = item(k)
             seq, kh = f["seq"], f["kh"]
 
-            def block(j, g):
-                # the block's pages, read before its slot frees up; stale entries clamped
-                # (their rows are masked)
-                pages = [
+            def pages_of(j):  # stale entries clamped (their rows are masked)
+                return tuple(
                     jnp.clip(pt_ref[seq, jnp.minimum(j * ppb + i, P - 1)], 0, A - 1)
                     for i in range(ppb)
-                ]
+                )
+
+            def block(j, carry):
+                g, pages = carry
+                if prefetch_pages:  # the next block's entries load while this one waits
+                    with jax.named_scope("pages"):
+                        nxt = pages_of(j + 1)
+                else:
+                    with jax.named_scope("pages"):
+                        pages = pages_of(j)  # read before the slot frees up
+                    nxt = pages
                 slot = slot_of(g)
                 for which, (buf, bar, free) in enumerate(
                     ((k_smem, k_bar, k_free), (v_smem, v_bar, v_free))
@@ -328,17 +346,20 @@ def _kernel(
 
                     @pl.when(g >= STEPS_IN_FLIGHT)
                     def _(free=free):
-                        plgpu.barrier_wait(free.at[slot])
+                        with jax.named_scope("wait_free"):
+                            plgpu.barrier_wait(free.at[slot])
 
-                    for i, page in enumerate(pages):
-                        plgpu.copy_gmem_to_smem(
-                            kv_ref.at[which, kh, page],
-                            buf.at[slot, pl.ds(i * G, G)],
-                            bar.at[slot],
-                        )
-                return g + 1
+                    with jax.named_scope("tma"):
+                        for i, page in enumerate(pages):
+                            plgpu.copy_gmem_to_smem(
+                                kv_ref.at[which, kh, page],
+                                buf.at[slot, pl.ds(i * G, G)],
+                                bar.at[slot],
+                            )
+                return g + 1, nxt
 
-            return lax.fori_loop(0, f["total"], block, g)
+            g, _ = lax.fori_loop(0, f["total"], block, (g, pages_of(0)))
+            return g
 
         g = lax.fori_loop(0, my_items, one_item, jnp.int32(0))
 
@@ -358,6 +379,7 @@ def prefill_attention(
     sm_scale: float,
     num_programs: int = 132,
     interpret: bool = False,
+    prefetch_pages: bool | None = None,
 ):
     """(T, N, H): attention rows of every work entry; rows no entry covers are left undefined.
 
@@ -365,6 +387,19 @@ def prefill_attention(
     """
     T, N, H = q.shape
     _, K, _, G, _ = kv_pages.shape
+    if prefetch_pages is None:
+        prefetch_pages = os.environ.get("JAXMM_MGPU_PAGE_PREFETCH", "1") != "0"
+    # JAXMM_MGPU_PROFILE=<dir>: Mosaic GPU's on-device profiler records the named scopes
+    # (per warpgroup) into a trace there (`benchmarks/prefill_profile.py` reads it)
+    profile_dir = os.environ.get("JAXMM_MGPU_PROFILE", "")
+    profile = (
+        dict(
+            profile_space=int(os.environ.get("JAXMM_MGPU_PROFILE_SPACE", "640")),
+            profile_dir=profile_dir,
+        )
+        if profile_dir and not interpret
+        else {}
+    )
     tiling = plgpu.TilingTransform((8, 64))
     swizzle = plgpu.SwizzleTransform(128)
     tiled = (tiling, swizzle)
@@ -382,6 +417,7 @@ def prefill_attention(
                 sm_scale=sm_scale,
                 group=N // K,
                 interpret=interpret,
+                prefetch_pages=prefetch_pages,
             ),
             (
                 plgpu.SMEM((COMPUTE_WGS, BQ, H), q.dtype, transforms=tiled),
@@ -406,6 +442,6 @@ def prefill_attention(
         grid_names=("prog",),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=plgpu.CompilerParams(approx_math=True, **profile),
         interpret=_interpret_params() if interpret else None,
     )(meta, count, page_indices, q, kv_pages)

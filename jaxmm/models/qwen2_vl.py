@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import copy
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxmm.layers.rope import rope_parameters
 from jaxmm.models.device_rows import DeviceRows, own_rows
+from jaxmm.models.encoder_jit import encoder_jit
 from jaxmm.models.encoders.qwen2_vl_vision import (
     Qwen2_5_VisionTransformer,
     Qwen2VisionTransformer,
@@ -183,7 +183,7 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
         width = self.vision_cls.width(vc)
         impl = attention_implementation(self.dtype, width // vc.num_heads)
 
-        @jax.jit
+        @encoder_jit
         def run(params, pixels, table, pos, full, window, order, unpermute):
             model = nnx.merge(graphdef, params)
             if table is not None:  # uint8 patches: the byte -> float32 lookup, here

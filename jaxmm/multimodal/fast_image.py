@@ -259,9 +259,13 @@ def _patchify(u8: np.ndarray, s: Qwen2VLImageSettings) -> np.ndarray:
     p, m = s.patch_size, s.merge_size
     h, w, C = u8.shape
     gh, gw = h // p, w // p
-    # rows (gh/m, gw/m, m, m), columns (C, p, p): HF's patch order
-    x = u8.reshape(gh // m, m, p, gw // m, m, p, C).transpose(0, 3, 1, 4, 6, 2, 5)
-    return np.ascontiguousarray(x).reshape(gh * gw, C, p * p)
+    # rows (gh/m, gw/m, m, m), columns (C, p, p): HF's patch order. A channel at a time: the
+    # copies then move runs of p bytes, not single bytes 3 apart (4.0 -> 2.7 ms at 1344^2)
+    out = np.empty((gh // m, gw // m, m, m, C, p, p), np.uint8)
+    for c in range(C):
+        plane = np.ascontiguousarray(u8[..., c]).reshape(gh // m, m, p, gw // m, m, p)
+        out[:, :, :, :, c] = plane.transpose(0, 3, 1, 4, 2, 5)
+    return out.reshape(gh * gw, C, p * p)
 
 
 @functools.lru_cache(maxsize=16)
