@@ -131,7 +131,6 @@ def _kernel(
     sm_scale: float,
     group: int,
     interpret: bool,
-    prefetch_pages: bool,
 ):
     (q_smem2, o_smem2, k_smem, v_smem), (k_bar, v_bar, q_bar), (k_free, v_free), sched = scoped
     A, G, H = kv_ref.shape[2], kv_ref.shape[3], kv_ref.shape[4]
@@ -183,24 +182,46 @@ def _kernel(
         o_smem = o_smem2.at[wg]
         row0 = wg * BQ
 
-        def one_item(k, g):
-            f = item(k)
-            kv_hi, head, total = f["kv_hi"], f["head"], f["total"]
-            qpos = f["pos0"] + row0  # absolute position of this warpgroup's first row
-            n_steps = num_steps(f, row0)
-            n_full = jnp.minimum(n_steps, lax.div(jnp.maximum(qpos + 1, 0), jnp.int32(BLOCK_K)))
-            # A tiled tile's rows must start at a multiple of 8 in the source; a sequence's
-            # tokens start anywhere. So the rows land in the untiled staging buffer first.
-            with jax.named_scope("q_in"):
-                plgpu.copy_gmem_to_smem(
-                    q_ref.at[pl.ds(f["t0"] + row0, BQ), head], o_smem, q_bar.at[wg]
-                )
+        # Queries. A tiled tile's rows must start at a multiple of 8 in the source, and a
+        # sequence's tokens start anywhere. Aligned rows (every entry of a sequence whose
+        # first token sits at a multiple of 8) go straight into the tiled buffer, fetched
+        # while the previous item finishes; the others land in the untiled staging buffer
+        # when their item starts and are copied into the tiled one through registers.
+        def q_aligned(f):
+            return lax.rem(f["t0"] + row0, jnp.int32(8)) == 0
+
+        def issue_q(f):
+            @pl.when(q_aligned(f))
+            def _():
+                start = pl.multiple_of(lax.div(f["t0"] + row0, jnp.int32(8)) * 8, 8)
+                plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(start, BQ), f["head"]], q_smem, q_bar.at[wg])
+
+        def fetch_q(f):
+            @pl.when(q_aligned(f))
+            def _():
+                plgpu.barrier_wait(q_bar.at[wg])
+
+            @pl.when(jnp.logical_not(q_aligned(f)))
+            def _():
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output left o_smem
+                src = q_ref.at[pl.ds(f["t0"] + row0, BQ), f["head"]]
+                plgpu.copy_gmem_to_smem(src, o_smem, q_bar.at[wg])
                 plgpu.barrier_wait(q_bar.at[wg])
                 if interpret:
                     q_smem[...] = o_smem[...]
                 else:
                     q_smem[...] = plgpu.load(o_smem, (), layout=plgpu.Layout.WGMMA, optimized=False)
                 plgpu.commit_smem()
+
+        def one_item(k, g):
+            f = item(k)
+            kv_hi, head, total = f["kv_hi"], f["head"], f["total"]
+            qpos = f["pos0"] + row0  # absolute position of this warpgroup's first row
+            n_steps = num_steps(f, row0)
+            n_full = jnp.minimum(n_steps, lax.div(jnp.maximum(qpos + 1, 0), jnp.int32(BLOCK_K)))
+            with jax.named_scope("q_in"):
+                pl.when(k == 0)(functools.partial(issue_q, f))
+                fetch_q(f)
 
             rows = plgpu.Layout.WGMMA.reduce(1)
             m = _with_layout(jnp.full((BQ,), M_INIT, jnp.float32), rows, interpret)
@@ -301,20 +322,26 @@ def _kernel(
             carry = (acc, m, l)
             carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
             carry = lax.fori_loop(n_full, n_steps, functools.partial(step, masked=True), carry)
+
+            @pl.when(k + 1 < my_items)
+            def _():  # q_smem is read no more: the next item's queries may come in
+                issue_q(item(k + 1))
+
             lax.fori_loop(n_steps, total, release, None)
             pl.when(wg == 0)(schedule)
             acc, m, l = carry
 
             with jax.named_scope("out"):
                 l = jnp.where(l == 0.0, 1.0, l)  # no keys (padding rows): write zeros
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output left o_smem
                 o_smem[...] = (acc / _bcast_rows(l, acc.shape)).astype(dtype)
                 plgpu.commit_smem()
                 valid = jnp.clip(f["nrows"] - row0, 0, BQ)
                 _store_rows(o_smem, out_ref, f["t0"] + row0, head, valid)
-                plgpu.wait_smem_to_gmem(0)  # o_smem stages the next item's queries
             return g + total
 
         lax.fori_loop(0, my_items, one_item, jnp.int32(0))
+        plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
@@ -332,13 +359,8 @@ def _kernel(
 
             def block(j, carry):
                 g, pages = carry
-                if prefetch_pages:  # the next block's entries load while this one waits
-                    with jax.named_scope("pages"):
-                        nxt = pages_of(j + 1)
-                else:
-                    with jax.named_scope("pages"):
-                        pages = pages_of(j)  # read before the slot frees up
-                    nxt = pages
+                with jax.named_scope("pages"):  # the next block's, loading while this one waits
+                    nxt = pages_of(j + 1)
                 slot = slot_of(g)
                 for which, (buf, bar, free) in enumerate(
                     ((k_smem, k_bar, k_free), (v_smem, v_bar, v_free))
@@ -379,7 +401,6 @@ def prefill_attention(
     sm_scale: float,
     num_programs: int = 132,
     interpret: bool = False,
-    prefetch_pages: bool | None = None,
 ):
     """(T, N, H): attention rows of every work entry; rows no entry covers are left undefined.
 
@@ -387,8 +408,6 @@ def prefill_attention(
     """
     T, N, H = q.shape
     _, K, _, G, _ = kv_pages.shape
-    if prefetch_pages is None:
-        prefetch_pages = os.environ.get("JAXMM_MGPU_PAGE_PREFETCH", "1") != "0"
     # JAXMM_MGPU_PROFILE=<dir>: Mosaic GPU's on-device profiler records the named scopes
     # (per warpgroup) into a trace there (`benchmarks/prefill_profile.py` reads it)
     profile_dir = os.environ.get("JAXMM_MGPU_PROFILE", "")
@@ -417,7 +436,6 @@ def prefill_attention(
                 sm_scale=sm_scale,
                 group=N // K,
                 interpret=interpret,
-                prefetch_pages=prefetch_pages,
             ),
             (
                 plgpu.SMEM((COMPUTE_WGS, BQ, H), q.dtype, transforms=tiled),

@@ -61,3 +61,23 @@ def test_long_chunk_several_blocks(dtype):
         dtype=dtype,
     )
     check(args, dtype, plan=MOSAIC)
+
+
+def test_aligned_and_staged_queries_in_one_program():
+    """Entries whose rows start at a multiple of 8 take their queries straight into the tiled
+    buffer, fetched during the previous item; the others go through the staging buffer.
+    Rows start at 0, 13, 64, 128: on the 4 interpreted programs, two programs run an aligned
+    entry then a staged one, two run two aligned entries (the prefetch path)."""
+    args = make_batch(
+        [13, 51, 64, 40],
+        [20, 51, 100, 40],
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=64,
+        page_size=8,
+        pages_per_seq=16,
+        num_tokens=176,
+        max_seqs=5,
+        dtype=jnp.bfloat16,
+    )
+    check(args, jnp.bfloat16, plan=MOSAIC)
