@@ -182,46 +182,24 @@ def _kernel(
         o_smem = o_smem2.at[wg]
         row0 = wg * BQ
 
-        # Queries. A tiled tile's rows must start at a multiple of 8 in the source, and a
-        # sequence's tokens start anywhere. Aligned rows (every entry of a sequence whose
-        # first token sits at a multiple of 8) go straight into the tiled buffer, fetched
-        # while the previous item finishes; the others land in the untiled staging buffer
-        # when their item starts and are copied into the tiled one through registers.
-        def q_aligned(f):
-            return lax.rem(f["t0"] + row0, jnp.int32(8)) == 0
-
-        def issue_q(f):
-            @pl.when(q_aligned(f))
-            def _():
-                start = pl.multiple_of(lax.div(f["t0"] + row0, jnp.int32(8)) * 8, 8)
-                plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(start, BQ), f["head"]], q_smem, q_bar.at[wg])
-
-        def fetch_q(f):
-            @pl.when(q_aligned(f))
-            def _():
-                plgpu.barrier_wait(q_bar.at[wg])
-
-            @pl.when(jnp.logical_not(q_aligned(f)))
-            def _():
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output left o_smem
-                src = q_ref.at[pl.ds(f["t0"] + row0, BQ), f["head"]]
-                plgpu.copy_gmem_to_smem(src, o_smem, q_bar.at[wg])
-                plgpu.barrier_wait(q_bar.at[wg])
-                if interpret:
-                    q_smem[...] = o_smem[...]
-                else:
-                    q_smem[...] = plgpu.load(o_smem, (), layout=plgpu.Layout.WGMMA, optimized=False)
-                plgpu.commit_smem()
-
         def one_item(k, g):
             f = item(k)
             kv_hi, head, total = f["kv_hi"], f["head"], f["total"]
             qpos = f["pos0"] + row0  # absolute position of this warpgroup's first row
             n_steps = num_steps(f, row0)
             n_full = jnp.minimum(n_steps, lax.div(jnp.maximum(qpos + 1, 0), jnp.int32(BLOCK_K)))
+            # A tiled tile's rows must start at a multiple of 8 in the source; a sequence's
+            # tokens start anywhere. So the rows land in the untiled staging buffer first.
             with jax.named_scope("q_in"):
-                pl.when(k == 0)(functools.partial(issue_q, f))
-                fetch_q(f)
+                plgpu.copy_gmem_to_smem(
+                    q_ref.at[pl.ds(f["t0"] + row0, BQ), head], o_smem, q_bar.at[wg]
+                )
+                plgpu.barrier_wait(q_bar.at[wg])
+                if interpret:
+                    q_smem[...] = o_smem[...]
+                else:
+                    q_smem[...] = plgpu.load(o_smem, (), layout=plgpu.Layout.WGMMA, optimized=False)
+                plgpu.commit_smem()
 
             rows = plgpu.Layout.WGMMA.reduce(1)
             m = _with_layout(jnp.full((BQ,), M_INIT, jnp.float32), rows, interpret)
@@ -322,26 +300,20 @@ def _kernel(
             carry = (acc, m, l)
             carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
             carry = lax.fori_loop(n_full, n_steps, functools.partial(step, masked=True), carry)
-
-            @pl.when(k + 1 < my_items)
-            def _():  # q_smem is read no more: the next item's queries may come in
-                issue_q(item(k + 1))
-
             lax.fori_loop(n_steps, total, release, None)
             pl.when(wg == 0)(schedule)
             acc, m, l = carry
 
             with jax.named_scope("out"):
                 l = jnp.where(l == 0.0, 1.0, l)  # no keys (padding rows): write zeros
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output left o_smem
                 o_smem[...] = (acc / _bcast_rows(l, acc.shape)).astype(dtype)
                 plgpu.commit_smem()
                 valid = jnp.clip(f["nrows"] - row0, 0, BQ)
                 _store_rows(o_smem, out_ref, f["t0"] + row0, head, valid)
+                plgpu.wait_smem_to_gmem(0)  # o_smem stages the next item's queries
             return g + total
 
         lax.fori_loop(0, my_items, one_item, jnp.int32(0))
-        plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == COMPUTE_WGS)
     def _memory():

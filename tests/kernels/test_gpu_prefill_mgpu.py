@@ -63,11 +63,10 @@ def test_long_chunk_several_blocks(dtype):
     check(args, dtype, plan=MOSAIC)
 
 
-def test_aligned_and_staged_queries_in_one_program():
-    """Entries whose rows start at a multiple of 8 take their queries straight into the tiled
-    buffer, fetched during the previous item; the others go through the staging buffer.
-    Rows start at 0, 13, 64, 128: on the 4 interpreted programs, two programs run an aligned
-    entry then a staged one, two run two aligned entries (the prefetch path)."""
+def test_several_items_per_program():
+    """Rows starting at 0, 13, 64, 128 (at and off multiples of 8), two query heads: each of
+    the 4 interpreted programs runs two items back to back (the KV ring running on from one
+    to the next, the query staging buffer reused after an output store)."""
     args = make_batch(
         [13, 51, 64, 40],
         [20, 51, 100, 40],
