@@ -6,16 +6,22 @@ cost: the buffers of each call are new, and updating the recorded graph for them
 5.4-5.8 ms per call of the Qwen2-VL-2B vision tower at 1344^2 on an H100, with the GPU idle
 (`benchmarks/vlm_ttft.py --profile`, "gaps"). These programs are compiled without them.
 The language model's step program keeps XLA's default (its decode steps are launch-bound).
+JAXMM_ENCODER_COMMAND_BUFFERS=1 restores XLA's default for the encoders too (to compare).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 
 # XLA debug option (also accepted, and ignored, by the CPU compiler): no command buffers
-COMPILER_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
+COMPILER_OPTIONS = (
+    {}
+    if os.environ.get("JAXMM_ENCODER_COMMAND_BUFFERS") == "1"
+    else {"xla_gpu_enable_command_buffer": ""}
+)
 
 
 def encoder_jit(fn=None, **kwargs):
