@@ -32,7 +32,6 @@ from jaxmm.layers.attention import AttentionMetadata
 from jaxmm.layers.linear import Linear
 from jaxmm.layers.mlp import activation
 from jaxmm.models.device_rows import DeviceRows
-from jaxmm.models.encoder_jit import encoder_jit
 from jaxmm.models.encoders.clip import CLIPVisionModel
 
 # text model_type -> (module, class) of the language model
@@ -173,7 +172,7 @@ class LlavaForConditionalGeneration(nnx.Module):
         """A host function (params, modality, items) -> [features (n, D_text) per item], left
         on the device (`DeviceRows`, in the model's dtype) for the runner to splice."""
 
-        @encoder_jit
+        @jax.jit
         def run(params, pixel_values):
             return nnx.merge(graphdef, params).get_image_features(pixel_values)
 

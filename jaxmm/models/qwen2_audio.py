@@ -23,7 +23,6 @@ from flax import nnx
 from jaxmm.layers.attention import AttentionMetadata
 from jaxmm.layers.linear import Linear
 from jaxmm.models.device_rows import DeviceRows
-from jaxmm.models.encoder_jit import encoder_jit
 from jaxmm.models.llava import language_config
 from jaxmm.models.qwen2 import Qwen2ForCausalLM
 from jaxmm.models.whisper import WhisperEncoder, next_pow2
@@ -119,7 +118,7 @@ class Qwen2AudioForConditionalGeneration(nnx.Module):
         on the device (`DeviceRows`, in the model's dtype); items hold `input_features`
         (mel, frames) and `feature_attention_mask` (frames,)."""
 
-        @encoder_jit
+        @jax.jit
         def run(params, features, mel_lengths):
             return nnx.merge(graphdef, params).get_audio_features(features, mel_lengths)
 

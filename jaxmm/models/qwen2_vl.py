@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -44,6 +45,10 @@ from jaxmm.multimodal.fast_image import PatchBytes
 # items share an encoder call while its padded attention layouts (segments x longest
 # segment, see `layout_slots`) stay within this many rows; a bigger item runs alone
 MAX_SLOTS = 16384
+# encoder calls of at least this many (bucketed) patches compile without XLA's command
+# buffers: at 9216 patches (1344^2) updating the recorded graph for each call's new buffers
+# took ~6 ms with the GPU idle (H100); small calls keep them for their launch savings
+LARGE_BUCKET_PATCHES = 4096
 
 
 class Qwen2VLTextModel(Qwen2Model):
@@ -183,13 +188,20 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
         width = self.vision_cls.width(vc)
         impl = attention_implementation(self.dtype, width // vc.num_heads)
 
-        @encoder_jit
-        def run(params, pixels, table, pos, full, window, order, unpermute):
+        def tower(params, pixels, table, pos, full, window, order, unpermute):
             model = nnx.merge(graphdef, params)
             if table is not None:  # uint8 patches: the byte -> float32 lookup, here
                 pixels = expand_patch_bytes(pixels, table, tp)
             merged = model.visual(pixels.astype(model.dtype), pos, full, window, order, impl)
             return merged if unpermute is None else merged[unpermute]  # item order
+
+        # large buckets compile without XLA's command buffers (`encoder_jit`); small ones,
+        # whose kernels are short, keep them (launch overhead)
+        run_small, run_large = jax.jit(tower), encoder_jit(tower)
+
+        def run(params, pixels, *rest):
+            big = pixels.shape[0] >= LARGE_BUCKET_PATCHES
+            return (run_large if big else run_small)(params, pixels, *rest)
 
         def run_chunk(params, table, chunk: list[tuple]) -> list[DeviceRows]:
             b = pack(chunk, vc, windowed)

@@ -29,7 +29,6 @@ from flax import nnx
 from jaxmm.layers.attention import AttentionMetadata, dense_attention, paged_attention
 from jaxmm.layers.linear import ROW, Embed, Linear
 from jaxmm.layers.mlp import activation
-from jaxmm.models.encoder_jit import encoder_jit
 from jaxmm.models.encoders.clip import LayerNorm
 
 # how decoder tokens read their cross-attention slot: "loop" (a token at a time, in place),
@@ -379,7 +378,7 @@ class WhisperForConditionalGeneration(nnx.Module):
         (one program each); padding rows write nowhere.
         """
 
-        @encoder_jit
+        @jax.jit
         def encode(params, features):
             return nnx.merge(graphdef, params).encode_cross_kv(features)
 
