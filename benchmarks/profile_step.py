@@ -124,17 +124,7 @@ def gaps(path: str, iters: int, min_gap_us: float = 200.0, top: int = 12) -> dic
         )
     rows.sort(key=lambda r: -r[0])
     first, last = kernels[0][0], max(e for _, e, _ in kernels)
-    modules: dict[str, float] = collections.defaultdict(float)  # XLA programs' device time
-    for plane in pd.planes:
-        if plane.name.startswith("/device:GPU"):
-            for line in plane.lines:
-                if line.name == "XLA Modules":
-                    for ev in line.events:
-                        modules[ev.name.split("(")[0]] += ev.duration_ns / 1e6 / iters
     return {
-        "module_ms_per_call": {
-            k: round(v, 3) for k, v in sorted(modules.items(), key=lambda kv: -kv[1])[:top]
-        },
         "span_ms_per_call": round((last - first) / 1e6 / iters, 3),
         "busy_ms_per_call": round(busy / 1e6 / iters, 3),
         "idle_over_min_ms_per_call": round(sum(b - a for a, b, *_ in idle) / 1e6 / iters, 3),
