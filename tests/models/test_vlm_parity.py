@@ -477,3 +477,25 @@ def test_encoder_segment_attention_in_query_blocks_matches_dense():
     dense = dense_attention(q[None], k[None], v[None], causal=False, sm_scale=0.3, bias=bias)[0]
     blocked = segment_attention(q, k, v, seg, 0.3, block=16)
     np.testing.assert_allclose(np.asarray(blocked), np.asarray(dense), atol=1e-6, rtol=0)
+
+
+def test_large_encoder_calls_without_command_buffers_give_the_same_features(vlm, monkeypatch):
+    """Tower calls of many patches compile with other XLA options (`encoder_jit`); the
+    features must not change. Here every call takes that path and is compared with the
+    default one."""
+    import jax
+
+    from jaxmm.models import qwen2_vl
+    from jaxmm.multimodal.inputs import frontend
+
+    arch, path, llm, hf = vlm
+    if arch == "llava":
+        pytest.skip("the Qwen2-VL towers only")
+    fe = frontend(llm.llm_engine)
+    image = prompts_for(arch)[1]["multi_modal_data"]["image"]
+    image = image[0] if isinstance(image, list) else image
+    processed = fe.processor.image(image, {})
+    default = np.asarray(jax.device_get(fe.encode("image", [processed])[0].array))
+    monkeypatch.setattr(qwen2_vl, "LARGE_BUCKET_PATCHES", 0)
+    large = np.asarray(jax.device_get(fe.encode("image", [processed])[0].array))
+    np.testing.assert_array_equal(large, default)
