@@ -11,7 +11,6 @@ JAXMM_ENCODER_COMMAND_BUFFERS=1 restores XLA's default for the encoders too (to 
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
@@ -24,8 +23,6 @@ COMPILER_OPTIONS = (
 )
 
 
-def encoder_jit(fn=None, **kwargs):
-    """`jax.jit` with the encoders' compiler options; usable as `@encoder_jit`."""
-    if fn is None:
-        return functools.partial(encoder_jit, **kwargs)
+def encoder_jit(fn, **kwargs):
+    """`jax.jit` with the encoders' compiler options."""
     return jax.jit(fn, compiler_options=COMPILER_OPTIONS, **kwargs)
