@@ -339,8 +339,10 @@ def _hf_tokenizer(path: str, metadata: dict[str, Any]) -> transformers.PreTraine
 
 # `_gguf_tokenizer_inputs` mirrors `get_gguf_tokenizer` of these transformers versions
 # (major.minor; it has changed between 5.x releases) for these `tokenizer.ggml.model`s (its
-# other rules concern gemma4 files). Another version takes transformers' route until checked.
-_TOKENIZER_INPUTS_VERSIONS = {"5.23"}
+# other rules concern gemma4 files). Another version takes transformers' route until checked:
+# a release can change its reader or rules and keep the names imported here. (5.24 left
+# `transformers.integrations.gguf` byte for byte as 5.23 had it.)
+_TOKENIZER_INPUTS_VERSIONS = {"5.23", "5.24"}
 _TOKENIZER_MODELS = {"gpt2", "llama"}
 _SPECIAL_TOKEN_IDS = {  # tokenizer argument -> `tokenizer.ggml.<key>` of its id
     "bos_token": "bos_token_id",
