@@ -1,6 +1,6 @@
 """Causal prefill attention: jaxmm Pallas kernel (paged) vs cuDNN (dense), JSON lines.
 
-    python benchmarks/attention_prefill.py [--sweep] [--out results.json]
+    python benchmarks/attention_prefill.py [--sweep] [--plans JSON] [--out results.json]
 
 Problem: one sequence of S in {512, 2048, 8192} tokens, bf16, N=32, K=8, H=128, causal.
   jaxmm  paged_attention over a page-16 KV pool holding the sequence (KV already written);
@@ -8,6 +8,8 @@ Problem: one sequence of S in {512, 2048, 8192} tokens, bf16, N=32, K=8, H=128, 
   jaxmm_triton  the same with the Triton-lowered prefill kernel (gpu_prefill)
   cudnn  jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn"), dense
   jax_mgpu[:BK]  JAX's Mosaic GPU attention (ops/gpu/attention_mgpu.py), dense, KV tile BK
+`--plans '[{"prefill_impl": "triton", "prefill_block_q": 64}]'`: more `jaxmm` rows, each
+with these `ragged_paged_attention.Plan` fields (recorded under "plan"), in the same run.
 Also the cost of the KV write (`reference.write_kv`, XLA scatter into donated pages) for
 T = 64 decode tokens and for an 8192-token prefill.
 
@@ -213,6 +215,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--page-size", type=int, default=G, help="our KV pool's page size")
     ap.add_argument("--pages", choices=("random", "contiguous"), default="random")
+    ap.add_argument("--plans", default=None, help="JSON list of Plan overrides for more rows")
     a = ap.parse_args(argv)
     info = env_info()
     print(json.dumps(dict(bench="env", **info)), flush=True)
@@ -222,8 +225,13 @@ def main(argv=None):
     elif a.sweep:
         rows += sweep()
     else:
+        plans = json.loads(a.plans) if a.plans else []
         for S in map(int, a.seq.split(",")):
             rows += prefill_rows(S, a.impls.split(","), page_size=a.page_size, layout=a.pages)
+            for plan in plans:
+                rows += prefill_rows(
+                    S, ["jaxmm"], plan=tuple(plan.items()), page_size=a.page_size, layout=a.pages
+                )
         if not a.no_write:
             rows += write_rows()
     if a.out:

@@ -1,7 +1,7 @@
 """Where the Mosaic GPU prefill kernel's time goes, per warpgroup (H100; Mosaic's on-device
 profiler).
 
-    python benchmarks/prefill_profile.py [--seq 2048] [--page-size 16]
+    python benchmarks/prefill_profile.py [--seq 2048] [--page-size 16] [--plan JSON]
 
 Runs `attention_prefill.py`'s problem (one causal sequence, bf16, N=32, K=8, H=128, pages in
 random order) once with `JAXMM_MGPU_PROFILE` set, so the kernel records its named scopes
@@ -74,6 +74,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--plan", default=None, help="Plan field overrides (JSON object)")
     ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "jaxmm-mgpu-profile"))
     a = ap.parse_args(argv)
     os.makedirs(a.dir, exist_ok=True)
@@ -92,6 +93,7 @@ def main(argv=None):
     from jaxmm.kernels.reference import write_kv
 
     S, G = a.seq, a.page_size
+    plan = tuple(json.loads(a.plan).items()) if a.plan else None
     P, A = S // G, S // G + 7
     kq, kk, kv_ = jax.random.split(jax.random.PRNGKey(0), 3)
     q = jax.random.normal(kq, (S, N, H), DTYPE)
@@ -102,13 +104,13 @@ def main(argv=None):
     pages = write_kv(k, v, jnp.zeros((2, K, A, G, H), DTYPE), kv_lens, table, cu, ns)
     run = jax.jit(
         lambda q, pages: paged_attention(
-            q, pages, kv_lens, table, cu, ns, sm_scale=1 / math.sqrt(H)
+            q, pages, kv_lens, table, cu, ns, sm_scale=1 / math.sqrt(H), plan=plan
         )
     )
     for _ in range(3):  # the last call's trace is read (warm clocks and caches)
         jax.block_until_ready(run(q, pages))
     files = sorted(glob.glob(os.path.join(a.dir, "*-trace.json")))
-    res = {"bench": "prefill_profile", "S": S, "page_size": G}
+    res = {"bench": "prefill_profile", "S": S, "page_size": G, "plan": dict(plan or ())}
     if files:
         res["profile"] = summarise(files[-1])
         res["traces"] = len(files)
