@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image
 
 from .cache import EncoderCache, EncoderOutput
-from .hashing import content_hash
+from .hashing import content_hash, content_hash_soon
 from .media import MediaPolicy, load_image, load_video_with_metadata
 
 MODALITIES = ("image", "video")
@@ -411,6 +411,12 @@ class MultimodalFrontend:
         item.media = (frames, fps)
 
     # -- 2-4. key, look up, encode -----------------------------------------------------------
+    def _process(self, item: _Item, proc_kwargs: dict) -> dict:
+        if item.modality == "image":
+            return self.processor.image(item.media, proc_kwargs)
+        frames, fps = item.media
+        return self.processor.video(frames, fps, proc_kwargs)
+
     def resolve(self, items: list[_Item], proc_kwargs: dict) -> None:
         pending: dict[str, list[tuple[_Item, dict, int]]] = {}
         duplicates: dict[str, list[_Item]] = {}
@@ -438,14 +444,25 @@ class MultimodalFrontend:
                         "is not in the encoder cache (never sent, or evicted): send the media "
                         "itself again"
                     )
-            if item.modality == "image":
-                img = item.media
-                item.key = item.uuid or content_hash(
-                    "image", img.mode, img.size, img.tobytes(), proc_kwargs
-                )
+            processed = failure = None
+            if item.uuid is not None:
+                item.key = item.uuid
             else:
-                frames, fps = item.media
-                item.key = item.uuid or content_hash("video", frames, fps, proc_kwargs)
+                if item.modality == "image":
+                    img = item.media
+                    parts = ("image", img.mode, img.size, img.tobytes(), proc_kwargs)
+                else:
+                    frames, fps = item.media
+                    parts = ("video", frames, fps, proc_kwargs)
+                # The processor runs while the key is hashed (1344^2: ~5 ms each on the GPU
+                # host; both drop the GIL for their large copies); a cache hit or a duplicate
+                # throws its work away, and an error of it counts only if it is needed.
+                soon = content_hash_soon(*parts)
+                try:
+                    processed = self._process(item, proc_kwargs)
+                except Exception as e:  # noqa: BLE001 - re-raised below if the item needs it
+                    failure = e
+                item.key = soon.result()
             cached = None if item.uuid is not None else self.cache.get(item.key)
             if cached is not None:
                 item.output = cached
@@ -454,11 +471,10 @@ class MultimodalFrontend:
                 duplicates[item.key].append(item)
                 continue
             duplicates[item.key] = [item]
-            if item.modality == "image":
-                processed = self.processor.image(item.media, proc_kwargs)
-            else:
-                frames, fps = item.media
-                processed = self.processor.video(frames, fps, proc_kwargs)
+            if failure is not None:
+                raise failure
+            if processed is None:
+                processed = self._process(item, proc_kwargs)
             want = self.model.mm_num_tokens(item.modality, processed)  # checks the shapes
             pending.setdefault(item.modality, []).append((item, processed, want))
 

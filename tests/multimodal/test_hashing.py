@@ -27,6 +27,13 @@ def test_keys_follow_every_part():
     assert content_hash(np.asfortranarray(arr)) == content_hash(arr)
 
 
+def test_background_hash_is_the_same_key():
+    pixels = np.random.RandomState(1).randint(0, 256, (900, 900, 3), np.uint8).tobytes()
+    futures = [hashing.content_hash_soon("image", "RGB", (900, 900), pixels, {}) for _ in range(3)]
+    keys = {f.result(timeout=30) for f in futures}
+    assert keys == {content_hash("image", "RGB", (900, 900), pixels, {})}
+
+
 def test_small_parts_hash_flat():
     data = b"x" * (hashing.PARALLEL_BYTES - 1)
     h = hashlib.blake2b(digest_size=16)

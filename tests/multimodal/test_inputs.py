@@ -213,6 +213,34 @@ def test_duplicate_images_in_a_prompt_are_encoded_once(model_dir):
     np.testing.assert_array_equal(mm.items[0].embeds, mm.items[1].embeds)
 
 
+def test_processor_runs_beside_the_hash_and_a_hit_ignores_it(model_dir):
+    """The front end runs the image processor while the item's key is hashed. On an encoder
+    cache hit its result, or its error, is thrown away; on a miss its error is the item's."""
+    from jaxmm.multimodal.inputs import frontend
+
+    engine = make_engine(model_dir)
+    img = image(24, 32, 11)
+    prompt = {"prompt": f"x {I_PH}", "multi_modal_data": {"image": img}}
+    _, _, first = prepare_multimodal_prompt(engine, prompt)
+    fe = frontend(engine)
+
+    def broken(*args, **kwargs):
+        raise ValueError("processor failed")
+
+    real = fe.processor.image
+    fe.processor.image = broken
+    try:
+        _, _, again = prepare_multimodal_prompt(engine, prompt)  # a hit: no error
+        assert again.items[0].key == first.items[0].key
+        np.testing.assert_array_equal(again.items[0].embeds, first.items[0].embeds)
+        fresh = {"prompt": f"x {I_PH}", "multi_modal_data": {"image": image(24, 32, 12)}}
+        with pytest.raises(ValueError, match="processor failed"):  # a miss: its error
+            prepare_multimodal_prompt(engine, fresh)
+    finally:
+        fe.processor.image = real
+    assert engine.runner.model_obj.calls == [("image", 1)]
+
+
 def test_uuid_items_are_served_from_the_cache(model_dir):
     engine = make_engine(model_dir)
     model = engine.runner.model_obj
