@@ -33,10 +33,10 @@ from jaxmm.models.encoders.qwen2_vl_vision import (
     Qwen2_5_VisionTransformer,
     Qwen2VisionTransformer,
     attention_implementation,
-    expand_patch_bytes,
     ladder,
     layout_slots,
     pack,
+    patch_pixels,
 )
 from jaxmm.models.llama import head_dim
 from jaxmm.models.qwen2 import Qwen2ForCausalLM, Qwen2Model
@@ -178,8 +178,9 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
         on the device (`DeviceRows`, in the model's dtype) for the runner to splice.
 
         Pixel values come as float32 (n, K) or as `fast_image.PatchBytes`; those go to the
-        device as uint8 patches with their byte table, and the jitted program expands them
-        (`expand_patch_bytes`) before the tower. A call holds one kind (and one table).
+        device as the images' raw bytes with each patch's start and their byte table, and
+        the jitted program cuts and expands them (`patch_pixels`) before the tower. A call
+        holds one kind (and one table).
         """
         vc = self.hf_config.vision_config
         windowed = self.vision_cls.windowed
@@ -188,10 +189,10 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
         width = self.vision_cls.width(vc)
         impl = attention_implementation(self.dtype, width // vc.num_heads)
 
-        def tower(params, pixels, table, pos, full, window, order, unpermute):
+        def tower(params, pixels, table, sources, pos, full, window, order, unpermute):
             model = nnx.merge(graphdef, params)
-            if table is not None:  # uint8 patches: the byte -> float32 lookup, here
-                pixels = expand_patch_bytes(pixels, table, tp)
+            if table is not None:  # raw bytes: patches cut and looked up, here
+                pixels = patch_pixels(pixels, sources, table, tp)
             merged = model.visual(pixels.astype(model.dtype), pos, full, window, order, impl)
             return merged if unpermute is None else merged[unpermute]  # item order
 
@@ -203,12 +204,20 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
             big = pixels.shape[0] >= LARGE_BUCKET_PATCHES
             return (run_large if big else run_small)(params, pixels, *rest)
 
-        def run_chunk(params, table, chunk: list[tuple]) -> list[DeviceRows]:
+        def run_chunk(params, table, chunk: list[tuple], sources: list) -> list[DeviceRows]:
             b = pack(chunk, vc, windowed)
+            src = None
+            if table is not None:  # each item's patch starts, shifted to its place in the call
+                src = np.zeros((len(b["pixels"]), 2), np.int32)
+                row, row_bytes = 0, int(np.prod(b["pixels"].shape[1:]))
+                for s in sources:
+                    src[row : row + len(s)] = s + np.array([row * row_bytes, 0], np.int32)
+                    row += len(s)
             merged = run(
                 params,
                 b["pixels"],
                 table,
+                src,
                 b["pos"],
                 b["full"],
                 b["window"],
@@ -224,26 +233,28 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
             return [own_rows(merged, int(s), n, ladder(n, 16)) for s, n in zip(starts, counts)]
 
         def encode(params, modality: str, items: list[dict]) -> list[DeviceRows]:
-            chunks: list[tuple[np.ndarray | None, list[tuple]]] = []  # (table, items) per call
+            # (table, items, their patch sources) per call
+            chunks: list[tuple[np.ndarray | None, list[tuple], list]] = []
             for it in items:
-                pixels, grid, table = it["pixel_values"], tuple(it["grid_thw"]), None
+                pixels, grid, table, sources = it["pixel_values"], tuple(it["grid_thw"]), None, None
                 if isinstance(pixels, PatchBytes):
                     if pixels.temporal_patch_size != tp:
                         raise ValueError(
                             f"patch bytes repeated over {pixels.temporal_patch_size} frames; "
                             f"this tower's temporal_patch_size is {tp}"
                         )
-                    pixels, table = pixels.data, pixels.table
+                    pixels, table, sources = pixels.data, pixels.table, pixels.sources
                 else:
                     pixels = np.asarray(pixels, np.float32)
                 if not chunks or not joins(chunks[-1], table, grid):
-                    chunks.append((table, []))  # a new call
+                    chunks.append((table, [], []))  # a new call
                 chunks[-1][1].append((pixels, grid))
-            return [f for table, chunk in chunks for f in run_chunk(params, table, chunk)]
+                chunks[-1][2].append(sources)
+            return [f for table, chunk, src in chunks for f in run_chunk(params, table, chunk, src)]
 
         def joins(chunk: tuple, table: np.ndarray | None, grid: tuple) -> bool:
             """Whether an item may join this call: its kind of pixels, slots to spare."""
-            chunk_table, chunk_items = chunk
+            chunk_table, chunk_items, _ = chunk
             grids = [g for _, g in chunk_items] + [grid]
             return (
                 _same_table(table, chunk_table) and layout_slots(grids, vc, windowed) <= MAX_SLOTS

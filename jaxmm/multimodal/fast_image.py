@@ -20,12 +20,14 @@ function of (channel, byte) only. Rescale is `f32(f64(v) * scale)` and normalize
 them once on the 256 bytes (in HF's order and dtypes) gives the same float as evaluating
 them on every pixel.
 
-Step 4 runs here (`expand`, numpy) or, for a tower that takes them, on the accelerator:
-`preprocess(..., patch_bytes=True)` stops after step 3 and returns `PatchBytes`, the bytes
-plus their table, which stands for the float array (its `shape`; `np.asarray` expands it).
-The Qwen2-VL encoder looks the bytes up inside its jitted program with the same table, so
-the tower sees the same floats from 1/(4*tp) of the host memory and transfer: 5.4 MB instead
-of 43 MB at 1344², and no 43 MB array to fill on the host (15 ms on a dev CPU).
+Steps 3-4 run here (`expand`, numpy) or, for a tower that takes them, on the accelerator:
+`preprocess(..., patch_bytes=True)` stops after step 2 and returns `PatchBytes`: the image's
+bytes as they are, where each patch starts in them, and the table. It stands for the float
+array (its `shape`; `np.asarray` patchifies and expands it). The Qwen2-VL encoder gathers the
+patches and looks the bytes up inside its jitted program, so the tower sees the same floats
+from 1/(4*tp) of the host memory and transfer: 5.4 MB instead of 43 MB at 1344², no 43 MB
+array to fill on the host (15 ms on a dev CPU), and no patch reordering there either (5 ms
+at 1344² on the H100 machine's CPU).
 
 `settings_for` is the gate: it returns None (use HF) unless the image processor is exactly
 HF's PIL Qwen2-VL class and every setting of the call is one implemented here.
@@ -132,15 +134,17 @@ def settings_for(image_processor, kwargs: dict) -> Qwen2VLImageSettings | None:
 
 @dataclass(frozen=True, eq=False)
 class PatchBytes:
-    """HF's `pixel_values` (n, C*tp*p*p) float32, held as the bytes they come from (step 4
-    not yet applied): the image's uint8 patches and the per-channel byte table.
+    """HF's `pixel_values` (n, C*tp*p*p) float32, held as the bytes they come from (steps 3-4
+    not yet applied): the images' uint8 pixels, where each patch starts in them, and the
+    per-channel byte table.
 
     It reads as the float array it stands for where only the shape matters (`shape`, `len`,
-    `np.shape`), and `np.asarray` expands it on the host; towers that take it expand it on
-    the device with the same table (`jaxmm.models.encoders.qwen2_vl_vision.expand_patch_bytes`).
+    `np.shape`), and `np.asarray` builds it on the host; towers that take it gather the patches
+    and expand them on the device (`jaxmm.models.encoders.qwen2_vl_vision.patch_pixels`).
     """
 
-    data: np.ndarray  # (n, C, p*p) uint8, one copy of the image (not repeated over tp)
+    data: np.ndarray  # (n, C, p*p) uint8: the images' (h, w, C) bytes back to back, n*C*p*p
+    sources: np.ndarray  # (n, 2) int32: patch k's first byte in `data` and its row stride
     table: np.ndarray  # (C, 256) float32: HF's value of each byte, per channel
     temporal_patch_size: int  # tp: each patch holds the image tp times
 
@@ -154,9 +158,37 @@ class PatchBytes:
     def __len__(self) -> int:
         return self.data.shape[0]
 
+    def patches(self) -> np.ndarray:
+        """(n, C, p*p) uint8 in HF's patch order (step 3), on the host."""
+        return self.data.reshape(-1)[gather_index(self.sources, *self.data.shape[1:])]
+
     def __array__(self, dtype=None, copy=None):
-        out = expand(self.data, self.table, self.temporal_patch_size)
+        out = expand(self.patches(), self.table, self.temporal_patch_size)
         return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def patch_sources(h: int, w: int, C: int, p: int, m: int, start: int = 0) -> np.ndarray:
+    """(gh*gw, 2) int32 for an (h, w, C) image at byte `start`: each patch's first byte and
+    the row stride (w*C), patches in HF's (h/m, w/m, m, m) order."""
+    gh, gw = h // p, w // p
+    bh = np.arange(gh // m).reshape(-1, 1, 1, 1)
+    bw = np.arange(gw // m).reshape(1, -1, 1, 1)
+    mh = np.arange(m).reshape(1, 1, -1, 1)
+    mw = np.arange(m).reshape(1, 1, 1, -1)
+    first = start + ((bh * m + mh) * p * w + (bw * m + mw) * p) * C  # (gh/m, gw/m, m, m)
+    out = np.empty((gh * gw, 2), np.int32)
+    out[:, 0] = np.broadcast_to(first, (gh // m, gw // m, m, m)).reshape(-1)
+    out[:, 1] = w * C
+    return out
+
+
+def gather_index(sources, C: int, pp: int, xp=np):
+    """(n, C, p*p) flat byte indices of the patches `sources` names (numpy or jax.numpy):
+    byte (c, py, px) of patch k is at first_k + py * stride_k + px * C + c."""
+    p = math.isqrt(pp)
+    q = xp.arange(pp)
+    within = (q // p)[None, None, :] * sources[:, 1, None, None] + ((q % p) * C)[None, None, :]
+    return sources[:, 0, None, None] + within + xp.arange(C)[None, :, None]
 
 
 def preprocess(
@@ -173,17 +205,25 @@ def preprocess(
             return None
         pixels.append(u8)
     factor = s.patch_size * s.merge_size
-    patches, grids = [], []
+    grids = []
     for u8 in pixels:
         h, w = u8.shape[:2]
         if h % factor or w % factor:  # only without resize: HF's reshape raises
             return None
-        patches.append(_patchify(u8, s))
         grids.append([1, h // s.patch_size, w // s.patch_size])
-    data = patches[0] if len(patches) == 1 else np.concatenate(patches, axis=0)
-    values = PatchBytes(data, _byte_table(s), s.temporal_patch_size)
     if not patch_bytes:
-        values = np.asarray(values)
+        patches = [_patchify(u8, s) for u8 in pixels]
+        data = patches[0] if len(patches) == 1 else np.concatenate(patches, axis=0)
+        values = expand(data, _byte_table(s), s.temporal_patch_size)
+        return {"pixel_values": values, "image_grid_thw": np.array(grids, dtype=np.int64)}
+    p, C = s.patch_size, CHANNELS
+    flat = [np.ascontiguousarray(u8).reshape(-1) for u8 in pixels]
+    data = flat[0] if len(flat) == 1 else np.concatenate(flat)
+    starts = np.cumsum([0] + [f.size for f in flat])
+    sources = np.concatenate(
+        [patch_sources(*u8.shape[:2], C, p, s.merge_size, int(b)) for u8, b in zip(pixels, starts)]
+    )
+    values = PatchBytes(data.reshape(-1, C, p * p), sources, _byte_table(s), s.temporal_patch_size)
     return {"pixel_values": values, "image_grid_thw": np.array(grids, dtype=np.int64)}
 
 

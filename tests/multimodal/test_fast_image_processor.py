@@ -130,12 +130,12 @@ def test_batch_of_sizes():
 
 @pytest.fixture(scope="module")
 def expand_on_device():
-    """`expand_patch_bytes` jitted as the encoder runs it: bytes and table are inputs."""
+    """`patch_pixels` jitted as the encoder runs it: bytes, patch starts and table are inputs."""
     import jax
 
-    from jaxmm.models.encoders.qwen2_vl_vision import expand_patch_bytes
+    from jaxmm.models.encoders.qwen2_vl_vision import patch_pixels
 
-    return jax.jit(expand_patch_bytes, static_argnums=2)
+    return jax.jit(patch_pixels, static_argnums=3)
 
 
 def _device_values(expand_on_device, images, **kw) -> np.ndarray:
@@ -144,7 +144,7 @@ def _device_values(expand_on_device, images, **kw) -> np.ndarray:
     pb = out["pixel_values"]
     assert isinstance(pb, fast_image.PatchBytes) and pb.data.dtype == np.uint8
     assert np.asarray(pb).tobytes() == _fast(images, **kw)["pixel_values"].tobytes()  # host
-    return np.asarray(expand_on_device(pb.data, pb.table, pb.temporal_patch_size))
+    return np.asarray(expand_on_device(pb.data, pb.sources, pb.table, pb.temporal_patch_size))
 
 
 @pytest.mark.parametrize(

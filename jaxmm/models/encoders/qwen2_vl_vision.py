@@ -1,8 +1,9 @@
 """Qwen2-VL / Qwen2.5-VL vision transformers, HF names, one packed batch per call.
 
 Images and videos arrive as flattened patches (n, C*tp*p*p) with their grid (t, h, w), or
-(images through `fast_image.py`) as uint8 patches (n, C, p*p) that `expand_patch_bytes` maps
-through their byte table on the device: the float32 values HF's processor would have sent.
+(images through `fast_image.py`) as their raw uint8 pixels that `patch_pixels` cuts into
+patches and maps through their byte table on the device: the float32 values HF's processor
+would have sent.
 Several items are packed into one sequence of N patches and attention is confined to
 segments: a patch attends to patches of its own frame (Qwen2-VL, and Qwen2.5-VL's full
 attention blocks) or of its own window (Qwen2.5-VL's other blocks). Segments are
@@ -52,6 +53,7 @@ from jaxmm.layers.mlp import GatedMLP, activation
 from jaxmm.layers.norm import RMSNorm
 from jaxmm.layers.rope import rotate_half
 from jaxmm.models.encoders.clip import ConvWeight, LayerNorm
+from jaxmm.multimodal.fast_image import gather_index
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,17 @@ class PatchEmbed(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:  # (N, K) -> (N, D)
         w = self.proj.weight[...]
         return jnp.einsum("NK,DK->ND", x.astype(w.dtype), w.reshape(w.shape[0], -1))
+
+
+def patch_pixels(
+    data: jax.Array, sources: jax.Array, table: jax.Array, temporal_patch_size: int
+) -> jax.Array:
+    """The images' raw bytes (N, C, P) uint8 (`fast_image.PatchBytes`: (h, w, C) pixels back
+    to back) -> pixel values (N, C*tp*P) float32: each patch gathered from where `sources`
+    (N, 2) says it starts (`fast_image.gather_index`, HF's patch order), then expanded."""
+    N, C, P = data.shape
+    patches = data.reshape(-1)[gather_index(sources, C, P, xp=jnp)]
+    return expand_patch_bytes(patches, table, temporal_patch_size)
 
 
 def expand_patch_bytes(data: jax.Array, table: jax.Array, temporal_patch_size: int) -> jax.Array:
