@@ -10,7 +10,8 @@ over the placeholders. Text runs through Qwen2 (`language_model`), paged as any 
 
 Weights: hub checkpoints use `audio_tower.*`, `multi_modal_projector.*`,
 `language_model.model.*`, `language_model.lm_head.*`; the module tree mirrors that and
-`hf_key_rules` fold transformers 5's `model.*` spellings onto it.
+`hf_key_rules` fold transformers 5's `model.*` spellings (and the doubled
+`language_model.model.model.*` some 5.x versions save) onto it.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ class Qwen2AudioForConditionalGeneration(nnx.Module):
     mm_modalities = ("audio",)
     uses_mrope = False
     hf_key_rules = (
+        # save_pretrained of transformers 5.17-5.21 (at least) doubles the text model's prefix
+        # (its reverse of `^language_model.model -> model.language_model`); HF loads it back
+        # as language_model.model.*, and so does this
+        (r"^language_model\.model\.model\.", "language_model.model."),
         (r"^model\.language_model\.", "language_model.model."),
         (r"^model\.audio_tower\.", "audio_tower."),
         (r"^model\.multi_modal_projector\.", "multi_modal_projector."),

@@ -5,8 +5,9 @@ is absent) spends most of its time on float64 copies of the whole image (issue #
 CPU 2.6 ms at 448² and 37-44 ms at 1344², against 1.1 and 19 ms here). This module produces
 the same bytes:
 
-1. convert to RGB exactly as `transformers.image_transforms.convert_to_rgb` does (alpha and
-   palette transparency composited onto white, everything else `convert("RGB")`);
+1. convert to RGB exactly as the installed transformers' `convert_to_rgb` does: from 5.21 alpha
+   and palette transparency are composited onto white and everything else is `convert("RGB")`;
+   up to 5.20 every non-RGB image is `convert("RGB")`, transparency dropped (`hf_composites`);
 2. resize the uint8 PIL image to `smart_resize`'s (h, w) with the same filter (HF also resizes
    the uint8 image: `to_pil_image` keeps uint8 input as uint8, `reducing_gap=None`; at the
    image's own size PIL's resize is a copy, so it is skipped);
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -80,6 +82,7 @@ class Qwen2VLImageSettings:
     image_mean: tuple[float, ...]
     image_std: tuple[float, ...]
     do_convert_rgb: bool
+    composite_transparency: bool  # hf_composites(transformers.__version__): how step 1 converts
     patch_size: int
     temporal_patch_size: int
     merge_size: int
@@ -126,6 +129,7 @@ def settings_for(image_processor, kwargs: dict) -> Qwen2VLImageSettings | None:
         image_mean=mean or (),
         image_std=std or (),
         do_convert_rgb=bool(kw["do_convert_rgb"]),
+        composite_transparency=_installed_hf_composites(),
         patch_size=kw["patch_size"],
         temporal_patch_size=kw["temporal_patch_size"],
         merge_size=kw["merge_size"],
@@ -264,17 +268,39 @@ def smart_resize(
     return h_bar, w_bar
 
 
+def hf_composites(version: str) -> bool:
+    """Whether transformers `version`'s PIL `convert_to_rgb` composites alpha and palette (or
+    tRNS) transparency onto white. 5.21.0 made it do so (checked on the released wheels: 5.20.2
+    and earlier only `convert("RGB")`, 5.21.0 through 5.24.0 composite); PIL backends call it on
+    every image, so it decides step 1's bytes. A 5.21 dev build counts as 5.21."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        raise ValueError(f"not a transformers version: {version!r}")
+    return (int(match[1]), int(match[2])) >= (5, 21)
+
+
+def _installed_hf_composites() -> bool:
+    # reached only once the processor is HF's class: transformers is already imported, and its
+    # __version__ is that of the code the caller would otherwise run
+    import transformers
+
+    return hf_composites(transformers.__version__)
+
+
 def _rgb_uint8(image, s: Qwen2VLImageSettings) -> np.ndarray | None:
     """Steps 1-2: (h, w, 3) uint8, converted and resized as HF does."""
     if not isinstance(image, Image.Image):
         return None
     if s.do_convert_rgb:
-        # transformers.image_transforms.convert_to_rgb, PIL branch
-        if "A" in image.getbands() or image.info.get("transparency") is not None:
+        # transformers.image_transforms.convert_to_rgb, PIL branch, as of the installed version
+        transparent = "A" in image.getbands() or image.info.get("transparency") is not None
+        if transparent and s.composite_transparency:  # >= 5.21: onto white
             rgba = image.convert("RGBA")
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             image = Image.alpha_composite(white, rgba).convert("RGB")
         elif image.mode != "RGB":
+            # <= 5.20 also for transparent images: alpha dropped, a palette's transparent
+            # entry keeps its colour; an RGB image with a tRNS colour is kept as it is
             image = image.convert("RGB")  # (RGB -> RGB would only copy)
     elif image.mode != "RGB":
         return None  # HF keeps the raw bands (L: 1 channel, RGBA: 4); not reproduced

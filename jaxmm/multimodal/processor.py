@@ -63,7 +63,10 @@ class MultimodalProcessor:
         the same pixels with or without torchvision installed (the parity tests' reference),
         and the one `fast_image.py` reproduces byte for byte. A transformers version without
         the `backend` argument gets its default class. `patch_bytes`: see the class."""
-        from transformers import AutoImageProcessor
+        # from its module, not the package root: 5.17's root lists AutoImageProcessor as needing
+        # torchvision (its file imports TorchvisionBackend, in one function) and hands out a stub
+        # without it; the class itself needs only PIL (fixed by 5.20.0)
+        from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
         if not os.path.exists(os.path.join(path, "preprocessor_config.json")):
             raise ValueError(

@@ -36,8 +36,12 @@ def _image(w: int, h: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
     if mode == "RGBA":
         alpha = rng.integers(0, 256, size=(h, w), dtype=np.uint8)
         image = Image.fromarray(np.dstack([rgb, alpha]))
+    elif mode == "LA":
+        image = Image.fromarray(np.dstack([rgb[..., 0], rng.integers(0, 256, (h, w), np.uint8)]))
     elif mode == "L":
         image = image.convert("L")
+    elif mode == "RGB+transparency":  # a PNG tRNS colour: mode RGB, transparency in info
+        image.info["transparency"] = tuple(int(v) for v in rgb[0, 0])
     elif mode == "P":
         image = image.quantize(colors=64)
     elif mode == "P+transparency":
@@ -72,15 +76,26 @@ def test_sizes_rgb(w, h):
     assert_bitwise(_fast([image]), _hf([image]))
 
 
-@pytest.mark.parametrize("mode", ["RGBA", "L", "P", "P+transparency"])
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "P", "P+transparency", "RGB+transparency"])
 @pytest.mark.parametrize("w,h", [(333, 517), (28, 28)])
 def test_modes(mode, w, h):
     image = _image(w, h, mode)
-    # the raw mode: HF's convert_to_rgb (alpha / palette transparency onto white)
+    # the raw mode: HF's convert_to_rgb (onto white from transformers 5.21: test below)
     assert_bitwise(_fast([image]), _hf([image]))
     # what the front end hands over: already composited to RGB by media._to_rgb
     rgb = _to_rgb(image, (255, 255, 255))
     assert_bitwise(_fast([rgb]), _hf([rgb]))
+
+
+def test_rgb_conversion_follows_installed_transformers():
+    """HF's PIL convert_to_rgb composites transparency onto white from transformers 5.21 and
+    only converts ("RGB") before; the gate records which, and it is what HF's method does."""
+    assert not any(fast_image.hf_composites(v) for v in ("4.57.6", "5.17.0", "5.20.2"))
+    assert all(fast_image.hf_composites(v) for v in ("5.21.0", "5.23.0", "5.24.0.dev0", "6.0"))
+    ip = HFProcessor()
+    clear_black = Image.new("RGBA", (1, 1), (0, 0, 0, 0))
+    white = bool((np.asarray(ip.convert_to_rgb(clear_black)) == 255).all())
+    assert fast_image.settings_for(ip, {}).composite_transparency == white
 
 
 @pytest.mark.parametrize(
