@@ -450,14 +450,22 @@ class MultimodalFrontend:
             else:
                 if item.modality == "image":
                     img = item.media
-                    parts = ("image", img.mode, img.size, img.tobytes(), proc_kwargs)
+                    img.load()  # decoded here, once: then both threads only read it
+
+                    def parts(img=img):
+                        return ("image", img.mode, img.size, img.tobytes(), proc_kwargs)
                 else:
                     frames, fps = item.media
-                    parts = ("video", frames, fps, proc_kwargs)
-                # The processor runs while the key is hashed (1344^2: ~5 ms each on the GPU
-                # host; both drop the GIL for their large copies); a cache hit or a duplicate
-                # throws its work away, and an error of it counts only if it is needed.
-                soon = content_hash_soon(*parts)
+
+                    def parts(frames=frames, fps=fps):
+                        return ("video", frames, fps, proc_kwargs)
+
+                # The processor runs while the key is hashed (1344^2 on the GPU machine's CPU:
+                # ~5 ms of the image's bytes and their hash, against 1-3 ms of processing;
+                # both drop the GIL for their large copies). A cache hit or a duplicate throws
+                # the processed pixels away, and an error of the processor counts only if the
+                # item needs it.
+                soon = content_hash_soon(parts)
                 try:
                     processed = self._process(item, proc_kwargs)
                 except Exception as e:  # noqa: BLE001 - re-raised below if the item needs it

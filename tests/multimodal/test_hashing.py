@@ -29,7 +29,8 @@ def test_keys_follow_every_part():
 
 def test_background_hash_is_the_same_key():
     pixels = np.random.RandomState(1).randint(0, 256, (900, 900, 3), np.uint8).tobytes()
-    futures = [hashing.content_hash_soon("image", "RGB", (900, 900), pixels, {}) for _ in range(3)]
+    parts = ("image", "RGB", (900, 900), pixels, {})
+    futures = [hashing.content_hash_soon(lambda: parts) for _ in range(3)]
     keys = {f.result(timeout=30) for f in futures}
     assert keys == {content_hash("image", "RGB", (900, 900), pixels, {})}
 
