@@ -17,7 +17,7 @@ Two kinds of audio model, one front end per engine (`audio_frontend(engine)`):
   is served from the cache), each placeholder token is expanded to its item's number of rows,
   and the rows are spliced over the placeholders like images
   (`jaxmm.multimodal.inputs.MultimodalRequest`). Chat audio parts arrive here through
-  `inputs.conversation_to_mm_prompt` as token ids with one placeholder per part.
+  `chat_parts.conversation_to_mm_prompt` as token ids with one placeholder per part.
 
 Slots. A sequence that has started keeps its slot until its request finishes, including
 across preemption; the scheduler admits a new sequence only after every preempted one is

@@ -71,7 +71,7 @@ def conversation_to_prompt(engine, conversation: list[dict], **kwargs) -> dict:
     if has_media(conversation):
         if not getattr(engine, "is_multimodal", False):
             _text_only(conversation)  # raises, naming the part type
-        from .inputs import conversation_to_mm_prompt
+        from .chat_parts import conversation_to_mm_prompt
 
         return conversation_to_mm_prompt(engine, conversation, **kwargs)
     text = render_chat(engine.tokenizer, _text_only(conversation), **kwargs)

@@ -21,8 +21,8 @@ import soundfile as sf
 
 from jaxmm import LLM, SamplingParams
 from jaxmm.multimodal.chat import conversation_to_prompt
+from jaxmm.multimodal.chat_parts import conversation_to_mm_prompt
 from jaxmm.multimodal.fetch import MediaError
-from jaxmm.multimodal.inputs import conversation_to_mm_prompt
 from tests.models import test_qwen2_audio as qa
 
 qwen2_audio = qa.qwen2_audio  # the tiny checkpoint fixture

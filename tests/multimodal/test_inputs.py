@@ -22,10 +22,10 @@ from PIL import Image
 
 from jaxmm.config import MultimodalConfig
 from jaxmm.multimodal.cache import EncoderCache, EncoderOutput
+from jaxmm.multimodal.chat_parts import conversation_to_mm_prompt
 from jaxmm.multimodal.inputs import (
     MultimodalRequest,
     PlacedItem,
-    conversation_to_mm_prompt,
     prepare_multimodal_prompt,
 )
 from jaxmm.runner.model_runner import SeqStep
