@@ -284,6 +284,91 @@ def test_balance_work_items(sliding_window):
         assert (meta[0, S:] == np.iinfo(np.int32).max).all()
 
 
+# split_mode="stream": equal block ranges per program, sequences crossing range ends merged.
+STREAM = dataclasses.replace(BALANCED, split_mode="stream")
+
+
+@pytest.mark.parametrize(
+    "group,head_dim,dtype",
+    [(1, 64, jnp.float32), (4, 128, jnp.bfloat16), (8, 64, jnp.float16)],
+)
+def test_stream_mixed_batch(group, head_dim, dtype):
+    args = make_batch(**MIXED, num_heads=2 * group, num_kv_heads=2, head_dim=head_dim, dtype=dtype)
+    check(args, dtype, decode_options=STREAM)
+
+
+@pytest.mark.parametrize(
+    "sliding_window,soft_cap,dtype", [(5, None, jnp.float32), (13, 2.0, jnp.bfloat16)]
+)
+def test_stream_window_and_soft_cap(sliding_window, soft_cap, dtype):
+    args = make_batch(**MIXED, num_heads=8, num_kv_heads=2, dtype=dtype, seed=7)
+    check(args, dtype, decode_options=STREAM, sliding_window=sliding_window, soft_cap=soft_cap)
+
+
+@pytest.mark.parametrize("programs_per_core,min_blocks", [(1, 1), (3, 1), (8, 2)])
+def test_stream_random_lengths(programs_per_core, min_blocks):
+    """Ranges that hold several sequences, cut one in the middle, or lie inside one."""
+    rng = np.random.default_rng(20 + programs_per_core)
+    kv_lens = [int(x) for x in rng.integers(1, 65, 7)] + [12]
+    args = make_batch(
+        [1] * 7 + [5],
+        kv_lens,
+        num_heads=8,
+        num_kv_heads=2,
+        page_size=4,
+        pages_per_seq=16,
+        num_tokens=16,
+        max_seqs=10,
+        seed=8,
+    )
+    opts = dataclasses.replace(
+        STREAM, programs_per_core=programs_per_core, min_blocks_per_split=min_blocks
+    )
+    check(args, jnp.float32, plan={}, decode_options=opts)
+
+
+def test_stream_large_pages():
+    args = make_batch(
+        [1, 1, 1, 6, 1],
+        [70, 1, 33, 40, 3],
+        num_heads=4,
+        num_kv_heads=1,
+        page_size=32,
+        pages_per_seq=3,
+        seed=9,
+    )
+    check(args, jnp.float32, decode_options=STREAM)
+
+
+def test_stream_work_ranges():
+    """Each decode's blocks laid end to end; every range of bpp blocks covers them once."""
+    rng = np.random.default_rng(11)
+    S, BK, W = 24, 16, 7
+    for trial in range(20):
+        kv = rng.integers(1, 200, S)
+        num_dec = int(rng.integers(0, S + 1))
+        window = None if trial % 2 else 40
+        meta = np.asarray(
+            gpu_decode.stream_work(
+                jnp.asarray(kv, jnp.int32),
+                jnp.asarray([num_dec], jnp.int32),
+                num_seqs=S,
+                block_k=BK,
+                sliding_window=window,
+                num_ranges=W,
+                min_blocks=2,
+            )
+        )
+        end, start, kvs, bpp = meta[:, :S]
+        lo = np.maximum(kv - (window or 10**9), 0) // BK
+        n = np.where(np.arange(S) < num_dec, -(-kv // BK) - lo, 0)
+        np.testing.assert_array_equal(end, np.cumsum(n))
+        np.testing.assert_array_equal(start, end - n)
+        np.testing.assert_array_equal(kvs, kv)
+        assert (bpp == max(2, -(-n.sum() // W))).all() and bpp[0] * W >= n.sum()
+        assert (meta[0, S:] == np.iinfo(np.int32).max).all()
+
+
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_kv_write(impl):
     args = make_batch(**MIXED, num_heads=8, num_kv_heads=2, dtype=jnp.bfloat16, seed=4)
