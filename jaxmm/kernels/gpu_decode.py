@@ -50,7 +50,7 @@ from jax.experimental.pallas import triton as plgpu
 LOG2E = math.log2(math.e)
 # Running max starts finite so a fully masked block gives exp2(-inf - m) = 0, never NaN.
 M_INIT = -1e30
-SPLIT_MODES = ("per_seq", "balanced", "stream")
+SPLIT_MODES = ("per_seq", "balanced", "stream", "stream_nested")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,9 +358,93 @@ def _stream_kernel(
     *partial_refs,  # o (W, 2, N, H), m (W, 2, N), l (W, 2, N)
     num_seqs,
     sliding_window,
+    sm_scale,
+    soft_cap,
+    group,
+    rows,
+    page_size,
+    block_k,
+    precision,
+    gather,
+):
+    """split_mode="stream": program (kh, w) takes blocks [w * bpp, (w + 1) * bpp).
+
+    One flash loop over the range's blocks (one loop, so Triton pipelines its loads across
+    sequence boundaries): each block finds its sequence, the state restarts at a
+    sequence's first block and is written out at its last block or the range's end.
+    """
+    kh = pl.program_id(0)
+    w = pl.program_id(1)
+    H = q_ref.shape[2]
+    total = meta_ref[0, num_seqs - 1]
+    bpp = meta_ref[3, 0]
+    g0 = w * bpp
+    g1 = jnp.minimum(g0 + bpp, total)
+    heads, row_ok = _group_rows(kh, group, rows, H)
+    dims = dict(group=group, rows=rows)
+
+    @pl.when(g0 < g1)
+    def _():
+        cum = meta_ref[0, :]
+
+        def body(g, carry):
+            o, m, l = carry
+            s = jnp.sum((cum <= g).astype(jnp.int32))
+            end = meta_ref[0, s]
+            start = meta_ref[1, s]
+            kv_len = meta_ref[2, s]
+            lo, b_lo, _ = block_range(kv_len, sliding_window, block_k)
+            b = b_lo + (g - start)
+            new = (g == start) | (g == g0)
+            o = jnp.where(new, 0.0, o)
+            m = jnp.where(new, M_INIT, m)
+            l = jnp.where(new, 0.0, l)
+            if rows == group:
+                q = q_ref[s, heads, :]
+            else:
+                q = plgpu.load(q_ref.at[s, heads, :], mask=row_ok, other=0.0)
+            k, v = load_kv_block(
+                kv_ref, pt_ref, s, kh, b, page_size=page_size, block_k=block_k, gather=gather
+            )
+            kpos = b * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+            valid = (kpos < kv_len) & (kpos >= lo)
+            sc = _scores(q, k, sm_scale, soft_cap, precision)
+            sc = jnp.where(valid[None, :], sc, -jnp.inf)
+            v = jnp.where(valid[:, None], v, jnp.zeros_like(v))
+            o, m, l = online_softmax_step((o, m, l), sc, v, precision)
+            last = (g + 1 == end) | (g + 1 == g1)
+            whole = (start >= g0) & (end <= g1)
+
+            @pl.when(last & whole)
+            def _():
+                _store_rows(out_ref, s, kh, o, l, **dims)
+
+            @pl.when(last & jnp.logical_not(whole))
+            def _():
+                slot = jnp.where(start <= g0, 0, 1)
+                _store_partial(partial_refs, (w, slot), kh, o, m, l, **dims)
+
+            return o, m, l
+
+        o = jnp.zeros((rows, H), jnp.float32)
+        m = jnp.full((rows,), M_INIT, jnp.float32)
+        l = jnp.zeros((rows,), jnp.float32)
+        lax.fori_loop(g0, g1, body, (o, m, l))
+
+
+def _stream_nested_kernel(
+    meta_ref,  # (4, Sp): cum_end, start, kv_len of each sequence; [3, 0] = bpp
+    pt_ref,  # (S, P)
+    q_ref,  # (T, N, H)
+    kv_ref,  # (2, K, A, G, H)
+    _out_in,  # (T, N, H), aliased with out_ref
+    out_ref,
+    *partial_refs,  # o (W, 2, N, H), m (W, 2, N), l (W, 2, N)
+    num_seqs,
+    sliding_window,
     **kw,
 ):
-    """split_mode="stream": program (kh, w) takes blocks [w * bpp, (w + 1) * bpp)."""
+    """split_mode="stream_nested": as "stream", one flash loop per sequence piece."""
     kh = pl.program_id(0)
     w = pl.program_id(1)
     block_k = kw["block_k"]
@@ -595,7 +679,7 @@ def decode_attention(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
     )
-    if split_mode == "stream":
+    if split_mode in ("stream", "stream_nested"):
         W = pl.cdiv(num_programs, K)
         meta = stream_work(
             kv_lens,
@@ -607,7 +691,10 @@ def decode_attention(
             min_blocks=min_blocks_per_split,
         )
         kernel = functools.partial(
-            _stream_kernel, num_seqs=S_d, sliding_window=sliding_window, **tile
+            _stream_kernel if split_mode == "stream" else _stream_nested_kernel,
+            num_seqs=S_d,
+            sliding_window=sliding_window,
+            **tile,
         )
         out, o, m, l = pl.pallas_call(
             kernel,

@@ -305,8 +305,11 @@ def test_stream_window_and_soft_cap(sliding_window, soft_cap, dtype):
     check(args, dtype, decode_options=STREAM, sliding_window=sliding_window, soft_cap=soft_cap)
 
 
-@pytest.mark.parametrize("programs_per_core,min_blocks", [(1, 1), (3, 1), (8, 2)])
-def test_stream_random_lengths(programs_per_core, min_blocks):
+@pytest.mark.parametrize(
+    "programs_per_core,min_blocks,mode",
+    [(1, 1, "stream"), (3, 1, "stream"), (8, 2, "stream"), (3, 1, "stream_nested")],
+)
+def test_stream_random_lengths(programs_per_core, min_blocks, mode):
     """Ranges that hold several sequences, cut one in the middle, or lie inside one."""
     rng = np.random.default_rng(20 + programs_per_core)
     kv_lens = [int(x) for x in rng.integers(1, 65, 7)] + [12]
@@ -322,7 +325,10 @@ def test_stream_random_lengths(programs_per_core, min_blocks):
         seed=8,
     )
     opts = dataclasses.replace(
-        STREAM, programs_per_core=programs_per_core, min_blocks_per_split=min_blocks
+        STREAM,
+        split_mode=mode,
+        programs_per_core=programs_per_core,
+        min_blocks_per_split=min_blocks,
     )
     check(args, jnp.float32, plan={}, decode_options=opts)
 
