@@ -23,14 +23,6 @@ Two ways to cut the work into programs (`split_mode`):
   item by counting prefix sums <= w, and programs past the real work exit at once. A
   sequence with one item writes its rows straight into the output buffer; the others write
   partials that a second small kernel (`_combine_kernel`, grid (S, K)) merges into it.
-- "stream": every program gets the same number of KV blocks. Per KV head, the decode
-  sequences' live blocks are laid end to end (sequence order) and cut into W equal ranges
-  of bpp = max(cdiv(total, W), min_blocks) blocks, W = num_programs / K static. Program
-  (k, w) walks its range sequence by sequence (a while loop of flash loops): a sequence
-  wholly inside the range goes straight to the output rows, the range's first and last
-  pieces of sequences that cross its ends go to two partial slots (w, 0) and (w, 1), and
-  `_stream_combine_kernel` (grid (S, K)) merges them. No sort, no rounding of items to
-  sequences: with one program per resident slot of the GPU, all finish together.
 
 Sequences s >= num_decodes (prefill chunks, padding) do nothing here.
 """
@@ -50,17 +42,17 @@ from jax.experimental.pallas import triton as plgpu
 LOG2E = math.log2(math.e)
 # Running max starts finite so a fully masked block gives exp2(-inf - m) = 0, never NaN.
 M_INIT = -1e30
-SPLIT_MODES = ("per_seq", "balanced", "stream", "stream_nested")
+SPLIT_MODES = ("per_seq", "balanced")
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeOptions:
     """Decode-kernel choices a caller may pin; None leaves the shape-based plan's choice.
 
-    split_mode: "per_seq" | "balanced" | "stream" (module docstring). num_splits: J of
-    "per_seq". block_k, num_warps, num_stages: the KV tile and the Triton launch.
-    programs_per_core, min_blocks_per_split: "balanced" and "stream" (target programs per SM,
-    the smallest work item or range in KV blocks); longest_first: "balanced" (item order).
+    split_mode: "per_seq" | "balanced" (module docstring). num_splits: J of "per_seq".
+    block_k, num_warps, num_stages: the KV tile and the Triton launch. programs_per_core,
+    min_blocks_per_split, longest_first: "balanced" only (target programs per SM, the
+    smallest work item in KV blocks, item order).
     """
 
     split_mode: str | None = None
@@ -348,225 +340,6 @@ def _combine_kernel(
         _store_rows(out_ref, s, kh, acc, l, group=group, rows=rows)
 
 
-def _stream_kernel(
-    meta_ref,  # (4, Sp): cum_end, start, kv_len of each sequence; [3, 0] = bpp
-    pt_ref,  # (S, P)
-    q_ref,  # (T, N, H)
-    kv_ref,  # (2, K, A, G, H)
-    _out_in,  # (T, N, H), aliased with out_ref
-    out_ref,
-    *partial_refs,  # o (W, 2, N, H), m (W, 2, N), l (W, 2, N)
-    num_seqs,
-    sliding_window,
-    sm_scale,
-    soft_cap,
-    group,
-    rows,
-    page_size,
-    block_k,
-    precision,
-    gather,
-):
-    """split_mode="stream": program (kh, w) takes blocks [w * bpp, (w + 1) * bpp).
-
-    One flash loop over the range's blocks (one loop, so Triton pipelines its loads across
-    sequence boundaries): each block finds its sequence, the state restarts at a
-    sequence's first block and is written out at its last block or the range's end.
-    """
-    kh = pl.program_id(0)
-    w = pl.program_id(1)
-    H = q_ref.shape[2]
-    total = meta_ref[0, num_seqs - 1]
-    bpp = meta_ref[3, 0]
-    g0 = w * bpp
-    g1 = jnp.minimum(g0 + bpp, total)
-    heads, row_ok = _group_rows(kh, group, rows, H)
-    dims = dict(group=group, rows=rows)
-
-    @pl.when(g0 < g1)
-    def _():
-        cum = meta_ref[0, :]
-
-        def body(g, carry):
-            o, m, l = carry
-            s = jnp.sum((cum <= g).astype(jnp.int32))
-            end = meta_ref[0, s]
-            start = meta_ref[1, s]
-            kv_len = meta_ref[2, s]
-            lo, b_lo, _ = block_range(kv_len, sliding_window, block_k)
-            b = b_lo + (g - start)
-            new = (g == start) | (g == g0)
-            o = jnp.where(new, 0.0, o)
-            m = jnp.where(new, M_INIT, m)
-            l = jnp.where(new, 0.0, l)
-            if rows == group:
-                q = q_ref[s, heads, :]
-            else:
-                q = plgpu.load(q_ref.at[s, heads, :], mask=row_ok, other=0.0)
-            k, v = load_kv_block(
-                kv_ref, pt_ref, s, kh, b, page_size=page_size, block_k=block_k, gather=gather
-            )
-            kpos = b * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-            valid = (kpos < kv_len) & (kpos >= lo)
-            sc = _scores(q, k, sm_scale, soft_cap, precision)
-            sc = jnp.where(valid[None, :], sc, -jnp.inf)
-            v = jnp.where(valid[:, None], v, jnp.zeros_like(v))
-            o, m, l = online_softmax_step((o, m, l), sc, v, precision)
-            last = (g + 1 == end) | (g + 1 == g1)
-            whole = (start >= g0) & (end <= g1)
-
-            @pl.when(last & whole)
-            def _():
-                _store_rows(out_ref, s, kh, o, l, **dims)
-
-            @pl.when(last & jnp.logical_not(whole))
-            def _():
-                slot = jnp.where(start <= g0, 0, 1)
-                _store_partial(partial_refs, (w, slot), kh, o, m, l, **dims)
-
-            return o, m, l
-
-        o = jnp.zeros((rows, H), jnp.float32)
-        m = jnp.full((rows,), M_INIT, jnp.float32)
-        l = jnp.zeros((rows,), jnp.float32)
-        lax.fori_loop(g0, g1, body, (o, m, l))
-
-
-def _stream_nested_kernel(
-    meta_ref,  # (4, Sp): cum_end, start, kv_len of each sequence; [3, 0] = bpp
-    pt_ref,  # (S, P)
-    q_ref,  # (T, N, H)
-    kv_ref,  # (2, K, A, G, H)
-    _out_in,  # (T, N, H), aliased with out_ref
-    out_ref,
-    *partial_refs,  # o (W, 2, N, H), m (W, 2, N), l (W, 2, N)
-    num_seqs,
-    sliding_window,
-    **kw,
-):
-    """split_mode="stream_nested": as "stream", one flash loop per sequence piece."""
-    kh = pl.program_id(0)
-    w = pl.program_id(1)
-    block_k = kw["block_k"]
-    rows = dict(group=kw["group"], rows=kw["rows"])
-    total = meta_ref[0, num_seqs - 1]
-    bpp = meta_ref[3, 0]
-    g0 = w * bpp
-    g1 = jnp.minimum(g0 + bpp, total)
-
-    @pl.when(g0 < g1)
-    def _():
-        # First sequence that ends after g0.
-        s0 = jnp.sum((meta_ref[0, :] <= g0).astype(jnp.int32))
-
-        def cond(carry):
-            return carry[0] < g1
-
-        def body(carry):
-            g, s = carry
-            end = meta_ref[0, s]
-            start = meta_ref[1, s]
-            kv_len = meta_ref[2, s]
-            seg_end = jnp.minimum(end, g1)
-            lo, b_lo, _ = block_range(kv_len, sliding_window, block_k)
-            b0 = b_lo + (g - start)
-            b1 = b_lo + (seg_end - start)
-            o, m, l = _attend(q_ref, kv_ref, pt_ref, s, kh, kv_len, lo, b0, b1, **kw)
-            whole = (g == start) & (seg_end == end)
-
-            @pl.when(whole)
-            def _():
-                _store_rows(out_ref, s, kh, o, l, **rows)
-
-            @pl.when(jnp.logical_not(whole))
-            def _():
-                slot = jnp.where(g == g0, 0, 1)
-                _store_partial(partial_refs, (w, slot), kh, o, m, l, **rows)
-
-            return seg_end, s + 1
-
-        lax.while_loop(cond, body, (g0, s0))
-
-
-def _stream_combine_kernel(
-    meta_ref,  # (4, Sp), as in _stream_kernel
-    o_ref,  # (W, 2, N, H) f32
-    m_ref,  # (W, 2, N)
-    l_ref,  # (W, 2, N)
-    _out_in,  # (T, N, H), aliased with out_ref
-    out_ref,
-    *,
-    group,
-    rows,
-):
-    """Merge the pieces of a sequence that crosses program ranges into its output rows."""
-    s = pl.program_id(0)
-    kh = pl.program_id(1)
-    end = meta_ref[0, s]
-    start = meta_ref[1, s]
-    bpp = meta_ref[3, 0]
-    w0 = _div(start, bpp)
-    w1 = _div(jnp.maximum(end, 1) - 1, bpp)
-
-    @pl.when((end > start) & (w1 > w0))
-    def _():
-        H = o_ref.shape[-1]
-        heads, row_ok = _group_rows(kh, group, rows, H)
-        row1 = lax.broadcasted_iota(jnp.int32, (rows,), 0) < group
-        # In program w0 the piece is the range's last unless the sequence starts the range.
-        first_slot = jnp.where(start == w0 * bpp, 0, 1)
-
-        def body(w, carry):
-            acc, m_acc, l_acc = carry
-            slot = jnp.where(w == w0, first_slot, 0)
-            o = plgpu.load(o_ref.at[w, slot, heads, :], mask=row_ok, other=0.0)
-            m = plgpu.load(m_ref.at[w, slot, heads], mask=row1, other=M_INIT)
-            l = plgpu.load(l_ref.at[w, slot, heads], mask=row1, other=0.0)
-            m_new = jnp.maximum(m_acc, m)
-            a = jnp.exp2(m_acc - m_new)
-            b = jnp.exp2(m - m_new)
-            return acc * a[:, None] + o * b[:, None], m_new, l_acc * a + l * b
-
-        acc = jnp.zeros((rows, H), jnp.float32)
-        m = jnp.full((rows,), M_INIT, jnp.float32)
-        l = jnp.zeros((rows,), jnp.float32)
-        acc, _, l = lax.fori_loop(w0, w1 + 1, body, (acc, m, l))
-        _store_rows(out_ref, s, kh, acc, l, group=group, rows=rows)
-
-
-def stream_work(
-    kv_lens,
-    num_decodes,
-    *,
-    num_seqs: int,
-    block_k: int,
-    sliding_window: int | None,
-    num_ranges: int,
-    min_blocks: int,
-):
-    """Block ranges of "stream" decode (XLA, a few tiny ops): meta (4, Sp) int32.
-
-    Rows by sequence: [0] cumulative live blocks (decodes only; padded with int32 max to
-    Sp = a power of two, for one vector load), [1] the sequence's first block in that
-    order, [2] kv_len, [3] bpp = max(cdiv(total, num_ranges), min_blocks) everywhere.
-    """
-    S = num_seqs
-    kv = kv_lens[:S]
-    _, _, n = block_range(kv, sliding_window, block_k)
-    n = jnp.where(jnp.arange(S) < num_decodes[0], n, 0).astype(jnp.int32)
-    end = jnp.cumsum(n)
-    bpp = jnp.maximum(_cdiv(end[-1], num_ranges), min_blocks)
-    Sp = max(16, 1 << (S - 1).bit_length())
-    big = jnp.iinfo(jnp.int32).max
-    rows = [end, end - n, kv.astype(jnp.int32), jnp.broadcast_to(bpp, (S,))]
-    return jnp.stack(
-        [
-            jnp.pad(r.astype(jnp.int32), (0, Sp - S), constant_values=big if i == 0 else 0)
-            for i, r in enumerate(rows)
-        ]
-    )
-
-
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, num_cores: int) -> int:
     """Static split count: enough programs for ~2 waves, each split >= 2 KV blocks."""
     want = pl.cdiv(2 * num_cores, max(num_seqs * num_kv_heads, 1))
@@ -679,45 +452,6 @@ def decode_attention(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
     )
-    if split_mode in ("stream", "stream_nested"):
-        W = pl.cdiv(num_programs, K)
-        meta = stream_work(
-            kv_lens,
-            num_decodes,
-            num_seqs=S_d,
-            block_k=block_k,
-            sliding_window=sliding_window,
-            num_ranges=W,
-            min_blocks=min_blocks_per_split,
-        )
-        kernel = functools.partial(
-            _stream_kernel if split_mode == "stream" else _stream_nested_kernel,
-            num_seqs=S_d,
-            sliding_window=sliding_window,
-            **tile,
-        )
-        out, o, m, l = pl.pallas_call(
-            kernel,
-            grid=(K, W),
-            out_shape=[
-                jax.ShapeDtypeStruct(out.shape, out.dtype),
-                jax.ShapeDtypeStruct((W, 2, N, H), jnp.float32),
-                jax.ShapeDtypeStruct((W, 2, N), jnp.float32),
-                jax.ShapeDtypeStruct((W, 2, N), jnp.float32),
-            ],
-            input_output_aliases={4: 0},
-            name="jaxmm_paged_decode_stream",
-            **params,
-        )(meta, page_table, q, kv_pages, out)
-        return pl.pallas_call(
-            functools.partial(_stream_combine_kernel, group=group, rows=R),
-            grid=(S_d, K),
-            out_shape=jax.ShapeDtypeStruct(out.shape, out.dtype),
-            input_output_aliases={4: 0},
-            name="jaxmm_paged_decode_stream_combine",
-            compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
-            interpret=interpret,
-        )(meta, o, m, l, out)
     if split_mode == "balanced":
         target = pl.cdiv(num_programs, K)
         W = num_work_items(S_d, pl.cdiv(P * G, block_k), target, min_blocks_per_split)
