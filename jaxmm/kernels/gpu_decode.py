@@ -42,7 +42,7 @@ from jax.experimental.pallas import triton as plgpu
 LOG2E = math.log2(math.e)
 # Running max starts finite so a fully masked block gives exp2(-inf - m) = 0, never NaN.
 M_INIT = -1e30
-SPLIT_MODES = ("per_seq", "balanced")
+SPLIT_MODES = ("per_seq", "balanced", "mosaic")  # "mosaic": gpu_decode_mgpu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -429,8 +429,8 @@ def decode_attention(
     split_mode="per_seq" uses num_splits; "balanced" aims at num_programs programs in all
     (e.g. 4 per SM), items of >= min_blocks_per_split KV blocks, longest first.
     """
-    if split_mode not in SPLIT_MODES:
-        raise ValueError(f"split_mode {split_mode!r} not in {SPLIT_MODES}")
+    if split_mode not in ("per_seq", "balanced"):
+        raise ValueError(f"split_mode {split_mode!r} not in ('per_seq', 'balanced')")
     T, N, H = q.shape
     K, G = kv_pages.shape[1], kv_pages.shape[3]
     P = page_table.shape[1]

@@ -31,7 +31,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from jaxmm.kernels import gpu_decode, gpu_prefill, gpu_prefill_mgpu
+from jaxmm.kernels import gpu_decode, gpu_decode_mgpu, gpu_prefill, gpu_prefill_mgpu
 from jaxmm.kernels.gpu_decode import DecodeOptions
 from jaxmm.kernels.kv_write import write_kv_pallas, write_kv_xla
 from jaxmm.kernels.reference import ragged_paged_attention as reference_attention
@@ -333,6 +333,27 @@ def paged_attention(
             interpret=interpret,
         )
     # Decode rows [0, num_decodes), written over `out` in place.
+    if p.split_mode == "mosaic":
+        if not gpu_decode_mgpu.supported(
+            H, G, N // K, p.decode_block_k, q.dtype, sliding_window, soft_cap
+        ):
+            raise ValueError("the Mosaic GPU decode kernel does not take these shapes/options")
+        return gpu_decode_mgpu.decode_attention(
+            q,
+            kv_pages,
+            kv_lens,
+            page_indices,
+            num_decodes,
+            out,
+            num_seqs=S,
+            sm_scale=sm_scale,
+            block_k=p.decode_block_k,
+            steps=p.decode_stages,
+            num_programs=_num_cores(interpret),
+            target_items=pl_cdiv(p.decode_programs, K),
+            min_blocks_per_split=p.min_blocks_per_split,
+            interpret=interpret,
+        )
     return gpu_decode.decode_attention(
         q,
         kv_pages,
