@@ -4,17 +4,19 @@ The work list is "balanced" decode's (`gpu_decode.balance_work`: items of about 
 longest first); a work item here is one of those items and one KV head. The grid is
 persistent (one CTA per SM): CTA p takes items p, p + nprog, ... A CTA has two warpgroups:
 
-- one memory warpgroup streams the item's KV blocks (BK tokens) into a ring of `steps`
-  shared-memory slots, one TMA copy per page, all of a block's copies completing one
-  barrier. The ring runs on from one item to the next, so the next item's first blocks load
-  while the current one finishes;
+- one memory warpgroup streams the item's query rows (a ring of two staging buffers) and
+  its KV blocks (BK tokens) into a ring of `steps` shared-memory slots, one TMA copy per
+  page, all of a block's copies completing one barrier. Both rings run on from one item to
+  the next, so the next item's queries and first blocks load while the current one
+  finishes;
 - one compute warpgroup holds the item's g = N / K query heads as rows of a 64-row tile
   (one wgmma M tile; the other rows are zeros and never stored). Per block: S = Q K^T by
   wgmma, online softmax in registers (log2 domain), O += P V by wgmma.
 
 Every item writes its unnormalised partial o (W, N, H) and (m, l) in columns 0 and 1 of
-ml (W, N, H), f32; a small Triton kernel (`_combine_kernel`, grid (S, K)) merges each
-sequence's items into the step's output rows (aliased in and out).
+ml (W, N, H), f32 (the compute warpgroup waits only until a store has read its staging
+buffer, never for the write to land); a small Triton kernel (`_combine_kernel`, grid
+(S, K)) merges each sequence's items into the step's output rows (aliased in and out).
 
 Slots past a sequence's kv_len may hold anything (NaN included): in the block that holds
 kv_len, masked scores become -inf and the rows at or past it are zeroed in shared memory
@@ -114,7 +116,8 @@ def _kernel(
     steps: int,
     interpret: bool,
 ):
-    (q_st, q_smem, o_st, k_smem, v_smem), (k_bar, v_bar, q_bar), (k_free, v_free) = scoped
+    (q_st2, q_smem, o_st, k_smem, v_smem), (k_bar, v_bar, q_bar), frees = scoped
+    k_free, v_free, q_free = frees
     K, A, G, H = kv_ref.shape[1], kv_ref.shape[2], kv_ref.shape[3], kv_ref.shape[4]
     P = pt_ref.shape[1]
     dtype = q_ref.dtype
@@ -150,16 +153,16 @@ def _kernel(
             f = item(k)
             kv_len, n, b0 = f["kv_len"], f["n"], f["b0"]
             heads = pl.ds(f["kh"] * group, group)
-            with jax.named_scope("q_in"):
-                plgpu.copy_gmem_to_smem(
-                    q_ref.at[f["seq"], heads], q_st.at[pl.ds(0, group)], q_bar.at[0]
-                )
-                plgpu.barrier_wait(q_bar.at[0])
+            with jax.named_scope("q_in"):  # staged by the memory warpgroup
+                qs = lax.rem(k, 2)
+                q_st = q_st2.at[qs]
+                plgpu.barrier_wait(q_bar.at[qs])
                 row = _iota((BQ, H), 0, interpret)
                 if interpret:
                     qv = q_st[...]
                 else:
                     qv = plgpu.load(q_st, (), layout=plgpu.Layout.WGMMA, optimized=False)
+                plgpu.barrier_arrive(q_free.at[qs])
                 q_smem[...] = jnp.where(row < group, qv, 0).astype(dtype)
                 plgpu.commit_smem()
 
@@ -236,21 +239,23 @@ def _kernel(
             carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
             acc, m, l = lax.fori_loop(n_full, n, functools.partial(step, masked=True), carry)
 
-            with jax.named_scope("out"):
+            with jax.named_scope("out"):  # waits only until a copy has read o_st
                 dst = (f["w"], heads)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 o_st[...] = acc
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(o_st.at[pl.ds(0, group)], o_ref.at[dst])
-                plgpu.wait_smem_to_gmem(0)
                 col = _iota((BQ, H), 1, interpret)
                 mb, lb = _bcast_rows(m, (BQ, H)), _bcast_rows(l, (BQ, H))
-                o_st[...] = jnp.where(col == 0, mb, jnp.where(col == 1, lb, 0.0))
+                ml = jnp.where(col == 0, mb, jnp.where(col == 1, lb, 0.0))
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                o_st[...] = ml
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(o_st.at[pl.ds(0, group)], ml_ref.at[dst])
-                plgpu.wait_smem_to_gmem(0)
             return g + n
 
         lax.fori_loop(0, my_items, one_item, jnp.int32(0))
+        plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 1)
     def _memory():
@@ -259,6 +264,17 @@ def _kernel(
         def one_item(k, g):
             f = item(k)
             seq, kh, b0 = f["seq"], f["kh"], f["b0"]
+            qs = lax.rem(k, 2)
+
+            @pl.when(k >= 2)
+            def _():
+                plgpu.barrier_wait(q_free.at[qs])
+
+            plgpu.copy_gmem_to_smem(
+                q_ref.at[seq, pl.ds(kh * group, group)],
+                q_st2.at[qs, pl.ds(0, group)],
+                q_bar.at[qs],
+            )
 
             def block(j, g):
                 slot = slot_of(g)
@@ -288,6 +304,10 @@ def _kernel(
         def _(j):  # the last releases: every waiter of a barrier sees all its phases
             plgpu.barrier_wait(k_free.at[slot_of(j)])
             plgpu.barrier_wait(v_free.at[slot_of(j)])
+
+        @pl.loop(jnp.maximum(my_items - 2, 0), my_items)
+        def _(k):
+            plgpu.barrier_wait(q_free.at[lax.rem(k, 2)])
 
 
 def _combine_kernel(
@@ -394,7 +414,7 @@ def decode_attention(
                 interpret=interpret,
             ),
             (
-                plgpu.SMEM((BQ, H), q.dtype),
+                plgpu.SMEM((2, BQ, H), q.dtype),
                 plgpu.SMEM((BQ, H), q.dtype, transforms=tiled),
                 plgpu.SMEM((BQ, H), jnp.float32),
                 plgpu.SMEM((steps, block_k, H), q.dtype, transforms=tiled),
@@ -403,9 +423,13 @@ def decode_attention(
             (
                 plgpu.Barrier(num_arrivals=block_k // G, num_barriers=steps),
                 plgpu.Barrier(num_arrivals=block_k // G, num_barriers=steps),
-                plgpu.Barrier(num_barriers=1),
+                plgpu.Barrier(num_barriers=2),
             ),
-            (plgpu.Barrier(num_arrivals=1, num_barriers=steps),) * 2,
+            (
+                plgpu.Barrier(num_arrivals=1, num_barriers=steps),
+                plgpu.Barrier(num_arrivals=1, num_barriers=steps),
+                plgpu.Barrier(num_arrivals=1, num_barriers=2),
+            ),
             collective_axes="wg",
         )
 
