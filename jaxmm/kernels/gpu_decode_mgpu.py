@@ -39,6 +39,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 
 from jaxmm.kernels import gpu_decode
+from jaxmm.kernels.gpu_prefill_mgpu import _bcast_rows, _interpret_params, _iota, _with_layout
 
 LOG2E = math.log2(math.e)
 M_INIT = gpu_decode.M_INIT
@@ -57,26 +58,6 @@ def supported(head_dim: int, page_size: int, group: int, block_k: int, dtype, wi
         and window is None
         and cap is None
     )
-
-
-def _interpret_params():
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-    return InterpretGPUParams(out_of_bounds_reads="uninitialized")
-
-
-def _with_layout(x, layout, interpret: bool):
-    return x if interpret else plgpu.layout_cast(x, layout)
-
-
-def _iota(shape, dim, interpret: bool):
-    if interpret:
-        return lax.broadcasted_iota(jnp.int32, shape, dim)
-    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
-
-
-def _bcast_rows(x, shape):
-    return lax.broadcast_in_dim(x, shape, [0])
 
 
 def item_table(meta, num_items: int, *, block_k: int):
