@@ -8,7 +8,8 @@ One call serves a whole step (decodes first, then prefill chunks, then padding):
    num_decodes is the length of the leading run of q_len == 1 sequences (computed on
    device). All query heads of a KV group share one tile; long contexts are split over J
    programs and merged in XLA ("per_seq"), or cut into equal work items over the whole
-   batch and merged by a second small kernel ("balanced"; `decode_options`).
+   batch and merged by a second small kernel ("balanced"; `decode_options`). On Hopper,
+   "mosaic" (opt-in) runs the balanced items in a Mosaic GPU kernel (`gpu_decode_mgpu`).
 3. Prefill kernel (`gpu_prefill`): FlashAttention-2 over query blocks of every other
    sequence (a q_len == 1 sequence after a prefill lands here too: correct, just slower),
    plus the padding tokens, which it writes as zeros. It runs first and produces `out`.
