@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
 from jaxmm.engine.async_engine import EngineClient
-from jaxmm.server import chat, completions, embeddings, models, transcriptions
+from jaxmm.server import chat, completions, embeddings, models, tokenize, transcriptions
 from jaxmm.server.errors import APIError, install_handlers
 from jaxmm.server.metrics import CONTENT_TYPE, HTTPMetricsMiddleware, ServerMetrics
 from jaxmm.server.security import APIKeyMiddleware, BodySizeLimitMiddleware
@@ -81,7 +81,7 @@ def build_app(
     app = FastAPI(title="jaxmm OpenAI-compatible server", lifespan=lifespan)
     app.state.jaxmm = state
     install_handlers(app)
-    modules = (models, chat, completions, embeddings, transcriptions)
+    modules = (models, chat, completions, embeddings, transcriptions, tokenize)
     if getattr(client.engine, "supports_embeddings", False):
         # a pooling model: chat/completions answer 400 (mounted first, so matched first)
         app.include_router(embeddings.generation_refused)

@@ -81,6 +81,35 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
 
 
+class TokenizeCompletionRequest(_Request):
+    """vLLM's /tokenize for a plain prompt."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_Request):
+    """vLLM's /tokenize for chat messages (rendered through the chat template)."""
+
+    model: str | None = None
+    messages: Annotated[list[dict[str, Any]], Field(min_length=1)]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    # the template already holds BOS and friends
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
+
+
 class EmbeddingRequest(_Request):
     model: str | None = None
     input: str | list[str] | list[int] | list[list[int]]
