@@ -21,6 +21,8 @@ import re
 import sys
 
 _MEDIA_KINDS = ("image", "video", "audio")
+# the served name of the embedded default model (its file is SmolLM2-135M-Instruct.Q4_1.gguf)
+DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
 
 
 # -- flag parsers ------------------------------------------------------------------------------
@@ -92,135 +94,92 @@ def load_chat_template(value: str | None) -> str | None:
 # -- engine flags ------------------------------------------------------------------------------
 
 
+_GROUP_TITLES = {
+    "model": "model",
+    "cache": "KV cache",
+    "scheduler": "scheduler",
+    "multimodal": "multimodal",
+    None: "engine",
+}
+
+
+def parse_str_list(text: str) -> list[str]:
+    """'["a", "b"]' (vLLM's JSON form) or 'a,b' -> ["a", "b"]."""
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"invalid JSON: {e}") from None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise argparse.ArgumentTypeError("expected a JSON list of strings")
+        return value
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _flatten(values: list[list[str]] | None) -> list[str] | None:
+    return None if values is None else [v for vs in values for v in vs]
+
+
+def _flag_options(f, cli: dict) -> dict:
+    """argparse options of one engine argument: from its declared type, default and help."""
+    from jaxmm.config import arg_default
+
+    default = arg_default(f)
+    kind = str(f.type).replace(" | None", "").strip()
+    opts: dict = {"default": default, "help": f.metadata["help"]}
+    parsers = {"size": parse_size, "json": parse_json_object, "limit_mm": parse_limit_mm}
+    if "type" in cli:
+        opts["type"] = parsers[cli["type"]]
+    elif kind == "bool":
+        opts["action"] = argparse.BooleanOptionalAction  # --foo / --no-foo
+    elif kind in ("int", "float", "str"):
+        opts["type"] = {"int": int, "float": float, "str": str}[kind]
+    elif kind == "dict":
+        opts["type"] = parse_json_object
+    elif kind.startswith(("tuple[", "list[")):
+        opts["nargs"] = "+"
+    else:
+        raise TypeError(f"no command-line form for {f.name}: {f.type}")
+    if kind == "dict" and not default:
+        opts["default"] = None  # the config turns None into {}
+    if kind == "bool":
+        opts["help"] += f" (default: {'on' if default else 'off'})"
+    elif default not in (None, {}) and "default" not in opts["help"]:
+        opts["help"] += f" (default: {default})"
+    for key in ("choices", "metavar"):
+        if key in cli:
+            opts[key] = cli[key]
+    return opts
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
-    g.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "bfloat16", "float16", "float32"),
-        help="weight and activation dtype (default: auto, from the checkpoint)",
-    )
-    g.add_argument(
-        "--max-model-len", type=int, help="context length in tokens (default: the model's)"
-    )
-    g.add_argument(
-        "--max-num-seqs", type=int, default=256, help="most sequences in one batch (default: 256)"
-    )
-    g.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        help="token budget of one step (default: 1024 on CPU, 4096 on accelerators)",
-    )
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV page (default: 16)")
-    g.add_argument(
-        "--async-scheduling",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="schedule the next step while the current one runs on the device, sampled "
-        "tokens staying on device (default: on)",
-    )
-    g.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        default=0.9,
-        help="fraction of accelerator memory for weights + KV cache (default: 0.9)",
-    )
-    g.add_argument(
-        "--kv-cache-memory-bytes",
-        type=parse_size,
-        help="KV cache budget, e.g. 4G; overrides --gpu-memory-utilization "
-        "(on CPU the default is 1G)",
-    )
-    g.add_argument(
-        "--enable-prefix-caching",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="reuse KV pages of shared prompt prefixes (default: on)",
-    )
-    g.add_argument(
-        "--tensor-parallel-size",
-        "-tp",
-        type=int,
-        default=1,
-        help="devices to shard the model over (default: 1)",
-    )
-    g.add_argument(
-        "--attention-backend",
-        default="auto",
-        choices=("auto", "reference", "pallas"),
-        help="paged attention implementation (default: auto)",
-    )
-    g.add_argument(
-        "--compilation-cache-dir",
-        help="persistent XLA compilation cache directory (faster restarts)",
-    )
-    g.add_argument("--seed", type=int, default=0, help="engine seed (default: 0)")
-    m = p.add_argument_group("multimodal")
-    m.add_argument(
-        "--limit-mm-per-prompt",
-        type=parse_limit_mm,
-        default=None,
-        help="most media items per prompt, as JSON ('{\"image\": 2}') or 'image=2,video=1'",
-    )
-    m.add_argument(
-        "--allowed-local-media-path",
-        help="absolute directory whose files requests may read as file:// URLs (default: none)",
-    )
-    m.add_argument(
-        "--allowed-media-domains",
-        nargs="+",
-        metavar="DOMAIN",
-        help="only fetch http(s) media from these domains (and their subdomains)",
-    )
-    m.add_argument(
-        "--enable-mm-embeds",
-        action="store_true",
-        help="accept precomputed media embeddings in requests",
-    )
-    m.add_argument(
-        "--media-io-kwargs",
-        type=parse_json_object,
-        default=None,
-        help='per-kind media loading options as JSON, e.g. \'{"video": {"num_frames": 16}}\'',
-    )
-    m.add_argument(
-        "--mm-processor-kwargs",
-        type=parse_json_object,
-        default=None,
-        help="options for the HF processor as JSON",
-    )
+    """One flag per engine argument declared in jaxmm/config.py, named like vLLM's."""
+    from jaxmm.config import ENGINE_ARGS
+
+    groups: dict = {}
+    for name, (section, f) in ENGINE_ARGS.items():
+        cli = f.metadata["cli"]
+        if cli is False:
+            continue
+        cli = {} if cli is True else cli
+        if section not in groups:
+            groups[section] = p.add_argument_group(_GROUP_TITLES[section])
+        flags = ["--" + name.replace("_", "-"), *cli.get("flags", ())]
+        groups[section].add_argument(*flags, dest=name, **_flag_options(f, cli))
 
 
 def llm_kwargs(args, model: str | None) -> dict:
-    domains = None
-    if args.allowed_media_domains:
-        domains = [
-            d.strip() for item in args.allowed_media_domains for d in item.split(",") if d.strip()
-        ]
-    return dict(
-        model=model,
-        tokenizer=args.tokenizer,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        block_size=args.block_size,
-        async_scheduling=args.async_scheduling,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-        enable_prefix_caching=args.enable_prefix_caching,
-        seed=args.seed,
-        compilation_cache_dir=args.compilation_cache_dir,
-        attention_backend=args.attention_backend,
-        tensor_parallel_size=args.tensor_parallel_size,
-        limit_mm_per_prompt=args.limit_mm_per_prompt,
-        enable_mm_embeds=args.enable_mm_embeds,
-        media_io_kwargs=args.media_io_kwargs,
-        allowed_local_media_path=args.allowed_local_media_path,
-        allowed_media_domains=domains,
-        mm_processor_kwargs=args.mm_processor_kwargs,
-    )
+    """LLM() keyword arguments from the parsed engine flags."""
+    from jaxmm.config import ENGINE_ARGS
+
+    kwargs = {
+        name: getattr(args, name)
+        for name, (_, f) in ENGINE_ARGS.items()
+        if f.metadata["cli"] is not False and hasattr(args, name)
+    }
+    kwargs["model"] = model
+    return kwargs
 
 
 def resolve_model(model: str | None) -> str:
@@ -330,25 +289,93 @@ def build_serve_parser(sub) -> None:
         choices=("critical", "error", "warning", "info", "debug", "trace"),
         help="uvicorn's log level (default: info)",
     )
+    s.add_argument("--ssl-keyfile", help="TLS private key file (PEM): serve https")
+    s.add_argument("--ssl-certfile", help="TLS certificate file (PEM): serve https")
+    s.add_argument(
+        "--root-path",
+        default="",
+        help="path prefix the server is reached under behind a reverse proxy, e.g. /llm "
+        "(requests may come with or without it)",
+    )
+    s.add_argument(
+        "--response-role",
+        default="assistant",
+        help="role of the generated message in chat completions (default: assistant)",
+    )
+    s.add_argument(
+        "--disable-log-requests",
+        action="store_true",
+        help="no log line per request (turns off uvicorn's access log)",
+    )
+    s.add_argument(
+        "--disable-uvicorn-access-log",
+        action="store_true",
+        help="same as --disable-log-requests",
+    )
+    s.add_argument(
+        "--disable-log-stats",
+        action="store_true",
+        help="no periodic log line of throughput, running/waiting requests and KV cache use "
+        "(logged every 10 s while the engine works)",
+    )
+    c = p.add_argument_group("CORS (off unless --allowed-origins is given)")
+    c.add_argument(
+        "--allowed-origins",
+        nargs="+",
+        type=parse_str_list,
+        help="origins browsers may call from: '*', or URLs (JSON list or comma-separated)",
+    )
+    c.add_argument(
+        "--allowed-methods",
+        nargs="+",
+        type=parse_str_list,
+        help="HTTP methods allowed cross-origin (default: all)",
+    )
+    c.add_argument(
+        "--allowed-headers",
+        nargs="+",
+        type=parse_str_list,
+        help="request headers allowed cross-origin (default: all)",
+    )
+    c.add_argument(
+        "--allow-credentials",
+        action="store_true",
+        help="allow cookies and HTTP auth on cross-origin requests",
+    )
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 
 
+def served_model_names(args) -> list[str]:
+    """vLLM's rule: --served-model-name, else MODEL exactly as given on the command line;
+    the embedded default (no MODEL) is served under its model's name."""
+    return args.served_model_name or [args.model_flag or args.model or DEFAULT_SERVED_NAME]
+
+
 def cmd_serve(args) -> int:
+    from jaxmm.config import engine_config as check_config
     from jaxmm.multimodal.fetch import MediaPolicy
+    from jaxmm.server.app import check_tls_files
 
     model = resolve_model(args.model_flag or args.model)
     kwargs = llm_kwargs(args, model)
-    # refuse bad media access flags now, not on the first request
+    # refuse bad flags now, before anything loads
+    config = check_config(**kwargs, warmup=args.warmup)
+    check_tls_files(args.ssl_keyfile, args.ssl_certfile)
     MediaPolicy(
-        allowed_local_media_path=kwargs["allowed_local_media_path"],
-        allowed_media_domains=tuple(kwargs["allowed_media_domains"] or ()) or None,
+        allowed_local_media_path=config.multimodal.allowed_local_media_path,
+        allowed_media_domains=config.multimodal.allowed_media_domains,
     )
     chat_template = load_chat_template(args.chat_template)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    names = args.served_model_name or [
-        args.model_flag or args.model or os.path.splitext(os.path.basename(model))[0]
-    ]
+    names = served_model_names(args)
+    sampling_defaults = config.model.sampling_defaults()
+    if sampling_defaults:
+        logging.getLogger("jaxmm").info(
+            "sampling defaults from the generation config: %s (--generation-config vllm "
+            "ignores them)",
+            sampling_defaults,
+        )
 
     from jaxmm.engine.async_engine import AsyncEngine
     from jaxmm.engine.core_process import ProcessEngine, is_multimodal_checkpoint
@@ -388,16 +415,34 @@ def cmd_serve(args) -> int:
         trust_request_chat_template=args.trust_request_chat_template,
         max_body_bytes=args.max_request_body_bytes,
         shutdown_engine=True,
+        response_role=args.response_role,
+        default_sampling_params=sampling_defaults,
+        allowed_origins=_flatten(args.allowed_origins),
+        allowed_methods=_flatten(args.allowed_methods),
+        allowed_headers=_flatten(args.allowed_headers),
+        allow_credentials=args.allow_credentials,
+        root_path=args.root_path,
+        log_stats=not args.disable_log_stats,
     )
     logging.getLogger("jaxmm").info(
-        "serving %s as %s on http://%s:%d (max_model_len=%d)",
+        "serving %s as %s on %s://%s:%d%s (max_model_len=%d)",
         model,
         names,
+        "https" if args.ssl_certfile else "http",
         args.host,
         args.port,
+        args.root_path.rstrip("/"),
         client.max_model_len,
     )
-    serve(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level)
+    serve(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.uvicorn_log_level,
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile,
+        access_log=not (args.disable_log_requests or args.disable_uvicorn_access_log),
+    )
     return 0
 
 

@@ -1,37 +1,186 @@
-"""Frozen engine configuration, validated once. Imports nothing of jaxmm."""
+"""Engine arguments, declared once: frozen dataclasses, validated on construction.
+
+Every field carries its help text and, where its type does not say it all, how the command
+line spells it (`arg(default, help=..., cli={...})` puts both in the field's metadata). The
+rest is derived from these declarations:
+- `LLM()`'s keyword arguments, their defaults and its docstring (jaxmm/llm.py);
+- the engine flags of `jaxmm serve|generate|chat|bench` (jaxmm/cli.py): `--foo-bar` for
+  `foo_bar`, vLLM's spellings;
+- `engine_config(**kwargs)`: the EngineConfig an engine runs with, in this process or in the
+  server's engine process.
+Imports nothing of jaxmm.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+import json
+import os
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any
 
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
+_LOAD_FORMATS = ("auto", "safetensors", "dummy")
+# what a generation_config.json may set by default (vLLM takes the same keys)
+_GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+# the sampler returns at most this many logprobs per token (jaxmm.sampling_params)
+MAX_LOGPROBS = 20
+
+
+def arg(
+    default: Any = MISSING,
+    *,
+    help: str,
+    cli: dict | bool = True,
+    default_factory: Any = MISSING,
+) -> Any:
+    """A config field with its help text. `cli`: False for no flag, else what the flag needs
+    beyond its type: `flags` (extra spellings such as "-tp"), `type` ("size", "json",
+    "limit_mm"), `choices`, `metavar`."""
+    metadata = {"help": help, "cli": cli}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+    """Normalise a field of a frozen dataclass in its __post_init__."""
+    object.__setattr__(obj, name, value)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str  # local checkpoint directory or .gguf file
-    tokenizer: str | None = None
-    dtype: str = "auto"
-    max_model_len: int | None = None  # None: from the checkpoint
-    skip_tokenizer_init: bool = False
-    attention_backend: str = "auto"  # "auto" | "reference" | "xla" | "pallas" | "pallas_tpu"
-    load_format: str = "auto"  # "auto" | "dummy" (random weights, for benchmarks)
+    model: str = arg(
+        help="checkpoint: a local directory (config.json + *.safetensors) or a .gguf file; "
+        "nothing is downloaded",
+        cli=False,
+    )
+    tokenizer: str | None = arg(None, help="tokenizer directory (default: the model's)")
+    dtype: str = arg(
+        "auto",
+        help="weight and activation dtype; auto: the checkpoint's",
+        cli={"choices": _DTYPES},
+    )
+    max_model_len: int | None = arg(None, help="context length in tokens (default: the model's)")
+    skip_tokenizer_init: bool = arg(
+        False, help="load no tokenizer: prompts must be token ids and outputs carry no text"
+    )
+    attention_backend: str = arg(
+        "auto",
+        help="paged attention implementation",
+        cli={"choices": ("auto", "reference", "pallas")},
+    )
+    load_format: str = arg(
+        "auto",
+        help="how weights are read: auto or safetensors (the checkpoint's files; a .gguf "
+        "is read as GGUF), dummy (random weights of the right shapes, for benchmarks)",
+        cli={"choices": _LOAD_FORMATS},
+    )
+    trust_remote_code: bool = arg(
+        False,
+        help="accepted for vLLM compatibility, no effect: jaxmm runs no code from a "
+        "checkpoint, every architecture it serves is implemented in jaxmm itself",
+    )
+    generation_config: str = arg(
+        "auto",
+        help="sampling defaults: 'auto' takes temperature, top_p, top_k, min_p, "
+        "repetition_penalty and max_new_tokens (as max_tokens) from the checkpoint's "
+        "generation_config.json; 'vllm' ignores that file; else a directory holding one (or "
+        "the JSON file). A request's own values win",
+    )
+    hf_overrides: dict = arg(
+        help="JSON object applied over the checkpoint's HF config on load, e.g. "
+        "'{\"max_position_embeddings\": 4096}' (a nested object updates a sub-config such "
+        "as text_config)",
+        default_factory=dict,
+    )
+    max_logprobs: int = arg(
+        MAX_LOGPROBS,
+        help=f"most logprobs a request may ask for per token; larger asks are refused "
+        f"(at most {MAX_LOGPROBS}, the sampler's limit; -1: that limit)",
+    )
+    enforce_eager: bool = arg(
+        False,
+        help="accepted for vLLM compatibility: jaxmm has no eager mode (every step is one "
+        "compiled program per batch shape); this turns warmup off instead, so start-up is "
+        "quicker and each shape compiles when first used (slow first requests)",
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.load_format not in _LOAD_FORMATS:
+            raise ValueError(
+                f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r} "
+                "(jaxmm reads safetensors and GGUF: convert PyTorch .bin/.pt weights first)"
+            )
+        if self.generation_config not in ("auto", "vllm") and not os.path.exists(
+            self.generation_config
+        ):
+            raise ValueError(
+                "generation_config must be 'auto', 'vllm' or an existing directory or JSON "
+                f"file, got {self.generation_config!r}"
+            )
+        _set(self, "hf_overrides", dict(self.hf_overrides or {}))
+        if self.max_logprobs == -1:
+            _set(self, "max_logprobs", MAX_LOGPROBS)
+        if not 0 <= self.max_logprobs <= MAX_LOGPROBS:
+            raise ValueError(
+                f"max_logprobs must be in [0, {MAX_LOGPROBS}] or -1, got {self.max_logprobs} "
+                f"(jaxmm returns at most {MAX_LOGPROBS} logprobs per token)"
+            )
+
+    def sampling_defaults(self) -> dict:
+        """SamplingParams defaults the generation config sets (vLLM's rule: these keys
+        only, `max_new_tokens` as max_tokens); {} for 'vllm' or when there is no such file."""
+        source = self.generation_config
+        if source == "vllm":
+            return {}
+        if source == "auto":
+            path = os.path.join(self.model, "generation_config.json")
+            if not os.path.isfile(path):
+                return {}  # a GGUF file, or a checkpoint without one
+        elif os.path.isdir(source):
+            path = os.path.join(source, "generation_config.json")
+        else:
+            path = source
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read the generation config {path!r}: {e}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"the generation config {path!r} is not a JSON object")
+        out = {k: values[k] for k in _GENERATION_KEYS if values.get(k) is not None}
+        if values.get("max_new_tokens") is not None:
+            out["max_tokens"] = values["max_new_tokens"]
+        return out
 
 
 @dataclass(frozen=True)
 class CacheConfig:
-    block_size: int = 16
-    gpu_memory_utilization: float = 0.9
-    # Byte budget for the KV cache; on CPU (no memory stats) this is the only budget.
-    kv_cache_memory_bytes: int | None = None
-    num_gpu_blocks_override: int | None = None
-    enable_prefix_caching: bool = True
+    block_size: int = arg(16, help="tokens per KV page, a power of two")
+    gpu_memory_utilization: float = arg(
+        0.9, help="fraction of accelerator memory for weights + KV cache"
+    )
+    # on CPU (no memory stats) this is the only budget
+    kv_cache_memory_bytes: int | None = arg(
+        None,
+        help="KV cache budget, e.g. 4G; overrides --gpu-memory-utilization (on CPU the "
+        "default is 1G)",
+        cli={"type": "size"},
+    )
+    num_gpu_blocks_override: int | None = arg(
+        None, help="number of KV pages, overriding the count the memory budget gives"
+    )
+    enable_prefix_caching: bool = arg(True, help="reuse KV pages of shared prompt prefixes")
+    kv_cache_dtype: str = arg(
+        "auto",
+        help="KV cache dtype: only auto (the model's dtype); jaxmm has no quantized KV "
+        "cache yet, so fp8 and others are refused",
+    )
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -40,14 +189,29 @@ class CacheConfig:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
+        if self.kv_cache_dtype != "auto":
+            raise ValueError(
+                f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported: jaxmm keeps the KV "
+                "cache in the model's dtype (no quantized KV cache yet); use 'auto'"
+            )
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # None: 1024 on CPU, 4096 on accelerators
-    # schedule step N+1 while step N runs (sampled tokens stay on device)
-    async_scheduling: bool = True
+    max_num_seqs: int = arg(256, help="most sequences in one batch")
+    max_num_batched_tokens: int | None = arg(
+        None, help="token budget of one step (default: 1024 on CPU, 4096 on accelerators)"
+    )
+    async_scheduling: bool = arg(
+        True,
+        help="schedule the next step while the current one runs on the device, sampled "
+        "tokens staying on device",
+    )
+    enable_chunked_prefill: bool = arg(
+        True,
+        help="jaxmm always splits a long prompt into chunks that fit the step's token "
+        "budget, next to running decodes; accepted when on, refused when off",
+    )
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -56,16 +220,49 @@ class SchedulerConfig:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
             )
+        if not self.enable_chunked_prefill:
+            raise ValueError(
+                "enable_chunked_prefill=False is not supported: jaxmm always chunks prefills "
+                "(a prompt longer than max_num_batched_tokens runs over several steps); raise "
+                "max_num_batched_tokens to prefill longer prompts in one step"
+            )
 
 
 @dataclass(frozen=True)
 class MultimodalConfig:
-    limit_mm_per_prompt: dict = field(default_factory=dict)
-    enable_mm_embeds: bool = False
-    media_io_kwargs: dict = field(default_factory=dict)
-    allowed_local_media_path: str | None = None
-    allowed_media_domains: tuple[str, ...] | None = None
-    mm_processor_kwargs: dict = field(default_factory=dict)
+    limit_mm_per_prompt: dict = arg(
+        help="most media items per prompt, as JSON ('{\"image\": 2}') or 'image=2,video=1'",
+        cli={"type": "limit_mm"},
+        default_factory=dict,
+    )
+    enable_mm_embeds: bool = arg(False, help="accept precomputed media embeddings in requests")
+    media_io_kwargs: dict = arg(
+        help='per-kind media loading options as JSON, e.g. \'{"video": {"num_frames": 16}}\'',
+        default_factory=dict,
+    )
+    allowed_local_media_path: str | None = arg(
+        None,
+        help="absolute directory whose files requests may read as file:// URLs (default: none)",
+    )
+    allowed_media_domains: tuple[str, ...] | None = arg(
+        None,
+        help="only fetch http(s) media from these domains (and their subdomains)",
+        cli={"metavar": "DOMAIN"},
+    )
+    mm_processor_kwargs: dict = arg(
+        help="options for the HF processor as JSON", default_factory=dict
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("limit_mm_per_prompt", "media_io_kwargs", "mm_processor_kwargs"):
+            _set(self, name, dict(getattr(self, name) or {}))
+        domains = self.allowed_media_domains
+        if isinstance(domains, str):
+            domains = [domains]
+        if domains is not None:
+            # "a.com,b.com" and "a.com b.com" alike
+            split = tuple(d.strip() for item in domains for d in item.split(",") if d.strip())
+            _set(self, "allowed_media_domains", split or None)
 
 
 @dataclass(frozen=True)
@@ -74,7 +271,82 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     multimodal: MultimodalConfig = field(default_factory=MultimodalConfig)
-    seed: int = 0
-    compilation_cache_dir: str | None = None
-    warmup: bool = False
-    tensor_parallel_size: int = 1
+    seed: int = arg(0, help="engine seed")
+    compilation_cache_dir: str | None = arg(
+        None, help="persistent XLA compilation cache directory (faster restarts)"
+    )
+    # the server has its own --warmup flag, on by default there
+    warmup: bool = arg(
+        False,
+        help="compile every batch shape at start instead of on first use",
+        cli=False,
+    )
+    tensor_parallel_size: int = arg(
+        1, help="devices to shard the model over", cli={"flags": ("-tp",)}
+    )
+
+    def __post_init__(self) -> None:
+        if self.model.enforce_eager and self.warmup:
+            _set(self, "warmup", False)  # enforce_eager: compile on first use
+
+
+# -- the declarations, flattened: one namespace of engine arguments -----------------------------
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "cache": CacheConfig,
+    "scheduler": SchedulerConfig,
+    "multimodal": MultimodalConfig,
+}
+
+
+def _engine_fields() -> dict[str, tuple[str | None, Field]]:
+    """name -> (section of EngineConfig, or None for EngineConfig's own field; the Field)."""
+    out: dict[str, tuple[str | None, Field]] = {}
+    groups = [(s, cls) for s, cls in SECTIONS.items()] + [(None, EngineConfig)]
+    for section, cls in groups:
+        for f in fields(cls):
+            if "help" not in f.metadata:
+                continue  # EngineConfig's sections
+            if f.name in out:
+                raise TypeError(f"engine argument {f.name!r} is declared twice")
+            out[f.name] = (section, f)
+    return out
+
+
+ENGINE_ARGS = _engine_fields()
+
+
+def engine_args() -> dict[str, Field]:
+    """Every engine argument (name -> its dataclass Field), in declaration order."""
+    return {name: f for name, (_, f) in ENGINE_ARGS.items()}
+
+
+def arg_default(f: Field) -> Any:
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return None if f.default is MISSING else f.default
+
+
+def check_engine_args(names, where: str = "engine_config()") -> None:
+    """TypeError naming an argument that no config declares (with the nearest real name)."""
+    for name in names:
+        if name not in ENGINE_ARGS:
+            near = difflib.get_close_matches(name, ENGINE_ARGS, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise TypeError(f"{where} got an unexpected keyword argument {name!r}{hint}")
+
+
+def engine_config(**kwargs: Any) -> EngineConfig:
+    """The EngineConfig of these engine arguments (`model` is required here; `LLM()` and
+    the CLI fill in the embedded default first). Unknown names raise TypeError."""
+    check_engine_args(kwargs)
+    if kwargs.get("model") is None:
+        raise TypeError("engine_config() needs model=")
+    parts: dict[str, dict] = {s: {} for s in SECTIONS}
+    top: dict[str, Any] = {}
+    for name, value in kwargs.items():
+        section, _ = ENGINE_ARGS[name]
+        (top if section is None else parts[section])[name] = value
+    sections = {s: SECTIONS[s](**values) for s, values in parts.items()}
+    return EngineConfig(**sections, **top)

@@ -3,55 +3,43 @@
 from __future__ import annotations
 
 import inspect
+import logging
+import textwrap
 import time
 from collections.abc import Sequence as Seq
+from typing import Any
 
-from jaxmm.config import CacheConfig, EngineConfig, ModelConfig, MultimodalConfig, SchedulerConfig
+from jaxmm.config import EngineConfig, arg_default, check_engine_args, engine_args
+from jaxmm.config import engine_config as _engine_config
 from jaxmm.engine.llm_engine import LLMEngine
 from jaxmm.engine.pooling_engine import NOT_GENERATIVE, PoolingEngine, is_pooling_checkpoint
 from jaxmm.outputs import EmbeddingRequestOutput, RequestOutput
 from jaxmm.pooling import PoolingParams
 from jaxmm.sampling_params import SamplingParams
 
+logger = logging.getLogger(__name__)
+
 
 class LLM:
     """An LLM over a local checkpoint (HF directory or GGUF file).
 
-    Args mirror vLLM's `LLM`; on CPU, where there is no accelerator memory to measure,
-    `kv_cache_memory_bytes` sets the KV cache budget (default 1 GiB).
+    Arguments mirror vLLM's `LLM` and are declared once, with their help, in jaxmm/config.py
+    (the list below is generated from there); on CPU, where there is no accelerator memory
+    to measure, `kv_cache_memory_bytes` sets the KV cache budget (default 1 GiB).
     """
 
-    def __init__(
-        self,
-        model: str | None = None,
-        tokenizer: str | None = None,
-        dtype: str = "auto",
-        max_model_len: int | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int | None = None,
-        block_size: int = 16,
-        gpu_memory_utilization: float = 0.9,
-        kv_cache_memory_bytes: int | None = None,
-        num_gpu_blocks_override: int | None = None,
-        enable_prefix_caching: bool = True,
-        seed: int = 0,
-        skip_tokenizer_init: bool = False,
-        compilation_cache_dir: str | None = None,
-        warmup: bool = False,
-        attention_backend: str = "auto",
-        tensor_parallel_size: int = 1,
-        limit_mm_per_prompt: dict | None = None,
-        enable_mm_embeds: bool = False,
-        media_io_kwargs: dict | None = None,
-        allowed_local_media_path: str | None = None,
-        allowed_media_domains: list[str] | None = None,
-        mm_processor_kwargs: dict | None = None,
-        trust_remote_code: bool = False,
-        load_format: str = "auto",
-        async_scheduling: bool = True,
-    ):
-        args = {k: v for k, v in locals().items() if k != "self"}
-        config = _engine_config(**args)
+    def __init__(self, model: str | None = None, **kwargs: Any):
+        # the accepted names and their defaults are the config dataclasses' (jaxmm/config.py)
+        check_engine_args(kwargs, "LLM()")
+        config = engine_config(model=model, **kwargs)
+        self.config = config
+        self._sampling_defaults = config.model.sampling_defaults()
+        if self._sampling_defaults:
+            logger.info(
+                "default sampling parameters from the generation config: %s (generation_config="
+                "'vllm' ignores them)",
+                self._sampling_defaults,
+            )
         model = config.model.model
         # an encoder-only pooling model (BertModel, ...) gets the PoolingEngine instead
         self.llm_engine: LLMEngine | None = None
@@ -64,6 +52,21 @@ class LLM:
     # -- helpers ------------------------------------------------------------------------------
     def get_tokenizer(self):
         return self.engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: the SamplingParams the checkpoint's generation_config.json recommends
+        (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens as max_tokens)
+        when `generation_config` is 'auto' or a path; SamplingParams() for 'vllm' or when
+        the checkpoint has none."""
+        return SamplingParams(**self._sampling_defaults)
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix page that no running request holds, so the next prompts
+        are computed from scratch (vLLM's); True once done. A pooling model keeps no prefix
+        cache: nothing to drop."""
+        if self.llm_engine is None:
+            return True
+        return bool(self.llm_engine.reset_prefix_cache())
 
     @property
     def engine(self) -> LLMEngine | PoolingEngine:
@@ -210,85 +213,41 @@ class LLM:
                 bar.close()
 
 
-def engine_config(**kwargs) -> EngineConfig:
+def engine_config(**kwargs: Any) -> EngineConfig:
     """The EngineConfig that `LLM(**kwargs)` builds: the same arguments and defaults (the
-    server hands it to an engine in another process)."""
-    bound = inspect.signature(LLM.__init__).bind(None, **kwargs)
-    bound.apply_defaults()
-    args = dict(bound.arguments)
-    del args["self"]
-    return _engine_config(**args)
-
-
-def _engine_config(
-    *,
-    model,
-    tokenizer,
-    dtype,
-    max_model_len,
-    max_num_seqs,
-    max_num_batched_tokens,
-    block_size,
-    gpu_memory_utilization,
-    kv_cache_memory_bytes,
-    num_gpu_blocks_override,
-    enable_prefix_caching,
-    seed,
-    skip_tokenizer_init,
-    compilation_cache_dir,
-    warmup,
-    attention_backend,
-    tensor_parallel_size,
-    limit_mm_per_prompt,
-    enable_mm_embeds,
-    media_io_kwargs,
-    allowed_local_media_path,
-    allowed_media_domains,
-    mm_processor_kwargs,
-    trust_remote_code,
-    load_format,
-    async_scheduling,
-) -> EngineConfig:
-    del trust_remote_code  # nothing is executed from checkpoints
-    if model is None:
+    server hands it to an engine in another process). No model: the embedded default."""
+    if kwargs.get("model") is None:
         from jaxmm.default_model import default_model_path
 
-        model = default_model_path()
-    return EngineConfig(
-        model=ModelConfig(
-            model=model,
-            tokenizer=tokenizer,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            skip_tokenizer_init=skip_tokenizer_init,
-            attention_backend=attention_backend,
-            load_format=load_format,
-        ),
-        cache=CacheConfig(
-            block_size=block_size,
-            gpu_memory_utilization=gpu_memory_utilization,
-            kv_cache_memory_bytes=kv_cache_memory_bytes,
-            num_gpu_blocks_override=num_gpu_blocks_override,
-            enable_prefix_caching=enable_prefix_caching,
-        ),
-        scheduler=SchedulerConfig(
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            async_scheduling=async_scheduling,
-        ),
-        multimodal=MultimodalConfig(
-            limit_mm_per_prompt=dict(limit_mm_per_prompt or {}),
-            enable_mm_embeds=enable_mm_embeds,
-            media_io_kwargs=dict(media_io_kwargs or {}),
-            allowed_local_media_path=allowed_local_media_path,
-            allowed_media_domains=tuple(allowed_media_domains) if allowed_media_domains else None,
-            mm_processor_kwargs=dict(mm_processor_kwargs or {}),
-        ),
-        seed=seed,
-        compilation_cache_dir=compilation_cache_dir,
-        warmup=warmup,
-        tensor_parallel_size=tensor_parallel_size,
-    )
+        kwargs["model"] = default_model_path()
+    return _engine_config(**kwargs)
+
+
+def _llm_signature() -> inspect.Signature:
+    """LLM.__init__'s signature as `help()` and `inspect` show it: model, then every engine
+    argument keyword-only with its declared default."""
+    P = inspect.Parameter
+    params = [
+        P("self", P.POSITIONAL_OR_KEYWORD),
+        P("model", P.POSITIONAL_OR_KEYWORD, default=None, annotation="str | None"),
+    ]
+    for name, f in engine_args().items():
+        if name != "model":
+            params.append(P(name, P.KEYWORD_ONLY, default=arg_default(f), annotation=f.type))
+    return inspect.Signature(params)
+
+
+def _llm_doc(head: str) -> str:
+    lines = [inspect.cleandoc(head), "", "Args (all but `model` keyword-only):"]
+    for name, f in engine_args().items():
+        default = "the embedded default model" if name == "model" else repr(arg_default(f))
+        text = f"{name} ({f.type}, default {default}): {f.metadata['help']}"
+        lines += textwrap.wrap(text, 92, initial_indent="    ", subsequent_indent="        ")
+    return "\n".join(lines)
+
+
+LLM.__init__.__signature__ = _llm_signature()
+LLM.__doc__ = _llm_doc(LLM.__doc__ or "")
 
 
 def _broadcast_params(params, n: int, cls=SamplingParams) -> list:

@@ -68,7 +68,7 @@ class LLMEngine:
         self.config = config
         enable_compilation_cache(config.compilation_cache_dir)
         mc = config.model
-        ck = open_checkpoint(mc.model, mc.load_format)
+        ck = open_checkpoint(mc.model, mc.load_format, mc.hf_overrides)
         self.checkpoint = ck
         self.hf_config = ck.hf_config
         self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(ck, mc.tokenizer)
@@ -127,6 +127,12 @@ class LLMEngine:
         check_prompt_ids(prompt_ids, self.max_model_len, self.runner.vocab_size)
         if not isinstance(params, SamplingParams):
             raise TypeError(f"expected SamplingParams, got {type(params).__name__}")
+        limit = self.config.model.max_logprobs
+        if params.logprobs is not None and params.logprobs > limit:
+            raise ValueError(
+                f"SamplingParams.logprobs must be <= {limit} (this engine's max_logprobs), "
+                f"got {params.logprobs}"
+            )
 
     def add_request(
         self,

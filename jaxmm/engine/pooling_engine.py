@@ -49,7 +49,7 @@ class PoolingEngine:
         self.config = config
         enable_compilation_cache(config.compilation_cache_dir)
         mc = config.model
-        ck = open_checkpoint(mc.model, mc.load_format)
+        ck = open_checkpoint(mc.model, mc.load_format, mc.hf_overrides)
         self.checkpoint = ck
         self.hf_config = ck.hf_config
         self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(ck, mc.tokenizer)

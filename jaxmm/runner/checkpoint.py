@@ -50,7 +50,27 @@ def _eos_ids(model_dir: str, hf_config) -> list[int]:
     return ids
 
 
-def open_checkpoint(model: str, load_format: str = "auto") -> Checkpoint:
+def apply_hf_overrides(hf_config, overrides: dict) -> None:
+    """vLLM's `hf_overrides`: set each key on the HF config; a JSON object given for a
+    sub-config (text_config, vision_config, ...) updates that sub-config key by key."""
+    for key, value in overrides.items():
+        current = getattr(hf_config, key, None)
+        if isinstance(value, dict) and hasattr(current, "__dict__"):
+            apply_hf_overrides(current, value)
+        else:
+            setattr(hf_config, key, value)
+
+
+def open_checkpoint(
+    model: str, load_format: str = "auto", hf_overrides: dict | None = None
+) -> Checkpoint:
+    ck = _open_checkpoint(model, load_format)
+    if hf_overrides:
+        apply_hf_overrides(ck.hf_config, hf_overrides)
+    return ck
+
+
+def _open_checkpoint(model: str, load_format: str) -> Checkpoint:
     if not os.path.exists(model):
         raise FileNotFoundError(
             f"model {model!r} is not a local directory or file. jaxmm does not download from "

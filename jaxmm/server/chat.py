@@ -122,7 +122,9 @@ async def create_chat_completion(request: Request):
     _check_supported(req, state)
     max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = build_sampling_params(req, max_tokens=max_tokens, logprobs=logprobs)
+    params = build_sampling_params(
+        req, max_tokens=max_tokens, logprobs=logprobs, defaults=state.default_sampling_params
+    )
     prompt = await run_blocking(state, _chat_prompt, state, req)
     request_id = random_id("chatcmpl")
     sub = await submit(state, request_id, [prompt], params, arrival)
@@ -131,7 +133,7 @@ async def create_chat_completion(request: Request):
 
     if not req.stream:
         (out,) = await cancel_on_disconnect(request, collect(sub))
-        return JSONResponse(_response(out, request_id, model, created, k))
+        return JSONResponse(_response(out, request_id, model, created, k, state.response_role))
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     continuous = include_usage and req.stream_options.continuous_usage_stats
@@ -158,7 +160,7 @@ async def create_chat_completion(request: Request):
                 [
                     {
                         "index": i,
-                        "delta": {"role": "assistant", "content": ""},
+                        "delta": {"role": state.response_role, "content": ""},
                         "logprobs": None,
                         "finish_reason": None,
                     }
@@ -198,8 +200,10 @@ async def create_chat_completion(request: Request):
     return AbortingStreamingResponse(stream_events(sub, events, head, tail), sub)
 
 
-def _response(out: RequestOutput, request_id: str, model: str, created: int, k: int) -> dict:
-    choices = [_choice(o, k) for o in sorted(out.outputs, key=lambda o: o.index)]
+def _response(
+    out: RequestOutput, request_id: str, model: str, created: int, k: int, role: str
+) -> dict:
+    choices = [_choice(o, k, role) for o in sorted(out.outputs, key=lambda o: o.index)]
     n_gen = sum(len(o.token_ids) for o in out.outputs)
     return {
         "id": request_id,
@@ -211,10 +215,10 @@ def _response(out: RequestOutput, request_id: str, model: str, created: int, k: 
     }
 
 
-def _choice(o: CompletionOutput, k: int) -> dict:
+def _choice(o: CompletionOutput, k: int, role: str) -> dict:
     return {
         "index": o.index,
-        "message": {"role": "assistant", "content": o.text},
+        "message": {"role": role, "content": o.text},
         "logprobs": chat_logprobs(o.token_ids, o.logprobs, k) if o.logprobs is not None else None,
         "finish_reason": o.finish_reason,
         "stop_reason": o.stop_reason,

@@ -107,7 +107,12 @@ async def create_completion(request: Request):
             "echo with logprobs is not supported (prompt logprobs are not computed)",
             param="echo",
         )
-    params = build_sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs)
+    params = build_sampling_params(
+        req,
+        max_tokens=req.max_tokens,
+        logprobs=req.logprobs,
+        defaults=state.default_sampling_params,
+    )
     prompts = await run_blocking(state, _prepare, state, _split_prompts(req.prompt), req.echo)
     request_id = random_id("cmpl")
     sub = await submit(state, request_id, prompts, params, arrival)

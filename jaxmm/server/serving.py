@@ -44,6 +44,9 @@ class ServerState:
     pool: ThreadPoolExecutor
     chat_template: str | None = None
     trust_request_chat_template: bool = False
+    response_role: str = "assistant"  # --response-role
+    # SamplingParams values for fields a request leaves unset (--generation-config)
+    default_sampling_params: dict = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -85,7 +88,10 @@ async def run_blocking(state: ServerState, fn: Callable, *args, **kwargs) -> Any
 # -- sampling params --------------------------------------------------------------------------
 
 
-def build_sampling_params(req, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def build_sampling_params(
+    req, *, max_tokens: int | None, logprobs: int | None, defaults: dict | None = None
+) -> SamplingParams:
+    """The request's SamplingParams; `defaults` fill what the request leaves unset."""
     if req.logit_bias:
         raise APIError(400, "logit_bias is not supported", param="logit_bias")
     if req.best_of is not None and req.best_of != req.n:
@@ -113,7 +119,10 @@ def build_sampling_params(req, *, max_tokens: int | None, logprobs: int | None) 
         "repetition_penalty",
     ):
         value = getattr(req, name)
-        if value is not None:  # unset: SamplingParams' default
+        if value is not None:  # unset: the server's default, else SamplingParams'
+            kwargs[name] = value
+    for name, value in (defaults or {}).items():
+        if kwargs.get(name) is None:
             kwargs[name] = value
     try:
         return SamplingParams(**kwargs)

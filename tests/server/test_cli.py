@@ -112,8 +112,8 @@ def test_serve_wiring(ckpt, monkeypatch):
 
     seen = {}
 
-    def fake_serve(app, host, port, log_level):
-        seen.update(app=app, host=host, port=port)
+    def fake_serve(app, host, port, log_level, **kw):
+        seen.update(app=app, host=host, port=port, **kw)
 
     monkeypatch.setattr(jaxmm.server.app, "serve", fake_serve)
     rc = cli.main(
