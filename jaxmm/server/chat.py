@@ -39,7 +39,26 @@ from jaxmm.server.serving import (
 router = APIRouter()
 
 
+# the roles OpenAI's chat API accepts; any other is a 400 there too
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+def _check_roles(messages: list[dict]) -> None:
+    for i, msg in enumerate(messages):
+        role = msg.get("role") if isinstance(msg, dict) else None
+        if role is not None and role not in CHAT_ROLES:  # no role at all: the front end says
+            supported = ", ".join(repr(r) for r in CHAT_ROLES)
+            raise APIError(
+                400,
+                f"invalid value {str(role)[:100]!r} for messages[{i}].role; supported values "
+                f"are {supported}",
+                param=f"messages.[{i}].role",
+                code="invalid_value",
+            )
+
+
 def _check_supported(req: ChatCompletionRequest, state: ServerState) -> None:
+    _check_roles(req.messages)
     fmt = (req.response_format or {}).get("type", "text")
     if fmt != "text":
         raise APIError(

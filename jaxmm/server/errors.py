@@ -1,5 +1,11 @@
 """OpenAI-style errors: `{"error": {"message", "type", "param", "code"}}` with the right status.
 
+The body has OpenAI's documented shape on every path (a route's error, a validation error,
+an unknown route, an error event inside a stream): `message` and `type` are strings,
+`param` and `code` are a string or null. `code` is a machine-readable reason where there is
+one (`model_not_found`, `invalid_api_key`, `context_length_exceeded`, ...), never the HTTP
+status, which the response carries already.
+
 Every failure a client can cause maps to a 4xx with a message that says what to fix; an
 unexpected one is a 500 whose message names no internals (the traceback goes to the log).
 """
@@ -39,14 +45,16 @@ class APIError(Exception):
         *,
         type: str | None = None,
         param: str | None = None,
-        code: str | int | None = None,
+        code: str | None = None,
     ):
         super().__init__(message)
+        if code is not None and not isinstance(code, str):
+            raise TypeError(f"an error code is a string or None, got {code!r}")
         self.status = status
         self.message = message
         self.type = type or _TYPES.get(status, "invalid_request_error")
         self.param = param
-        self.code = code if code is not None else status
+        self.code = code
 
     def body(self) -> dict:
         return {
