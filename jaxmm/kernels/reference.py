@@ -1,6 +1,6 @@
 """Pure-JAX ragged paged attention: the contract every kernel implements, and the test oracle.
 
-The contract (DESIGN.md, "Attention contract"):
+The contract (docs/architecture.md, "Attention"):
 
     ragged_paged_attention(q, k, v, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                            *, sm_scale, sliding_window=None, soft_cap=None)
