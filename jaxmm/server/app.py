@@ -107,7 +107,7 @@ def build_app(
             client.shutdown()
 
     root_path = root_path.rstrip("/")
-    app = FastAPI(title="jaxmm OpenAI-compatible server", lifespan=lifespan, root_path=root_path)
+    app = FastAPI(title="jaxmm OpenAI-compatible server", lifespan=lifespan)
     app.state.jaxmm = state
     install_handlers(app)
     modules = (models, chat, completions, embeddings, transcriptions, tokenize)
@@ -155,10 +155,11 @@ def build_app(
 
 
 class RootPathMiddleware:
-    """Behind a proxy that serves the app under `root_path` and forwards the full path
-    (`/prefix/v1/models`), strip the prefix so the inner middlewares (open paths, metrics
-    routes) and the router see `/v1/models`; paths without it pass unchanged, for a proxy
-    that strips the prefix itself."""
+    """The app is reached under `root_path` behind a proxy. A proxy that forwards the full
+    path (`/prefix/v1/models`) and one that strips the prefix (`/v1/models`) both work: the
+    prefix is taken off the path, so the inner middlewares (open paths, metrics routes) and
+    the router see `/v1/models`, and it is set as the ASGI root path, which links and the
+    OpenAPI document's `servers` carry."""
 
     def __init__(self, app, root_path: str):
         self.app = app
@@ -168,7 +169,8 @@ class RootPathMiddleware:
         if scope["type"] in ("http", "websocket"):
             path, root = scope["path"], self.root_path
             if path == root or path.startswith(root + "/"):
-                scope = dict(scope, path=path[len(root) :] or "/", root_path=root)
+                path = path[len(root) :] or "/"
+            scope = dict(scope, path=path, root_path=root)
         await self.app(scope, receive, send)
 
 

@@ -235,3 +235,60 @@ def test_no_recompilation_after_warmup(path):
     assert all(len(o.outputs[0].token_ids) == 20 for o in outs)
     assert llm.llm_engine.scheduler.num_preemptions > 0  # the workload really preempted
     assert backend_compile_count() == compiled  # zero XLA compilations while serving
+
+
+# -- vLLM's constructor names and methods ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vllm_llm(path, tmp_path_factory):
+    gen = tmp_path_factory.mktemp("gen")
+    (gen / "generation_config.json").write_text(
+        json.dumps({"temperature": 0.5, "top_k": 7, "max_new_tokens": 5, "eos_token_id": 2})
+    )
+    return LLM(
+        path,
+        dtype="float32",
+        max_num_batched_tokens=128,
+        trust_remote_code=True,
+        enforce_eager=True,
+        warmup=True,
+        generation_config=str(gen),
+        hf_overrides={"max_position_embeddings": 96},
+        max_logprobs=2,
+        kv_cache_dtype="auto",
+        enable_chunked_prefill=True,
+        load_format="safetensors",
+    )
+
+
+def test_vllm_constructor_names(vllm_llm, llm):
+    engine = vllm_llm.llm_engine
+    # hf_overrides reached the HF config the engine was built from (the checkpoint says 512)
+    assert engine.hf_config.max_position_embeddings == 96 and engine.max_model_len == 96
+    assert llm.llm_engine.hf_config.max_position_embeddings == 512
+    assert engine.config.warmup is False  # enforce_eager: no warmup
+    d = vllm_llm.get_default_sampling_params()
+    assert (d.temperature, d.top_k, d.max_tokens) == (0.5, 7, 5)
+    assert d.top_p == SamplingParams().top_p  # not in the file: vLLM's default
+    assert llm.get_default_sampling_params() == SamplingParams()  # no sampling keys there
+
+
+def test_max_logprobs_caps_requests(vllm_llm):
+    ok = SamplingParams(temperature=0, max_tokens=2, logprobs=2)
+    out = vllm_llm.generate("Hello", ok, use_tqdm=False)[0].outputs[0]
+    assert [len(e) >= 2 for e in out.logprobs] == [True, True]
+    with pytest.raises(ValueError, match="max_logprobs"):
+        vllm_llm.generate("Hello", SamplingParams(max_tokens=2, logprobs=3), use_tqdm=False)
+
+
+def test_reset_prefix_cache(llm):
+    prompt = {"prompt_token_ids": list(range(3, 3 + 40))}  # more than two 16-token pages
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    first = llm.generate(prompt, params, use_tqdm=False)[0]
+    again = llm.generate(prompt, params, use_tqdm=False)[0]
+    assert again.num_cached_tokens >= 32  # its full pages came from the prefix cache
+    assert llm.reset_prefix_cache() is True
+    fresh = llm.generate(prompt, params, use_tqdm=False)[0]
+    assert fresh.num_cached_tokens == 0
+    assert fresh.outputs[0].token_ids == first.outputs[0].token_ids

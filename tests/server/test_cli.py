@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import subprocess
 import sys
 
@@ -107,15 +108,27 @@ def test_serve_checks_media_flags_before_loading(tmp_path, capsys):
     assert "absolute" in capsys.readouterr().err
 
 
-def test_serve_wiring(ckpt, monkeypatch):
+def test_serve_wiring(ckpt, monkeypatch, tmp_path):
     import jaxmm.server.app
 
     seen = {}
+    (tmp_path / "generation_config.json").write_text('{"temperature": 0.25, "top_k": 3}')
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    key.write_text("k")
+    cert.write_text("c")
 
     def fake_serve(app, host, port, log_level, **kw):
         seen.update(app=app, host=host, port=port, **kw)
 
+    built = {}
+    real_build_app = jaxmm.server.app.build_app
+
+    def build_app(client, **kw):
+        built.update(kw)
+        return real_build_app(client, **kw)
+
     monkeypatch.setattr(jaxmm.server.app, "serve", fake_serve)
+    monkeypatch.setattr(jaxmm.server.app, "build_app", build_app)
     rc = cli.main(
         [
             "serve",
@@ -132,18 +145,74 @@ def test_serve_wiring(ckpt, monkeypatch):
             "--limit-mm-per-prompt",
             "image=2",
             *SMALL,
+            # vLLM's everyday flags
+            "--trust-remote-code",
+            "--enforce-eager",
+            "--enable-chunked-prefill",
+            "--kv-cache-dtype",
+            "auto",
+            "--load-format",
+            "safetensors",
+            "--max-logprobs",
+            "3",
+            "--generation-config",
+            str(tmp_path),
+            "--hf-overrides",
+            '{"max_position_embeddings": 100}',
+            "--response-role",
+            "bot",
+            "--ssl-keyfile",
+            str(key),
+            "--ssl-certfile",
+            str(cert),
+            "--allowed-origins",
+            '["http://a.example"]',
+            "http://b.example,http://c.example",
+            "--allow-credentials",
+            "--root-path",
+            "/llm",
+            "--disable-log-requests",
+            "--disable-log-stats",
         ]
     )
     assert rc == 0 and seen["port"] == 9123 and seen["host"] == "127.0.0.1"
-    state = seen["app"].state.jaxmm
+    assert seen["ssl_keyfile"] == str(key) and seen["ssl_certfile"] == str(cert)
+    assert seen["access_log"] is False  # --disable-log-requests
+    app = seen["app"]
+    state = app.state.jaxmm
     try:
         assert state.served_model_names == ["a", "b"]
         engine = state.client.engine
         assert engine.max_model_len == 64
         assert engine.config.cache.enable_prefix_caching is False
         assert engine.config.multimodal.limit_mm_per_prompt == {"image": 2}
+        assert engine.config.model.max_logprobs == 3
+        assert engine.config.warmup is False  # --enforce-eager
+        assert engine.hf_config.max_position_embeddings == 100  # --hf-overrides
+        assert state.response_role == "bot"
+        assert state.default_sampling_params == {"temperature": 0.25, "top_k": 3}
+        middleware = {m.cls.__name__: m.kwargs for m in app.user_middleware}
+        assert middleware["CORSMiddleware"]["allow_origins"] == [
+            "http://a.example",
+            "http://b.example",
+            "http://c.example",
+        ]
+        assert middleware["CORSMiddleware"]["allow_credentials"] is True
+        assert middleware["RootPathMiddleware"] == {"root_path": "/llm"}
+        assert built["log_stats"] is False  # --disable-log-stats
     finally:
         state.client.shutdown()
+
+
+def test_served_model_name_is_the_model_as_given():
+    parse = cli.build_parser().parse_args
+    assert cli.served_model_names(parse(["serve", "./ckpts/llama"])) == ["./ckpts/llama"]
+    assert cli.served_model_names(parse(["serve", "--model", "m.gguf"])) == ["m.gguf"]
+    assert cli.served_model_names(parse(["serve", "x", "--served-model-name", "n"])) == ["n"]
+    # the embedded default: a stable readable name, the one the README's curl example sends
+    assert cli.served_model_names(parse(["serve"])) == [cli.DEFAULT_SERVED_NAME]
+    readme = open(os.path.join(os.path.dirname(cli.__file__), "..", "README.md")).read()
+    assert f'"model": "{cli.DEFAULT_SERVED_NAME}"' in readme
 
 
 def test_generate_and_chat(ckpt, capsys, monkeypatch):
