@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmm.layers.sampler import SamplingTensors, sample
+from jaxmm.layers.sampler import SamplingTensors, _filter, sample
 
 
 def tensors(S, **kw):
@@ -125,3 +125,64 @@ def test_logprobs_are_raw_log_softmax():
     )
     assert (np.asarray(rank) == 1).all()
     np.testing.assert_allclose(np.asarray(lp), np.asarray(ref).max(-1), atol=1e-6)
+
+
+# -- the filters' thresholds against a sort-based reference --------------------------------
+
+
+def sorted_reference(logits, top_k, top_p, min_p):
+    """The cuts made on each row sorted in descending order (float64): top-k, then top-p over
+    the top-k survivors (the token that crosses top_p is kept), then min-p. Returns the kept
+    mask."""
+    keep = np.zeros(logits.shape, bool)
+    for i, row in enumerate(logits.astype(np.float64)):
+        srt = np.sort(row)[::-1]
+        k = top_k[i] if 0 < top_k[i] < len(row) else len(row)
+        row = np.where(row < srt[k - 1], -np.inf, row)
+        if top_p[i] < 1:
+            p = np.exp(row - row.max())
+            p /= p.sum()
+            ps = np.sort(p)[::-1]
+            before = np.cumsum(ps) - ps
+            cutoff = ps[before < top_p[i]].min()
+            row = np.where(p < cutoff, -np.inf, row)
+        if min_p[i] > 0:
+            p = np.exp(row - row.max())
+            row = np.where(p < min_p[i], -np.inf, row)
+        keep[i] = np.isfinite(row)
+    return keep
+
+
+filter_fn = jax.jit(_filter)
+
+
+def kept(logits, **kw):
+    t = tensors(len(logits), **{k: np.asarray(v) for k, v in kw.items()})
+    return np.isfinite(np.asarray(filter_fn(jnp.asarray(logits), t)))
+
+
+def test_filters_match_the_sorted_reference():
+    rng = np.random.default_rng(0)
+    S, V = 12, 3000
+    peaked = rng.standard_normal((S, V)).astype(np.float32) * 4  # a few tokens hold the mass
+    flat = rng.standard_normal((S, V)).astype(np.float32) * 0.3  # top-p needs > 256 tokens
+    ties = np.round(rng.standard_normal((S, V)) * 2).astype(np.float32)  # many equal values
+    top_k = np.array([0, 1, 5, 40, 0, 0, 40, 300, 0, 2999, 3000, 7], np.int32)
+    top_p = np.array([1, 1, 1, 1, 0.5, 0.9, 0.95, 1, 0.99, 0.8, 0.3, 0.7], np.float32)
+    min_p = np.array([0, 0, 0, 0.1, 0, 0, 0, 0, 0.05, 0, 0, 0.2], np.float32)
+    for logits in (peaked, flat, ties):
+        for rows in (slice(0, S), slice(0, 7), slice(4, 7)):  # with and without fallbacks
+            want = sorted_reference(logits[rows], top_k[rows], top_p[rows], min_p[rows])
+            got = kept(logits[rows], top_k=top_k[rows], top_p=top_p[rows], min_p=min_p[rows])
+            np.testing.assert_array_equal(got, want)
+
+
+def test_a_rows_cut_does_not_depend_on_its_batch():
+    rng = np.random.default_rng(1)
+    row = rng.standard_normal((1, 2000)).astype(np.float32) * 5
+    alone = kept(row, top_k=[20], top_p=[0.9], min_p=[0.0])
+    # a flat row with a large top_k sends the batch down the bisection paths
+    batch = np.concatenate([row, rng.standard_normal((1, 2000)).astype(np.float32) * 0.1])
+    both = kept(batch, top_k=[20, 1500], top_p=[0.9, 0.99], min_p=[0.0, 0.0])
+    np.testing.assert_array_equal(both[:1], alone)
+    assert 1 <= alone.sum() <= 20 and both[1].sum() > 256
