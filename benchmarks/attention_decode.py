@@ -7,9 +7,9 @@ sequence, B in {1, 8, 64, 256} x max context L in {512, 2048, 8192}, all lengths
 ("equal") or uniform in [1, L] ("random", seeded).
 
 Peers, each fed its own native layout (built once, outside the timed region):
-  jaxmm         jaxmm.kernels.ragged_paged_attention.paged_attention: the whole ragged-batch
+  jaxmm         jaxmm.kernels.gpu.ragged_paged_attention.paged_attention: the ragged-batch
                 path (metadata, work list, both kernels), KV already written
-  jaxmm_kernel  just our decode kernel (gpu_decode.decode_attention), metadata precomputed
+  jaxmm_kernel  just our decode kernel (gpu/decode.py: decode_attention), metadata precomputed
   jax_triton    jax.experimental.pallas.ops.gpu.paged_attention (k, v pages (K, A, G, H))
   cudnn         jax._src.cudnn.fused_attention_stablehlo.paged_attention (blocks (A, G, K, H))
   xla_ref       jaxmm.kernels.reference (gather + einsum in XLA), KV write stubbed out;
@@ -20,7 +20,7 @@ Peers, each fed its own native layout (built once, outside the timed region):
                 it is installed with --no-deps next to its few pure-Python dependencies)
 
 `--variants '[{"split_mode": "balanced"}, {"split_mode": "balanced", "block_k": 128}]'`
-adds one more implementation per dict: `jaxmm` with those `gpu_decode.DecodeOptions`
+adds one more implementation per dict: `jaxmm` with those `gpu.decode.DecodeOptions`
 pinned, named e.g. `jaxmm[split_mode=balanced,block_k=128]`, measured in the same run.
 
 Timing (METHOD.md): one jitted function runs `unroll` calls back to back, each call's output
@@ -137,7 +137,7 @@ def variant_name(options: dict) -> str:
 
 def parse_variants(text: str | None) -> dict:
     """--variants JSON (a list of DecodeOptions kwargs) -> {impl name: DecodeOptions}."""
-    from jaxmm.kernels.gpu_decode import DecodeOptions
+    from jaxmm.kernels.gpu.decode import DecodeOptions
 
     variants = {}
     for options in json.loads(text) if text else []:
@@ -157,7 +157,7 @@ def build_step(impl, case, plan, options=None):
     cu = jnp.arange(B + 1, dtype=jnp.int32)
     ns = jnp.array([B], jnp.int32)
     if impl == "jaxmm":
-        from jaxmm.kernels.ragged_paged_attention import paged_attention
+        from jaxmm.kernels.gpu.ragged_paged_attention import paged_attention
 
         data = case.kv_pages
 
@@ -167,14 +167,14 @@ def build_step(impl, case, plan, options=None):
             )
 
     elif impl == "jaxmm_kernel":
-        from jaxmm.kernels import gpu_decode
-        from jaxmm.kernels.ragged_paged_attention import _plan, decode_kwargs
+        from jaxmm.kernels.gpu import decode
+        from jaxmm.kernels.gpu.ragged_paged_attention import decode_kwargs, make_plan
 
-        p = _plan(B, N, K, B, case.P, G, H, DTYPE, False, dict(plan or ()), options)
+        p = make_plan(B, N, K, B, case.P, G, H, DTYPE, False, dict(plan or ()), options)
         data = case.kv_pages
 
         def step(q, table, kv, lens):
-            return gpu_decode.decode_attention(
+            return decode.decode_attention(
                 q,
                 kv,
                 lens,
@@ -384,7 +384,7 @@ def main(argv=None):
     ap.add_argument(
         "--variants",
         default=None,
-        help="JSON list of gpu_decode.DecodeOptions kwarg dicts, each timed as jaxmm[k=v,...]",
+        help="JSON list of gpu.decode.DecodeOptions kwarg dicts, each timed as jaxmm[k=v,...]",
     )
     ap.add_argument("--profile", action="store_true", help="device time per kernel, per call")
     ap.add_argument("--out", default=None)

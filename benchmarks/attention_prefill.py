@@ -4,8 +4,8 @@
 
 Problem: one sequence of S in {512, 2048, 8192} tokens, bf16, N=32, K=8, H=128, causal.
   jaxmm  paged_attention over a page-16 KV pool holding the sequence (KV already written);
-         on an H100 its prefill kernel is the Mosaic GPU one (gpu_prefill_mgpu)
-  jaxmm_triton  the same with the Triton-lowered prefill kernel (gpu_prefill)
+         on an H100 its prefill kernel is the Mosaic GPU one (gpu/prefill_mgpu.py)
+  jaxmm_triton  the same with the Triton-lowered prefill kernel (gpu/prefill.py)
   cudnn  jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn"), dense
   jax_mgpu[:BK]  JAX's Mosaic GPU attention (ops/gpu/attention_mgpu.py), dense, KV tile BK
 `--plans '[{"prefill_impl": "triton", "prefill_block_q": 64}]'`: more `jaxmm` rows, each
@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, ".")
 from benchmarks.attention_decode import DTYPE, G, H, K, N, env_info, time_chain  # noqa: E402
-from jaxmm.kernels.ragged_paged_attention import paged_attention  # noqa: E402
+from jaxmm.kernels.gpu.ragged_paged_attention import paged_attention  # noqa: E402
 from jaxmm.kernels.reference import write_kv  # noqa: E402
 
 

@@ -5,7 +5,7 @@ profiler).
 
 Runs `attention_prefill.py`'s problem (one causal sequence, bf16, N=32, K=8, H=128, pages in
 random order) once with `JAXMM_MGPU_PROFILE` set, so the kernel records its named scopes
-(`gpu_prefill_mgpu.py`: q_in, qk, wait_v, wait_tc, pv_wait_k, out in the compute
+(`jaxmm/kernels/gpu/prefill_mgpu.py`: q_in, qk, wait_v, wait_tc, pv_wait_k, out in the compute
 warpgroups; pages, wait_free, tma in the memory warpgroup) with the SM's clock. Prints one
 JSON line: per role (compute0, compute1, memory) and scope, microseconds per CTA (mean over
 CTAs), calls per CTA and mean microseconds per call, the CTAs' mean busy span and the
@@ -89,7 +89,7 @@ def main(argv=None):
     import numpy as np
 
     from benchmarks.attention_decode import DTYPE, H, K, N
-    from jaxmm.kernels.ragged_paged_attention import paged_attention
+    from jaxmm.kernels.gpu.ragged_paged_attention import paged_attention
     from jaxmm.kernels.reference import write_kv
 
     S, G = a.seq, a.page_size

@@ -19,6 +19,9 @@ import os
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
+# the one list of attention backends (jaxmm/kernels/__init__.py imports nothing)
+from jaxmm.kernels import ATTENTION_BACKENDS, check_attention_backend
+
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
 # what a generation_config.json may set by default (vLLM takes the same keys)
@@ -68,7 +71,7 @@ class ModelConfig:
     attention_backend: str = arg(
         "auto",
         help="paged attention implementation",
-        cli={"choices": ("auto", "reference", "pallas")},
+        cli={"choices": ATTENTION_BACKENDS},
     )
     load_format: str = arg(
         "auto",
@@ -111,6 +114,7 @@ class ModelConfig:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        check_attention_backend(self.attention_backend)
         if self.load_format not in _LOAD_FORMATS:
             raise ValueError(
                 f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r} "

@@ -1,18 +1,18 @@
 """Paged attention as every model calls it, and the step metadata that drives it.
 
 Models call `paged_attention(q, k, v, kv_pages, md, ...)`; which implementation runs
-(pure-JAX reference, our Pallas kernel, ...) is fixed when the model is built.
+(pure-JAX reference, our Pallas kernel, ...) is fixed when the model is built, by the one
+attention-backend switch (`jaxmm.kernels.ATTENTION_BACKENDS`, `jaxmm.kernels.backends`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 
-from jaxmm.kernels import reference
+from jaxmm.kernels import backends
 
 
 @jax.tree_util.register_dataclass
@@ -29,41 +29,9 @@ class AttentionMetadata:
 
 
 def resolve_backend(name: str) -> str:
-    """'auto' -> the fastest correct implementation here (see jaxmm.kernels)."""
-    from jaxmm.kernels import BACKENDS, _pallas_works
-
-    if name not in BACKENDS:
-        raise ValueError(f"attention_backend must be one of {BACKENDS}; got {name!r}")
-    if name != "auto":
-        return name
-    # our Pallas kernels: Triton lowering on GPU, Mosaic on TPU; CPU uses the XLA path
-    if jax.default_backend() == "gpu" and _pallas_works():
-        return "pallas"
-    if jax.default_backend() == "tpu" and _pallas_works("tpu"):
-        return "pallas_tpu"
-    return "xla"
-
-
-@functools.cache
-def attention_fn(backend: str):
-    if backend == "reference":
-        return reference.ragged_paged_attention
-    if backend == "xla":
-        from jaxmm.kernels import xla
-
-        return xla.ragged_paged_attention
-    if backend == "pallas_tpu" or (backend == "pallas" and jax.default_backend() == "tpu"):
-        from jaxmm.kernels import _tpu_attention
-
-        return _tpu_attention(interpret=jax.default_backend() != "tpu")
-    if backend in ("pallas", "pallas_interpret"):
-        from jaxmm.kernels import ragged_paged_attention as rpa
-
-        fn = rpa.ragged_paged_attention
-        if backend == "pallas_interpret" or jax.default_backend() == "cpu":
-            return functools.partial(fn, interpret=True)
-        return fn
-    raise ValueError(f"unknown attention backend {backend!r}")
+    """A name from `jaxmm.kernels.ATTENTION_BACKENDS` -> the concrete backend here ("auto"
+    resolved; see `jaxmm.kernels.backends.resolve`)."""
+    return backends.resolve(name)
 
 
 def paged_attention(
@@ -79,7 +47,7 @@ def paged_attention(
     soft_cap: float | None = None,
 ):
     """q (T, N, H), k/v (T, K, H), kv_pages (2, K, A, G, H) -> out (T, N, H), kv_pages."""
-    fn = attention_fn(backend)
+    fn = backends.attention_fn(backend)
     return fn(
         q,
         k,

@@ -8,10 +8,12 @@ signature:
 
 1. `prepare(sig, args, static)`: look for a saved program under a key made of
    `disk_cache.environment_key()` (jaxmm's source, JAX, device, flags), the caller's salt
-   (the model config, dtype, attention backend, ...) and the exact abstract arguments
-   (tree structure, shapes, dtypes, shardings). On a hit it is deserialized and loaded: no
-   trace, no lowering, no XLA. On a miss the function is lowered and compiled ahead of time
-   (XLA itself still goes through JAX's persistent cache) and the result is saved.
+   (the model config, dtype, the resolved attention backend: the one switch's concrete
+   value, which also fixes the prefill kernel, `jaxmm.kernels.backends.resolve`; ...) and
+   the exact abstract arguments (tree structure, shapes, dtypes, shardings). On a hit it
+   is deserialized and loaded: no trace, no lowering, no XLA. On a miss the function is
+   lowered and compiled ahead of time (XLA itself still goes through JAX's persistent
+   cache) and the result is saved.
 2. `__call__(sig, *args, **static)`: the prepared program for `sig` when there is one (the
    call is as cheap as jit's), otherwise the plain jitted function.
 

@@ -109,7 +109,7 @@ def test_unusable_saved_program_is_dropped_and_rebuilt(cache, monkeypatch):
 
 
 def test_probe_verdict_is_kept(cache, monkeypatch):
-    import jaxmm.kernels as kernels
+    from jaxmm.kernels import backends
 
     calls = []
 
@@ -117,15 +117,15 @@ def test_probe_verdict_is_kept(cache, monkeypatch):
         calls.append(kind)
         return True
 
-    monkeypatch.setattr(kernels, "_probe", probe)
-    kernels._pallas_works.cache_clear()
+    monkeypatch.setattr(backends, "probe", probe)
+    backends.pallas_works.cache_clear()
     try:
-        assert kernels._pallas_works("gpu") and kernels._pallas_works("gpu")
-        kernels._pallas_works.cache_clear()  # a new process
-        assert kernels._pallas_works("gpu")
+        assert backends.pallas_works("gpu") and backends.pallas_works("gpu")
+        backends.pallas_works.cache_clear()  # a new process
+        assert backends.pallas_works("gpu")
         assert calls == ["gpu"]
     finally:
-        kernels._pallas_works.cache_clear()
+        backends.pallas_works.cache_clear()
 
 
 def test_engine_with_saved_programs_matches_lazy_engine(ckpt_root, cache):

@@ -14,20 +14,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmm.kernels import gpu_decode, gpu_decode_mgpu
-from jaxmm.kernels.gpu_decode import DecodeOptions
-from tests.kernels.test_ragged_paged_attention import check, make_batch
+from jaxmm.kernels.gpu import decode, decode_mgpu
+from jaxmm.kernels.gpu.decode import DecodeOptions
+from tests.kernels.gpu.test_ragged_paged_attention import check, make_batch
 
 MOSAIC = DecodeOptions(split_mode="mosaic", block_k=64, num_stages=3, min_blocks_per_split=1)
 
 
 def test_supported():
-    assert gpu_decode_mgpu.supported(128, 16, 4, 64, jnp.bfloat16, None, None)
-    assert gpu_decode_mgpu.supported(64, 8, 8, 128, jnp.float16, None, None)
-    assert not gpu_decode_mgpu.supported(128, 16, 4, 64, jnp.float32, None, None)
-    assert not gpu_decode_mgpu.supported(128, 16, 4, 32, jnp.bfloat16, None, None)
-    assert not gpu_decode_mgpu.supported(128, 16, 4, 64, jnp.bfloat16, 64, None)
-    assert not gpu_decode_mgpu.supported(128, 16, 4, 64, jnp.bfloat16, None, 30.0)
+    assert decode_mgpu.supported(128, 16, 4, 64, jnp.bfloat16, None, None)
+    assert decode_mgpu.supported(64, 8, 8, 128, jnp.float16, None, None)
+    assert not decode_mgpu.supported(128, 16, 4, 64, jnp.float32, None, None)
+    assert not decode_mgpu.supported(128, 16, 4, 32, jnp.bfloat16, None, None)
+    assert not decode_mgpu.supported(128, 16, 4, 64, jnp.bfloat16, 64, None)
+    assert not decode_mgpu.supported(128, 16, 4, 64, jnp.bfloat16, None, 30.0)
 
 
 @pytest.mark.parametrize("group,head_dim", [(4, 128), (1, 64)])
@@ -77,7 +77,7 @@ def test_item_table():
     S, BK, target = 12, 64, 5
     kv = rng.integers(1, 1000, S)
     num_dec = 9
-    meta = gpu_decode.balance_work(
+    meta = decode.balance_work(
         jnp.asarray(kv, jnp.int32),
         jnp.asarray([num_dec], jnp.int32),
         num_seqs=S,
@@ -87,8 +87,8 @@ def test_item_table():
         min_blocks=1,
         longest_first=True,
     )
-    W = gpu_decode.num_work_items(S, -(-1000 // BK), target, 1)
-    seq, b0, b1, kvs = np.asarray(gpu_decode_mgpu.item_table(meta, W, block_k=BK))
+    W = decode.num_work_items(S, -(-1000 // BK), target, 1)
+    seq, b0, b1, kvs = np.asarray(decode_mgpu.item_table(meta, W, block_k=BK))
     covered = {s: [] for s in range(S)}
     for w in range(W):
         if b1[w] > b0[w]:

@@ -7,7 +7,7 @@ How one call runs:
 2. Layout: queries are regrouped by KV head, q (T, N, H) -> (K, T*g, H) with g = N // K, so
    row r of a query block is token r // g, head r % g of its group. One 2-D (R, H) tile then
    holds every query head that shares a KV head, and the kernel needs no reshape (a
-   `ref.reshape` / `ref.bitcast` breaks TPU interpret mode, DESIGN.md).
+   `ref.reshape` / `ref.bitcast` breaks TPU interpret mode: docs/tpu.md).
 3. Grid (query block, KV head), both "parallel". A query block is `block_q` consecutive
    tokens of the flat ragged batch, so it may span several sequences (a block of decodes is
    many). Per block, XLA precomputes the range of live sequences it overlaps; that range,

@@ -1,6 +1,6 @@
 """Paged decode attention for Hopper GPUs: Pallas, Mosaic GPU lowering (split_mode="mosaic").
 
-The work list is "balanced" decode's (`gpu_decode.balance_work`: items of about equal size,
+The work list is "balanced" decode's (`decode.balance_work`: items of about equal size,
 longest first); a work item here is one of those items and one KV head. The grid is
 persistent (one CTA per SM): CTA p takes items p, p + nprog, ... A CTA has two warpgroups:
 
@@ -29,7 +29,6 @@ two matmuls there are plain dots of the same shared-memory tiles.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -38,11 +37,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 
-from jaxmm.kernels import gpu_decode
-from jaxmm.kernels.gpu_prefill_mgpu import _bcast_rows, _interpret_params, _iota, _with_layout
+from jaxmm.kernels.gpu import decode
+from jaxmm.kernels.gpu.mgpu import LOG2E, M_INIT, bcast_rows, interpret_params, iota, with_layout
 
-LOG2E = math.log2(math.e)
-M_INIT = gpu_decode.M_INIT
 BQ = 64  # rows of the query tile (one wgmma M tile)
 
 
@@ -63,7 +60,7 @@ def supported(head_dim: int, page_size: int, group: int, block_k: int, dtype, wi
 def item_table(meta, num_items: int, *, block_k: int):
     """Per work item w < num_items (static bound): (4, num_items) int32 seq, b0, b1, kv_len.
 
-    meta: `gpu_decode.balance_work`'s (4, Sp) list (no sliding window here). Items past the
+    meta: `decode.balance_work`'s (4, Sp) list (no sliding window here). Items past the
     real ones get b0 = b1 = 0.
     """
     cum, order, count, kv = meta
@@ -138,7 +135,7 @@ def _kernel(
                 qs = lax.rem(k, 2)
                 q_st = q_st2.at[qs]
                 plgpu.barrier_wait(q_bar.at[qs])
-                row = _iota((BQ, H), 0, interpret)
+                row = iota((BQ, H), 0, interpret)
                 if interpret:
                     qv = q_st[...]
                 else:
@@ -148,9 +145,9 @@ def _kernel(
                 plgpu.commit_smem()
 
             rows = plgpu.Layout.WGMMA.reduce(1)
-            m = _with_layout(jnp.full((BQ,), M_INIT, jnp.float32), rows, interpret)
-            l = _with_layout(jnp.zeros((BQ,), jnp.float32), rows, interpret)
-            acc = _with_layout(jnp.zeros((BQ, H), jnp.float32), plgpu.Layout.WGMMA, interpret)
+            m = with_layout(jnp.full((BQ,), M_INIT, jnp.float32), rows, interpret)
+            l = with_layout(jnp.zeros((BQ,), jnp.float32), rows, interpret)
+            acc = with_layout(jnp.zeros((BQ, H), jnp.float32), plgpu.Layout.WGMMA, interpret)
             n_full = jnp.clip(lax.div(kv_len, jnp.int32(block_k)) - b0, 0, n)
 
             @pl.when(n > 0)
@@ -178,17 +175,17 @@ def _kernel(
                 plgpu.barrier_arrive(k_free.at[slot])
                 base = (b0 + j) * block_k
                 if masked:
-                    kpos = _iota((BQ, block_k), 1, interpret) + base
+                    kpos = iota((BQ, block_k), 1, interpret) + base
                     s = jnp.where(kpos < kv_len, s, -jnp.inf)
                 m_new = jnp.maximum(m, s.max(axis=1) * c)
                 alpha = jnp.exp2(m - m_new)
-                p = jnp.exp2(s * c - _bcast_rows(m_new, s.shape))
-                acc = acc * _bcast_rows(alpha, acc.shape)
+                p = jnp.exp2(s * c - bcast_rows(m_new, s.shape))
+                acc = acc * bcast_rows(alpha, acc.shape)
                 l = l * alpha + p.sum(axis=1)
                 p16 = p.astype(dtype)
                 plgpu.barrier_wait(v_bar.at[slot])
                 if masked:
-                    rv = _iota((block_k, H), 0, interpret)
+                    rv = iota((block_k, H), 0, interpret)
                     v_slot[...] = jnp.where(rv + base < kv_len, v_slot[...], 0).astype(dtype)
                     plgpu.commit_smem()
                 nxt = slot_of(g + j + 1)
@@ -226,8 +223,8 @@ def _kernel(
                 o_st[...] = acc
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(o_st.at[pl.ds(0, group)], o_ref.at[dst])
-                col = _iota((BQ, H), 1, interpret)
-                mb, lb = _bcast_rows(m, (BQ, H)), _bcast_rows(l, (BQ, H))
+                col = iota((BQ, H), 1, interpret)
+                mb, lb = bcast_rows(m, (BQ, H)), bcast_rows(l, (BQ, H))
                 ml = jnp.where(col == 0, mb, jnp.where(col == 1, lb, 0.0))
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 o_st[...] = ml
@@ -353,7 +350,7 @@ def decode_attention(
     min_blocks_per_split: int = 2,
     interpret: bool = False,
 ):
-    """Write decode rows s < num_decodes of `out`, as `gpu_decode.decode_attention`.
+    """Write decode rows s < num_decodes of `out`, as `decode.decode_attention`.
 
     num_programs: the persistent grid; target_items: items per KV head (balance_work).
     """
@@ -362,8 +359,8 @@ def decode_attention(
     P = page_table.shape[1]
     group = N // K
     S_d = min(num_seqs, T)
-    W = gpu_decode.num_work_items(S_d, pl.cdiv(P * G, block_k), target_items, min_blocks_per_split)
-    meta = gpu_decode.balance_work(
+    W = decode.num_work_items(S_d, pl.cdiv(P * G, block_k), target_items, min_blocks_per_split)
+    meta = decode.balance_work(
         kv_lens,
         num_decodes,
         num_seqs=S_d,
@@ -425,7 +422,7 @@ def decode_attention(
         num_threads=2,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=_interpret_params() if interpret else None,
+        interpret=interpret_params() if interpret else None,
     )(items, nitems, page_table, q, kv_pages)
     R = max(16, 1 << (group - 1).bit_length())
     return pl.pallas_call(

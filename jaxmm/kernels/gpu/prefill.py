@@ -27,12 +27,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxmm.kernels.gpu_decode import (
+from jaxmm.kernels.gpu.decode import (
     M_INIT,
-    _cdiv,
-    _div,
-    _scores,
+    ceil_div,
+    floor_div,
     load_kv_block,
+    log2_scores,
     online_softmax_step,
 )
 
@@ -100,9 +100,9 @@ def _prefill_kernel(
 
     def item(it, _):
         idx = pid + it * nprog
-        w = count - 1 - _div(idx, N)  # heaviest (last) blocks first
+        w = count - 1 - floor_div(idx, N)  # heaviest (last) blocks first
         head = lax.rem(idx, jnp.int32(N))
-        kh = _div(head, group)
+        kh = floor_div(head, group)
         seq = meta_ref[W_SEQ, w]
         t0 = meta_ref[W_T0, w]
         nrows = meta_ref[W_NROWS, w]
@@ -116,17 +116,17 @@ def _prefill_kernel(
             lo = jnp.int32(0)
         else:
             lo = jnp.maximum(pos0 - sliding_window + 1, 0)
-        b_lo = _div(lo, block_k)
-        b_hi = _cdiv(kv_hi, block_k)
+        b_lo = floor_div(lo, block_k)
+        b_hi = ceil_div(kv_hi, block_k)
         # Blocks whose every key is <= pos0 are visible to all rows: no mask.
-        b_full = _div(pos0 + 1, block_k) if sliding_window is None else b_lo
+        b_full = floor_div(pos0 + 1, block_k) if sliding_window is None else b_lo
         b_full = jnp.clip(b_full, b_lo, b_hi)
 
         def step(b, carry, masked):
             k, v = load_kv_block(
                 kv_ref, pt_ref, seq, kh, b, page_size=page_size, block_k=block_k, gather=gather
             )
-            sc = _scores(q, k, sm_scale, soft_cap, precision)
+            sc = log2_scores(q, k, sm_scale, soft_cap, precision)
             if masked:
                 kpos = b * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
                 mask = kpos[None, :] <= qpos[:, None]

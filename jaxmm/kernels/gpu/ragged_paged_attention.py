@@ -4,44 +4,47 @@ One call serves a whole step (decodes first, then prefill chunks, then padding):
 
 1. KV write (`kv_write`): a one-program-per-token Pallas copy into the pages, in place when
    the caller donates kv_pages (an XLA scatter is the alternative; see KV_WRITE).
-2. Decode kernel (`gpu_decode`): flash-decoding over rows s < num_decodes, where
+2. Decode kernel (`decode.py`): flash-decoding over rows s < num_decodes, where
    num_decodes is the length of the leading run of q_len == 1 sequences (computed on
    device). All query heads of a KV group share one tile; long contexts are split over J
    programs and merged in XLA ("per_seq"), or cut into equal work items over the whole
    batch and merged by a second small kernel ("balanced"; `decode_options`). On Hopper,
-   "mosaic" (opt-in) runs the balanced items in a Mosaic GPU kernel (`gpu_decode_mgpu`).
-3. Prefill kernel (`gpu_prefill`): FlashAttention-2 over query blocks of every other
-   sequence (a q_len == 1 sequence after a prefill lands here too: correct, just slower),
-   plus the padding tokens, which it writes as zeros. It runs first and produces `out`.
+   "mosaic" (opt-in) runs the balanced items in a Mosaic GPU kernel (`decode_mgpu.py`).
+3. Prefill kernel (`prefill.py`, or `prefill_mgpu.py` on Hopper: see below):
+   FlashAttention-2 over query blocks of every other sequence (a q_len == 1 sequence after
+   a prefill lands here too: correct, just slower), plus the padding tokens, which it
+   writes as zeros. It runs first and produces `out`.
 4. The decode kernel then writes its rows straight into `out` (aliased in and out), or,
    with split-K, its merged partials through an in-place dynamic-update-slice (or the
    combine kernel, aliased too).
 
-Both kernels use Pallas' Triton lowering on GPU and run in interpret mode anywhere
-(`interpret=True`, used by the CPU tests). Tile sizes and split counts are static choices
-from the shapes (see `_plan`); `decode_options` (a `gpu_decode.DecodeOptions`) pins the
-decode ones, for sweeps.
+The decode kernel and the fallback prefill kernel use Pallas' Triton lowering; the Hopper
+prefill kernel and the opt-in Mosaic decode kernel use the Mosaic GPU lowering. All run in
+interpret mode anywhere (`interpret=True`, used by the CPU tests). Which prefill kernel runs
+is `prefill_kernel` ("auto": Mosaic GPU on Hopper where it takes the shapes, else Triton;
+the attention backend "pallas_triton" passes "triton"). Tile sizes and split counts are
+static choices from the shapes (see `make_plan`); `decode_options` (a
+`decode.DecodeOptions`) pins the decode ones, for sweeps.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 
-from jaxmm.kernels import gpu_decode, gpu_decode_mgpu, gpu_prefill, gpu_prefill_mgpu
-from jaxmm.kernels.gpu_decode import DecodeOptions
+from jaxmm.kernels.gpu import decode, decode_mgpu, prefill, prefill_mgpu
+from jaxmm.kernels.gpu.decode import DecodeOptions
 from jaxmm.kernels.kv_write import write_kv_pallas, write_kv_xla
 from jaxmm.kernels.reference import ragged_paged_attention as reference_attention
 
 # How this step's K/V reach the pages (docs/performance.md: "KV write").
 KV_WRITE = "pallas"
-# The prefill kernel: "auto" (Mosaic GPU on Hopper where it takes the shapes, else Triton),
-# "mosaic" or "triton"; JAXMM_PREFILL_KERNEL sets it at import.
-PREFILL_KERNEL = os.environ.get("JAXMM_PREFILL_KERNEL", "auto")
+# `prefill_kernel` values: "auto" (Mosaic GPU on Hopper where it takes the shapes, else
+# Triton), "mosaic" (wherever it takes the shapes) or "triton".
+PREFILL_KERNELS = ("auto", "mosaic", "triton")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,13 +58,13 @@ class Plan:
     prefill_programs: int
     prefill_warps: int
     prefill_stages: int
-    gather: str = "page"  # how a KV block is gathered (gpu_decode.load_kv_block)
-    # Decode work split (gpu_decode module docstring); the last three: "balanced" only.
+    gather: str = "page"  # how a KV block is gathered (decode.load_kv_block)
+    # Decode work split (decode module docstring); the last three: "balanced" only.
     split_mode: str = "per_seq"
     decode_programs: int = 528  # target programs in all: 4 per SM of an H100
     min_blocks_per_split: int = 2
     longest_first: bool = True
-    # "mosaic": the Hopper prefill kernel (gpu_prefill_mgpu), "triton": gpu_prefill
+    # "mosaic": the Hopper prefill kernel (prefill_mgpu), "triton": prefill
     prefill_impl: str = "triton"
 
 
@@ -81,23 +84,36 @@ def _hopper() -> bool:
     return d.platform == "gpu" and str(getattr(d, "compute_capability", "")).startswith("9.")
 
 
-def _prefill_impl(H, G, dtype, window, cap, interpret) -> str:
-    if PREFILL_KERNEL not in ("auto", "mosaic", "triton"):
-        raise ValueError(f"JAXMM_PREFILL_KERNEL={PREFILL_KERNEL!r}: auto, mosaic or triton")
-    if PREFILL_KERNEL == "triton" or interpret:
+def _prefill_impl(prefill_kernel, H, G, dtype, window, cap, interpret) -> str:
+    if prefill_kernel not in PREFILL_KERNELS:
+        raise ValueError(f"prefill_kernel {prefill_kernel!r} not in {PREFILL_KERNELS}")
+    if prefill_kernel == "triton" or interpret:
         return "triton"
-    takes = gpu_prefill_mgpu.supported(H, G, dtype, window, cap)
-    if PREFILL_KERNEL == "mosaic":
+    takes = prefill_mgpu.supported(H, G, dtype, window, cap)
+    if prefill_kernel == "mosaic":
         return "mosaic" if takes else "triton"
     return "mosaic" if takes and _hopper() else "triton"
 
 
-def _plan(
-    T, N, K, S, P, G, H, dtype, interpret, overrides, decode=None, window=None, cap=None
+def make_plan(
+    T,
+    N,
+    K,
+    S,
+    P,
+    G,
+    H,
+    dtype,
+    interpret,
+    overrides,
+    decode_options=None,
+    window=None,
+    cap=None,
+    prefill_kernel="auto",
 ) -> Plan:
     """Static tile/grid choices (H100 sweeps in docs/performance.md).
 
-    `overrides`: Plan fields to replace; `decode`: a DecodeOptions, applied last.
+    `overrides`: Plan fields to replace; `decode_options`: a DecodeOptions, applied last.
     """
     cores = _num_cores(interpret)
     small = jnp.dtype(dtype).itemsize <= 2 and H <= 128
@@ -105,7 +121,7 @@ def _plan(
     # 128 x 8 warps ties). 2 x 3 stages x 16 KB tiles fit two programs per SM.
     dbk = min(64, _pow2_floor(P * G))
     max_blocks = max(P * G // dbk, 1)
-    splits = gpu_decode.choose_num_splits(min(S, T), K, max_blocks, cores)
+    splits = decode.choose_num_splits(min(S, T), K, max_blocks, cores)
     # Prefill: 128 x 128 tiles, 8 warps (64 x 64, 4 warps at fp32 / large heads).
     bq = 128 if small else 64
     bq = min(bq, max(_pow2_floor(T), 16))
@@ -124,15 +140,15 @@ def _plan(
         prefill_warps=8 if bq >= 128 else 4,
         prefill_stages=2,
         decode_programs=4 * cores,
-        prefill_impl=_prefill_impl(H, G, dtype, window, cap, interpret),
+        prefill_impl=_prefill_impl(prefill_kernel, H, G, dtype, window, cap, interpret),
     )
     plan = dataclasses.replace(plan, **(overrides or {}))
-    if decode is not None:
+    if decode_options is not None:
         names = dict(block_k="decode_block_k", num_warps="decode_warps", num_stages="decode_stages")
         pinned = {
-            names.get(f.name, f.name): getattr(decode, f.name)
-            for f in dataclasses.fields(decode)
-            if getattr(decode, f.name) is not None
+            names.get(f.name, f.name): getattr(decode_options, f.name)
+            for f in dataclasses.fields(decode_options)
+            if getattr(decode_options, f.name) is not None
         }
         if "programs_per_core" in pinned:
             pinned["decode_programs"] = pinned.pop("programs_per_core") * cores
@@ -141,7 +157,7 @@ def _plan(
 
 
 def decode_kwargs(plan: Plan) -> dict:
-    """The static arguments of `gpu_decode.decode_attention` a plan picks."""
+    """The static arguments of `decode.decode_attention` a plan picks."""
     return dict(
         block_k=plan.decode_block_k,
         num_splits=plan.num_splits,
@@ -168,7 +184,14 @@ def supported(q_shape, kv_pages_shape) -> bool:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("sm_scale", "sliding_window", "soft_cap", "interpret", "decode_options"),
+    static_argnames=(
+        "sm_scale",
+        "sliding_window",
+        "soft_cap",
+        "interpret",
+        "decode_options",
+        "prefill_kernel",
+    ),
 )
 def ragged_paged_attention(
     q,
@@ -185,11 +208,13 @@ def ragged_paged_attention(
     soft_cap: float | None = None,
     interpret: bool = False,
     decode_options: DecodeOptions | None = None,
+    prefill_kernel: str = "auto",
 ):
     """Pallas ragged paged attention; see `reference.ragged_paged_attention` for the contract.
 
     Shapes the kernels don't take (`supported`) go to the pure-JAX reference.
     `decode_options`: decode-kernel choices to pin (default: the plan's, from the shapes).
+    `prefill_kernel`: one of PREFILL_KERNELS (the module docstring).
     """
     if not supported(q.shape, kv_pages.shape):
         return reference_attention(
@@ -223,6 +248,7 @@ def ragged_paged_attention(
         soft_cap=soft_cap,
         interpret=interpret,
         decode_options=decode_options,
+        prefill_kernel=prefill_kernel,
     )
     return out, kv_pages
 
@@ -236,6 +262,7 @@ def ragged_paged_attention(
         "interpret",
         "plan",
         "decode_options",
+        "prefill_kernel",
     ),
 )
 def paged_attention(
@@ -252,11 +279,12 @@ def paged_attention(
     interpret: bool = False,
     plan: tuple | None = None,
     decode_options: DecodeOptions | None = None,
+    prefill_kernel: str = "auto",
 ):
     """Attention over pages that already hold this step's K/V (no write). (T, N, H) out.
 
     `plan`: optional tuple of (field, value) overrides of the static tiling (benchmarks);
-    `decode_options` (applied after it): decode-kernel choices, as in ragged_paged_attention.
+    `decode_options` (applied after it) and `prefill_kernel`: as in ragged_paged_attention.
     """
     T, N, H = q.shape
     _, K, A, G, _ = kv_pages.shape
@@ -265,7 +293,7 @@ def paged_attention(
         raise ValueError(f"query heads {N} not a multiple of KV heads {K}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError("sliding_window must be >= 1")
-    p = _plan(
+    p = make_plan(
         T,
         N,
         K,
@@ -279,6 +307,7 @@ def paged_attention(
         decode_options,
         sliding_window,
         soft_cap,
+        prefill_kernel,
     )
     kv_lens = kv_lens.astype(jnp.int32)
     page_indices = page_indices.astype(jnp.int32)
@@ -294,15 +323,15 @@ def paged_attention(
 
     # Prefill / mixed part (also zero-fills padding tokens).
     mosaic = p.prefill_impl == "mosaic"
-    if mosaic and not gpu_prefill_mgpu.supported(H, G, q.dtype, sliding_window, soft_cap):
+    if mosaic and not prefill_mgpu.supported(H, G, q.dtype, sliding_window, soft_cap):
         raise ValueError("the Mosaic GPU prefill kernel does not take these shapes/options")
-    bq = gpu_prefill_mgpu.ROWS if mosaic else p.prefill_block_q
+    bq = prefill_mgpu.ROWS if mosaic else p.prefill_block_q
     num_work = pl_cdiv(T, bq) + min(S, T) + 1
-    meta, count = gpu_prefill.build_work_list(
+    meta, count = prefill.build_work_list(
         q_lens, kv_lens, cu_q_lens, num_seqs, owned, T, bq, num_work
     )
     if mosaic:
-        out = gpu_prefill_mgpu.prefill_attention(
+        out = prefill_mgpu.prefill_attention(
             q,
             kv_pages,
             page_indices,
@@ -316,7 +345,7 @@ def paged_attention(
         # decode rows' in-place update (DynamicSliceFusion, JAX 0.11.2): keep it apart.
         out = jax.lax.optimization_barrier(out)
     else:
-        out = gpu_prefill.prefill_attention(
+        out = prefill.prefill_attention(
             q,
             kv_pages,
             page_indices,
@@ -335,11 +364,11 @@ def paged_attention(
         )
     # Decode rows [0, num_decodes), written over `out` in place.
     if p.split_mode == "mosaic":
-        if not gpu_decode_mgpu.supported(
+        if not decode_mgpu.supported(
             H, G, N // K, p.decode_block_k, q.dtype, sliding_window, soft_cap
         ):
             raise ValueError("the Mosaic GPU decode kernel does not take these shapes/options")
-        return gpu_decode_mgpu.decode_attention(
+        return decode_mgpu.decode_attention(
             q,
             kv_pages,
             kv_lens,
@@ -355,7 +384,7 @@ def paged_attention(
             min_blocks_per_split=p.min_blocks_per_split,
             interpret=interpret,
         )
-    return gpu_decode.decode_attention(
+    return decode.decode_attention(
         q,
         kv_pages,
         kv_lens,

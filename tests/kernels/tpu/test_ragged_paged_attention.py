@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxmm.kernels import get_attention_fn, reference
-from jaxmm.kernels import tpu_ragged_paged_attention as tpu
-from tests.kernels.test_ragged_paged_attention import TOL, make_batch
+from jaxmm.kernels import reference
+from jaxmm.kernels.tpu import ragged_paged_attention as tpu
+from tests.kernels.gpu.test_ragged_paged_attention import TOL, make_batch
 
 # Decodes first (one with a 61-token context), a live sequence with no new tokens, a prefill
 # chunk of 24 after 46 cached tokens, two fresh prefills, then padding (48 - 41 tokens).
@@ -135,21 +135,6 @@ def test_lowers_to_mosaic(dtype, group, head_dim, kw):
     fn = jax.jit(functools.partial(tpu.ragged_paged_attention, sm_scale=0.1, **kw))
     text = jax.export.export(fn, platforms=["tpu"])(*args).mlir_module()
     assert "tpu_custom_call" in text
-
-
-def test_dispatch():
-    from jaxmm.kernels import ragged_paged_attention as rpa
-    from jaxmm.kernels import xla
-    from jaxmm.layers.attention import attention_fn, resolve_backend
-
-    fn = get_attention_fn("pallas_tpu")
-    assert fn.func is tpu.ragged_paged_attention and fn.keywords == {"interpret": True}
-    assert resolve_backend("pallas_tpu") == "pallas_tpu"
-    assert attention_fn("pallas_tpu") is fn
-    if jax.default_backend() == "cpu":  # GPU and CPU choices are unchanged
-        assert get_attention_fn("pallas") is rpa.ragged_paged_attention
-        assert get_attention_fn("auto") is xla.ragged_paged_attention
-        assert resolve_backend("auto") == "xla"
 
 
 def test_engine_greedy_matches_transformers(ckpt_root):

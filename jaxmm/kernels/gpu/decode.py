@@ -42,7 +42,7 @@ from jax.experimental.pallas import triton as plgpu
 LOG2E = math.log2(math.e)
 # Running max starts finite so a fully masked block gives exp2(-inf - m) = 0, never NaN.
 M_INIT = -1e30
-SPLIT_MODES = ("per_seq", "balanced", "mosaic")  # "mosaic": gpu_decode_mgpu
+SPLIT_MODES = ("per_seq", "balanced", "mosaic")  # "mosaic": decode_mgpu.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,16 +75,16 @@ class DecodeOptions:
             raise ValueError("min_blocks_per_split must be >= 1")
 
 
-def _div(a, b):
+def floor_div(a, b):
     """Floor division of non-negative ints (plain `//` lowers to a sign-correcting sequence)."""
     return lax.div(a, jnp.asarray(b, jnp.int32))
 
 
-def _cdiv(a, b):
+def ceil_div(a, b):
     return lax.div(a + (b - 1), jnp.asarray(b, jnp.int32))
 
 
-def _scores(q, k, sm_scale, soft_cap, precision):
+def log2_scores(q, k, sm_scale, soft_cap, precision):
     """q (R, H) . k (BK, H)^T -> f32 (R, BK) logits in the log2 domain."""
     s = lax.dot_general(
         q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
@@ -125,7 +125,7 @@ def load_kv_block(kv_ref, pt_ref, seq, kv_head, block, *, page_size, block_k, ga
     H = kv_ref.shape[-1]
     if gather == "token":
         tok = block * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-        pidx = _div(tok, page_size)
+        pidx = floor_div(tok, page_size)
         pages = plgpu.load(pt_ref.at[seq, pidx], mask=pidx < P, other=0)
         pages = jnp.clip(pages, 0, A - 1)[:, None]
         slots = lax.rem(tok, jnp.int32(page_size))[:, None]
@@ -142,7 +142,7 @@ def load_kv_block(kv_ref, pt_ref, seq, kv_head, block, *, page_size, block_k, ga
         v = kv_ref[1, kv_head, pages]
         return k.reshape(block_k, H), v.reshape(block_k, H)
     per_page = page_size // block_k
-    page = jnp.clip(pt_ref[seq, _div(block, per_page)], 0, A - 1)
+    page = jnp.clip(pt_ref[seq, floor_div(block, per_page)], 0, A - 1)
     off = lax.rem(block, jnp.asarray(per_page, jnp.int32)) * block_k
     k = kv_ref[0, kv_head, page, pl.ds(off, block_k), :]
     v = kv_ref[1, kv_head, page, pl.ds(off, block_k), :]
@@ -152,8 +152,8 @@ def load_kv_block(kv_ref, pt_ref, seq, kv_head, block, *, page_size, block_k, ga
 def block_range(kv_len, sliding_window, block_k):
     """(lo, first block, block count) a decode query attends to; scalars in-kernel or arrays."""
     lo = 0 if sliding_window is None else jnp.maximum(kv_len - sliding_window, 0)
-    b_lo = _div(lo, block_k)
-    return lo, b_lo, _cdiv(kv_len, block_k) - b_lo
+    b_lo = floor_div(lo, block_k)
+    return lo, b_lo, ceil_div(kv_len, block_k) - b_lo
 
 
 def _group_rows(kv_head, group, rows, head_dim):
@@ -196,7 +196,7 @@ def _attend(
         )
         kpos = b * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
         valid = (kpos < kv_len) & (kpos >= lo)
-        sc = _scores(q, k, sm_scale, soft_cap, precision)
+        sc = log2_scores(q, k, sm_scale, soft_cap, precision)
         sc = jnp.where(valid[None, :], sc, -jnp.inf)
         # Stale slots past kv_len may hold anything (NaN on purpose in tests): 0 * NaN = NaN.
         v = jnp.where(valid[:, None], v, jnp.zeros_like(v))
@@ -246,7 +246,7 @@ def _decode_kernel(
     def _():
         kv_len = kv_lens_ref[s]
         lo, b_lo, n_blocks = block_range(kv_len, sliding_window, block_k)
-        per_split = _cdiv(n_blocks, num_splits)
+        per_split = ceil_div(n_blocks, num_splits)
         b0 = b_lo + j * per_split
         b1 = jnp.minimum(b0 + per_split, b_lo + n_blocks)
         o, m, l = _attend(q_ref, kv_ref, pt_ref, s, kh, kv_len, lo, b0, b1, **kw)
@@ -284,7 +284,7 @@ def _balanced_kernel(
         kv_len = meta_ref[3, idx]
         i = w - (meta_ref[0, idx] - count)  # which of the sequence's items
         lo, b_lo, n_blocks = block_range(kv_len, sliding_window, block_k)
-        per_item = _cdiv(n_blocks, count)
+        per_item = ceil_div(n_blocks, count)
         b0 = b_lo + i * per_item
         b1 = jnp.minimum(b0 + per_item, b_lo + n_blocks)
         o, m, l = _attend(q_ref, kv_ref, pt_ref, s, kh, kv_len, lo, b0, b1, **kw)
@@ -382,10 +382,10 @@ def balance_work(
     kv = kv_lens[:S]
     _, _, n = block_range(kv, sliding_window, block_k)
     n = jnp.where(jnp.arange(S) < num_decodes[0], n, 0)
-    bps = jnp.maximum(_cdiv(jnp.sum(n), target_items), min_blocks)
-    count = _cdiv(n, bps)
+    bps = jnp.maximum(ceil_div(jnp.sum(n), target_items), min_blocks)
+    count = ceil_div(n, bps)
     if longest_first:
-        size = _cdiv(n, jnp.maximum(count, 1))  # blocks per item of each sequence
+        size = ceil_div(n, jnp.maximum(count, 1))  # blocks per item of each sequence
         order = jnp.argsort(-size, stable=True).astype(jnp.int32)
         count, kv = count[order], kv[order]
     else:

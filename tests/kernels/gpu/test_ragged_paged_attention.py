@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmm.kernels import get_attention_fn, gpu_decode, kv_write, reference
-from jaxmm.kernels import ragged_paged_attention as rpa
-from jaxmm.kernels.gpu_decode import DecodeOptions
+from jaxmm.kernels import kv_write, reference
+from jaxmm.kernels.gpu import decode
+from jaxmm.kernels.gpu import ragged_paged_attention as rpa
+from jaxmm.kernels.gpu.decode import DecodeOptions
 
 NATIVE = os.environ.get("JAXMM_NATIVE_KERNELS") == "1"
 INTERPRET = not NATIVE
@@ -262,7 +263,7 @@ def test_balance_work_items(sliding_window):
         kv = rng.integers(0, P * 4 + 1, S) if trial % 2 else np.full(S, P * 4)
         num_dec = int(rng.integers(0, S + 1))
         meta = np.asarray(
-            gpu_decode.balance_work(
+            decode.balance_work(
                 jnp.asarray(kv, jnp.int32),
                 jnp.asarray([num_dec], jnp.int32),
                 num_seqs=S,
@@ -280,7 +281,7 @@ def test_balance_work_items(sliding_window):
         bps = max(min_blocks, -(-n.sum() // target))
         np.testing.assert_array_equal(count, -(-n[order] // bps))
         np.testing.assert_array_equal(cum, np.cumsum(count))
-        assert cum[-1] <= gpu_decode.num_work_items(S, -(-P * 4 // BK), target, min_blocks)
+        assert cum[-1] <= decode.num_work_items(S, -(-P * 4 // BK), target, min_blocks)
         assert (meta[0, S:] == np.iinfo(np.int32).max).all()
 
 
@@ -310,15 +311,3 @@ def test_no_live_sequences():
     sm_scale = 0.125
     got, _ = rpa.ragged_paged_attention(*args, sm_scale=sm_scale, interpret=INTERPRET)
     np.testing.assert_array_equal(np.asarray(got), 0.0)
-
-
-def test_dispatcher():
-    from jaxmm.kernels import xla
-
-    assert get_attention_fn("reference") is reference.ragged_paged_attention
-    assert get_attention_fn("xla") is xla.ragged_paged_attention
-    assert get_attention_fn("pallas") is rpa.ragged_paged_attention
-    if jax.default_backend() == "cpu":
-        assert get_attention_fn("auto") is xla.ragged_paged_attention
-    with pytest.raises(ValueError):
-        get_attention_fn("nope")

@@ -1,6 +1,6 @@
 """Paged prefill / mixed-batch attention for Hopper GPUs: Pallas, Mosaic GPU lowering.
 
-The same contract as `gpu_prefill.prefill_attention` (and the same work list), written for
+The same contract as `prefill.prefill_attention` (and the same work list), written for
 the H100's asynchronous units: TMA copies, wgmma and warp specialisation.
 
 A work item is one work entry (up to ROWS = 128 query tokens of one sequence) and one query
@@ -41,7 +41,6 @@ the two matmuls are plain dots of the same shared-memory tiles.
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import jax
@@ -50,10 +49,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from jaxmm.kernels.gpu_prefill import W_KVHI, W_NROWS, W_POS0, W_SEQ, W_T0
+from jaxmm.kernels.gpu.mgpu import LOG2E, M_INIT, bcast_rows, interpret_params, iota, with_layout
+from jaxmm.kernels.gpu.prefill import W_KVHI, W_NROWS, W_POS0, W_SEQ, W_T0
 
-LOG2E = math.log2(math.e)
-M_INIT = -1e30  # finite: a fully masked row gives exp2(-inf - m) = 0, never NaN
 BQ = 64  # query rows per compute warpgroup (one wgmma M tile)
 COMPUTE_WGS = 2
 ROWS = BQ * COMPUTE_WGS  # query rows per work entry
@@ -71,29 +69,6 @@ def supported(head_dim: int, page_size: int, dtype, sliding_window, soft_cap) ->
         and sliding_window is None
         and soft_cap is None
     )
-
-
-def _interpret_params():
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-    # TMA reads past an array end are zeros on the GPU; here they read NaN (stricter)
-    return InterpretGPUParams(out_of_bounds_reads="uninitialized")
-
-
-def _with_layout(x, layout, interpret: bool):
-    """x in a register layout (the interpreter has no layouts)."""
-    return x if interpret else plgpu.layout_cast(x, layout)
-
-
-def _iota(shape, dim, interpret: bool):
-    if interpret:
-        return lax.broadcasted_iota(jnp.int32, shape, dim)
-    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
-
-
-def _bcast_rows(x, shape):
-    """(R,) -> (R, C), in the row-reduced layout's parent."""
-    return lax.broadcast_in_dim(x, shape, [0])
 
 
 def _store_rows(o_smem, out_ref, t, head, valid):
@@ -120,7 +95,7 @@ def _store_rows(o_smem, out_ref, t, head, valid):
 
 
 def _kernel(
-    meta_ref,  # (5, W) int32 work list (gpu_prefill.build_work_list)
+    meta_ref,  # (5, W) int32 work list (prefill.build_work_list)
     count_ref,  # (1,) entries in use
     pt_ref,  # (S, P) page table
     q_ref,  # (T, N, H)
@@ -202,9 +177,9 @@ def _kernel(
                 plgpu.commit_smem()
 
             rows = plgpu.Layout.WGMMA.reduce(1)
-            m = _with_layout(jnp.full((BQ,), M_INIT, jnp.float32), rows, interpret)
-            l = _with_layout(jnp.zeros((BQ,), jnp.float32), rows, interpret)
-            acc = _with_layout(jnp.zeros((BQ, H), jnp.float32), plgpu.Layout.WGMMA, interpret)
+            m = with_layout(jnp.full((BQ,), M_INIT, jnp.float32), rows, interpret)
+            l = with_layout(jnp.zeros((BQ,), jnp.float32), rows, interpret)
+            acc = with_layout(jnp.zeros((BQ, H), jnp.float32), plgpu.Layout.WGMMA, interpret)
 
             @pl.when(n_steps > 0)
             def _():
@@ -235,14 +210,14 @@ def _kernel(
                         s = pl.run_scoped(qk, plgpu.ACC((BQ, BLOCK_K), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
                 if masked:
-                    r = _iota((BQ, BLOCK_K), 0, interpret)
-                    kpos = _iota((BQ, BLOCK_K), 1, interpret) + j * BLOCK_K
+                    r = iota((BQ, BLOCK_K), 0, interpret)
+                    kpos = iota((BQ, BLOCK_K), 1, interpret) + j * BLOCK_K
                     s = jnp.where((kpos <= r + qpos) & (kpos < kv_hi), s, -jnp.inf)
                 # scale folded into the max and the exponent (one FMA per score)
                 m_new = jnp.maximum(m, s.max(axis=1) * c)
                 alpha = jnp.exp2(m - m_new)
-                p = jnp.exp2(s * c - _bcast_rows(m_new, s.shape))
-                acc = acc * _bcast_rows(alpha, acc.shape)
+                p = jnp.exp2(s * c - bcast_rows(m_new, s.shape))
+                acc = acc * bcast_rows(alpha, acc.shape)
                 l = l * alpha + p.sum(axis=1)
                 p16 = p.astype(dtype)
                 acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
@@ -255,7 +230,7 @@ def _kernel(
 
                     @pl.when((j + 1) * BLOCK_K > kv_hi)
                     def _():  # rows at or past kv_hi: stale slots, maybe NaN
-                        rv = _iota((BLOCK_K, H), 0, interpret)
+                        rv = iota((BLOCK_K, H), 0, interpret)
                         v_slot[...] = jnp.where(rv + j * BLOCK_K < kv_hi, v_slot[...], 0).astype(
                             dtype
                         )
@@ -306,7 +281,7 @@ def _kernel(
 
             with jax.named_scope("out"):
                 l = jnp.where(l == 0.0, 1.0, l)  # no keys (padding rows): write zeros
-                o_smem[...] = (acc / _bcast_rows(l, acc.shape)).astype(dtype)
+                o_smem[...] = (acc / bcast_rows(l, acc.shape)).astype(dtype)
                 plgpu.commit_smem()
                 valid = jnp.clip(f["nrows"] - row0, 0, BQ)
                 _store_rows(o_smem, out_ref, f["t0"] + row0, head, valid)
@@ -367,7 +342,7 @@ def prefill_attention(
     q,  # (T, N, H)
     kv_pages,  # (2, K, A, G, H)
     page_indices,  # (S, P)
-    meta,  # (5, W) from gpu_prefill.build_work_list with block_q = ROWS
+    meta,  # (5, W) from prefill.build_work_list with block_q = ROWS
     count,  # (1,)
     *,
     sm_scale: float,
@@ -433,5 +408,5 @@ def prefill_attention(
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True, **profile),
-        interpret=_interpret_params() if interpret else None,
+        interpret=interpret_params() if interpret else None,
     )(meta, count, page_indices, q, kv_pages)

@@ -11,20 +11,20 @@ from __future__ import annotations
 import jax.numpy as jnp
 import pytest
 
-from jaxmm.kernels import gpu_prefill_mgpu
-from tests.kernels.test_ragged_paged_attention import check, make_batch
+from jaxmm.kernels.gpu import prefill_mgpu
+from tests.kernels.gpu.test_ragged_paged_attention import check, make_batch
 
 MOSAIC = {"prefill_impl": "mosaic"}
 
 
 def test_supported():
-    assert gpu_prefill_mgpu.supported(128, 16, jnp.bfloat16, None, None)
-    assert gpu_prefill_mgpu.supported(64, 8, jnp.float16, None, None)
-    assert not gpu_prefill_mgpu.supported(128, 16, jnp.float32, None, None)
-    assert not gpu_prefill_mgpu.supported(80, 16, jnp.bfloat16, None, None)
-    assert not gpu_prefill_mgpu.supported(128, 4, jnp.bfloat16, None, None)
-    assert not gpu_prefill_mgpu.supported(128, 16, jnp.bfloat16, 64, None)
-    assert not gpu_prefill_mgpu.supported(128, 16, jnp.bfloat16, None, 30.0)
+    assert prefill_mgpu.supported(128, 16, jnp.bfloat16, None, None)
+    assert prefill_mgpu.supported(64, 8, jnp.float16, None, None)
+    assert not prefill_mgpu.supported(128, 16, jnp.float32, None, None)
+    assert not prefill_mgpu.supported(80, 16, jnp.bfloat16, None, None)
+    assert not prefill_mgpu.supported(128, 4, jnp.bfloat16, None, None)
+    assert not prefill_mgpu.supported(128, 16, jnp.bfloat16, 64, None)
+    assert not prefill_mgpu.supported(128, 16, jnp.bfloat16, None, 30.0)
 
 
 def test_mixed_batch_gqa4():
