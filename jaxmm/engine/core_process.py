@@ -85,11 +85,13 @@ def _portable(e: BaseException) -> BaseException:
 class DeltaEncoder:
     """Core side: each RequestOutput as what is new since the last one sent for its request.
 
-    A delta is (request_id, finished, num_cached_tokens, metrics, [completion, ...]) with a
+    A delta is (request_id, finished, num_cached_tokens, metrics, [completion, ...],
+    prompt_logprobs) with a
     completion (index, text_keep, text_tail, tokens_keep, token_tail, logprob_tail,
     cumulative_logprob, finish_reason, stop_reason): the new text is the old one's first
     `text_keep` characters + `text_tail` (text can shrink: a stop string is cut off), the new
     token list the old one's first `tokens_keep` ids + `token_tail` (logprobs likewise).
+    Prompt logprobs (complete by a request's first output) go with its first delta only.
     """
 
     def __init__(self):
@@ -97,6 +99,7 @@ class DeltaEncoder:
 
     def encode(self, out: RequestOutput) -> tuple:
         sent = self._sent.get(out.request_id)
+        first = sent is None
         if sent is None:
             sent = self._sent[out.request_id] = {}
         comps = []
@@ -123,7 +126,8 @@ class DeltaEncoder:
             sent[o.index] = (o.text, len(o.token_ids))
         if out.finished:
             del self._sent[out.request_id]
-        return (out.request_id, out.finished, out.num_cached_tokens, out.metrics, comps)
+        plp = out.prompt_logprobs if first else None
+        return (out.request_id, out.finished, out.num_cached_tokens, out.metrics, comps, plp)
 
     def forget(self, request_ids) -> None:
         for rid in request_ids:
@@ -140,12 +144,12 @@ def merge_deltas(first: list, second: list) -> list:
 
 
 def _merge_delta(a: tuple, b: tuple) -> tuple:
-    rid, finished, num_cached, metrics, comps_b = b
+    rid, finished, num_cached, metrics, comps_b, plp = b
     comps = {c[0]: c for c in a[4]}
     for c in comps_b:
         p = comps.get(c[0])
         comps[c[0]] = c if p is None else _merge_completion(p, c)
-    return (rid, finished, num_cached, metrics, list(comps.values()))
+    return (rid, finished, num_cached, metrics, list(comps.values()), a[5] or plp)
 
 
 def _merge_completion(p: tuple, c: tuple) -> tuple:
@@ -171,10 +175,13 @@ class _Live:
     prompt_ids: list[int]
     ack: asyncio.Future
     outputs: dict[int, CompletionOutput] = field(default_factory=dict)
+    prompt_logprobs: list | None = None
 
     def apply(self, delta: tuple) -> RequestOutput:
         """Fold a delta in; returns a new cumulative RequestOutput (never mutated later)."""
-        rid, finished, num_cached, metrics, comps = delta
+        rid, finished, num_cached, metrics, comps, plp = delta
+        if plp is not None:
+            self.prompt_logprobs = plp
         outs = []
         for idx, keep, tail, n, tok_tail, lp_tail, cum, finish, stop in comps:
             old = self.outputs.get(idx)
@@ -195,6 +202,7 @@ class _Live:
             self.prompt_ids,
             outs,
             finished,
+            prompt_logprobs=self.prompt_logprobs,
             num_cached_tokens=num_cached,
             metrics=metrics,
         )

@@ -47,6 +47,8 @@ class Request:
     num_cached_tokens: int = 0
     mm: object | None = None  # multimodal inputs prepared by the front end
     metrics: dict = field(default_factory=dict)
+    # prompt logprobs: one entry per prompt token (the first stays None), filled per chunk
+    prompt_logprobs: list | None = None
 
     @property
     def finished(self) -> bool:
@@ -61,6 +63,8 @@ class _Pending:
     handle: InFlight
     sampled: list[tuple[Sequence, int]]  # (sequence, index of its placeholder token)
     sync: bool  # a sequence uses penalties: resolve before scheduling the next step
+    # (sequence, offset of its chunk in the step, chunk start, length): prompt logprobs
+    prompt_rows: list = field(default_factory=list)
 
 
 class LLMEngine:
@@ -114,6 +118,26 @@ class LLMEngine:
     def tokenize(self, prompt) -> tuple[str | None, list[int]]:
         return tokenize_prompt(prompt, self.tokenizer)
 
+    def grammars(self):
+        """The structured-output grammar compiler, built on the first constrained request."""
+        if getattr(self, "_grammars", None) is None:
+            from jaxmm.engine.structured import GrammarCompiler
+
+            eos = self.eos_token_ids[0] if self.eos_token_ids else None
+            self._grammars = GrammarCompiler(self.tokenizer, self.runner.vocab_size, eos)
+        return self._grammars
+
+    def _check_logits_params(self, params: SamplingParams) -> None:
+        """logit_bias ids inside the vocabulary; a structured output's grammar compiles."""
+        V = self.runner.vocab_size
+        bad = [t for t in params.logit_bias or () if t >= V]
+        if bad:
+            raise ValueError(
+                f"SamplingParams.logit_bias has token id {bad[0]}, outside the vocabulary ({V})"
+            )
+        if params.structured_outputs is not None:
+            self.grammars().compile(params.structured_outputs)
+
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix page not in use (vLLM's `reset_prefix_cache`)."""
         self.block_manager.reset_prefix_cache()
@@ -152,6 +176,7 @@ class LLMEngine:
         else:
             text = prompt if isinstance(prompt, str) else None
         self.validate(prompt_ids, params)
+        self._check_logits_params(params)
         seqs = []
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
         for i in range(params.n):
@@ -166,6 +191,12 @@ class LLMEngine:
             seq.data["detok"] = new_state(len(prompt_ids))
             seq.data["logprobs"] = [] if params.logprobs is not None else None
             seq.data["cum_logprob"] = 0.0
+            if params.structured_outputs is not None:  # one grammar position per sequence
+                seq.data["matcher"] = self.grammars().matcher(params.structured_outputs)
+            if params.prompt_logprobs is not None:
+                # every prompt token must be computed: no prefix cache hit for this prompt
+                salt = (0, len(prompt_ids), f"prompt_logprobs:{request_id}")
+                seq.extra_keys = (*seq.extra_keys, salt)
             seqs.append(seq)
         req = Request(
             request_id=request_id,
@@ -176,6 +207,8 @@ class LLMEngine:
             arrival_time=arrival_time or time.monotonic(),
             mm=mm,
         )
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None] * len(prompt_ids)
         self.requests[request_id] = req
         self.stats["prompt_tokens"] += len(prompt_ids)
         for seq in seqs:
@@ -223,7 +256,12 @@ class LLMEngine:
             frequency=p.frequency_penalty,
             repetition=p.repetition_penalty,
             num_logprobs=p.logprobs,
+            logit_bias=p.logit_bias,
         )
+        if req.prompt_logprobs is not None and seq.index == 0 and start < seq.num_prompt_tokens:
+            # row i predicts the token at start + i + 1 (wanted while that is a prompt token)
+            nxt = range(start + 1, start + n + 1)
+            s.prompt_targets = [seq.token_ids[j] if j < seq.num_prompt_tokens else -1 for j in nxt]
         if p.uses_penalties:
             s.prompt_ids = req.prompt_token_ids
             s.output_ids = seq.output_token_ids
@@ -274,7 +312,9 @@ class LLMEngine:
 
     def _launch(self, batch: ScheduledBatch, pending: _Pending | None) -> _Pending:
         steps = [self._seq_step(seq, n) for seq, n in zip(batch.seqs, batch.num_new_tokens)]
-        handle = self.runner.dispatch(steps, None if pending is None else pending.handle)
+        handle = self.runner.dispatch(
+            steps, None if pending is None else pending.handle, self._mask_filler(batch)
+        )
         sampled = []
         sync = False
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
@@ -283,10 +323,59 @@ class LLMEngine:
                 sampled.append((seq, len(seq)))
                 seq.token_ids.append(-(row + 1))  # filled in by `_resolve`
                 sync = sync or self.requests[seq.request_id].params.uses_penalties
-        return _Pending(batch, handle, sampled, sync)
+                # a grammar's next mask needs this token on the host
+                sync = sync or "matcher" in seq.data
+        offsets = itertools.accumulate(batch.num_new_tokens, initial=0)
+        prompt_rows = [
+            (seq, off, s.start, len(s.prompt_targets))
+            for seq, s, off in zip(batch.seqs, steps, offsets)
+            if s.prompt_targets
+        ]
+        return _Pending(batch, handle, sampled, sync, prompt_rows)
+
+    def _fill_prompt_logprobs(self, pending: _Pending, out) -> None:
+        """Prompt logprobs of the chunks this step computed, into their requests."""
+        if out.prompt is None:
+            return
+        lp, rank, top_ids, top_lp = out.prompt
+        for seq, off, start, n in pending.prompt_rows:
+            req = self.requests.get(seq.request_id)
+            if req is None or req.prompt_logprobs is None:
+                continue
+            k = req.params.prompt_logprobs
+            for i in range(n):
+                pos = start + i + 1  # the prompt token row off + i predicts
+                if pos >= seq.num_prompt_tokens:
+                    break
+                tid, r = seq.token_ids[pos], off + i
+                entry = {tid: Logprob(float(lp[r]), int(rank[r]))}
+                for j, (t, tlp) in enumerate(zip(top_ids[r][:k], top_lp[r][:k]), 1):
+                    entry.setdefault(int(t), Logprob(float(tlp), j))
+                if self.tokenizer is not None:
+                    for t, x in entry.items():
+                        x.decoded_token = self.tokenizer.decode([t])
+                req.prompt_logprobs[pos] = entry
+
+    @staticmethod
+    def _mask_filler(batch: ScheduledBatch):
+        """The step's grammar-mask callback (None: no constrained sequence samples in it)."""
+        rows = [
+            (row, seq.data["matcher"])
+            for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
+            if "matcher" in seq.data and seq.num_computed_tokens + n == len(seq)
+        ]
+        if not rows:
+            return None
+
+        def fill(bitmask) -> None:
+            for row, matcher in rows:
+                matcher.fill(bitmask, row)
+
+        return fill
 
     def _resolve(self, pending: _Pending) -> list[RequestOutput]:
         out = self.runner.resolve(pending.handle)
+        self._fill_prompt_logprobs(pending, out)
         live = []
         for j, (seq, idx) in enumerate(pending.sampled):
             if seq.is_finished or seq.request_id not in self.requests:
@@ -320,6 +409,13 @@ class LLMEngine:
         token = seq.token_ids[idx]
         end = idx + 1
         self.stats["generation_tokens"] += 1
+        matcher = seq.data.get("matcher")
+        if matcher is not None and not matcher.advance(token):
+            # only a mask that allowed nothing leads here (e.g. min_tokens banning the EOS a
+            # finished grammar needs): end the sequence rather than emit invalid output
+            del seq.token_ids[idx:]
+            self.scheduler.finish(seq, "stop", None)
+            return
         if seq.data["logprobs"] is not None:
             lp = float(out.logprobs[j])
             seq.data["cum_logprob"] += lp
@@ -390,6 +486,7 @@ class LLMEngine:
             prompt_token_ids=req.prompt_token_ids,
             outputs=outs,
             finished=req.finished,
+            prompt_logprobs=req.prompt_logprobs,
             num_cached_tokens=req.num_cached_tokens,
             metrics={
                 "arrival_time": req.arrival_time,

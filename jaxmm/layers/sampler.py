@@ -13,6 +13,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxmm.layers.logits_processors import LogitsExtras, apply_extras
+
 MAX_LOGPROBS = 20
 
 
@@ -146,14 +148,18 @@ def sample(
     use_filters: bool,
     use_penalties: bool,
     num_logprobs: int,
+    extras: LogitsExtras | None = None,
 ):
     """logits (S, V) f32 -> tokens (S,), (token logprob (S,), its rank (S,)), top ids, top lps.
 
-    `use_penalties` also turns on the banned-token mask (min_tokens).
+    `use_penalties` also turns on the banned-token mask (min_tokens); `extras`: logit bias
+    and grammar masks (`logits_processors.py`).
     """
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1) if num_logprobs >= 0 else None
     if use_penalties:
         logits = apply_penalties(logits, t)
+    if extras is not None:
+        logits = apply_extras(logits, extras)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if all_greedy:
         tokens = greedy

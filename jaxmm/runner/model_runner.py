@@ -35,6 +35,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxmm.layers.attention import AttentionMetadata, resolve_backend
+from jaxmm.layers.logits_processors import MAX_LOGIT_BIAS, LogitsExtras, prompt_logprobs
 from jaxmm.layers.sampler import MAX_LOGPROBS, SamplingTensors, sample
 from jaxmm.models.device_rows import DeviceRows
 from jaxmm.models.registry import model_class
@@ -73,6 +74,9 @@ class SeqStep:
     output_ids: list[int] | None = None
     num_logprobs: int | None = None
     banned_ids: list[int] | None = None  # e.g. EOS/stop ids while min_tokens is not reached
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    # prompt logprobs: per new token, the prompt token that follows it (-1: none wanted)
+    prompt_targets: list[int] | None = None
     # multimodal: (offset in token_ids, (n, D) rows: numpy or DeviceRows) to splice over
     # placeholder tokens
     embeds: list | None = None
@@ -100,6 +104,8 @@ class InFlight:
     rows: np.ndarray  # rows of the steps that sample, in order
     logprobs: tuple | None = None
     top: tuple | None = None
+    # prompt logprobs of the step's tokens: (lp (T,), rank (T,), top ids, top lps (T, 20))
+    prompt: tuple | None = None
 
 
 @dataclasses.dataclass
@@ -109,6 +115,7 @@ class StepOutput:
     ranks: np.ndarray | None
     top_ids: np.ndarray | None
     top_logprobs: np.ndarray | None
+    prompt: tuple | None = None  # InFlight.prompt on the host
 
 
 _BACKEND_COMPILES = [0]
@@ -316,8 +323,8 @@ class ModelRunner:
     def _pad_rows(self, tokens: jax.Array) -> jax.Array:
         return jnp.zeros(self.max_rows, jnp.int32).at[: tokens.shape[0]].set(tokens)
 
-    def _sample_fn(self, logits, t, **static):
-        tokens, lp, top_ids, top_lp = sample(logits, t, **static)
+    def _sample_fn(self, logits, t, extras=None, **static):
+        tokens, lp, top_ids, top_lp = sample(logits, t, extras=extras, **static)
         return self._pad_rows(tokens.astype(jnp.int32)), lp, top_ids, top_lp
 
     def _splice_fn(self, x, src, rows):
@@ -331,7 +338,16 @@ class ModelRunner:
         return jnp.where((rows >= 0)[:, None], picked, x)
 
     def _step_fn(
-        self, leaves, kv_caches, prev_tokens, input_ids, md, embeds, embeds_mask, seq_inputs=None
+        self,
+        leaves,
+        kv_caches,
+        prev_tokens,
+        input_ids,
+        md,
+        embeds,
+        embeds_mask,
+        seq_inputs=None,
+        prompt_targets=None,
     ):
         params = jax.tree_util.tree_unflatten(self._param_treedef, leaves)
         model = nnx.merge(self.graphdef, params)
@@ -346,7 +362,10 @@ class ModelRunner:
         hidden, kv_caches = model(input_ids, kv_caches, md, inputs_embeds=x, **kwargs)
         logits = model.compute_logits(hidden[md.logits_indices])
         # greedy tokens come with every step: an all-greedy batch skips the sampler program
-        return kv_caches, (logits, self._pad_rows(jnp.argmax(logits, axis=-1).astype(jnp.int32)))
+        out = (logits, self._pad_rows(jnp.argmax(logits, axis=-1).astype(jnp.int32)))
+        if prompt_targets is not None:  # a variant of its own: other steps pay nothing
+            out += (prompt_logprobs(model.compute_logits, hidden, prompt_targets, MAX_LOGPROBS),)
+        return kv_caches, out
 
     @staticmethod
     def _step_sig(arrays: StepArrays) -> tuple:
@@ -490,29 +509,45 @@ class ModelRunner:
     def execute(self, steps: list[SeqStep]) -> StepOutput:
         return self.resolve(self.dispatch(steps))
 
-    def dispatch(self, steps: list[SeqStep], prev: InFlight | None = None) -> InFlight:
+    def dispatch(
+        self, steps: list[SeqStep], prev: InFlight | None = None, fill_masks=None
+    ) -> InFlight:
         """Launch one step (and its sampler) without waiting for the device.
 
         Token ids -(r + 1) in `steps` are read from row r of `prev`'s sampled tokens on
         device, so the engine can schedule step N+1 before step N's tokens reach the host.
+        `fill_masks(bitmask)`: fills the grammar bitmask rows `(S, ceil(V / 32))` int32 (all
+        ones: unconstrained) of the constrained sequences; it runs on the host after the
+        model's step is launched, so the masks are computed while the device works.
         """
         arrays, S = self.prepare(steps)
         prev_tokens = self._no_prev if prev is None else prev.tokens
-        self.kv_caches, (logits, greedy_tokens) = self.step_programs(
-            self._step_sig(arrays), self._param_leaves, self.kv_caches, prev_tokens, *arrays
+        targets = self._prompt_targets(steps, len(arrays.input_ids))
+        sig = self._step_sig(arrays)
+        self.kv_caches, (logits, greedy_tokens, *plp) = self.step_programs(
+            sig if targets is None else (*sig, "prompt_logprobs"),
+            self._param_leaves,
+            self.kv_caches,
+            prev_tokens,
+            *arrays,
+            *(() if targets is None else (targets,)),
         )
+        plp = plp[0] if plp else None
         sampled = [s for s in steps if s.sample]
         rows = np.array([i for i, s in enumerate(steps) if s.sample], np.int64)
         if not sampled:
-            return InFlight(greedy_tokens, rows)
+            return InFlight(greedy_tokens, rows, prompt=plp)
         penalties = any(
             s.presence != 0 or s.frequency != 0 or s.repetition != 1.0 or s.banned_ids
             for s in sampled
         )
         want_lp = [s.num_logprobs for s in sampled if s.num_logprobs is not None]
-        if not penalties and not want_lp and all(s.temperature == 0 for s in sampled):
+        bias = any(s.logit_bias for s in sampled)
+        masked = fill_masks is not None
+        plain = not penalties and not want_lp and not bias and not masked
+        if plain and all(s.temperature == 0 for s in sampled):
             # greedy fast path: one program and one transfer per step
-            return InFlight(greedy_tokens, rows)
+            return InFlight(greedy_tokens, rows, prompt=plp)
         # the sampled token's logprob is always computed (cheap next to the model), so one
         # warm variant serves requests with and without `logprobs=0`
         num_logprobs = MAX_LOGPROBS if want_lp and max(want_lp) > 0 else 0
@@ -523,18 +558,56 @@ class ModelRunner:
             use_penalties=penalties,
             num_logprobs=num_logprobs,
         )
+        extras = self._logits_extras(steps, S, bias, fill_masks)
         # penalty tensors vary in shape: those variants stay with jit
         sig = None if penalties else (S, *sorted(static.items()))
-        tokens, lp, top_ids, top_lp = self.sample_programs(sig, logits, t, **static)
+        if sig is not None and extras is not None:  # variants of their own, on first use
+            sig = (*sig, "logit_bias" if bias else "", "masked" if masked else "")
+        tokens, lp, top_ids, top_lp = self.sample_programs(sig, logits, t, extras, **static)
         if not want_lp:
-            return InFlight(tokens, rows)
-        return InFlight(tokens, rows, lp, None if top_ids is None else (top_ids, top_lp))
+            return InFlight(tokens, rows, prompt=plp)
+        top = None if top_ids is None else (top_ids, top_lp)
+        return InFlight(tokens, rows, lp, top, prompt=plp)
+
+    @staticmethod
+    def _prompt_targets(steps: list[SeqStep], T: int) -> np.ndarray | None:
+        """(T,) the prompt token after each of the step's tokens, -1 where not wanted; None
+        when no sequence asks for prompt logprobs."""
+        if not any(s.prompt_targets for s in steps):
+            return None
+        targets = np.full(T, -1, np.int32)
+        t = 0
+        for s in steps:
+            if s.prompt_targets:
+                targets[t : t + len(s.prompt_targets)] = s.prompt_targets
+            t += len(s.token_ids)
+        return targets
+
+    def _logits_extras(self, steps: list[SeqStep], S: int, bias: bool, fill_masks):
+        """Fixed-shape logit bias table and grammar bitmask (None when neither is used)."""
+        if not bias and fill_masks is None:
+            return None
+        extras = LogitsExtras()
+        if bias:
+            ids = np.full((S, MAX_LOGIT_BIAS), -1, np.int32)
+            values = np.zeros((S, MAX_LOGIT_BIAS), np.float32)
+            for i, s in enumerate(steps):
+                if s.sample and s.logit_bias:
+                    ids[i, : len(s.logit_bias)] = list(s.logit_bias)
+                    values[i, : len(s.logit_bias)] = list(s.logit_bias.values())
+            extras.bias_ids, extras.bias_values = ids, values
+        if fill_masks is not None:
+            bitmask = np.full((S, -(-self.vocab_size // 32)), -1, np.int32)
+            fill_masks(bitmask)
+            extras.bitmask = bitmask
+        return extras
 
     def resolve(self, inflight: InFlight) -> StepOutput:
         """Wait for a dispatched step and bring its sampled tokens (and logprobs) to the host."""
         rows = inflight.rows
+        prompt = None if inflight.prompt is None else tuple(np.asarray(a) for a in inflight.prompt)
         if not len(rows):
-            return StepOutput(np.zeros(0, np.int32), None, None, None, None)
+            return StepOutput(np.zeros(0, np.int32), None, None, None, None, prompt)
         lp, top = inflight.logprobs, inflight.top
         return StepOutput(
             np.asarray(inflight.tokens)[rows],
@@ -542,6 +615,7 @@ class ModelRunner:
             None if lp is None else np.asarray(lp[1])[rows],
             None if top is None else np.asarray(top[0])[rows],
             None if top is None else np.asarray(top[1])[rows],
+            prompt,
         )
 
     # -- warmup and the compile guard ---------------------------------------------------------

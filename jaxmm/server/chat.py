@@ -1,10 +1,9 @@
 """POST /v1/chat/completions: OpenAI chat completions, plain or streamed (server-sent events).
 
 The conversation goes through the model's chat template (or `--chat-template`) in the
-thread pool; media parts go to the multimodal front end. Tool definitions reach the
-template, but tool calls are not parsed out of the output, and structured output
-(`response_format` other than text) is not supported: both are refused with a 400
-rather than silently ignored.
+thread pool; media parts go to the multimodal front end. `response_format` and vLLM's
+`structured_outputs` constrain the output with a grammar (`structured.py`); the grammar is
+compiled before the request reaches the engine, so a bad schema is a 400.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse
 
 from jaxmm.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxmm.server import structured
 from jaxmm.server.errors import APIError, api_errors
 from jaxmm.server.protocol import ChatCompletionRequest, now, parse_request, random_id, usage
 from jaxmm.server.serving import (
@@ -29,6 +29,7 @@ from jaxmm.server.serving import (
     finite,
     get_state,
     prepare_prompt,
+    prompt_logprobs_json,
     run_blocking,
     stream_events,
     submit,
@@ -59,13 +60,6 @@ def _check_roles(messages: list[dict]) -> None:
 
 def _check_supported(req: ChatCompletionRequest, state: ServerState) -> None:
     _check_roles(req.messages)
-    fmt = (req.response_format or {}).get("type", "text")
-    if fmt != "text":
-        raise APIError(
-            400,
-            f"response_format {fmt!r} is not supported (no guided decoding)",
-            param="response_format",
-        )
     choice = req.tool_choice
     if choice not in (None, "none", "auto"):
         raise APIError(
@@ -141,9 +135,15 @@ async def create_chat_completion(request: Request):
     _check_supported(req, state)
     max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    so, so_field = structured.from_request(req)
     params = build_sampling_params(
-        req, max_tokens=max_tokens, logprobs=logprobs, defaults=state.default_sampling_params
+        req,
+        max_tokens=max_tokens,
+        logprobs=logprobs,
+        defaults=state.default_sampling_params,
+        structured_outputs=so,
     )
+    await structured.check(state, so, so_field)
     prompt = await run_blocking(state, _chat_prompt, state, req)
     request_id = random_id("chatcmpl")
     sub = await submit(state, request_id, [prompt], params, arrival)
@@ -231,6 +231,7 @@ def _response(
         "model": model,
         "choices": choices,
         "usage": usage(len(out.prompt_token_ids), n_gen, out.num_cached_tokens),
+        "prompt_logprobs": prompt_logprobs_json(out.prompt_logprobs),
     }
 
 

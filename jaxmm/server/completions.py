@@ -2,8 +2,10 @@
 
 `prompt` is a string, a list of strings, a list of token ids or a list of those; each
 prompt is one engine request with `n` completions, and choice `i * n + j` is completion j
-of prompt i. `echo` prepends the prompt text. Prompt logprobs are not computed, so `echo`
-together with `logprobs` is refused, as is `suffix` (no fill-in-the-middle).
+of prompt i. `echo` prepends the prompt text; with `logprobs` the prompt's tokens lead the
+logprobs too (computed as prompt logprobs; the first token has none). `response_format` and
+`structured_outputs` constrain the text as in chat. `suffix` (fill-in-the-middle) is
+refused.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse
 
 from jaxmm.outputs import Logprob, RequestOutput
+from jaxmm.server import structured
 from jaxmm.server.errors import APIError, api_errors
 from jaxmm.server.protocol import CompletionRequest, now, parse_request, random_id, usage
 from jaxmm.server.serving import (
@@ -28,6 +31,7 @@ from jaxmm.server.serving import (
     finite,
     get_state,
     prepare_prompt,
+    prompt_logprobs_json,
     run_blocking,
     stream_events,
     submit,
@@ -66,14 +70,25 @@ def _prepare(state: ServerState, prompts: list[str | list[int]], echo: bool) -> 
 class _LogprobsFormatter:
     """The completions API's logprobs shape; text offsets run on across stream chunks."""
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, tokenizer=None):
         self.k = k
+        self.tokenizer = tokenizer
         self.offsets: dict[int, int] = {}
 
-    def __call__(self, key: int, token_ids: list[int], entries: list[dict[int, Logprob]]):
+    def __call__(
+        self, key: int, token_ids: list[int], entries: list[dict[int, Logprob] | None]
+    ) -> dict:
         tokens, token_lps, tops, offsets = [], [], [], []
         offset = self.offsets.get(key, 0)
         for tid, entry in zip(token_ids, entries, strict=True):
+            if entry is None:  # an echoed prompt's first token: nothing before it
+                text = self.tokenizer.decode([tid]) if self.tokenizer else f"token_id:{tid}"
+                tokens.append(text)
+                token_lps.append(None)
+                tops.append(None)
+                offsets.append(offset)
+                offset += len(text)
+                continue
             lp = entry[tid]
             text = token_text(tid, lp)
             tokens.append(text)
@@ -101,29 +116,30 @@ async def create_completion(request: Request):
     model = check_model(state, req.model)
     if req.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
-    if req.echo and req.logprobs is not None:
-        raise APIError(
-            400,
-            "echo with logprobs is not supported (prompt logprobs are not computed)",
-            param="echo",
-        )
+    echo_lps = req.echo and req.logprobs is not None
+    so, so_field = structured.from_request(req)
     params = build_sampling_params(
         req,
         max_tokens=req.max_tokens,
         logprobs=req.logprobs,
         defaults=state.default_sampling_params,
+        # echo with logprobs: the prompt's logprobs lead the output's
+        prompt_logprobs=max(req.logprobs, req.prompt_logprobs or 0) if echo_lps else None,
+        structured_outputs=so,
     )
+    await structured.check(state, so, so_field)
     prompts = await run_blocking(state, _prepare, state, _split_prompts(req.prompt), req.echo)
     request_id = random_id("cmpl")
     sub = await submit(state, request_id, prompts, params, arrival)
     created = now()
     n = params.n
-    fmt = _LogprobsFormatter(req.logprobs or 0)
+    fmt = _LogprobsFormatter(req.logprobs or 0, state.client.engine.tokenizer)
+    with_plp = req.prompt_logprobs is not None
 
     if not req.stream:
         finals = await cancel_on_disconnect(request, collect(sub))
         return JSONResponse(
-            _response(finals, prompts, request_id, model, created, n, req.echo, fmt)
+            _response(finals, prompts, request_id, model, created, n, req.echo, fmt, with_plp)
         )
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -144,8 +160,31 @@ async def create_completion(request: Request):
             c["usage"] = usage(n_prompt, generated["n"]) if continuous else None
         return c
 
+    echoed: set[int] = set()
+
+    def echo_chunks(i: int, out: RequestOutput) -> list[dict]:
+        """With logprobs the echo waits for the prompt's logprobs (the first output)."""
+        if not echo_lps or i in echoed:
+            return []
+        echoed.add(i)
+        plp = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+        return [
+            chunk(
+                [
+                    _choice(
+                        i * n + j,
+                        prompts[i].text or "",
+                        fmt(i * n + j, out.prompt_token_ids, plp),
+                        None,
+                        None,
+                    )
+                ]
+            )
+            for j in range(n)
+        ]
+
     def head() -> list[dict]:
-        if not req.echo:
+        if not req.echo or echo_lps:
             return []
         return [
             chunk([_choice(i * n + j, p.text or "", None, None, None)])
@@ -154,7 +193,7 @@ async def create_completion(request: Request):
         ]
 
     def events(i: int, out: RequestOutput) -> list[dict]:
-        result = []
+        result = echo_chunks(i, out)
         for o in out.outputs:
             key = i * n + o.index
             d = deltas.delta(key, o)
@@ -196,6 +235,7 @@ def _response(
     n: int,
     echo: bool,
     fmt: _LogprobsFormatter,
+    with_plp: bool = False,
 ) -> dict:
     choices = []
     n_prompt = n_gen = n_cached = 0
@@ -206,8 +246,17 @@ def _response(
             n_gen += len(o.token_ids)
             key = i * n + o.index
             text = (prompt.text or "") + o.text if echo else o.text
-            lps = fmt(key, o.token_ids, o.logprobs) if o.logprobs is not None else None
-            choices.append(_choice(key, text, lps, o.finish_reason, o.stop_reason))
+            lps = None
+            if o.logprobs is not None:
+                ids, entries = o.token_ids, o.logprobs
+                if echo:  # the prompt's tokens first (its first token has no logprob)
+                    plp = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+                    ids, entries = out.prompt_token_ids + ids, plp + entries
+                lps = fmt(key, ids, entries)
+            choice = _choice(key, text, lps, o.finish_reason, o.stop_reason)
+            if with_plp:
+                choice["prompt_logprobs"] = prompt_logprobs_json(out.prompt_logprobs)
+            choices.append(choice)
     return {
         "id": request_id,
         "object": "text_completion",

@@ -55,6 +55,13 @@ class _SamplingFields(_Request):
     logit_bias: dict[str, float] | None = None
     best_of: int | None = None
     user: str | None = None
+    # vLLM extensions
+    prompt_logprobs: int | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -79,6 +86,7 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
+    response_format: dict[str, Any] | None = None
 
 
 class TokenizeCompletionRequest(_Request):

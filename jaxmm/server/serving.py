@@ -30,7 +30,7 @@ from starlette.responses import StreamingResponse
 
 from jaxmm.engine.async_engine import EngineClient, RequestStream
 from jaxmm.outputs import CompletionOutput, Logprob, RequestOutput
-from jaxmm.sampling_params import SamplingParams
+from jaxmm.sampling_params import SamplingParams, StructuredOutputsParams
 from jaxmm.server.errors import APIError, from_exception
 from jaxmm.server.metrics import RequestTracker, ServerMetrics
 
@@ -89,11 +89,15 @@ async def run_blocking(state: ServerState, fn: Callable, *args, **kwargs) -> Any
 
 
 def build_sampling_params(
-    req, *, max_tokens: int | None, logprobs: int | None, defaults: dict | None = None
+    req,
+    *,
+    max_tokens: int | None,
+    logprobs: int | None,
+    defaults: dict | None = None,
+    prompt_logprobs: int | None = None,
+    structured_outputs: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
     """The request's SamplingParams; `defaults` fill what the request leaves unset."""
-    if req.logit_bias:
-        raise APIError(400, "logit_bias is not supported", param="logit_bias")
     if req.best_of is not None and req.best_of != req.n:
         raise APIError(400, "best_of other than n is not supported", param="best_of")
     kwargs: dict[str, Any] = {
@@ -108,6 +112,9 @@ def build_sampling_params(
         "include_stop_str_in_output": req.include_stop_str_in_output,
         "spaces_between_special_tokens": req.spaces_between_special_tokens,
         "seed": req.seed,
+        "logit_bias": req.logit_bias or None,
+        "prompt_logprobs": req.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
+        "structured_outputs": structured_outputs,
     }
     for name in (
         "temperature",
@@ -399,6 +406,25 @@ def token_text(token_id: int, lp: Logprob) -> str:
 def finite(logprob: float) -> float:
     """JSON has no -inf: clamp like vLLM does."""
     return max(logprob, -9999.0)
+
+
+def prompt_logprobs_json(entries: list[dict[int, Logprob] | None] | None) -> list | None:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {id: logprob info}."""
+    if entries is None:
+        return None
+    return [
+        None
+        if e is None
+        else {
+            str(t): {
+                "logprob": finite(lp.logprob),
+                "rank": lp.rank,
+                "decoded_token": lp.decoded_token,
+            }
+            for t, lp in e.items()
+        }
+        for e in entries
+    ]
 
 
 def top_entries(entry: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
