@@ -209,3 +209,91 @@ def hf_greedy(path: str, prompts_ids: list[list[int]], max_new_tokens: int) -> l
             )
         outs.append(y[0, len(ids) :].tolist())
     return outs
+
+
+# ---------------------------------------------------------------------------------------
+# HF processors saved in the layouts transformers writes (processor_config.json in 5.x,
+# a file per sub-processor in 4.x)
+
+
+def qwen2_vl_video_processor(**kwargs):
+    """Qwen2-VL's video processor (Qwen2.5-VL uses the same class): transformers' own where
+    torchvision is installed. Without torchvision its module cannot be imported, so a class
+    of the same name on transformers' `BaseVideoProcessor` stands in, with the real one's
+    defaults and its min/max_pixels handling: what is tested is the config it saves."""
+    try:
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+        return Qwen2VLVideoProcessor(**kwargs)
+    except ImportError:
+        pass
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    class Qwen2VLVideoProcessor(BaseVideoProcessor):
+        resample = 3  # bicubic
+        size = {"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768}
+        image_mean = OPENAI_CLIP_MEAN
+        image_std = OPENAI_CLIP_STD
+        do_resize = do_rescale = do_normalize = do_convert_rgb = True
+        patch_size = 14
+        temporal_patch_size = 2
+        merge_size = 2
+        min_frames = 4
+        max_frames = 768
+        do_sample_frames = False
+        model_input_names = ["pixel_values_videos", "video_grid_thw"]
+
+        def __init__(self, **kw):
+            size = dict(kw.pop("size", None) or self.size)
+            if kw.get("min_pixels") is not None:
+                size["shortest_edge"] = kw.pop("min_pixels")
+            if kw.get("max_pixels") is not None:
+                size["longest_edge"] = kw.pop("max_pixels")
+            super().__init__(size=size, **kw)
+
+    return Qwen2VLVideoProcessor(**kwargs)
+
+
+def make_processor(cls, **parts):
+    """`cls(**parts)` for an HF processor class. transformers checks a video processor
+    against `VideoProcessorMixin`, which it exports only with torchvision installed (the
+    class itself needs none): without torchvision the check is pointed at that class while
+    the processor is built."""
+    import transformers.processing_utils as pu
+    from transformers.video_processing_utils import VideoProcessorMixin
+
+    module = pu.transformers_module
+    if "video_processor" not in parts or hasattr(module, "VideoProcessorMixin"):
+        return cls(**parts)
+    module.VideoProcessorMixin = VideoProcessorMixin
+    try:
+        return cls(**parts)
+    finally:
+        delattr(module, "VideoProcessorMixin")
+
+
+def save_processor_separately(processor, path: str) -> None:
+    """Save `processor` as transformers 4.x's `save_pretrained` did: each sub-processor by
+    its own `save_pretrained` (the image processor or feature extractor to
+    preprocessor_config.json, the video processor to video_preprocessor_config.json, the
+    tokenizer's files), and the processor's own settings, if it has any, in a flat
+    processor_config.json (5.x nests the sub-processors in that one file instead)."""
+    import json
+
+    attributes = processor.get_attributes()
+    for name in attributes:
+        getattr(processor, name).save_pretrained(path)
+    own = {k: v for k, v in processor.to_dict().items() if k not in attributes}
+    if set(own) - {"processor_class"}:
+        with open(os.path.join(path, "processor_config.json"), "w") as f:
+            json.dump(own, f, indent=2, sort_keys=True)
+
+
+def link_model_files(src: str, dst: str) -> str:
+    """dst gets src's model config and weights as symlinks (not its tokenizer/processor)."""
+    os.makedirs(dst, exist_ok=True)
+    for name in os.listdir(src):
+        if name in ("config.json", "generation_config.json") or name.endswith(".safetensors"):
+            os.symlink(os.path.join(src, name), os.path.join(dst, name))
+    return dst

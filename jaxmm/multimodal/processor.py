@@ -1,13 +1,17 @@
 """Pixels for the vision towers, from the checkpoint's HF image processor. Plain Python, no JAX.
 
 The image processor is `AutoImageProcessor` from the model directory (transformers picks
-its PIL backend where torchvision is absent). Two layouts come out of it:
+its PIL backend where torchvision is absent). The directory holds the processor's configs in
+either of the layouts transformers writes (`processor_configs`): one `processor_config.json`
+with each sub-processor nested under its name (5.x `processor.save_pretrained`), or a file per
+sub-processor (`preprocessor_config.json`, `video_preprocessor_config.json`: 4.x, and each
+sub-processor's own `save_pretrained`). Two layouts of pixels come out of it:
 - fixed-size towers (CLIP, LLaVA): `pixel_values` (C, H, W) per image;
 - patch towers (Qwen2-VL / Qwen2.5-VL): `pixel_values` (n, C*tp*p*p) flattened patches plus
   `grid_thw` = (t, h, w) in patches.
 Videos (patch towers only) go frame by frame through the same image processor, so resize
-and normalisation are exactly the images' (with the video pixel budget from
-`video_preprocessor_config.json` when the checkpoint has one), then consecutive frames are
+and normalisation are exactly the images' (with the video pixel budget from the checkpoint's
+video processor config when it has one), then consecutive frames are
 fused along the temporal patch axis the way HF's video processor lays them out:
 rows (t, h/m, w/m, m, m), columns (C, tp, p, p). HF's own video processor needs
 torchvision; this path needs PIL and numpy only. Placeholder expansion is the front end's
@@ -33,6 +37,49 @@ from PIL import Image
 from . import fast_image
 
 DEFAULT_VIDEO_FPS = 2.0  # HF Qwen2-VL processors' default sampling rate
+
+PROCESSOR_CONFIG = "processor_config.json"
+PREPROCESSOR_CONFIG = "preprocessor_config.json"  # image processor or audio feature extractor
+VIDEO_PREPROCESSOR_CONFIG = "video_preprocessor_config.json"
+# where each sub-processor's own config lives in the file-per-sub-processor layout
+_SEPARATE_FILES = {
+    "image_processor": PREPROCESSOR_CONFIG,
+    "feature_extractor": PREPROCESSOR_CONFIG,
+    "video_processor": VIDEO_PREPROCESSOR_CONFIG,
+}
+
+
+def processor_configs(path: str) -> dict[str, dict]:
+    """The checkpoint's HF sub-processor configs by name ("image_processor",
+    "video_processor", "feature_extractor"), from either layout transformers writes:
+
+    - 5.x `processor.save_pretrained`: one `processor_config.json` holding every
+      sub-processor's config under its name (a feature extractor may be "audio_processor");
+    - 4.x `processor.save_pretrained`, and any sub-processor's own `save_pretrained`:
+      `preprocessor_config.json` (the image processor or the feature extractor),
+      `video_preprocessor_config.json`, and at most a flat `processor_config.json` of the
+      processor's own settings (LLaVA's patch_size, ...), which names no sub-processor.
+
+    A nested config wins over a separate file, as in transformers' own loaders."""
+    out: dict[str, dict] = {}
+    nested = _read_json(os.path.join(path, PROCESSOR_CONFIG)) or {}
+    for name, value in nested.items():
+        if isinstance(value, dict) and name.endswith(("_processor", "_extractor")):
+            out["feature_extractor" if name == "audio_processor" else name] = value
+    for name, filename in _SEPARATE_FILES.items():
+        if name not in out:
+            config = _read_json(os.path.join(path, filename))
+            if config is not None:
+                out[name] = config
+    return out
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        value = json.load(f)
+    return value if isinstance(value, dict) else None
 
 
 class MultimodalProcessor:
@@ -68,27 +115,34 @@ class MultimodalProcessor:
         # without it; the class itself needs only PIL (fixed by 5.20.0)
         from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
-        if not os.path.exists(os.path.join(path, "preprocessor_config.json")):
+        configs = processor_configs(path)
+        if "image_processor" not in configs:
             raise ValueError(
-                f"{path!r} has no preprocessor_config.json: a multimodal checkpoint needs its "
-                "image processor's config next to config.json"
+                f"{path!r} has no image processor config: a multimodal checkpoint needs "
+                f"{PREPROCESSOR_CONFIG} or a {PROCESSOR_CONFIG} with an 'image_processor' entry "
+                "next to config.json (what the processor's save_pretrained writes)"
             )
-        image_processor = None
-        if image_backend:
-            try:
-                image_processor = AutoImageProcessor.from_pretrained(
-                    path, local_files_only=True, backend=image_backend
-                )
-            except (TypeError, ValueError):  # no such argument in this transformers
-                image_processor = None
-        if image_processor is None:
-            image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
-        video_config = None
-        video_path = os.path.join(path, "video_preprocessor_config.json")
-        if os.path.exists(video_path):
-            with open(video_path) as f:
-                video_config = json.load(f)
-        return cls(image_processor, video_config, kwargs, patch_bytes=patch_bytes)
+        try:
+            image_processor = None
+            if image_backend:
+                try:
+                    image_processor = AutoImageProcessor.from_pretrained(
+                        path, local_files_only=True, backend=image_backend
+                    )
+                except (TypeError, ValueError):  # no such argument in this transformers
+                    image_processor = None
+            if image_processor is None:
+                image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        except OSError as e:
+            if not os.path.exists(os.path.join(path, PREPROCESSOR_CONFIG)):
+                # transformers before 5.0 reads no nested sub-processor configs
+                raise ValueError(
+                    f"{path!r} keeps its image processor config inside {PROCESSOR_CONFIG} "
+                    "(transformers 5 layout), which this transformers cannot read: upgrade "
+                    f"transformers, or save the image processor to {PREPROCESSOR_CONFIG}"
+                ) from e
+            raise
+        return cls(image_processor, configs.get("video_processor"), kwargs, patch_bytes=patch_bytes)
 
     @property
     def patches(self) -> bool:
