@@ -1,6 +1,10 @@
 """Paged decode attention: jaxmm Pallas kernel vs its peers, one JSON line per measurement.
 
-    python benchmarks/attention_decode.py [--sweep] [--variants JSON] [--profile] [--out F]
+    python benchmarks/attention_decode.py [--sweep] [--variants JSON] [--profile]
+        [--out benchmarks/results/attention_decode_h100.json --run-name NAME]
+
+`--out F` appends this run to the results file F (benchmarks/results_io.py: every earlier
+run is kept), named by `--run-name`, and rewrites F after every row.
 
 Problem: bf16, N=32 query heads, K=8 KV heads, H=128, page size G=16, one query token per
 sequence, B in {1, 8, 64, 256} x max context L in {512, 2048, 8192}, all lengths = L
@@ -37,6 +41,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -44,6 +49,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.results_io import RunWriter  # noqa: E402
 
 N, K, H, G = 32, 8, 128, 16
 DTYPE = jnp.bfloat16
@@ -387,7 +395,8 @@ def main(argv=None):
         help="JSON list of gpu.decode.DecodeOptions kwarg dicts, each timed as jaxmm[k=v,...]",
     )
     ap.add_argument("--profile", action="store_true", help="device time per kernel, per call")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="results file to append this run to")
+    ap.add_argument("--run-name", default="run", help="the run's variant name in --out")
     ap.add_argument("--ejkernel-options", default=None, help="JSON kwargs for ejkernel's call")
     a = ap.parse_args(argv)
     if a.ejkernel_options:
@@ -401,12 +410,20 @@ def main(argv=None):
     print(json.dumps(dict(bench="env", **info)), flush=True)
     rows = []
     done = []
+    out = None
+    if a.out:
+        out = RunWriter(
+            a.out,
+            benchmark="attention_decode",
+            script="benchmarks/attention_decode.py",
+            variant=a.run_name,
+            env=info,
+        )
 
     def sink(row):  # rewrite the results file after every row: a timeout keeps what ran
         done.append(row)
-        if a.out:
-            with open(a.out, "w") as f:
-                json.dump(dict(env=info, rows=done), f, indent=1)
+        if out:
+            out.write(rows=done)
 
     if a.sweep:
         rows += sweep(sink)
@@ -423,9 +440,8 @@ def main(argv=None):
                 case, impls, a.modes.split(","), sink=sink, variants=variants, profile=a.profile
             )
             del case
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(dict(env=info, rows=rows), f, indent=1)
+    if out:
+        out.write(rows=rows)
     return rows
 
 

@@ -1,6 +1,7 @@
 """Causal prefill attention: jaxmm Pallas kernel (paged) vs cuDNN (dense), JSON lines.
 
-    python benchmarks/attention_prefill.py [--sweep] [--plans JSON] [--out results.json]
+    python benchmarks/attention_prefill.py [--sweep] [--plans JSON]
+        [--out benchmarks/results/attention_prefill_h100.json --run-name NAME]
 
 Problem: one sequence of S in {512, 2048, 8192} tokens, bf16, N=32, K=8, H=128, causal.
   jaxmm  paged_attention over a page-16 KV pool holding the sequence (KV already written);
@@ -32,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, ".")
 from benchmarks.attention_decode import DTYPE, G, H, K, N, env_info, time_chain  # noqa: E402
+from benchmarks.results_io import RunWriter  # noqa: E402
 from jaxmm.kernels.gpu.ragged_paged_attention import paged_attention  # noqa: E402
 from jaxmm.kernels.reference import write_kv  # noqa: E402
 
@@ -212,7 +214,8 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--write-only", action="store_true")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="results file to append this run to")
+    ap.add_argument("--run-name", default="run", help="the run's variant name in --out")
     ap.add_argument("--page-size", type=int, default=G, help="our KV pool's page size")
     ap.add_argument("--pages", choices=("random", "contiguous"), default="random")
     ap.add_argument("--plans", default=None, help="JSON list of Plan overrides for more rows")
@@ -235,8 +238,13 @@ def main(argv=None):
         if not a.no_write:
             rows += write_rows()
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(dict(env=info, rows=rows), f, indent=1)
+        RunWriter(
+            a.out,
+            benchmark="attention_prefill",
+            script="benchmarks/attention_prefill.py",
+            variant=a.run_name,
+            env=info,
+        ).write(rows=rows)
     return rows
 
 

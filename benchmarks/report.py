@@ -1,9 +1,11 @@
 """Regenerate the attention tables and the decode bandwidth plot in docs/performance.md.
 
-    python benchmarks/report.py [--decode JSON] [--prefill JSON] [--doc MD] [--svg SVG] [--check]
+    python benchmarks/report.py [--decode JSON] [--decode-run NAME] [--prefill JSON]
+        [--prefill-run NAME] [--doc MD] [--svg SVG] [--check]
 
-Reads the JSON written by `benchmarks/attention_decode.py` and `attention_prefill.py` and
-rewrites only what lies between the marker comments of the doc:
+Reads one run of each results file written by `benchmarks/attention_decode.py` and
+`attention_prefill.py` (benchmarks/results/INDEX.md; the run named DECODE_RUN / PREFILL_RUN
+unless told otherwise) and rewrites only what lies between the marker comments of the doc:
 
     <!-- report:decode-table -->  ...  <!-- /report:decode-table -->
     <!-- report:prefill-table --> ...  <!-- /report:prefill-table -->
@@ -28,8 +30,14 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks.results_io import select_run  # noqa: E402
+
 DECODE_JSON = ROOT / "benchmarks" / "results" / "attention_decode_h100.json"
-PREFILL_JSON = ROOT / "benchmarks" / "results" / "attention_prefill_mosaic_h100.json"
+PREFILL_JSON = ROOT / "benchmarks" / "results" / "attention_prefill_h100.json"
+# The runs the doc's tables show (a results file keeps every run; these name one each).
+DECODE_RUN = "all-peers"
+PREFILL_RUN = "mosaic"
 DOC = ROOT / "docs" / "performance.md"
 SVG = ROOT / "docs" / "img" / "decode_bandwidth.svg"
 
@@ -388,13 +396,15 @@ def replace_region(text: str, name: str, body: str) -> str:
     return text[: i + len(start)] + "\n\n" + body.strip("\n") + "\n\n" + text[j:]
 
 
-def render(decode: dict, prefill: dict, doc_text: str, doc: Path, svg: Path, src: Path):
+def render(decode: dict, prefill: dict, doc_text: str, doc: Path, svg: Path, src: str):
+    """The doc and the plot from one decode run and one prefill run; `src`: where the decode
+    run came from, as the doc names it."""
     link = Path(os.path.relpath(svg, doc.parent)).as_posix()
     decode_body = "\n".join(
         [
             f"![decode bandwidth]({link})",
             "",
-            f"Table and plot: `python benchmarks/report.py` from `{rel(src)}`.",
+            f"Table and plot: `python benchmarks/report.py` from {src}.",
             "**Bold**: the fastest whole call of the row (`kernel`, a part of `jaxmm`, is not "
             "ranked).",
             "",
@@ -409,13 +419,21 @@ def render(decode: dict, prefill: dict, doc_text: str, doc: Path, svg: Path, src
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--decode", type=Path, default=DECODE_JSON)
+    ap.add_argument("--decode-run", default=DECODE_RUN, help="variant name of the run to show")
     ap.add_argument("--prefill", type=Path, default=PREFILL_JSON)
+    ap.add_argument("--prefill-run", default=PREFILL_RUN, help="variant name of the run to show")
     ap.add_argument("--doc", type=Path, default=DOC)
     ap.add_argument("--svg", type=Path, default=SVG)
     ap.add_argument("--check", action="store_true", help="exit 1 if the doc/plot are stale")
     a = ap.parse_args(argv)
     doc_text = a.doc.read_text()
-    text, svg = render(load(a.decode), load(a.prefill), doc_text, a.doc, a.svg, a.decode)
+    decode_file = load(a.decode)
+    src = f"`{rel(a.decode)}`"
+    if "runs" in decode_file:
+        src += f", run `{a.decode_run}`"
+    decode = select_run(decode_file, a.decode_run)
+    prefill = select_run(load(a.prefill), a.prefill_run)
+    text, svg = render(decode, prefill, doc_text, a.doc, a.svg, src)
     if a.check:
         stale = []
         if text != doc_text:

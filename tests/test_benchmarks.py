@@ -23,3 +23,46 @@ def test_throughput_smoke(tmp_path, capsys):
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line == result
     assert result["output_tokens_per_s"] > 0 and result["jax_version"]
+
+
+def test_results_files_are_indexed():
+    """benchmarks/results: one file per benchmark and device, no session numbers in names,
+    each file and each run of the .json files listed in INDEX.md; JSON lines parse."""
+    import re
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    index = (results / "INDEX.md").read_text()
+    files = sorted(p.name for p in results.iterdir() if p.name != "INDEX.md")
+    assert files
+    for name in files:
+        assert re.fullmatch(r"[a-z0-9_]+_(h100|2core)\.jsonl?", name), name
+        assert not re.search(r"_s\d+_|session", name), name
+        assert f"`{name}`" in index, f"{name} missing from INDEX.md"
+        if name.endswith(".jsonl"):
+            for line in (results / name).read_text().splitlines():
+                assert isinstance(json.loads(line), dict)
+            continue
+        data = json.loads((results / name).read_text())
+        assert data["device"] and data["script"] and data["runs"]
+        variants = [r["variant"] for r in data["runs"]]
+        assert len(set(variants)) == len(variants), name
+        for r in data["runs"]:
+            assert r["date"] and r["env"]["device"] == data["device"]
+            assert f"`{r['variant']}`" in index, f"run {r['variant']} of {name} not in INDEX.md"
+
+
+def test_run_writer_appends_and_keeps_earlier_runs(tmp_path):
+    from benchmarks.results_io import RunWriter, select_run
+
+    path = tmp_path / "attention_decode_h100.json"
+    bare = dict(env=dict(device="GPU", date="2026-01-01"), rows=[dict(ms=1.0)])
+    path.write_text(json.dumps(bare))  # a file as the scripts wrote it before
+    w = RunWriter(path, benchmark="b", script="s.py", variant="new", env=dict(device="GPU"))
+    w.write(rows=[dict(ms=2.0)])
+    w.write(rows=[dict(ms=2.0), dict(ms=3.0)])  # rewritten after each row: still one run
+    data = json.loads(path.read_text())
+    assert [r.get("variant") for r in data["runs"]] == [None, "new"]
+    assert data["runs"][0] == bare and data["device"] == "GPU"
+    assert select_run(data, "new")["rows"] == [dict(ms=2.0), dict(ms=3.0)]
+    assert select_run(data)["variant"] == "new" and select_run(bare) is bare

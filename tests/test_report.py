@@ -73,12 +73,13 @@ def test_generated_tables_and_plot_match_json(tmp_path):
     text, svg = generate(tmp_path)
     assert outside(text) == outside(report.DOC.read_text())  # prose untouched
 
-    dec = json.loads(report.DECODE_JSON.read_text())
+    dec = report.select_run(json.loads(report.DECODE_JSON.read_text()), report.DECODE_RUN)
     rows = measured(dec["rows"])
     impls = report.impl_order({r["impl"] for r in rows})
     assert impls[:2] == ["jaxmm", "jaxmm_kernel"]
     body = region(text, "decode-table")
     assert "![decode bandwidth](img/decode_bandwidth.svg)" in body
+    assert f"run `{report.DECODE_RUN}`" in body  # the doc names the run it shows
     header, table_rows = table(body)
     assert header == ["B", "L", "lengths"] + [report.HEADER.get(i, i) for i in impls]
     for r in rows:
@@ -111,7 +112,7 @@ def test_generated_tables_and_plot_match_json(tmp_path):
         if sum(1 for x in rows if (str(x["B"]), str(x["L"]), x["lengths"]) == key) > 1:
             assert "**" in table_rows[key][report.HEADER.get(r["impl"], r["impl"])]
 
-    pre = json.loads(report.PREFILL_JSON.read_text())
+    pre = report.select_run(json.loads(report.PREFILL_JSON.read_text()), report.PREFILL_RUN)
     header, prows = table(region(text, "prefill-table"))
     assert header[0] == "S" and "ours / cuDNN" in header
     for r in pre["rows"]:
@@ -136,7 +137,7 @@ def test_check_passes_on_committed_docs():
 def test_check_fails_when_json_changes(tmp_path):
     generate(tmp_path)
     dec = json.loads(report.DECODE_JSON.read_text())
-    dec["rows"][0]["ms"] += 1.0
+    report.select_run(dec, report.DECODE_RUN)["rows"][0]["ms"] += 1.0
     stale = tmp_path / "decode.json"
     stale.write_text(json.dumps(dec))
     doc = tmp_path / "docs" / "performance.md"
@@ -176,3 +177,27 @@ def test_missing_rows_and_new_implementations(tmp_path):
     assert set(lines) == {(256, i, "equal") for i in legend} | {(1, "jaxmm", "random")}
     header, prows = table(region(text, "prefill-table"))
     assert header == ["S", "jaxmm ms", "jaxmm TFLOP/s"]
+
+
+def test_tables_come_from_the_named_run(tmp_path):
+    """A results file keeps every run: the table shows the run named, not the last one."""
+
+    def run(variant, ms):
+        row = dict(bench="decode", impl="jaxmm", B=8, L=512, lengths="equal", ms=ms, tb_s=1.0)
+        return dict(date="2026-01-01", variant=variant, env={}, rows=[row])
+
+    dec = tmp_path / "decode.json"
+    runs = [run("all-peers", 0.5), run("later", 0.25)]
+    dec.write_text(json.dumps(dict(benchmark="attention_decode", runs=runs)))
+    text, _ = generate(tmp_path, decode=dec)
+    _, rows = table(region(text, "decode-table"))
+    assert rows[("8", "512", "equal")]["jaxmm"] == "0.500 / 1.00"
+    assert "run `all-peers`" in region(text, "decode-table")
+    doc = tmp_path / "docs" / "performance.md"
+    svg = tmp_path / "docs" / "img" / "decode_bandwidth.svg"
+    args = ["--doc", str(doc), "--svg", str(svg), "--decode", str(dec)]
+    assert report.main(args + ["--decode-run", "later"]) == 0
+    _, rows = table(region(doc.read_text(), "decode-table"))
+    assert rows[("8", "512", "equal")]["jaxmm"] == "0.250 / 1.00"
+    with pytest.raises(KeyError, match="all-peers, later"):
+        report.main(args + ["--decode-run", "missing"])
