@@ -199,8 +199,11 @@ def test_a_dead_core_fails_requests_cleanly(ckpt):
 
 
 def test_a_core_that_cannot_start_says_why(ckpt):
+    config = engine_config(model=ckpt, **ENGINE_KW)
+    # ModelConfig refuses an unknown backend itself; past that check the core fails at start
+    object.__setattr__(config.model, "attention_backend", "nonsense")
     with pytest.raises(RuntimeError, match="failed to start: .*attention"):
-        ProcessEngine(engine_config(model=ckpt, attention_backend="nonsense", **ENGINE_KW))
+        ProcessEngine(config)
 
 
 # -- jaxmm serve -------------------------------------------------------------------------------
