@@ -5,6 +5,7 @@ llm = LLM(model="/path/to/checkpoint")
 print(llm.generate("Hello", SamplingParams(max_tokens=16))[0].outputs[0].text)
 """
 
+from jaxmm import quiet as _quiet
 from jaxmm.outputs import (
     CompletionOutput,
     EmbeddingOutput,
@@ -14,6 +15,10 @@ from jaxmm.outputs import (
 )
 from jaxmm.pooling import PoolingParams
 from jaxmm.sampling_params import SamplingParams
+
+# before transformers or JAX load (none of the above imports them): their notices that are
+# not the user's business
+_quiet.install()
 
 __version__ = "0.1.0"
 __all__ = [

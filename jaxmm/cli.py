@@ -280,8 +280,9 @@ def build_serve_parser(sub) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="run the engine core in a process of its own, so that HTTP work and engine "
-        "steps do not share one interpreter lock (default: on for text models; multimodal "
-        "and embedding models run the engine on a thread of the server process)",
+        "steps do not share one interpreter lock (default: on for generative models, "
+        "multimodal ones included; embedding models run the engine on a thread of the "
+        "server process)",
     )
     s.add_argument(
         "--uvicorn-log-level",
@@ -378,23 +379,15 @@ def cmd_serve(args) -> int:
         )
 
     from jaxmm.engine.async_engine import AsyncEngine
-    from jaxmm.engine.core_process import ProcessEngine, is_multimodal_checkpoint
+    from jaxmm.engine.core_process import ProcessEngine
     from jaxmm.engine.pooling_engine import is_pooling_checkpoint
     from jaxmm.llm import LLM, engine_config
     from jaxmm.server.app import build_app, serve
 
-    # text models: the engine core in a process of its own; the others keep it on a thread
+    # generative models (text, vision, audio): the engine core in a process of its own;
+    # embedding models keep it on a thread
     own_process = args.engine_process
     if is_pooling_checkpoint(model):
-        own_process = False
-    elif own_process is not False and is_multimodal_checkpoint(model):
-        if own_process:
-            print(
-                "error: --engine-process serves text models only; this checkpoint is "
-                "multimodal (its front end runs the encoders next to the engine)",
-                file=sys.stderr,
-            )
-            return 1
         own_process = False
     if own_process is not False:
         client = ProcessEngine(engine_config(**kwargs, warmup=args.warmup))

@@ -19,8 +19,9 @@ The two processes and their threads:
   outputs to the event loop in one `call_soon_threadsafe`.
 
 Messages are pickled tuples. Server to core: ("add", rid, prompt, params, prompt_ids,
-arrival), ("abort", [rid, ...]), ("call", call_id, fn, args), ("stop",). Core to server:
-("ready", info), ("startup_failed", text), ("ack", rid, error), ("out", deltas, stats),
+arrival), ("prepare", rid, pending, params, arrival), ("abort", [rid, ...]), ("call",
+call_id, fn, args), ("stop",). Core to server: ("ready", info), ("startup_failed", text),
+("ack", rid, error, prepared (text, ids) or None), ("out", deltas, stats),
 ("stats", stats), ("fail", [rid, ...]), ("result", call_id, value, error).
 
 A delta carries, per completion, how much of the text and token list the server already has
@@ -28,10 +29,13 @@ and what follows: outputs stay cumulative for the server's code (as with AsyncEn
 each step sends only its new tokens, so a step costs the same at token 10 and token 1000.
 
 The server side reads the tokenizer, the HF config and the engine config from the checkpoint
-itself (`FrontendView`); it never loads weights or touches a device. Only text models take
-this path: multimodal models, whose front end runs the vision and audio encoders on the
-device while it prepares a prompt, keep the engine on a thread of the server process
-(`AsyncEngine`).
+itself (`FrontendView`); it never loads weights or touches a device. Every model family
+takes this path. A multimodal prompt is prepared in the core, by the engine's own front
+end (media decoding, the HF processor, hashing: host work, on a pool of threads beside the
+loop): the server sends it as ("prepare", rid, pending prompt, params, arrival), the core
+adds the request once it is ready and acknowledges with its token ids. Chat messages with
+media parts are still rendered in the server process, from the model's declared
+multimodal interface that the core sends with "ready" (`multimodal.interface`).
 """
 
 from __future__ import annotations
@@ -66,6 +70,9 @@ from jaxmm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+# threads preparing multimodal prompts in the core (media decoding and HF processing
+# release the interpreter lock for their large copies; more threads only contend)
+PREPARE_THREADS = 2
 # what an add's error may be sent back as: the exceptions bad input raises
 _PORTABLE_ERRORS = (ValueError, TypeError, OverflowError)
 
@@ -73,8 +80,14 @@ _PORTABLE_ERRORS = (ValueError, TypeError, OverflowError)
 def _portable(e: BaseException) -> BaseException:
     """An add's exception as the server process may see it: bad-input errors keep their type
     and text; anything else becomes a generic EngineError (its text stays in the log)."""
+    from jaxmm.multimodal.fetch import MediaError
+
+    if isinstance(e, MediaError):  # refused media keeps its status (400 / 413)
+        return MediaError(str(e), e.status)
     if type(e) in _PORTABLE_ERRORS:
         return type(e)(str(e))
+    if isinstance(e, _PORTABLE_ERRORS):  # e.g. a template or processor error: its message
+        return ValueError(str(e))
     logger.error("the engine refused a request", exc_info=e)
     return EngineError("the engine could not take this request")
 
@@ -219,6 +232,7 @@ class FrontendView:
     """
 
     is_multimodal = False
+    prepares_remotely = True  # multimodal prompts are prepared by the core's front end
 
     def __init__(self, config):
         from jaxmm.runner.checkpoint import load_tokenizer, open_checkpoint
@@ -230,9 +244,27 @@ class FrontendView:
         self.hf_config = ck.hf_config
         self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(ck, mc.tokenizer)
         self.max_model_len: int = 0  # set from the core's "ready" message
+        self.mm_interface = None  # the model's declared multimodal interface, from "ready"
+        self._chat_frontend = None
 
     def tokenize(self, prompt) -> tuple[str | None, list[int]]:
         return tokenize_prompt(prompt, self.tokenizer)
+
+    def set_mm_interface(self, interface) -> None:
+        self.mm_interface = interface
+        self.is_multimodal = interface is not None
+
+    def mm_frontend(self):
+        """What chat rendering needs of the front end (the prompts go to the core)."""
+        if self.mm_interface is None:
+            raise ValueError("this is a text-only model: it takes no multi_modal_data")
+        if self._chat_frontend is None:
+            from jaxmm.multimodal.interface import ChatFrontend
+
+            self._chat_frontend = ChatFrontend(
+                self.mm_interface, self.tokenizer, self.config.multimodal
+            )
+        return self._chat_frontend
 
 
 def is_multimodal_checkpoint(model: str, load_format: str = "auto") -> bool:
@@ -277,6 +309,7 @@ class ProcessEngine(EngineView):
             self._kill()
             raise
         self.engine.max_model_len = info["max_model_len"]
+        self.engine.set_mm_interface(info.get("mm_interface"))
         self._stats: dict = dict(info["stats"])
         self._live: dict[str, _Live] = {}
         self._calls: dict[int, concurrent.futures.Future] = {}
@@ -337,20 +370,27 @@ class ProcessEngine(EngineView):
         mm: Any = None,
         arrival_time: float | None = None,
     ) -> RequestStream:
-        if mm is not None:
-            raise ValueError("this server's engine runs text models only: it takes no media")
+        from jaxmm.multimodal.interface import PendingPrompt
+
+        pending = mm if isinstance(mm, PendingPrompt) else None
+        if mm is not None and pending is None:
+            raise ValueError("prompts with media reach this engine as PendingPrompt")
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
         if request_id in self._live:
             raise ValueError(f"request id {request_id!r} is already running")
-        if prompt_ids is None:
+        if prompt_ids is None and pending is None:
             prompt, prompt_ids = self.engine.tokenize(prompt)
         loop = asyncio.get_running_loop()
         stream = RequestStream(request_id, self)
         ack = loop.create_future()
-        self._live[request_id] = _Live(stream, loop, prompt, list(prompt_ids), ack)
+        live = _Live(stream, loop, prompt, list(prompt_ids or ()), ack)
+        self._live[request_id] = live
         arrival = arrival_time if arrival_time is not None else time.monotonic()
-        self._commands.put(("add", request_id, prompt, params, list(prompt_ids), arrival))
+        if pending is not None:
+            self._commands.put(("prepare", request_id, pending, params, arrival))
+        else:
+            self._commands.put(("add", request_id, prompt, params, list(prompt_ids), arrival))
         try:
             await ack
         except asyncio.CancelledError:
@@ -359,6 +399,7 @@ class ProcessEngine(EngineView):
         except BaseException:
             self._live.pop(request_id, None)
             raise
+        stream.prompt, stream.prompt_token_ids = live.prompt, live.prompt_ids
         return stream
 
     def abort(self, request_id: str | list[str]) -> None:
@@ -446,9 +487,11 @@ class ProcessEngine(EngineView):
             for loop, items in by_loop.items():
                 _call_soon(loop, _deliver, items)
         elif kind == "ack":
-            _, rid, err = msg
+            _, rid, err, prepared = msg
             live = self._live.get(rid)
             if live is not None:
+                if prepared is not None:  # the core prepared it: its text and token ids
+                    live.prompt, live.prompt_ids = prepared
                 if err is not None:
                     self._live.pop(rid, None)
                 _call_soon(live.loop, _resolve, live.ack, err)
@@ -501,7 +544,12 @@ def _core_main(config, commands, out, log_level: int) -> None:
         sender.put(("startup_failed", f"{type(e).__name__}: {e}"))
         sender.close()
         return
-    sender.put(("ready", {"max_model_len": engine.max_model_len, "stats": engine.get_stats()}))
+    info = {"max_model_len": engine.max_model_len, "stats": engine.get_stats()}
+    if engine.is_multimodal:
+        from jaxmm.multimodal.interface import DeclaredInterface
+
+        info["mm_interface"] = DeclaredInterface.of(engine.runner.model_obj, engine.tokenizer)
+    sender.put(("ready", info))
     quiet_gc()
     try:
         _CoreLoop(engine, commands, sender).run()
@@ -568,27 +616,40 @@ class _CoreLoop:
         self.sender = sender
         self.live: set[str] = set()
         self.deltas = DeltaEncoder()
+        # multimodal prompts being prepared by the front end, on threads beside the loop
+        self.preparing: set[str] = set()
+        self.prepared: queue.SimpleQueue = queue.SimpleQueue()
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            PREPARE_THREADS, thread_name_prefix="jaxmm-prepare"
+        )
 
     def run(self) -> None:
         engine = self.engine
+        try:
+            self._run(engine)
+        finally:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run(self, engine) -> None:
         while True:
             busy = engine.has_unfinished_requests()
             try:
-                cmds = self._read(block=not busy)
+                cmds = self._read(block=not busy, timeout=0.002 if self.preparing else 1.0)
             except (EOFError, OSError):  # the server process went away
                 return
             for cmd in cmds:
                 if cmd[0] == "stop":
                     return
                 self._handle(cmd)
+            added = self._add_prepared()
             if engine.has_unfinished_requests():
                 self._step()
-            elif cmds:
+            elif cmds or added:
                 self.sender.put(("stats", engine.get_stats()))
 
-    def _read(self, block: bool) -> list:
+    def _read(self, block: bool, timeout: float = 1.0) -> list:
         cmds = []
-        if block and not self.commands.poll(1.0):
+        if block and not self.commands.poll(timeout):
             return cmds
         while self.commands.poll(0):
             cmds.append(self.commands.recv())
@@ -601,11 +662,17 @@ class _CoreLoop:
             try:
                 self.engine.add_request(rid, prompt, params, arrival, prompt_ids=prompt_ids)
             except Exception as e:  # bad input: this request only
-                self.sender.put(("ack", rid, _portable(e)))
+                self.sender.put(("ack", rid, _portable(e), None))
                 return
             self.live.add(rid)
-            self.sender.put(("ack", rid, None))
+            self.sender.put(("ack", rid, None, None))
+        elif kind == "prepare":
+            _, rid, pending, params, arrival = cmd
+            self.preparing.add(rid)
+            fut = self.pool.submit(pending.prepare, self.engine)
+            fut.add_done_callback(lambda f: self.prepared.put((rid, params, arrival, f)))
         elif kind == "abort":
+            self.preparing.difference_update(cmd[1])
             ids = [rid for rid in cmd[1] if rid in self.live]
             if ids:
                 self.engine.abort_request(ids)
@@ -618,6 +685,27 @@ class _CoreLoop:
             except Exception as e:
                 value, err = None, RuntimeError(f"{type(e).__name__}: {e}")
             self.sender.put(("result", cid, value, err))
+
+    def _add_prepared(self) -> int:
+        """Queue the requests whose prompts the front end has prepared since the last look."""
+        n = 0
+        while True:
+            try:
+                rid, params, arrival, fut = self.prepared.get_nowait()
+            except queue.Empty:
+                return n
+            if rid not in self.preparing:  # aborted while it was prepared
+                continue
+            self.preparing.discard(rid)
+            n += 1
+            try:
+                text, ids, mm = fut.result()
+                self.engine.add_request(rid, text, params, arrival, prompt_ids=list(ids), mm=mm)
+            except Exception as e:  # bad input: this request only
+                self.sender.put(("ack", rid, _portable(e), None))
+                continue
+            self.live.add(rid)
+            self.sender.put(("ack", rid, None, (text, list(ids))))
 
     def _step(self) -> None:
         try:

@@ -19,12 +19,17 @@ from __future__ import annotations
 
 import itertools
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from jaxmm import progress
 from jaxmm.config import EngineConfig
 from jaxmm.engine.block_manager import BlockManager
 from jaxmm.engine.detokenizer import detokenize_incrementally, find_stop_string, new_state
+from jaxmm.engine.encoder_cache import EncoderCacheManager
 from jaxmm.engine.prompts import check_prompt_ids, tokenize_prompt
 from jaxmm.engine.scheduler import ScheduledBatch, Scheduler
 from jaxmm.engine.sequence import Sequence
@@ -69,6 +74,7 @@ class _Pending:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
+        t_start = time.perf_counter()
         self.config = config
         enable_compilation_cache(config.compilation_cache_dir)
         mc = config.model
@@ -99,17 +105,40 @@ class LLMEngine:
         self.block_manager = BlockManager(
             self.runner.num_pages, cc.block_size, cc.enable_prefix_caching
         )
+        # the encoder stage: which rows of the runner's encoder cache hold which item
+        self.encoder_cache = (
+            EncoderCacheManager(self.runner.encoder_cache_rows)
+            if self.runner.encoder_cache is not None
+            else None
+        )
         self.scheduler = Scheduler(
-            self.runner.max_num_seqs, self.runner.max_num_batched_tokens, self.block_manager
+            self.runner.max_num_seqs,
+            self.runner.max_num_batched_tokens,
+            self.block_manager,
+            encoder_cache=self.encoder_cache,
         )
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0, "aborted": 0}
+        self.stats = {
+            "prompt_tokens": 0,
+            "generation_tokens": 0,
+            "finished": 0,
+            "aborted": 0,
+            "encoder_items": 0,
+        }
         self.async_scheduling = sc.async_scheduling
         self._pending: _Pending | None = None
+        self._mm_frontend = None
+        self._audio_frontend = None
+        self._frontend_lock = threading.Lock()
+        # encoder-decoder models: free cross-attention slots (one per running request)
+        self._free_slots = list(range(self.runner.cross_slots))
         if config.warmup:
             self.runner.warmup()
+        else:
+            progress.lazy_compile_note(len(self.runner.token_buckets))
+        progress.note("engine ready in %.1f s", time.perf_counter() - t_start)
 
     # -- input ------------------------------------------------------------------------------
     def next_request_id(self) -> str:
@@ -176,6 +205,7 @@ class LLMEngine:
         else:
             text = prompt if isinstance(prompt, str) else None
         self.validate(prompt_ids, params)
+        spans = self._mm_spans(mm)
         self._check_logits_params(params)
         seqs = []
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
@@ -186,6 +216,7 @@ class LLMEngine:
                 num_prompt_tokens=len(prompt_ids),
                 index=i,
                 extra_keys=getattr(mm, "extra_keys", ()) if mm is not None else (),
+                mm_spans=spans,
             )
             seq.data["seed"] = (base_seed + 0x9E3779B1 * i) & 0xFFFFFFFF
             seq.data["detok"] = new_state(len(prompt_ids))
@@ -214,6 +245,56 @@ class LLMEngine:
         for seq in seqs:
             self.scheduler.add(seq)
 
+    def _mm_spans(self, mm) -> tuple[tuple[int, int, str], ...]:
+        """The prompt positions each item's encoder output replaces (encoder-stage models)."""
+        items = getattr(mm, "items", None)
+        if not items or self.encoder_cache is None:
+            return ()
+        spans = []
+        for it in items:
+            if it.end - it.start > self.encoder_cache.num_rows:
+                raise ValueError(
+                    f"a {it.modality} of {it.end - it.start} tokens exceeds the encoder cache "
+                    f"({self.encoder_cache.num_rows} rows): send a smaller {it.modality}"
+                )
+            spans.append((it.start, it.end, it.cache_key))
+        return tuple(spans)
+
+    def mm_frontend(self):
+        """The multimodal front end for this model, built on first use: host-only, given the
+        model's declared multimodal interface, the tokenizer and the processor's files."""
+        with self._frontend_lock:
+            if self._mm_frontend is None:
+                from jaxmm.multimodal.inputs import MultimodalFrontend
+
+                self._mm_frontend = MultimodalFrontend(
+                    self.runner.model_obj,
+                    self.tokenizer,
+                    getattr(self.checkpoint, "processor_path", None),
+                    self.config.multimodal,
+                )
+            return self._mm_frontend
+
+    def audio_frontend(self):
+        """The audio front end (Whisper, audio-language models), built on first use."""
+        with self._frontend_lock:
+            if self._audio_frontend is None:
+                from jaxmm.multimodal.audio_inputs import AudioFrontend
+
+                self._audio_frontend = AudioFrontend(
+                    self.runner.model_obj,
+                    self.tokenizer,
+                    getattr(self.checkpoint, "processor_path", None),
+                    self.config.multimodal,
+                    self.hf_config,
+                )
+            return self._audio_frontend
+
+    def reset_mm_cache(self) -> None:
+        """Forget the cached encoder outputs no running request holds."""
+        if self.encoder_cache is not None:
+            self.encoder_cache.reset()
+
     def abort_request(self, request_id) -> None:
         ids = {request_id} if isinstance(request_id, str) else set(request_id)
         self.scheduler.abort(ids)
@@ -223,12 +304,12 @@ class LLMEngine:
                 self._release(req)
                 self.stats["aborted"] += 1
 
-    @staticmethod
-    def _release(req: Request) -> None:
-        """Give back per-request device state the front end took (e.g. encoder slots)."""
-        release = getattr(req.mm, "release", None)
-        if release is not None:
-            release()
+    def _release(self, req: Request) -> None:
+        """Give back the request's cross-attention slot (encoder-decoder models)."""
+        slot = getattr(req.mm, "slot", None)
+        if slot is not None:
+            req.mm.slot = None
+            self._free_slots.append(slot)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or self._pending is not None
@@ -272,6 +353,13 @@ class LLMEngine:
             s.banned_ids = banned or None
         if req.mm is not None:
             req.mm.fill_step(s, seq, start, n)
+        if seq.mm_spans:  # encoder outputs over this chunk's placeholder tokens
+            rows = []
+            for lo, hi, key in seq.mm_spans:
+                a, b = max(lo, start), min(hi, start + n)
+                if a < b:
+                    rows.append((a - start, self.encoder_cache.entries[key].rows[a - lo : b - lo]))
+            s.mm_rows = rows or None
         return s
 
     def step(self) -> list[RequestOutput]:
@@ -310,7 +398,39 @@ class LLMEngine:
                 done.add(seq.seq_id)
         return done
 
+    def _run_encoders(self, batch: ScheduledBatch) -> None:
+        """The step's encoder work: items its chunks need that the encoder cache lacks."""
+        jobs = []
+        for seq, key in batch.encoder_items:
+            item = self.requests[seq.request_id].mm.item(key)
+            jobs.append((item.modality, item.data, self.encoder_cache.entries[key].rows))
+        self.runner.encode(jobs)
+        for _, key in batch.encoder_items:
+            self.encoder_cache.entries[key].ready = True
+        self.stats["encoder_items"] += len(jobs)
+
+    def _run_cross_encoders(self, batch: ScheduledBatch) -> None:
+        """Encoder-decoder models: requests scheduled for the first time get a slot, and
+        their encoders run into it together."""
+        new = []
+        for seq in batch.seqs:
+            mm = self.requests[seq.request_id].mm
+            if getattr(mm, "slot", 0) is None and mm not in new:
+                if not self._free_slots:  # max_num_seqs <= slots: never, short of a bug
+                    raise RuntimeError("no free cross-attention slot for a scheduled request")
+                mm.slot = self._free_slots.pop()
+                new.append(mm)
+        if new:
+            self.runner.encode_cross(np.stack([m.features for m in new]), [m.slot for m in new])
+            for m in new:
+                m.features = None  # the slot holds it now
+            self.stats["encoder_items"] += len(new)
+
     def _launch(self, batch: ScheduledBatch, pending: _Pending | None) -> _Pending:
+        if batch.encoder_items:
+            self._run_encoders(batch)
+        if self.runner.cross_slots:
+            self._run_cross_encoders(batch)
         steps = [self._seq_step(seq, n) for seq, n in zip(batch.seqs, batch.num_new_tokens)]
         handle = self.runner.dispatch(
             steps, None if pending is None else pending.handle, self._mask_filler(batch)
@@ -319,6 +439,8 @@ class LLMEngine:
         sync = False
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             seq.num_computed_tokens += n
+            if seq.mm_spans:  # items its prefill has passed: no longer held for it
+                self.scheduler.release_items(seq, upto=seq.num_computed_tokens)
             if seq.num_computed_tokens == len(seq):
                 sampled.append((seq, len(seq)))
                 seq.token_ids.append(-(row + 1))  # filled in by `_resolve`

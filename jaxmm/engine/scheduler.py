@@ -8,6 +8,15 @@ Plain Python, no JAX. Each step has a token budget (`max_num_batched_tokens`):
 2. Then waiting sequences, in order, while budget, `max_num_seqs` and pages allow; each
    starts from its longest cached prefix.
 The step's batch lists decodes first, then prefill chunks (the attention contract's order).
+
+Encoder work (multimodal models) has a budget of its own, in encoder output rows per step
+(vLLM's encoder compute budget). A prefill chunk that covers an item (image, video, audio)
+whose output is not in the encoder cache schedules the item's encoder run in this step and
+allocates its rows (`EncoderCacheManager`); when the encoder budget or the cache is spent,
+the chunk stops before the item and goes on next step. An item found in the cache (a
+repeated image, or another sequence's) runs no encoder; a chunk that a cached prefix
+already covers needs no item at all. The first item of a step may exceed the budget alone,
+so an item larger than the budget still runs.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
+from .encoder_cache import EncoderCacheManager
 from .sequence import Sequence, SequenceStatus
 
 
@@ -24,6 +34,9 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # items whose encoder runs before this step: (sequence, key), rows already allocated
+    encoder_items: list[tuple[Sequence, str]] = field(default_factory=list)
+    encoder_rows: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -34,10 +47,21 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, block_manager: BlockManager):
+    def __init__(
+        self,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        block_manager: BlockManager,
+        encoder_cache: EncoderCacheManager | None = None,
+        encoder_budget: int | None = None,
+    ):
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.block_manager = block_manager
+        self.encoder_cache = encoder_cache
+        self.encoder_budget = encoder_budget or max_num_batched_tokens
+        # encoder cache keys each sequence holds (until its prefill has passed them)
+        self._held: dict[int, set[str]] = {}
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -51,6 +75,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free_seq(seq)
+        self.release_items(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -69,7 +94,10 @@ class Scheduler:
             if seq.seq_id in exclude:
                 i += 1
                 continue
-            n = min(seq.num_uncomputed, budget)
+            n = self._fit_encoder(seq, min(seq.num_uncomputed, budget), batch)
+            if n == 0:  # its next item's encoder waits for budget or cache room
+                i += 1
+                continue
             scheduled = True
             while not bm.ensure_slots(seq, seq.num_computed_tokens + n):
                 victim = self.running.pop()  # lowest priority: admitted last
@@ -97,9 +125,10 @@ class Scheduler:
                 break  # preempted while its last token is in flight: admit it next step
             if not seq.block_table:
                 bm.admit(seq)
-            n = min(seq.num_uncomputed, budget)
-            if not bm.ensure_slots(seq, seq.num_computed_tokens + n):
+            n = self._fit_encoder(seq, min(seq.num_uncomputed, budget), batch)
+            if n == 0 or not bm.ensure_slots(seq, seq.num_computed_tokens + n):
                 bm.free_seq(seq)
+                self.release_items(seq)
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -108,11 +137,74 @@ class Scheduler:
             batch.num_new_tokens.append(n)
             budget -= n
 
+        if batch.encoder_items:  # only items a scheduled sequence still holds
+            scheduled = {s.seq_id: s for s in batch.seqs}
+            keep = []
+            for _, key in batch.encoder_items:
+                entry = self.encoder_cache.entries.get(key)
+                owner = (
+                    None
+                    if entry is None
+                    else next((scheduled[o] for o in entry.owners if o in scheduled), None)
+                )
+                if owner is not None:
+                    keep.append((owner, key))
+            batch.encoder_items = keep
+            batch.encoder_rows = sum(
+                self.encoder_cache.entries[k].num_rows for _, k in batch.encoder_items
+            )
+
         # decodes first, then prefill chunks (stable)
         order = sorted(range(len(batch.seqs)), key=lambda j: batch.num_new_tokens[j] != 1)
         batch.seqs = [batch.seqs[j] for j in order]
         batch.num_new_tokens = [batch.num_new_tokens[j] for j in order]
         return batch
+
+    # -- encoder work ---------------------------------------------------------------------------
+    def _fit_encoder(self, seq: Sequence, n: int, batch: ScheduledBatch) -> int:
+        """The chunk's length once every item it covers has encoder rows: items in the cache
+        are taken as they are, others are allocated and queued for this step's encoder run
+        while the encoder budget and the cache allow; the chunk stops before the first item
+        that does not fit."""
+        cache = self.encoder_cache
+        if not seq.mm_spans or cache is None:
+            return n
+        start = seq.num_computed_tokens
+        held = self._held.setdefault(seq.seq_id, set())
+        queued = {k for _, k in batch.encoder_items}
+        for lo, hi, key in seq.mm_spans:
+            if hi <= start:
+                continue
+            if lo >= start + n:
+                break
+            entry = cache.get(key)
+            if entry is None or (not entry.ready and key not in queued):
+                rows = hi - lo
+                over = batch.encoder_rows and batch.encoder_rows + rows > self.encoder_budget
+                if over or (entry is None and not cache.can_allocate(rows)):
+                    return max(lo - start, 0)
+                if entry is None:
+                    entry = cache.allocate(key, rows, seq.seq_id)
+                batch.encoder_items.append((seq, key))
+                batch.encoder_rows += rows
+                queued.add(key)
+            if key not in held:
+                if seq.seq_id not in entry.owners:
+                    cache.acquire(key, seq.seq_id)
+                held.add(key)
+        return n
+
+    def release_items(self, seq: Sequence, upto: int | None = None) -> None:
+        """Drop the sequence's hold on the items its prefill has passed (all with None)."""
+        held = self._held.get(seq.seq_id)
+        if not held or self.encoder_cache is None:
+            return
+        for _, hi, key in seq.mm_spans:
+            if key in held and (upto is None or hi <= upto):
+                self.encoder_cache.release(key, seq.seq_id)
+                held.discard(key)
+        if not held:
+            self._held.pop(seq.seq_id, None)
 
     def postprocess(self, batch: ScheduledBatch) -> list[Sequence]:
         """Advance computed counts; returns the sequences whose next token was sampled."""
@@ -129,6 +221,7 @@ class Scheduler:
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
         self.block_manager.free_seq(seq)
+        self.release_items(seq)
         if seq in self.running:
             self.running.remove(seq)
         else:

@@ -28,6 +28,9 @@ class Sequence:
     # content keys that make otherwise-equal token pages differ (multimodal item hashes),
     # as (start, end, key) spans over token positions
     extra_keys: tuple[tuple[int, int, str], ...] = ()
+    # multimodal items whose encoder output replaces prompt positions [start, end), as
+    # (start, end, key) in prompt order: the scheduler gets their encoder work done first
+    mm_spans: tuple[tuple[int, int, str], ...] = ()
     seq_id: int = field(default_factory=lambda: next(_counter))
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)

@@ -185,8 +185,9 @@ class LlavaForConditionalGeneration(nnx.Module):
                 padded = np.zeros((B, *chunk.shape[1:]), np.float32)
                 padded[: len(chunk)] = chunk
                 feats = run(params, padded)  # (B, n, D_text)
-                # feats[j]: one program per (B, n, D_text), any j
-                out.extend(DeviceRows(feats[j]) for j in range(len(chunk)))
+                n = feats.shape[1]
+                flat = feats.reshape(-1, feats.shape[-1])  # (B * n, D_text)
+                out.extend(DeviceRows(flat, j * n, (j + 1) * n) for j in range(len(chunk)))
             return out
 
         return encode

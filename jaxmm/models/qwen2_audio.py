@@ -112,6 +112,11 @@ class Qwen2AudioForConditionalGeneration(nnx.Module):
         del modality
         return "<|audio_bos|><|AUDIO|><|audio_eos|>"
 
+    def mm_num_tokens(self, modality: str, item: dict) -> int:
+        """Rows the audio encoder gives for an item (its valid mel frames, conv and pooling)."""
+        del modality
+        return int(audio_output_lengths(int(np.asarray(item["feature_attention_mask"]).sum()))[1])
+
     def get_audio_features(self, features: jax.Array, mel_lengths: jax.Array) -> jax.Array:
         """features (B, mel, 2C), mel_lengths (B,) -> (B, C/2, D_text); rows past each
         item's token count are padding."""
@@ -142,9 +147,12 @@ class Qwen2AudioForConditionalGeneration(nnx.Module):
                 padded_n = np.full(B, chunk.shape[-1], np.int32)
                 padded_n[: len(n)] = n
                 rows = run(params, padded, padded_n)  # (B, C/2, D_text)
-                # rows[j]: one program per (B, C/2, D_text), any j; the view trims the padding
+                per = rows.shape[1]
+                flat = rows.reshape(-1, rows.shape[-1])  # (B * C/2, D_text)
+                # each item's rows, padding trimmed: views of one array
                 for j, mel in enumerate(n):
-                    out.append(DeviceRows(rows[j], 0, int(audio_output_lengths(int(mel))[1])))
+                    count = int(audio_output_lengths(int(mel))[1])
+                    out.append(DeviceRows(flat, j * per, j * per + count))
             return out
 
         return encode

@@ -27,13 +27,12 @@ import numpy as np
 from flax import nnx
 
 from jaxmm.layers.rope import rope_parameters
-from jaxmm.models.device_rows import DeviceRows, own_rows
+from jaxmm.models.device_rows import DeviceRows
 from jaxmm.models.encoder_jit import encoder_jit
 from jaxmm.models.encoders.qwen2_vl_vision import (
     Qwen2_5_VisionTransformer,
     Qwen2VisionTransformer,
     attention_implementation,
-    ladder,
     layout_slots,
     pack,
     patch_pixels,
@@ -225,12 +224,9 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
                 b["unpermute"],
             )  # (M, D_text) in the model's dtype, items back to back, padding rows last
             counts = [len(px) // unit for px, _ in chunk]
-            if len(chunk) == 1:
-                return [DeviceRows(merged, 0, counts[0])]
-            # several items: each gets an array of its own (ladder(n, 16) rows: a program per
-            # bucket), so a cached item keeps only its rows alive
+            # views of the call's output: the runner copies them into its encoder cache
             starts = np.cumsum(counts) - counts
-            return [own_rows(merged, int(s), n, ladder(n, 16)) for s, n in zip(starts, counts)]
+            return [DeviceRows(merged, int(s), int(s) + n) for s, n in zip(starts, counts)]
 
         def encode(params, modality: str, items: list[dict]) -> list[DeviceRows]:
             # (table, items, their patch sources) per call

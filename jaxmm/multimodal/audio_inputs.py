@@ -1,30 +1,25 @@
 """Audio prompts -> token ids + the per-request object the engine feeds the runner with.
 
-Two kinds of audio model, one front end per engine (`audio_frontend(engine)`):
+Two kinds of audio model, one front end per engine (`LLMEngine.audio_frontend()`), host-only
+like the image front end (it is given the model's declared interface, the tokenizer, the
+processor's files and the HF config; it holds no engine and runs no encoder):
 
 - Encoder-decoder (Whisper). The prompt is the decoder's: by default
   `<|startoftranscript|><|lang|><|task|><|notimestamps|>` as HF's `generate` builds it from
   the generation config (English-only checkpoints: `<|startoftranscript|><|notimestamps|>`).
   The audio becomes log-mel features with the checkpoint's own `WhisperFeatureExtractor`.
-  The request object (`WhisperRequest`) takes a cross-attention slot and runs the encoder
-  when the request is first scheduled (`fill_step`), batching other prepared requests'
-  encoders into the same call while slots are free, then hands the runner its slot every
-  step and the suppressed tokens HF's generate masks (`suppress_tokens` always,
-  `begin_suppress_tokens` for the first generated token). `release()` frees the slot.
+  The request object (`WhisperRequest`, plain data) carries the features and the tokens
+  HF's generate suppresses (`suppress_tokens` always, `begin_suppress_tokens` for the first
+  generated token). The engine's encoder stage gives the request a cross-attention slot
+  and runs the encoder when it is first scheduled (`LLMEngine._run_cross_encoders`), and
+  frees the slot when it finishes.
 - Audio-in-LLM (Qwen2-Audio). Each audio becomes log-mel features as the checkpoint's HF
-  processor makes them; the model's audio encoder runs once per item when the prompt is
-  prepared (rows cached by uuid or content hash, so an item sent as `None` with a known uuid
-  is served from the cache), each placeholder token is expanded to its item's number of rows,
-  and the rows are spliced over the placeholders like images
-  (`jaxmm.multimodal.inputs.MultimodalRequest`). Chat audio parts arrive here through
+  processor makes them (prepared items cached by uuid or content hash, so an item sent as
+  `None` with a known uuid is served from the cache), each placeholder token is expanded to
+  its item's number of rows, and the engine's encoder stage encodes and splices the rows
+  like images' (`jaxmm.multimodal.inputs.MultimodalRequest`). Chat audio parts arrive here through
   `chat_parts.conversation_to_mm_prompt` as token ids with one placeholder per part.
 
-Slots. A sequence that has started keeps its slot until its request finishes, including
-across preemption; the scheduler admits a new sequence only after every preempted one is
-back, so live requests never outnumber `max_num_seqs`. The slot count can be lower than
-`max_num_seqs` (the model caps the slabs' memory), so the scheduler's `max_num_seqs` is
-lowered to it. Slots taken ahead of time for batching belong to requests that have not
-started and are taken back when a started request needs one.
 
 Audio items: `(samples, sample_rate)` (1-D, or 2-D channels-first or channels-last, any
 rate; folded to mono when the feature extractor takes one channel, then resampled to its
@@ -39,7 +34,6 @@ import hashlib
 import logging
 import os
 import threading
-import weakref
 
 import numpy as np
 
@@ -49,8 +43,6 @@ from .inputs import check_prompt_keys
 
 logger = logging.getLogger(__name__)
 
-# encoder calls batch at most this many requests (padded to a power of two)
-MAX_ENCODE_BATCH = 8
 TASKS = ("transcribe", "translate")
 
 
@@ -93,15 +85,24 @@ def _audio_items(data) -> list:
 
 
 class WhisperRequest:
-    """`Request.mm` of one transcription: features until encoded, then a slot."""
+    """`Request.mm` of one transcription: the encoder's input and the decoder's suppressions.
 
-    def __init__(self, frontend: AudioFrontend, features: np.ndarray, key: str):
-        self.frontend = frontend
-        self.features = features  # (mel, frames); dropped once encoded for good
+    Plain data. The engine gives the request a cross-attention slot (`slot`) when it is
+    first scheduled, runs the encoder into it, and frees it when the request finishes.
+    """
+
+    def __init__(
+        self,
+        features: np.ndarray,
+        key: str,
+        suppress_tokens: list[int],
+        begin_suppress_tokens: list[int],
+    ):
+        self.features = features  # (mel, frames); dropped once encoded
         self.key = key
-        self.slot: int | None = None
-        self.started = False
-        self.released = False
+        self.suppress_tokens = suppress_tokens
+        self.begin_suppress_tokens = begin_suppress_tokens
+        self.slot: int | None = None  # set by the engine
 
     @property
     def extra_keys(self) -> tuple[tuple[int, int, str], ...]:
@@ -110,59 +111,15 @@ class WhisperRequest:
 
     def fill_step(self, step, seq, start: int, n: int) -> None:
         del start, n
-        if self.released:
-            raise RuntimeError("a released Whisper request was scheduled")
-        self.started = True
         if self.slot is None:
-            self.frontend.encode(self)
-        self.features = None  # the slot stays ours until release()
+            raise RuntimeError("a Whisper request was scheduled without a cross-attention slot")
         step.seq_inputs = {"cross_slot": np.int32(self.slot)}
         if step.sample:
-            fe = self.frontend
-            banned = list(step.banned_ids or []) + fe.suppress_tokens
+            banned = list(step.banned_ids or []) + self.suppress_tokens
             if seq.num_output_tokens == 0:
-                banned += fe.begin_suppress_tokens
+                banned += self.begin_suppress_tokens
             if banned:
                 step.banned_ids = banned
-
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.frontend.release(self)
-
-
-class SlotPool:
-    """Cross-attention slots, each owned by at most one request. Plain Python."""
-
-    def __init__(self, num_slots: int):
-        self.free = list(range(num_slots))
-        self.owner: dict[int, weakref.ref] = {}
-
-    def take(self, req: WhisperRequest, steal: bool) -> int | None:
-        self._collect()
-        if not self.free and steal:
-            for slot, ref in list(self.owner.items()):
-                other = ref()
-                if other is not None and not other.started:  # encoded ahead, not running
-                    other.slot = None
-                    self.put(slot)
-                    break
-        if not self.free:
-            return None
-        slot = self.free.pop(0)
-        self.owner[slot] = weakref.ref(req)
-        req.slot = slot
-        return slot
-
-    def put(self, slot: int) -> None:
-        self.owner.pop(slot, None)
-        self.free.append(slot)
-
-    def _collect(self) -> None:
-        """Slots of requests that were prepared, encoded ahead and then dropped unqueued."""
-        for slot, ref in list(self.owner.items()):
-            if ref() is None:
-                self.put(slot)
 
 
 # ---------------------------------------------------------------------------------------
@@ -170,17 +127,24 @@ class SlotPool:
 
 
 class AudioFrontend:
-    def __init__(self, engine):
-        self.engine = engine
-        runner = engine.runner
-        self.model = runner.model_obj
+    """Audio prompts -> token ids + host items (see the module docstring).
+
+    model: the model's declared multimodal interface; tokenizer; processor_path: the
+    checkpoint directory with the feature extractor's config; config: the engine's
+    `MultimodalConfig`; hf_config: the checkpoint's config (Whisper's generation defaults).
+    """
+
+    def __init__(self, model, tokenizer, processor_path: str | None, config, hf_config):
+        self._tokenizer = tokenizer
+        self.config = config
+        self.model = model
         supported = tuple(getattr(self.model, "mm_modalities", ()))
         if "audio" not in supported:
             raise ValueError(
                 f"{type(self.model).__name__} does not take 'audio' inputs; it takes: "
                 + (", ".join(supported) or "text only")
             )
-        path = getattr(engine.checkpoint, "processor_path", None)
+        path = processor_path
         if path is None:
             raise ValueError("this checkpoint carries no audio feature extractor config")
         from transformers import AutoFeatureExtractor
@@ -194,10 +158,9 @@ class AudioFrontend:
         self.max_seconds = float(getattr(fe, "chunk_length", 30))
         self.encoder_decoder = bool(getattr(self.model, "is_encoder_decoder", False))
         self._lock = threading.Lock()
-        self.cache = EncoderCache()  # audio-in-LLM rows by uuid or content hash
-        self._encode = None
+        self.cache = EncoderCache()  # audio-in-LLM prepared items by uuid or content hash
         if self.encoder_decoder:
-            self._init_whisper(engine)
+            self._init_whisper(hf_config)
 
     # -- audio ---------------------------------------------------------------------------------
     def load(self, item) -> np.ndarray:
@@ -235,28 +198,14 @@ class AudioFrontend:
         return np.asarray(out, np.float32)
 
     # -- Whisper -------------------------------------------------------------------------------
-    def _init_whisper(self, engine) -> None:
+    def _init_whisper(self, cfg) -> None:
         from transformers import GenerationConfig
 
-        runner = engine.runner
-        L = runner.num_layers
-        self.num_slots = int(runner.kv_caches[L].shape[1])
-        if engine.scheduler.max_num_seqs > self.num_slots:
-            logger.warning(
-                "max_num_seqs lowered from %d to %d: that many cross-attention slots fit",
-                engine.scheduler.max_num_seqs,
-                self.num_slots,
-            )
-            engine.scheduler.max_num_seqs = self.num_slots
-        self.slots = SlotPool(self.num_slots)
-        self._pending: list[weakref.ref] = []  # prepared, not yet encoded, in order
-        self._write = self.model.cross_kv_writer(runner.graphdef)
         if os.path.exists(os.path.join(self.path, "generation_config.json")):
             gen = GenerationConfig.from_pretrained(self.path, local_files_only=True)
         else:
-            gen = GenerationConfig.from_model_config(engine.hf_config)
+            gen = GenerationConfig.from_model_config(cfg)
         self.generation_config = gen
-        cfg = engine.hf_config
         self.suppress_tokens = list(
             gen.suppress_tokens or getattr(cfg, "suppress_tokens", None) or []
         )
@@ -267,9 +216,9 @@ class AudioFrontend:
 
     @property
     def tokenizer(self):
-        if self.engine.tokenizer is None:
+        if self._tokenizer is None:
             raise ValueError("the tokenizer is off (skip_tokenizer_init); pass prompt_token_ids")
-        return self.engine.tokenizer
+        return self._tokenizer
 
     def decoder_prompt(
         self, language: str | None = "en", task: str = "transcribe", prompt: str | None = None
@@ -327,48 +276,12 @@ class AudioFrontend:
         return token
 
     def whisper_request(self, audio: np.ndarray) -> WhisperRequest:
-        req = WhisperRequest(self, self.features(audio), audio_hash(audio, self.sampling_rate))
-        with self._lock:
-            self._pending.append(weakref.ref(req))
-        return req
-
-    def encode(self, req: WhisperRequest) -> None:
-        """Give `req` a slot and its cross-attention K/V, batching other waiting requests'."""
-        with self._lock:
-            if self.slots.take(req, steal=True) is None:
-                raise RuntimeError(
-                    "no free cross-attention slot for a scheduled Whisper request: "
-                    f"more than {self.num_slots} requests running at once"
-                )
-            batch = [req]
-            waiting = []  # still unencoded after this call
-            for ref in self._pending:
-                other = ref()
-                if other is None or other is req or other.released or other.features is None:
-                    continue
-                if other.slot is not None:
-                    continue
-                if (
-                    len(batch) < MAX_ENCODE_BATCH
-                    and self.slots.take(other, steal=False) is not None
-                ):
-                    batch.append(other)
-                else:
-                    waiting.append(ref)
-            self._pending = waiting
-            runner = self.engine.runner
-            L = runner.num_layers
-            feats = np.stack([r.features for r in batch])
-            runner.kv_caches[L:] = self._write(
-                runner.params, runner.kv_caches[L:], feats, [r.slot for r in batch]
-            )
-
-    def release(self, req: WhisperRequest) -> None:
-        with self._lock:
-            if req.slot is not None:
-                self.slots.put(req.slot)
-                req.slot = None
-            req.features = None
+        return WhisperRequest(
+            self.features(audio),
+            audio_hash(audio, self.sampling_rate),
+            self.suppress_tokens,
+            self.begin_suppress_tokens,
+        )
 
     def transcription_prompt(
         self,
@@ -402,8 +315,7 @@ class AudioFrontend:
     def _check_limit(self, num_items: int) -> None:
         from .inputs import _limit
 
-        config = getattr(self.engine.config, "multimodal", None)
-        limit = _limit(getattr(config, "limit_mm_per_prompt", None) or {}, "audio")
+        limit = _limit(getattr(self.config, "limit_mm_per_prompt", None) or {}, "audio")
         if limit is not None and num_items > limit:
             raise ValueError(
                 f"this prompt has {num_items} audio item(s), more than the {limit} allowed "
@@ -469,22 +381,22 @@ class AudioFrontend:
         out: list[int] = []
         placed = []
         cursor = 0
-        for i, ((pos, length), (key, emb)) in enumerate(zip(spans, outputs, strict=True)):
-            n = len(emb)
+        for i, ((pos, length), (key, output)) in enumerate(zip(spans, outputs, strict=True)):
+            n = output.num_rows
             if length not in (1, n):
                 raise ValueError(
                     f"audio item {i} takes {n} placeholder tokens; the prompt has a run of {length}"
                 )
             out.extend(ids[cursor:pos])
-            placed.append(PlacedItem(len(out), len(out) + n, "audio", key, emb))
+            placed.append(PlacedItem(len(out), len(out) + n, "audio", key, output.data))
             out.extend([token] * n)
             cursor = pos + length
         out.extend(ids[cursor:])
         return text, out, MultimodalRequest(placed, len(out), cache_salt=prompt.get("cache_salt"))
 
     def _resolve(self, items: list, uuids: list, kwargs: dict) -> list[tuple[str, object]]:
-        """(key, rows (n, D)) per item: from the cache, else encoded (one batch per prompt);
-        the rows stay as the encoder left them (on the device, opaque here)."""
+        """(key, prepared item) per item: from the cache, else its features (the engine's
+        encoder stage runs the audio encoder when a prefill chunk needs the item)."""
         from .cache import EncoderOutput
 
         result: list[tuple[str, object] | None] = [None] * len(items)
@@ -494,7 +406,7 @@ class AudioFrontend:
             if uuid is not None:
                 cached = self.cache.get(uuid)
                 if cached is not None:  # a uuid names its content: trust it
-                    result[i] = (uuid, cached.embeds)
+                    result[i] = (uuid, cached)
                     continue
             if item is None:
                 if uuid is None:
@@ -516,20 +428,17 @@ class AudioFrontend:
             key = uuid or audio_hash(audio, self.sampling_rate, sorted(kwargs.items()))
             cached = None if uuid is not None else self.cache.get(key)
             if cached is not None:
-                result[i] = (key, cached.embeds)
+                result[i] = (key, cached)
                 continue
             if key not in pending:
                 pending[key] = []
                 feats.append(self._features(audio, kwargs))
             pending[key].append(i)
-        if feats:
-            if self._encode is None:
-                self._encode = self.model.mm_encoder(self.engine.runner.graphdef)
-            embeds = self._encode(self.engine.runner.params, "audio", feats)
-            for (key, where), emb in zip(pending.items(), embeds, strict=True):
-                self.cache.put(key, EncoderOutput("audio", emb))
-                for i in where:
-                    result[i] = (key, emb)
+        for (key, where), f in zip(pending.items(), feats, strict=True):
+            output = EncoderOutput("audio", f, self.model.mm_num_tokens("audio", f))
+            self.cache.put(key, output)
+            for i in where:
+                result[i] = (key, output)
         return result  # type: ignore[return-value]
 
     def _features(self, audio: np.ndarray, kwargs: dict) -> dict:
@@ -616,12 +525,8 @@ def _flatten_encoder_decoder(prompt: dict) -> dict:
 
 
 def audio_frontend(engine) -> AudioFrontend:
-    """The engine's audio front end, built on first use."""
-    fe = engine.__dict__.get("_audio_frontend")
-    if fe is None:
-        fe = AudioFrontend(engine)
-        engine._audio_frontend = fe
-    return fe
+    """The engine's audio front end (`engine.audio_frontend()`, built there on first use)."""
+    return engine.audio_frontend()
 
 
 def is_audio_prompt(prompt) -> bool:

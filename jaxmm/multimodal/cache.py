@@ -1,13 +1,13 @@
-"""Encoder-output cache: vision features by content hash or user uuid, LRU bounded by bytes.
+"""The front end's cache of prepared items, by content hash or user uuid, LRU bounded by bytes.
 
-Plain Python. An entry is what the language model needs to place an item without running
-the vision tower again: its feature rows and the grid metadata M-RoPE positions are
-computed from. A prompt may send an item as `None` with a uuid it sent before; that item is
-served from here, and a miss (never seen, or evicted) is a clear error.
-
-Rows from the model's encoder stay on the device (`models.device_rows`), so the capacity
-(`JAXMM_MM_CACHE_BYTES`) bounds device memory; user embeddings are host numpy. Either way
-an entry counts the `.nbytes` its rows keep alive.
+Plain Python. An entry is what the engine needs to place and encode an item without
+preparing it again: the host input of the model's encoder (processed pixels or patch bytes,
+audio features, or precomputed embeddings), its number of feature rows, and the grid
+metadata M-RoPE positions are computed from. A prompt may send an item as `None` with a
+uuid it sent before; that item is served from here, and a miss (never seen, or evicted) is
+a clear error. The encoder outputs themselves live on the device, in the runner's encoder
+cache (`jaxmm.engine.encoder_cache`); this cache holds host memory only
+(`JAXMM_MM_CACHE_BYTES`).
 """
 
 from __future__ import annotations
@@ -21,13 +21,29 @@ DEFAULT_CAPACITY_BYTES = 512 << 20
 
 @dataclass(frozen=True)
 class EncoderOutput:
-    modality: str  # "image" | "video"
-    embeds: object  # (n, D) rows that replace the item's n placeholder tokens (opaque)
+    """A prepared item: the encoder's host input and the rows the encoder will give."""
+
+    modality: str  # "image" | "video" | "audio"
+    data: object  # the encoder's input (a dict), or precomputed (n, D) float embeddings
+    num_rows: int  # feature rows: the item's number of placeholder tokens
     meta: dict = field(default_factory=dict)  # grid_thw, second_per_grid_t (M-RoPE models)
 
     @property
     def nbytes(self) -> int:
-        return int(self.embeds.nbytes)
+        return host_nbytes(self.data)
+
+
+def host_nbytes(x) -> int:
+    """Bytes of the host arrays in x (arrays, dicts and sequences of them, `.nbytes` holders)."""
+    if isinstance(x, dict):
+        return sum(host_nbytes(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(host_nbytes(v) for v in x)
+    n = getattr(x, "nbytes", None)
+    if isinstance(n, int):
+        return n
+    data = getattr(x, "data", None)  # e.g. fast_image.PatchBytes
+    return host_nbytes(data) if data is not None and data is not x else 0
 
 
 def default_capacity() -> int:

@@ -8,7 +8,7 @@ rendered text. `chat.conversation_to_prompt` sends conversations with media here
 
 from __future__ import annotations
 
-from .inputs import MultimodalFrontend, _limit, frontend
+from .inputs import MultimodalFrontend, _limit, _split_by_grid
 from .media import MediaPolicy
 
 _PART_MODALITY = {
@@ -105,7 +105,8 @@ def conversation_to_mm_prompt(engine, conversation: list[dict], **kwargs) -> dic
     """OpenAI-style messages with media parts -> a multimodal prompt dict.
 
     Parts: text; image_url ({"url": ...}, a data: URL included); image_pil; image (any image
-    form); image_embeds (array, base64 .npy/torch payload, or a dict with image_grid_thw);
+    form); image_embeds (array, base64 .npy/torch payload, or a dict with image_grid_thw, a
+    grid given the same ways; a (N, 3) grid makes the part N images);
     video_url; video (frames); input_audio ({"data": <base64>, "format": "wav" | "mp3" ...});
     audio_url ({"url": ...}: http(s), data:audio/...;base64, file://); audio ((samples, rate),
     an array at the model's rate, or file bytes). Any media part may carry a "uuid"; a part
@@ -115,7 +116,7 @@ def conversation_to_mm_prompt(engine, conversation: list[dict], **kwargs) -> dic
     """
     from .chat import render_chat
 
-    fe = frontend(engine)
+    fe = engine.mm_frontend()
     media_io_kwargs = kwargs.pop("media_io_kwargs", None)
     mm_processor_kwargs = kwargs.pop("mm_processor_kwargs", None)
     render_kwargs = {
@@ -158,12 +159,21 @@ def conversation_to_mm_prompt(engine, conversation: list[dict], **kwargs) -> dic
                 )
             modality = _PART_MODALITY[kind]
             _check_modality(fe.model, kind, modality)
-            data.setdefault(modality, []).append(_part_item(part))
-            uuids.setdefault(modality, []).append(part.get("uuid"))
-            if modality == "audio":
-                audio_kinds.append(kind)
-            rendered_parts.append({"type": modality})
-            texts.append(_placeholder_text(fe, modality))
+            items = [_part_item(part)]
+            if kind == "image_embeds":  # one part may hold several images' rows and grids
+                items = _split_by_grid(items, "image")
+                if len(items) > 1 and part.get("uuid") is not None:
+                    raise ValueError(
+                        f"an image_embeds part of {len(items)} images takes no 'uuid': send "
+                        "one part per image to name each"
+                    )
+            for item in items:
+                data.setdefault(modality, []).append(item)
+                uuids.setdefault(modality, []).append(part.get("uuid"))
+                if modality == "audio":
+                    audio_kinds.append(kind)
+                rendered_parts.append({"type": modality})
+                texts.append(_placeholder_text(fe, modality))
         content = rendered_parts if as_parts else "\n".join(texts)
         messages.append({**msg, "content": content})
     if "audio" in data:

@@ -90,6 +90,9 @@ class MediaError(ValueError):
         super().__init__(message)
         self.status = status
 
+    def __reduce__(self):  # its status survives a pipe to the server process
+        return (type(self), (str(self), self.status))
+
     @property
     def message(self) -> str:
         return str(self)

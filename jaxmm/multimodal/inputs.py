@@ -8,15 +8,15 @@
    frames through `media.py`, under the engine's MediaPolicy.
 3. Key: an item's cache key is its uuid when given, else a content hash (`hashing.py`:
    BLAKE2b of the decoded pixels or embedding bytes, with the processor options).
-4. Encode: items found in the encoder cache are reused (an item sent as `None` must be
-   there under its uuid); the others go through the HF image processor (`processor.py`),
-   their shapes are checked (`mm_num_tokens`), and the model's vision encoder (jitted,
-   batched and bucketed by the model) encodes them; the features are cached as the encoder
-   leaves them (on the device: this module only takes their `len`, `.shape`, `.nbytes` and
-   row slices; the runner splices them into the step there).
+4. Process: items found in the prepared-item cache are reused (an item sent as `None`
+   must be there under its uuid); the others go through the HF processor (`processor.py`)
+   and their shapes are checked against the model (`mm_num_tokens`). Nothing is encoded
+   here: the host inputs travel with the request, and the engine's encoder stage runs the
+   model's encoders when a prefill chunk first needs an item (and not at all when the
+   item's output is still in the runner's encoder cache, or a cached prefix covers it).
 5. Place: each placeholder token is expanded to its item's number of feature tokens; the
-   spans, their keys (for prefix caching) and M-RoPE positions make up a
-   `MultimodalRequest`, which the engine asks to `fill_step` every step.
+   spans, their keys (for prefix and encoder caching), host inputs and M-RoPE positions
+   make up a `MultimodalRequest`: plain data, picklable, that the engine reads.
 
 Item forms per modality:
 - "image": PIL image, uint8 (H, W, C) array, URL or bytes; precomputed embeddings as a
@@ -25,8 +25,9 @@ Item forms per modality:
 - "video": (T, H, W, 3) array, list of frames, URL or bytes, or (frames, {"fps": ...});
   {"video_embeds": ..., "video_grid_thw": ...}; `None` for a cached uuid.
 
-The model side is a small duck-typed contract (see `jaxmm/models/llava.py`); this module
-imports no JAX.
+The model side is a small duck-typed contract, its declared multimodal interface (see
+`jaxmm/models/llava.py`), handed to the front end by whoever builds it; the front end holds
+no engine, runner or scheduler, and this module imports no JAX.
 """
 
 from __future__ import annotations
@@ -78,8 +79,13 @@ class PlacedItem:
     end: int
     modality: str
     key: str  # uuid or content hash
-    embeds: object  # (end - start, D): numpy, or the encoder's rows on the device (opaque)
+    data: object  # the encoder's host input (dict), or precomputed (end - start, D) embeds
     meta: dict = field(default_factory=dict)
+
+    @property
+    def cache_key(self) -> str:
+        """The item's key in the prefix and encoder caches."""
+        return f"{self.modality}:{self.key}"
 
 
 @dataclass
@@ -92,24 +98,21 @@ class MultimodalRequest:
     mrope_delta: int = 0  # text positions after the prompt are (index + delta) on all axes
     cache_salt: str | None = None
 
+    def item(self, cache_key: str) -> PlacedItem:
+        return next(it for it in self.items if it.cache_key == cache_key)
+
     @property
     def extra_keys(self) -> tuple[tuple[int, int, str], ...]:
-        keys = [(it.start, it.end, f"{it.modality}:{it.key}") for it in self.items]
+        keys = [(it.start, it.end, it.cache_key) for it in self.items]
         if self.cache_salt is not None:  # a salt covers every page of the sequence
             keys.append((0, 1 << 62, f"salt:{self.cache_salt}"))
         return tuple(keys)
 
     def fill_step(self, step, seq, start: int, n: int) -> None:
-        """Fill `step.embeds` / `step.mrope_positions` for tokens [start, start + n)."""
+        """Fill `step.mrope_positions` for tokens [start, start + n) (the engine splices the
+        items' encoder outputs itself, from the encoder cache)."""
         del seq
         end = start + n
-        embeds = []
-        for it in self.items:
-            lo, hi = max(it.start, start), min(it.end, end)
-            if lo < hi:
-                embeds.append((lo - start, it.embeds[lo - it.start : hi - it.start]))
-        if embeds:
-            step.embeds = embeds
         if self.mrope_positions is not None:
             L = self.num_prompt_tokens
             pos = np.empty((3, n), np.int32)
@@ -144,15 +147,37 @@ def to_numpy(x) -> np.ndarray:
 
 
 def _is_tensor(x) -> bool:
-    """torch / JAX arrays (not numpy): vLLM treats these as precomputed embeddings."""
+    """torch / JAX arrays (not numpy): vLLM treats float ones as precomputed embeddings."""
     if isinstance(x, np.ndarray):
         return False
     return hasattr(x, "detach") or (hasattr(x, "__array__") and hasattr(x, "shape"))
 
 
+def _is_int_tensor(x) -> bool:
+    """A uint8 (or other integer) torch / JAX array: pixels, such as a (T, H, W, 3) video."""
+    if not _is_tensor(x):
+        return False
+    dtype = x.dtype
+    if hasattr(dtype, "is_floating_point"):  # torch.dtype
+        return not (dtype.is_floating_point or dtype.is_complex)
+    return np.issubdtype(np.dtype(dtype), np.integer) or np.dtype(dtype) == np.bool_
+
+
+def _media_value(x):
+    """Integer tensors -> numpy arrays (also as the frames of a (frames, metadata) pair or
+    in a list of frames), so media loading sees only PIL images, numpy, URLs and bytes."""
+    if _is_int_tensor(x):
+        return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    if isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], dict):
+        return (_media_value(x[0]), x[1])
+    if isinstance(x, list):
+        return [_media_value(v) for v in x]
+    return x
+
+
 def _looks_like_embeds(x) -> bool:
     if _is_tensor(x):
-        return True
+        return not _is_int_tensor(x)  # float tensors are embeddings; integer ones pixels
     if isinstance(x, np.ndarray):
         if np.issubdtype(x.dtype, np.floating) and x.ndim == 2:
             return True
@@ -162,17 +187,70 @@ def _looks_like_embeds(x) -> bool:
 
 def decode_embeds_payload(data: str) -> np.ndarray:
     """A base64 string holding a .npy array (or a `torch.save`d tensor) -> float32 array."""
+    return to_numpy(decode_tensor_payload(data, "embeddings"))
+
+
+def decode_tensor_payload(data: str, what: str = "a tensor") -> np.ndarray:
+    """A base64 string holding a .npy array or a `torch.save`d tensor (how vLLM's clients
+    send tensors) -> a numpy array of its own dtype (bfloat16 as float32)."""
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise ValueError(f"embeddings given as a string must be base64: {e}") from None
+        raise ValueError(f"{what} given as a string must be base64: {e}") from None
     if raw[:6] == b"\x93NUMPY":
-        return to_numpy(np.load(io.BytesIO(raw), allow_pickle=False))
+        return np.load(io.BytesIO(raw), allow_pickle=False)
     if raw[:2] == b"PK":
         import torch
 
-        return to_numpy(torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu"))
-    raise ValueError("base64 embeddings must hold a .npy array or a torch.save'd tensor")
+        x = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"base64 {what} must hold a tensor, got {type(x).__name__}")
+        return x.numpy() if not x.dtype.is_floating_point else to_numpy(x)
+    raise ValueError(f"base64 {what} must hold a .npy array or a torch.save'd tensor")
+
+
+def _grid_array(value) -> np.ndarray:
+    """A grid_thw as given (ints, list, numpy / torch array, base64 tensor) -> int64 array."""
+    if isinstance(value, str):
+        value = decode_tensor_payload(value, "a grid_thw")
+    elif hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value).astype(np.int64)
+
+
+def _split_by_grid(values: list, modality: str) -> list:
+    """Embedding dicts of several items -> one dict per item: vLLM's Qwen2-VL form
+    {"image_embeds": (total, D), "image_grid_thw": (N, 3)} holds N items whose rows follow
+    one another, each t*h*w / merge_size**2 rows, i.e. in proportion to its grid's size."""
+    key, grid_key = f"{modality}_embeds", f"{modality}_grid_thw"
+    out = []
+    for v in values:
+        grids = None
+        if isinstance(v, dict) and key in v and v.get(grid_key) is not None:
+            grids = _grid_array(v[grid_key])
+        if grids is None or grids.ndim != 2 or len(grids) < 2:
+            out.append(v)
+            continue
+        if grids.shape[1] != 3:
+            raise ValueError(f"{grid_key} must be (N, 3) for N items; got {grids.shape}")
+        embeds = v[key]
+        embeds = decode_embeds_payload(embeds) if isinstance(embeds, str) else to_numpy(embeds)
+        sizes = grids.prod(axis=1)
+        if embeds.ndim != 2 or ((len(embeds) * sizes) % sizes.sum()).any():
+            raise ValueError(
+                f"{key} of shape {embeds.shape} cannot be split over the {len(grids)} items of "
+                f"{grid_key}: give (total rows, D) with each item's rows in proportion to t*h*w"
+            )
+        seconds = v.get("second_per_grid_ts", v.get("second_per_grid_t"))
+        if seconds is not None:
+            seconds = np.broadcast_to(to_numpy(seconds).reshape(-1), (len(grids),))
+        rows = len(embeds) * sizes // sizes.sum()
+        for i, part in enumerate(np.split(embeds, np.cumsum(rows)[:-1])):
+            item = {key: part, grid_key: grids[i]}
+            if seconds is not None:
+                item["second_per_grid_t"] = float(seconds[i])
+            out.append(item)
+    return out
 
 
 def _split_batched_embeds(values: list) -> list:
@@ -187,6 +265,25 @@ def _split_batched_embeds(values: list) -> list:
 
 def _as_list(value) -> list:
     return list(value) if isinstance(value, list) else [value]
+
+
+def _is_frame(x) -> bool:
+    """One video frame: a PIL image, or an (H, W, C) / integer (H, W) array."""
+    if isinstance(x, Image.Image):
+        return True
+    if _is_tensor(x):
+        return _is_int_tensor(x) and len(x.shape) in (2, 3)
+    if not isinstance(x, np.ndarray) or _looks_like_embeds(x):
+        return False
+    return x.ndim == 3 or (x.ndim == 2 and np.issubdtype(x.dtype, np.integer))
+
+
+def _video_list(value) -> list:
+    """The videos of a "video" entry: a list of frames is one video (vLLM's form), a list
+    of (T, H, W, 3) arrays, frame lists, URLs, ... one video each."""
+    if isinstance(value, list) and value and all(_is_frame(v) for v in value):
+        return [value]
+    return _as_list(value)
 
 
 def _check_media_io_kwargs(kwargs: dict | None) -> dict:
@@ -228,14 +325,22 @@ def _limit(limits: dict, modality: str) -> int | None:
 
 
 class MultimodalFrontend:
-    def __init__(self, engine):
-        self.engine = engine
-        self.model = engine.runner.model_obj
+    """Prompts with `multi_modal_data` -> token ids + a `MultimodalRequest` of host items.
+
+    model: the model's multimodal interface (`mm_modalities`, `mm_token_id`, ...);
+    tokenizer; processor_path: the checkpoint directory with the HF processor's config;
+    config: the engine's `MultimodalConfig`.
+    """
+
+    def __init__(self, model, tokenizer, processor_path: str | None, config):
+        self.model = model
         if not getattr(self.model, "is_multimodal", False):
             raise ValueError(
                 f"{type(self.model).__name__} is a text-only model: it takes no multi_modal_data"
             )
-        self.config = engine.config.multimodal
+        self._tokenizer = tokenizer
+        self.processor_path = processor_path
+        self.config = config
         overrides = {}
         if self.config.allowed_local_media_path is not None:
             overrides["allowed_local_media_path"] = self.config.allowed_local_media_path
@@ -243,9 +348,8 @@ class MultimodalFrontend:
             overrides["allowed_media_domains"] = self.config.allowed_media_domains
         self.policy = MediaPolicy.from_env(**overrides)
         self.media_io_kwargs = _check_media_io_kwargs(self.config.media_io_kwargs)
-        self.cache = EncoderCache()
+        self.cache = EncoderCache()  # prepared items (host), for uuids sent again as None
         self._processor = None
-        self._encode = None
         # the server prepares prompts on worker threads: one at a time through the caches
         self._lock = threading.Lock()
 
@@ -255,7 +359,7 @@ class MultimodalFrontend:
         if self._processor is None:
             from .processor import MultimodalProcessor
 
-            path = getattr(self.engine.checkpoint, "processor_path", None)
+            path = self.processor_path
             if path is None:
                 raise ValueError("this checkpoint carries no image processor config")
             self._processor = MultimodalProcessor.from_pretrained(
@@ -266,16 +370,9 @@ class MultimodalFrontend:
             )
         return self._processor
 
-    def encode(self, modality: str, items: list[dict]) -> list:
-        """Items -> their features (n, D) each, as the model's encoder leaves them (opaque)."""
-        runner = self.engine.runner
-        if self._encode is None:
-            self._encode = self.model.mm_encoder(runner.graphdef)
-        return self._encode(runner.params, modality, items)
-
     @property
     def tokenizer(self):
-        tok = self.engine.tokenizer
+        tok = self._tokenizer
         if tok is None:
             raise ValueError("multimodal prompts need the tokenizer (skip_tokenizer_init is on)")
         return tok
@@ -301,9 +398,11 @@ class MultimodalFrontend:
                     f"{type(self.model).__name__} does not take {name!r} inputs; it takes: "
                     + ", ".join(supported)
                 )
-            values = _split_batched_embeds(_as_list(value))
+            values = _video_list(value) if name == "video" else _as_list(value)
+            values = _split_batched_embeds(values)
             if name in _EMBED_ALIASES:
                 values = [v if isinstance(v, dict) else {name: v} for v in values]
+            values = _split_by_grid(values, modality)
             grouped.setdefault(modality, []).extend(values)
         for name in uuids:
             if _EMBED_ALIASES.get(name, name) not in grouped:
@@ -344,7 +443,7 @@ class MultimodalFrontend:
             item.kind = "embeds"
             self._parse_embeds(item, value)
             return item
-        self._attach_media(item, value, io)
+        self._attach_media(item, _media_value(value), io)
         return item
 
     def _parse_embeds(self, item: _Item, value) -> None:
@@ -362,15 +461,16 @@ class MultimodalFrontend:
                 )
             grid = value.get(f"{item.modality}_grid_thw")
             if grid is not None:
-                grid = np.asarray(to_numpy(grid)).reshape(-1).astype(np.int64)
-                if grid.shape != (3,):
+                grid = _grid_array(grid)
+                if grid.size != 3:
                     raise ValueError(
                         f"{item.modality}_grid_thw must hold 3 ints (t, h, w) per item; "
-                        f"got shape {tuple(np.shape(value[f'{item.modality}_grid_thw']))}"
+                        f"got shape {grid.shape}"
                     )
-                meta["grid_thw"] = tuple(int(g) for g in grid)
-            if value.get("second_per_grid_t") is not None:
-                meta["second_per_grid_t"] = float(value["second_per_grid_t"])
+                meta["grid_thw"] = tuple(int(g) for g in grid.reshape(-1))
+            seconds = value.get("second_per_grid_t", value.get("second_per_grid_ts"))
+            if seconds is not None:  # one per item: vLLM's name is second_per_grid_ts
+                meta["second_per_grid_t"] = float(to_numpy(seconds).reshape(-1)[0])
             value = value[key]
         if isinstance(value, str):
             value = decode_embeds_payload(value)
@@ -396,6 +496,11 @@ class MultimodalFrontend:
         if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict):
             value, meta = value
             source_fps = meta.get("fps")
+            indices, clip = meta.get("frames_indices"), meta.get("total_num_frames")
+            if source_fps and indices is not None and clip:
+                # frames already sampled from `clip` frames (vLLM's / HF's video metadata):
+                # their own rate, as HF's `VideoMetadata.sampled_fps`
+                source_fps = source_fps * len(indices) / clip
         frames, metadata = load_video_with_metadata(
             value,
             self.policy,
@@ -403,7 +508,9 @@ class MultimodalFrontend:
             frame_recovery=bool(opts.get("frame_recovery", False)),
         )
         source_fps = source_fps or metadata.fps
-        fps = opts.get("fps")  # an explicit rate of the kept frames wins
+        # an explicit rate of the kept frames wins; no rate at all is left to the processor
+        # (HF's 24 fps)
+        fps = opts.get("fps")
         if fps is None and source_fps:
             # frames sampled over the whole clip: their own, lower rate
             total = metadata.total_num_frames or len(frames)
@@ -418,14 +525,13 @@ class MultimodalFrontend:
         return self.processor.video(frames, fps, proc_kwargs)
 
     def resolve(self, items: list[_Item], proc_kwargs: dict) -> None:
-        pending: dict[str, list[tuple[_Item, dict, int]]] = {}
         duplicates: dict[str, list[_Item]] = {}
         for item in items:
             if item.kind == "embeds":
                 item.key = item.uuid or content_hash(
                     item.modality, "embeds", item.embeds, item.meta
                 )
-                item.output = EncoderOutput(item.modality, item.embeds, item.meta)
+                item.output = EncoderOutput(item.modality, item.embeds, len(item.embeds), item.meta)
                 self.cache.put(item.key, item.output)
                 continue
             if item.uuid is not None:
@@ -484,23 +590,11 @@ class MultimodalFrontend:
             if processed is None:
                 processed = self._process(item, proc_kwargs)
             want = self.model.mm_num_tokens(item.modality, processed)  # checks the shapes
-            pending.setdefault(item.modality, []).append((item, processed, want))
-
-        for modality, batch in pending.items():
-            feats = self.encode(modality, [p for _, p, _ in batch])
-            for (item, processed, want), embeds in zip(batch, feats, strict=True):
-                if embeds.shape[0] != want:
-                    raise RuntimeError(
-                        f"the vision encoder gave {embeds.shape[0]} rows for a {modality} that "
-                        f"takes {want} tokens"
-                    )
-                meta = {
-                    k: processed[k] for k in ("grid_thw", "second_per_grid_t") if processed.get(k)
-                }
-                output = EncoderOutput(modality, embeds, meta)
-                for same in duplicates[item.key]:
-                    same.output = output
-                self.cache.put(item.key, output)
+            meta = {k: processed[k] for k in ("grid_thw", "second_per_grid_t") if processed.get(k)}
+            output = EncoderOutput(item.modality, processed, want, meta)
+            for same in duplicates[item.key]:
+                same.output = output
+            self.cache.put(item.key, output)
 
     # -- 5. place ----------------------------------------------------------------------------
     def expand(self, ids: list[int], items: list[_Item]) -> tuple[list[int], list[PlacedItem]]:
@@ -522,7 +616,7 @@ class MultimodalFrontend:
                     "where each item goes (LLM.chat does this from content parts)"
                 )
             for (pos, length), item in zip(spans, group, strict=True):
-                n = len(item.output.embeds)
+                n = item.output.num_rows
                 if length not in (1, n):
                     raise ValueError(
                         f"{modality} item {item.index} takes {n} placeholder tokens; the prompt "
@@ -535,7 +629,7 @@ class MultimodalFrontend:
         cursor = 0
         for pos, length, item in runs:
             out.extend(ids[cursor:pos])
-            n = len(item.output.embeds)
+            n = item.output.num_rows
             token = self.model.mm_token_id(item.modality)
             placed.append(
                 PlacedItem(
@@ -543,7 +637,7 @@ class MultimodalFrontend:
                     len(out) + n,
                     item.modality,
                     item.key,
-                    item.output.embeds,
+                    item.output.data,
                     dict(item.output.meta),
                 )
             )
@@ -600,29 +694,17 @@ def _runs(positions: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-_FRONTEND_LOCK = threading.Lock()
-
-
-def frontend(engine) -> MultimodalFrontend:
-    """The engine's multimodal front end (processor, encoder, caches), built on first use."""
-    with _FRONTEND_LOCK:
-        fe = engine.__dict__.get("_mm_frontend")
-        if fe is None:
-            fe = MultimodalFrontend(engine)
-            engine._mm_frontend = fe
-        return fe
-
-
 def prepare_multimodal_prompt(engine, prompt: dict):
-    """A prompt dict with `multi_modal_data` -> (text, prompt token ids, MultimodalRequest).
+    """A prompt dict with `multi_modal_data` -> (text, prompt token ids, request's items).
 
-    Audio prompts (Whisper, Qwen2-Audio) go to the audio front end.
+    `engine` is whatever owns the front ends (`LLMEngine.mm_frontend()` /
+    `audio_frontend()`). Audio prompts (Whisper, Qwen2-Audio) go to the audio front end.
     """
     from .audio_inputs import is_audio_prompt, prepare_audio_prompt
 
     if is_audio_prompt(prompt):
         return prepare_audio_prompt(engine, prompt)
-    return frontend(engine).prepare(prompt)
+    return engine.mm_frontend().prepare(prompt)
 
 
 def transcription_prompt(engine, samples, sample_rate, **kwargs):

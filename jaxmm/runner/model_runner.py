@@ -9,11 +9,14 @@
    from 16, with 1.5x steps from 1,024 on: `token_buckets`) with S = min(T, max_num_seqs)
    sequence rows, so each bucket is exactly one compiled program:
    `step(params, kv_caches, ids, md) -> (kv_caches, logits)` with the caches donated.
-   Sampling is a second small program. Multimodal rows spliced over placeholder tokens come
-   as host arrays (user embeddings: copied into a host buffer) or as the encoder's rows left
-   on the device (`DeviceRows`: gathered into the step's embeddings there, by one small
-   program per (T, source array shape), with row indices built on the host).
-4. Warmup compiles every bucket up front; `num_compiled()` lets a test check that serving
+   Sampling is a second small program.
+4. Encoder stage (multimodal models): one device array of encoder outputs, the encoder
+   cache `(R + 1, D)`, whose rows the engine's `EncoderCacheManager` hands out per item.
+   `encode` runs the model's encoders on host inputs (pixel/patch bytes, audio features)
+   and writes each item's rows into the cache (user embeddings are copied there too); the
+   step takes the cache and a row index per token (-1: the token's own embedding), so
+   splicing is part of the step's one program per bucket.
+5. Warmup compiles every bucket up front; `num_compiled()` lets a test check that serving
    compiles nothing new afterwards. With a persistent cache directory, warmup's programs are
    saved whole and a later start loads them without tracing (`saved_programs.py`).
 """
@@ -34,10 +37,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxmm import progress
 from jaxmm.layers.attention import AttentionMetadata, resolve_backend
 from jaxmm.layers.logits_processors import MAX_LOGIT_BIAS, LogitsExtras, prompt_logprobs
 from jaxmm.layers.sampler import MAX_LOGPROBS, SamplingTensors, sample
-from jaxmm.models.device_rows import DeviceRows
 from jaxmm.models.registry import model_class
 from jaxmm.runner.checkpoint import Checkpoint
 from jaxmm.runner.saved_programs import SavedPrograms
@@ -46,6 +49,12 @@ from jaxmm.weights.loader import cast_dtype, load_params, random_params
 logger = logging.getLogger(__name__)
 
 MIN_BUCKET = 16
+# encoder cache rows at least (4x max_num_batched_tokens otherwise): 2-B-scale models keep
+# ~100 MB there, a dozen 1344^2 images' features
+_MIN_ENCODER_CACHE_ROWS = 16384
+# encoder-decoder models: cross-attention encoder calls batch at most this many requests
+# (padded to a power of two by the model)
+MAX_CROSS_BATCH = 8
 _CPU_DEFAULT_KV_BYTES = 1 << 30
 
 
@@ -77,9 +86,9 @@ class SeqStep:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
     # prompt logprobs: per new token, the prompt token that follows it (-1: none wanted)
     prompt_targets: list[int] | None = None
-    # multimodal: (offset in token_ids, (n, D) rows: numpy or DeviceRows) to splice over
+    # multimodal: (offset in token_ids, (n,) rows of the encoder cache) to splice over
     # placeholder tokens
-    embeds: list | None = None
+    mm_rows: list | None = None
     mrope_positions: np.ndarray | None = None  # (3, n) for M-RoPE models
     # model-specific per-sequence inputs (name -> array), stacked to (S, ...) for the step,
     # e.g. an encoder-decoder's cross-attention slot
@@ -91,8 +100,7 @@ class StepArrays(NamedTuple):
 
     input_ids: np.ndarray  # (T,)
     md: AttentionMetadata
-    embeds: np.ndarray | jax.Array | None  # (T, D) spliced where embeds_mask is set
-    embeds_mask: np.ndarray | None  # (T,)
+    mm_rows: np.ndarray | None  # (T,) encoder cache row per token, -1: none (multimodal)
     seq_inputs: dict | None  # model-specific (S, ...) arrays
 
 
@@ -183,6 +191,7 @@ class ModelRunner:
         attention_backend: str = "auto",
         tensor_parallel_size: int = 1,
         load_format: str = "auto",
+        encoder_cache_rows: int | None = None,
     ):
         t_start = time.perf_counter()
         # seconds spent in each phase of start-up (and warmup), for benchmarks and logs
@@ -220,11 +229,17 @@ class ModelRunner:
             self.params = load_params(abstract, abstract_state, ck.tensors(), self.mesh, self.dtype)
         jax.block_until_ready(self.params)
         self.init_times["params"] = round(time.perf_counter() - t0, 3)
+        progress.note("loaded weights in %.1f s", self.init_times["params"])
         self.num_layers, self.num_kv_heads, self.head_dim = abstract.kv_cache_spec()
         self.vocab_size = text_config.vocab_size
         self.hidden_size = text_config.hidden_size
         self.is_multimodal = bool(getattr(abstract, "is_multimodal", False))
         self.uses_mrope = bool(getattr(abstract, "uses_mrope", False))
+        # models whose encoder outputs replace placeholder tokens' embeddings (not an
+        # encoder-decoder, whose encoder output is its cross-attention K/V)
+        self.splices_embeds = self.is_multimodal and not getattr(
+            abstract, "is_encoder_decoder", False
+        )
 
         # -- lengths and budgets
         max_pos = getattr(text_config, "max_position_embeddings", None) or 2048
@@ -243,6 +258,17 @@ class ModelRunner:
             * self.head_dim
             * jnp.dtype(self.dtype).itemsize
         )
+        self.encoder_cache_rows = 0
+        self.encoder_cache = None
+        if self.splices_embeds:
+            # allocated before the KV budget is measured, so the budget leaves it room
+            self.encoder_cache_rows = encoder_cache_rows or max(
+                4 * max_num_batched_tokens, _MIN_ENCODER_CACHE_ROWS
+            )
+            self.encoder_cache = jax.device_put(
+                jnp.zeros((self.encoder_cache_rows + 1, self.hidden_size), self.dtype),
+                NamedSharding(self.mesh, PartitionSpec()),
+            )
         if num_gpu_blocks_override:
             num_pages = num_gpu_blocks_override
         else:
@@ -267,13 +293,30 @@ class ModelRunner:
         # models with extra per-request device state (e.g. encoder-decoder cross-attention
         # K/V slabs) append their own arrays; they travel, donated, with the KV pages
         extra = getattr(abstract, "extra_caches", None)
+        self.cross_slots = 0  # encoder-decoder models: cross-attention K/V slots
         if extra is not None:
             self.kv_caches += [
                 jax.device_put(a, NamedSharding(self.mesh, PartitionSpec()))
                 for a in extra(self.dtype, self.max_num_seqs)
             ]
+        if getattr(abstract, "is_encoder_decoder", False):
+            self.cross_slots = int(self.kv_caches[self.num_layers].shape[1])
+            if self.max_num_seqs > self.cross_slots:
+                # the model caps the slabs' memory: one running request per slot
+                logger.warning(
+                    "max_num_seqs lowered from %d to %d: that many cross-attention slots fit",
+                    self.max_num_seqs,
+                    self.cross_slots,
+                )
+                self.max_num_seqs = self.cross_slots
         jax.block_until_ready(self.kv_caches)
         self.init_times["kv_cache"] = round(time.perf_counter() - t0 - self.init_times["params"], 3)
+        progress.note(
+            "allocated the KV cache (%d pages of %d tokens) in %.1f s",
+            self.num_pages,
+            block_size,
+            self.init_times["kv_cache"],
+        )
         self.token_buckets = token_buckets(max_num_batched_tokens)
         # rows of the largest bucket: sampled tokens are padded to it on device, so the next
         # step can read them (asynchronous scheduling) with one signature for every bucket
@@ -289,10 +332,11 @@ class ModelRunner:
             self._sample_fn,
             static_argnames=("all_greedy", "use_filters", "use_penalties", "num_logprobs"),
         )
-        # replicated like the host buffers the step's programs were compiled for
-        self._splice = jax.jit(
-            self._splice_fn, out_shardings=NamedSharding(self.mesh, PartitionSpec())
-        )
+        # encoder outputs into the encoder cache, in place (one program per source shape and
+        # row-count bucket)
+        self._write_rows = jax.jit(self._write_rows_fn, donate_argnums=(0,))
+        self._mm_encode = None  # the model's encoder entry point, built on first use
+        self._cross_write = None  # encoder-decoder models: encoder -> cross K/V slots
         # what the model and the step close over, besides the arguments' shapes
         salt = (
             _config_fingerprint(ck.hf_config),
@@ -327,15 +371,11 @@ class ModelRunner:
         tokens, lp, top_ids, top_lp = sample(logits, t, extras=extras, **static)
         return self._pad_rows(tokens.astype(jnp.int32)), lp, top_ids, top_lp
 
-    def _splice_fn(self, x, src, rows):
-        """x (T, D) (None: zeros) with row t replaced by src[rows[t]] where rows[t] >= 0.
-
-        src: (M, D) rows left on the device by an encoder. One program per (T, M, x given).
-        """
-        if x is None:
-            x = jnp.zeros((rows.shape[0], self.hidden_size), self.dtype)
-        picked = src[jnp.maximum(rows, 0)].astype(x.dtype)  # (T, D)
-        return jnp.where((rows >= 0)[:, None], picked, x)
+    @staticmethod
+    def _write_rows_fn(cache, src, src_rows, dst_rows):
+        """cache (R + 1, D) with cache[dst_rows[i]] = src[src_rows[i]]; padding entries write
+        to the last row, which nothing reads."""
+        return cache.at[dst_rows].set(src[src_rows].astype(cache.dtype))
 
     def _step_fn(
         self,
@@ -344,9 +384,9 @@ class ModelRunner:
         prev_tokens,
         input_ids,
         md,
-        embeds,
-        embeds_mask,
-        seq_inputs=None,
+        mm_rows,
+        seq_inputs,
+        enc_cache,
         prompt_targets=None,
     ):
         params = jax.tree_util.tree_unflatten(self._param_treedef, leaves)
@@ -355,9 +395,10 @@ class ModelRunner:
         # still on device (asynchronous scheduling)
         input_ids = jnp.where(input_ids < 0, prev_tokens[jnp.maximum(-input_ids - 1, 0)], input_ids)
         x = None
-        if embeds is not None:
+        if mm_rows is not None:  # encoder outputs over placeholder tokens
             x = model.embed(input_ids)
-            x = jnp.where(embeds_mask[:, None], embeds.astype(x.dtype), x)
+            picked = enc_cache[jnp.maximum(mm_rows, 0)].astype(x.dtype)  # (T, D)
+            x = jnp.where((mm_rows >= 0)[:, None], picked, x)
         kwargs = {"seq_inputs": seq_inputs} if seq_inputs is not None else {}
         hidden, kv_caches = model(input_ids, kv_caches, md, inputs_embeds=x, **kwargs)
         logits = model.compute_logits(hidden[md.logits_indices])
@@ -374,7 +415,7 @@ class ModelRunner:
         return (
             len(arrays.input_ids),
             arrays.md.positions.ndim,
-            arrays.embeds is None,
+            arrays.mm_rows is None,
             None if si is None else tuple((k, np.shape(v)) for k, v in si.items()),
         )
 
@@ -389,17 +430,14 @@ class ModelRunner:
         T, S = self.bucket(max(total, len(steps), min_tokens))
         ids = np.zeros(T, np.int32)
         # one program per bucket: M-RoPE models always take (3, T) positions, multimodal
-        # models always take an embeddings array (zeros where nothing is spliced)
+        # models always take encoder cache rows (-1 where nothing is spliced)
         mrope = self.uses_mrope or any(s.mrope_positions is not None for s in steps)
         positions = np.zeros((3, T) if mrope else T, np.int32)
         kv_lens = np.zeros(S, np.int32)
         page_indices = np.zeros((S, self.pages_per_seq), np.int32)
         cu = np.zeros(S + 1, np.int32)
         logits_indices = np.zeros(S, np.int32)
-        embeds = None  # (T, D): a host buffer for rows given as host arrays (user embeddings)
-        embeds_mask = None
-        # rows left on the device: id(source array) -> (array, its row per token (T,), or -1)
-        sources: dict[int, tuple[jax.Array, np.ndarray]] = {}
+        mm_rows = np.full(T, -1, np.int32) if self.splices_embeds else None
         t = 0
         for i, s in enumerate(steps):
             n = len(s.token_ids)
@@ -415,29 +453,10 @@ class ModelRunner:
             page_indices[i, : len(s.block_table)] = s.block_table
             cu[i + 1] = t + n
             logits_indices[i] = t + n - 1
-            for off, e in s.embeds or ():
-                if embeds_mask is None:
-                    embeds_mask = np.zeros(T, bool)
-                lo, hi = t + off, t + off + len(e)
-                embeds_mask[lo:hi] = True
-                if isinstance(e, DeviceRows):
-                    _, rows = sources.setdefault(id(e.array), (e.array, np.full(T, -1, np.int32)))
-                    rows[lo:hi] = np.arange(e.start, e.stop)
-                    continue
-                if embeds is None:
-                    # in the model's dtype: the step casts to it anyway, and a bf16 buffer is
-                    # half the host -> device copy (25 -> 12.5 MB for a 4,096-token step)
-                    embeds = np.zeros((T, self.hidden_size), self.dtype)
-                embeds[lo:hi] = e
+            for off, rows in s.mm_rows or ():
+                mm_rows[t + off : t + off + len(rows)] = rows
             t += n
         cu[len(steps) + 1 :] = t
-        if embeds_mask is None and self.is_multimodal:
-            embeds = np.zeros((T, self.hidden_size), self.dtype)
-            embeds_mask = np.zeros(T, bool)
-        # the encoder's rows join on the device (no per-size program: the row indices are
-        # data, the shapes are buckets)
-        for array, rows in sources.values():
-            embeds = self._splice(embeds, array, rows)
         seq_inputs = None
         if any(s.seq_inputs for s in steps):
             seq_inputs = {}
@@ -457,7 +476,7 @@ class ModelRunner:
             num_seqs=np.array([len(steps)], np.int32),
             logits_indices=logits_indices,
         )
-        return StepArrays(ids, md, embeds, embeds_mask, seq_inputs), S
+        return StepArrays(ids, md, mm_rows, seq_inputs), S
 
     def _sampling_tensors(self, steps: list[SeqStep], S: int, penalties: bool) -> SamplingTensors:
         def col(name, dtype, default):
@@ -498,11 +517,80 @@ class ModelRunner:
             banned=banned,
         )
 
+    # -- the encoder stage ---------------------------------------------------------------------
+    def encode(self, jobs: list[tuple[str, object, np.ndarray]]) -> None:
+        """Run the encoders for these items and write their outputs into the encoder cache.
+
+        jobs: (modality, host input, rows (n,) int32 of the encoder cache). The host input is
+        what the front end prepared for the model's encoder (pixel or patch bytes, audio
+        features: a dict), or a float (n, D) array of precomputed embeddings, copied as it is.
+        Encoders are called once per modality with all its items (the model batches and
+        buckets them); the writes are one program per source array shape.
+        """
+        if self.encoder_cache is None:
+            raise ValueError("this model has no encoder cache")
+        groups: dict[str, list[tuple[object, np.ndarray]]] = {}
+        host: list[tuple[np.ndarray, np.ndarray]] = []
+        for modality, inp, rows in jobs:
+            if isinstance(inp, np.ndarray):
+                host.append((inp, rows))
+            else:
+                groups.setdefault(modality, []).append((inp, rows))
+        # source array -> (array, source rows, destination rows)
+        writes: dict[int, tuple[jax.Array, list, list]] = {}
+        for modality, group in groups.items():
+            if self._mm_encode is None:
+                self._mm_encode = self.model_obj.mm_encoder(self.graphdef)
+            feats = self._mm_encode(self.params, modality, [inp for inp, _ in group])
+            for f, (_, rows) in zip(feats, group, strict=True):
+                if len(f) != len(rows):
+                    raise RuntimeError(
+                        f"the {modality} encoder gave {len(f)} rows for an item that takes "
+                        f"{len(rows)}"
+                    )
+                _, src, dst = writes.setdefault(id(f.array), (f.array, [], []))
+                src.append(np.arange(f.start, f.stop, dtype=np.int32))
+                dst.append(rows)
+        if host:  # precomputed embeddings: one upload, padded to a power of two of rows
+            n = sum(len(e) for e, _ in host)
+            buf = np.zeros((max(next_pow2(n), MIN_BUCKET), self.hidden_size), self.dtype)
+            buf[:n] = np.concatenate([e for e, _ in host])
+            array = jax.device_put(buf, NamedSharding(self.mesh, PartitionSpec()))
+            writes[id(array)] = (array, [np.arange(n, dtype=np.int32)], [r for _, r in host])
+        trash = self.encoder_cache_rows
+        for array, src, dst in writes.values():
+            M = array.shape[0]  # index vectors as long as the source: one program per shape
+            src_idx = np.zeros(M, np.int32)
+            dst_idx = np.full(M, trash, np.int32)
+            src_cat, dst_cat = np.concatenate(src), np.concatenate(dst)
+            src_idx[: len(src_cat)] = src_cat
+            dst_idx[: len(dst_cat)] = dst_cat
+            self.encoder_cache = self._write_rows(self.encoder_cache, array, src_idx, dst_idx)
+
+    def encode_cross(self, features: np.ndarray, slots: list[int]) -> None:
+        """Encoder-decoder models: encode (B, mel, frames) features and store each one's
+        cross-attention K/V in its slot (the slabs travel, donated, after the KV pages)."""
+        if self._cross_write is None:
+            self._cross_write = self.model_obj.cross_kv_writer(self.graphdef)
+        L = self.num_layers
+        for i in range(0, len(slots), MAX_CROSS_BATCH):
+            self.kv_caches[L:] = self._cross_write(
+                self.params,
+                self.kv_caches[L:],
+                features[i : i + MAX_CROSS_BATCH],
+                slots[i : i + MAX_CROSS_BATCH],
+            )
+
     def logits(self, steps: list[SeqStep]) -> np.ndarray:
         """Run one step and return each sequence's last-token logits (S rows) without sampling."""
         arrays, _ = self.prepare(steps)
         self.kv_caches, (logits, _) = self.step_programs(
-            self._step_sig(arrays), self._param_leaves, self.kv_caches, self._no_prev, *arrays
+            self._step_sig(arrays),
+            self._param_leaves,
+            self.kv_caches,
+            self._no_prev,
+            *arrays,
+            self.encoder_cache,
         )
         return np.asarray(logits)[: len(steps)]
 
@@ -530,6 +618,7 @@ class ModelRunner:
             self.kv_caches,
             prev_tokens,
             *arrays,
+            self.encoder_cache,
             *(() if targets is None else (targets,)),
         )
         plp = plp[0] if plp else None
@@ -627,11 +716,11 @@ class ModelRunner:
         """
         t0 = time.perf_counter()
         t_steps = 0.0
-        for T in self.token_buckets:
+        for T in progress.bar(self.token_buckets, desc="Compiling token buckets", unit="bucket"):
             arrays, S = self.prepare([], min_tokens=T)
             t1 = time.perf_counter()
             sig = self._step_sig(arrays)
-            args = (self._param_leaves, self.kv_caches, self._no_prev, *arrays)
+            args = (self._param_leaves, self.kv_caches, self._no_prev, *arrays, self.encoder_cache)
             self.step_programs.prepare(sig, args)
             self.kv_caches, (logits, _) = self.step_programs(sig, *args)
             jax.block_until_ready(logits)
@@ -651,6 +740,11 @@ class ModelRunner:
         self.init_times["programs_from_disk"] = (
             self.step_programs.sources["disk"] + self.sample_programs.sources["disk"]
         )
+        progress.note(
+            "warmup: compiled %d token buckets in %.1f s",
+            len(self.token_buckets),
+            self.init_times["warmup"],
+        )
         logger.info("start-up times (s): %s", self.init_times)
 
     def num_compiled(self) -> int:
@@ -658,7 +752,7 @@ class ModelRunner:
         return (
             self._step._cache_size()
             + self._sample._cache_size()
-            + self._splice._cache_size()
+            + self._write_rows._cache_size()
             + len(self.step_programs)
             + len(self.sample_programs)
         )

@@ -170,11 +170,20 @@ class Prompt:
 
 
 def prepare_prompt(engine: Any, prompt: str | dict) -> Prompt:
-    """Blocking: a text/token-id/multimodal prompt -> token ids (+ multimodal inputs)."""
-    if isinstance(prompt, dict) and prompt.get("multi_modal_data"):
-        from jaxmm.multimodal.inputs import prepare_multimodal_prompt
+    """Blocking: a text/token-id/multimodal prompt -> token ids (+ multimodal inputs).
 
-        text, ids, mm = prepare_multimodal_prompt(engine, prompt)
+    With the engine in a process of its own, a multimodal prompt is prepared there (its
+    front end decodes, processes and hashes the media beside the engine): it travels as a
+    `PendingPrompt`, and its token ids arrive with the engine's acknowledgement.
+    """
+    if isinstance(prompt, dict) and prompt.get("multi_modal_data"):
+        from jaxmm.multimodal.interface import PendingPrompt
+
+        pending = PendingPrompt("multimodal", (prompt,))
+        if getattr(engine, "prepares_remotely", False):
+            text = prompt.get("prompt")
+            return Prompt(text if isinstance(text, str) else None, [], pending)
+        text, ids, mm = pending.prepare(engine)
         return Prompt(text, list(ids), mm)
     text, ids = engine.tokenize(prompt)
     return Prompt(text, list(ids))
@@ -205,8 +214,11 @@ async def submit(
     arrival: float,
 ) -> Submitted:
     """Queue one engine request per prompt; all or nothing."""
+    from jaxmm.multimodal.interface import PendingPrompt
+
     for p in prompts:
-        check_context(len(p.token_ids), params, state.client.max_model_len)
+        if not isinstance(p.mm, PendingPrompt):  # a pending one is checked once prepared
+            check_context(len(p.token_ids), params, state.client.max_model_len)
     sub = Submitted(request_id, prompts, [], [], params)
     try:
         for i, p in enumerate(prompts):
@@ -214,6 +226,13 @@ async def submit(
             stream = await state.client.add_request(
                 rid, p.text, params, prompt_ids=p.token_ids, mm=p.mm, arrival_time=arrival
             )
+            if isinstance(p.mm, PendingPrompt):  # prepared by the engine: its ids came back
+                p.text, p.token_ids = stream.prompt, list(stream.prompt_token_ids)
+                try:
+                    check_context(len(p.token_ids), params, state.client.max_model_len)
+                except BaseException:
+                    stream.abort()
+                    raise
             sub.streams.append(stream)
             sub.trackers.append(state.metrics.track(arrival, len(p.token_ids)))
     except Exception as e:

@@ -73,8 +73,14 @@ def _window_prompt(state, samples, sample_rate, language, prompt) -> Prompt:
             "transcription needs the Whisper front end "
             "(jaxmm.multimodal.inputs.transcription_prompt), which this build does not have",
         ) from None
+    engine = state.client.engine
+    if getattr(engine, "prepares_remotely", False):  # the engine's front end does it there
+        from jaxmm.multimodal.interface import PendingPrompt
+
+        kwargs = {"language": language, "prompt": prompt}
+        return Prompt(None, [], PendingPrompt("transcription", (samples, sample_rate), kwargs))
     text, ids, mm = transcription_prompt(
-        state.client.engine, samples, sample_rate, language=language, prompt=prompt
+        engine, samples, sample_rate, language=language, prompt=prompt
     )
     return Prompt(text, list(ids), mm)
 

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from jaxmm import progress
 from jaxmm.layers.linear import partition_spec
 
 
@@ -53,6 +54,7 @@ def load_params(
     tied = bool(getattr(model_cls_or_obj, "tie_word_embeddings", False))
     filled: dict[tuple, jax.Array] = {}
     unexpected: list[str] = []
+    bar = progress.bar(total=len(flat), desc="Loading weights", unit="tensor")
 
     def place(key: str, array: np.ndarray) -> None:
         for pattern, repl in rules:
@@ -76,13 +78,15 @@ def load_params(
             host = np.ascontiguousarray(np.asarray(arr).astype(target))
             sharding = NamedSharding(mesh, partition_spec(path, host.ndim))
             filled[path] = jax.device_put(host, sharding)
+            bar.update()
             return
         unexpected.append(key)
 
-    for key, array in tensors:
-        pieces = convert(key, array) if convert is not None else [(key, array)]
-        for k, a in pieces:
-            place(k, a)
+    with bar:
+        for key, array in tensors:
+            pieces = convert(key, array) if convert is not None else [(key, array)]
+            for k, a in pieces:
+                place(k, a)
 
     missing = [".".join(map(str, p)) for p in flat if p not in filled]
     if missing or unexpected:
@@ -129,7 +133,10 @@ def random_params(abstract_state: nnx.State, mesh: Mesh, seed: int = 0, scale: f
 
 def cast_dtype(name: str, hf_config) -> jnp.dtype:
     if name == "auto":
-        torch_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        # `torch_dtype` is the name before transformers 4.56; read it from the instance's own
+        # attributes: later versions warn on every read of the property
+        own = getattr(hf_config, "__dict__", {})
+        torch_dtype = getattr(hf_config, "dtype", None) or own.get("torch_dtype")
         name = str(torch_dtype).replace("torch.", "") if torch_dtype else "float32"
         if name not in ("bfloat16", "float16", "float32"):
             name = "float32"

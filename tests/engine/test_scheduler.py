@@ -152,3 +152,86 @@ def test_all_or_nothing_allocation():
 def test_invalid_block_manager():
     with pytest.raises(ValueError):
         BlockManager(0, 4)
+
+
+# -- the encoder stage's share of scheduling ------------------------------------------------------
+
+
+def _mm_step(sched: Scheduler):
+    """One step, with its encoder work marked done as the engine does it."""
+    batch = sched.schedule()
+    for _, key in batch.encoder_items:
+        sched.encoder_cache.entries[key].ready = True
+    for s, n in zip(batch.seqs, batch.num_new_tokens):
+        s.num_computed_tokens += n
+        sched.release_items(s, upto=s.num_computed_tokens)
+        sched.block_manager.register_full_blocks(s)
+        if s.num_computed_tokens == len(s):
+            s.token_ids.append(7)
+    return batch
+
+
+def _mm_seq(rid: str, spans) -> Sequence:
+    s = seq(range(40), rid)
+    s.mm_spans = tuple(spans)
+    return s
+
+
+def test_encoder_budget_cuts_the_chunk_before_an_item():
+    from jaxmm.engine.encoder_cache import EncoderCacheManager
+
+    cache = EncoderCacheManager(64, block_rows=4)
+    sched = Scheduler(8, 32, BlockManager(64, 4), encoder_cache=cache, encoder_budget=10)
+    # items of 8 rows at [4, 12) and [20, 28): 16 rows, over the budget of 10
+    a = _mm_seq("a", [(4, 12, "image:x"), (20, 28, "image:y")])
+    sched.add(a)
+    b1 = _mm_step(sched)
+    assert b1.num_new_tokens == [20]  # stops before the second item
+    assert [k for _, k in b1.encoder_items] == ["image:x"] and b1.encoder_rows == 8
+    assert cache.entries["image:x"].owners == set()  # its prefill passed it: not held
+    b2 = _mm_step(sched)
+    assert [k for _, k in b2.encoder_items] == ["image:y"] and b2.num_new_tokens == [20]
+    # both stay cached, unreferenced: a second request with the same items runs no encoder
+    b = _mm_seq("b", [(4, 12, "image:x"), (20, 28, "image:y")])
+    sched.add(b)
+    batch = _mm_step(sched)
+    assert batch.encoder_items == [] and b in batch.seqs
+
+
+def test_a_full_encoder_cache_waits_and_evicts_only_unreferenced_items():
+    from jaxmm.engine.encoder_cache import EncoderCacheManager
+
+    cache = EncoderCacheManager(16, block_rows=4)  # room for one 16-row item
+    sched = Scheduler(8, 64, BlockManager(64, 4), encoder_cache=cache, encoder_budget=64)
+    a = _mm_seq("a", [(8, 24, "image:a")])
+    b = _mm_seq("b", [(8, 24, "image:b")])
+    a.token_ids = a.token_ids[:30]
+    b.token_ids = b.token_ids[:30]
+    sched.add(a)
+    sched.add(b)
+    batch = sched.schedule()
+    # a takes the cache; b's chunk stops before its item (rows are held by a)
+    assert batch.num_new_tokens == [30, 8]
+    assert [k for _, k in batch.encoder_items] == ["image:a"]
+    for _, key in batch.encoder_items:
+        cache.entries[key].ready = True
+    for s, n in zip(batch.seqs, batch.num_new_tokens):
+        s.num_computed_tokens += n
+        sched.release_items(s, upto=s.num_computed_tokens)
+    batch = sched.schedule()  # a released its item: evicted for b's
+    assert [k for _, k in batch.encoder_items] == ["image:b"]
+    assert "image:a" not in cache.entries
+
+
+def test_preempted_and_finished_sequences_release_their_items():
+    from jaxmm.engine.encoder_cache import EncoderCacheManager
+
+    cache = EncoderCacheManager(32, block_rows=4)
+    sched = Scheduler(8, 8, BlockManager(64, 4), encoder_cache=cache, encoder_budget=32)
+    a = _mm_seq("a", [(2, 30, "image:a")])
+    sched.add(a)
+    batch = sched.schedule()  # a chunk of 8 covers part of the item: the whole item is encoded
+    assert batch.num_new_tokens == [8] and cache.entries["image:a"].owners == {a.seq_id}
+    sched.finish(a, "abort")
+    # never written (the step did not run), nobody holds it: gone, rows free again
+    assert "image:a" not in cache.entries and len(cache.free_blocks) == 8

@@ -307,6 +307,27 @@ def vlm(request, ckpt_root):
     return arch, path, llm, _hf_model(path, arch)
 
 
+def _encode_items(engine, mm) -> dict:
+    """Run the encoder stage by hand for a prepared prompt's items: cache key -> rows."""
+    if mm is None:
+        return {}
+    cache, rows_of = engine.encoder_cache, {}
+    for it in mm.items:
+        entry = cache.get(it.cache_key) or cache.allocate(it.cache_key, it.end - it.start, "t")
+        rows_of[it.cache_key] = entry.rows
+        engine.runner.encode([(it.modality, it.data, entry.rows)])
+    return rows_of
+
+
+def _chunk_rows(mm, rows_of: dict, start: int, n: int) -> list:
+    out = []
+    for it in mm.items:
+        a, b = max(it.start, start), min(it.end, start + n)
+        if a < b:
+            out.append((a - start, rows_of[it.cache_key][a - it.start : b - it.start]))
+    return out
+
+
 def test_greedy_and_logits_match_transformers(vlm):
     from jaxmm.multimodal.inputs import prepare_multimodal_prompt
     from jaxmm.runner.model_runner import SeqStep
@@ -334,11 +355,13 @@ def test_greedy_and_logits_match_transformers(vlm):
             ids, mm = llm.get_tokenizer()(p["prompt"]).input_ids, None
         n = math.ceil(len(ids) / runner.block_size)
         pages = list(range(runner.num_pages - n, runner.num_pages))
+        rows_of = _encode_items(engine, mm)
         for start in range(0, len(ids), 24):
             chunk = ids[start : start + 24]
             step = SeqStep(chunk, start, pages, sample=start + len(chunk) == len(ids))
             if mm is not None:
                 mm.fill_step(step, None, start, len(chunk))
+                step.mm_rows = _chunk_rows(mm, rows_of, start, len(chunk))
             last = runner.logits([step])[0]
         rows.append(last)
     ours = np.stack(rows)
@@ -486,16 +509,21 @@ def test_large_encoder_calls_without_command_buffers_give_the_same_features(vlm,
     import jax
 
     from jaxmm.models import qwen2_vl
-    from jaxmm.multimodal.inputs import frontend
 
     arch, path, llm, hf = vlm
     if arch == "llava":
         pytest.skip("the Qwen2-VL towers only")
-    fe = frontend(llm.llm_engine)
+    fe = llm.llm_engine.mm_frontend()
+    runner = llm.llm_engine.runner
     image = prompts_for(arch)[1]["multi_modal_data"]["image"]
     image = image[0] if isinstance(image, list) else image
     processed = fe.processor.image(image, {})
-    default = np.asarray(jax.device_get(fe.encode("image", [processed])[0].array))
+
+    def features():
+        encode = runner.model_obj.mm_encoder(runner.graphdef)  # new programs each time
+        return np.asarray(jax.device_get(encode(runner.params, "image", [processed])[0].array))
+
+    default = features()
     monkeypatch.setattr(qwen2_vl, "LARGE_BUCKET_PATCHES", 0)
-    large = np.asarray(jax.device_get(fe.encode("image", [processed])[0].array))
+    large = features()
     np.testing.assert_array_equal(large, default)

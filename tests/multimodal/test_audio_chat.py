@@ -258,8 +258,12 @@ def test_models_without_audio_refuse_audio_parts():
         is_multimodal = True
         mm_modalities = ("image",)
 
-    vision = SimpleNamespace(runner=SimpleNamespace(model_obj=VisionOnly()), is_multimodal=True)
-    vision._mm_frontend = SimpleNamespace(model=VisionOnly(), tokenizer=None)
+    front = SimpleNamespace(model=VisionOnly(), tokenizer=None)
+    vision = SimpleNamespace(
+        runner=SimpleNamespace(model_obj=VisionOnly()),
+        is_multimodal=True,
+        mm_frontend=lambda: front,
+    )
     with pytest.raises(
         ValueError, match="'input_audio' is not supported by VisionOnly: it is audio"
     ):

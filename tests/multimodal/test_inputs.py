@@ -1,10 +1,11 @@
 """The multimodal front end against a fake model: parsing, limits, embeddings, hashing, caches.
 
 No JAX here: the fake model implements the small contract the front end reads
-(`mm_token_id`, `mm_num_tokens`, `mm_check_embeds`, `mm_encoder`, ...) with a Qwen-style
-token count (t*h*w/4) and an "encoder" whose rows encode which pixels it saw, so a test can
-tell by hand what must land where. The tokenizer and the HF image processor are real
-(tiny, built in a temp dir).
+(`mm_token_id`, `mm_num_tokens`, `mm_check_embeds`, ...) with a Qwen-style token count
+(t*h*w/4), and records each item it is asked to size (one per processed item), so a test
+can tell by hand which items were processed and which came from the front end's cache. The
+front end encodes nothing (the engine's encoder stage does). The tokenizer and the HF image
+processor are real (tiny, built in a temp dir).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class FakeModel:
             "start": tok.convert_tokens_to_ids("<|vision_start|>"),
             "end": tok.convert_tokens_to_ids("<|vision_end|>"),
         }
-        self.calls: list[tuple[str, int]] = []  # (modality, items) per encoder call
+        self.calls: list[str] = []  # the modality of each processed item, in order
 
     def mm_token_id(self, modality):
         return self.ids[modality]
@@ -68,27 +69,21 @@ class FakeModel:
         return [self.ids["start"], self.ids[modality], self.ids["end"]]
 
     def mm_num_tokens(self, modality, item):
+        self.calls.append(modality)
+        return self.tokens(item)
+
+    @staticmethod
+    def tokens(item):
         t, h, w = item["grid_thw"]
         return t * h * w // 4
 
     def mm_check_embeds(self, modality, embeds, meta):
         if "grid_thw" not in meta:
             raise ValueError("needs grid_thw")
-        want = (self.mm_num_tokens(modality, meta), D)
+        want = (self.tokens(meta), D)
         if tuple(embeds.shape) != want:
             raise ValueError(f"expected {want}, got {tuple(embeds.shape)}")
         return meta
-
-    def mm_encoder(self, graphdef):
-        def encode(params, modality, items):
-            self.calls.append((modality, len(items)))
-            out = []
-            for it in items:
-                rows = it["pixel_values"].reshape(-1, 4, it["pixel_values"].shape[-1])
-                out.append(np.repeat(rows.mean(axis=(1, 2))[:, None], D, axis=1))
-            return out
-
-        return encode
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +110,19 @@ class FakeEngine:
     runner: object
     config: object
     checkpoint: object
+    _fe: object = None
+
+    def mm_frontend(self):
+        from jaxmm.multimodal.inputs import MultimodalFrontend
+
+        if self._fe is None:
+            self._fe = MultimodalFrontend(
+                self.runner.model_obj,
+                self.tokenizer,
+                self.checkpoint.processor_path,
+                self.config.multimodal,
+            )
+        return self._fe
 
 
 def make_engine(model_dir, **mm) -> FakeEngine:
@@ -151,23 +159,17 @@ def test_placeholders_expand_and_steps_get_their_rows(model_dir):
     assert [(it.end - it.start) for it in mm.items] == [30, 6]
     assert all(ids[it.start - 1] == model.ids["start"] for it in mm.items)
     assert all(ids[it.end] == model.ids["end"] for it in mm.items)
-    assert model.calls == [("image", 2)]  # both images in one encoder call
+    assert model.calls == ["image", "image"]  # each processed once
     assert [k[:2] for k in mm.extra_keys] == [(it.start, it.end) for it in mm.items]
 
-    # chunked prefill: every placeholder row is filled exactly once, in order
-    got = np.zeros((len(ids), D), np.float32)
+    # the items' spans cover every placeholder token exactly once, and carry host inputs
     filled = np.zeros(len(ids), int)
-    for start in range(0, len(ids), 7):
-        n = min(7, len(ids) - start)
-        step = SeqStep(ids[start : start + n], start, [], sample=False)
-        mm.fill_step(step, None, start, n)
-        for off, rows in step.embeds or []:
-            got[start + off : start + off + len(rows)] = rows
-            filled[start + off : start + off + len(rows)] += 1
+    for it in mm.items:
+        filled[it.start : it.end] += 1
+        assert isinstance(it.data["pixel_values"], np.ndarray)
+        assert model.tokens(it.data) == it.end - it.start
     placeholder = np.array(ids) == model.ids["image"]
     assert (filled == placeholder).all()
-    expect = np.concatenate([it.embeds for it in mm.items])
-    np.testing.assert_array_equal(got[placeholder], expect)
 
 
 def test_same_content_same_key_from_any_source(model_dir):
@@ -186,7 +188,7 @@ def test_same_content_same_key_from_any_source(model_dir):
         )
         keys.append(mm.items[0].key)
     assert len(set(keys)) == 1
-    assert engine.runner.model_obj.calls == [("image", 1)]  # then encoder-cache hits
+    assert engine.runner.model_obj.calls == ["image"]  # then cache hits
     _, _, other = prepare_multimodal_prompt(
         engine, {"prompt": f"x {I_PH}", "multi_modal_data": {"image": image(24, 32, 4)}}
     )
@@ -200,7 +202,7 @@ def test_same_content_same_key_from_any_source(model_dir):
             "mm_processor_kwargs": {"max_pixels": 16 * 16},
         },
     )
-    assert small.items[0].key != keys[0] and len(small.items[0].embeds) < 24
+    assert small.items[0].key != keys[0] and small.items[0].end - small.items[0].start < 24
 
 
 def test_duplicate_images_in_a_prompt_are_encoded_once(model_dir):
@@ -209,20 +211,18 @@ def test_duplicate_images_in_a_prompt_are_encoded_once(model_dir):
     _, _, mm = prepare_multimodal_prompt(
         engine, {"prompt": f"{I_PH}{I_PH}", "multi_modal_data": {"image": [img, img]}}
     )
-    assert engine.runner.model_obj.calls == [("image", 1)]
-    np.testing.assert_array_equal(mm.items[0].embeds, mm.items[1].embeds)
+    assert engine.runner.model_obj.calls == ["image"]
+    assert mm.items[0].data is mm.items[1].data
 
 
 def test_processor_runs_beside_the_hash_and_a_hit_ignores_it(model_dir):
     """The front end runs the image processor while the item's key is hashed. On an encoder
     cache hit its result, or its error, is thrown away; on a miss its error is the item's."""
-    from jaxmm.multimodal.inputs import frontend
-
     engine = make_engine(model_dir)
     img = image(24, 32, 11)
     prompt = {"prompt": f"x {I_PH}", "multi_modal_data": {"image": img}}
     _, _, first = prepare_multimodal_prompt(engine, prompt)
-    fe = frontend(engine)
+    fe = engine.mm_frontend()
 
     def broken(*args, **kwargs):
         raise ValueError("processor failed")
@@ -232,13 +232,13 @@ def test_processor_runs_beside_the_hash_and_a_hit_ignores_it(model_dir):
     try:
         _, _, again = prepare_multimodal_prompt(engine, prompt)  # a hit: no error
         assert again.items[0].key == first.items[0].key
-        np.testing.assert_array_equal(again.items[0].embeds, first.items[0].embeds)
+        assert again.items[0].data is first.items[0].data
         fresh = {"prompt": f"x {I_PH}", "multi_modal_data": {"image": image(24, 32, 12)}}
         with pytest.raises(ValueError, match="processor failed"):  # a miss: its error
             prepare_multimodal_prompt(engine, fresh)
     finally:
         fe.processor.image = real
-    assert engine.runner.model_obj.calls == [("image", 1)]
+    assert engine.runner.model_obj.calls == ["image"]
 
 
 def test_uuid_items_are_served_from_the_cache(model_dir):
@@ -252,11 +252,11 @@ def test_uuid_items_are_served_from_the_cache(model_dir):
     )
     assert ids1 == ids2 and mm1.extra_keys == mm2.extra_keys
     assert mm1.items[0].key == "cat"
-    np.testing.assert_array_equal(mm1.items[0].embeds, mm2.items[0].embeds)
-    assert model.calls == [("image", 1)]
+    assert mm1.items[0].data is mm2.items[0].data
+    assert model.calls == ["image"]
     # a known uuid with media skips the processor and the encoder too
     prepare_multimodal_prompt(engine, {**prompt, "multi_modal_data": {"image": image(8, 8, 7)}})
-    assert model.calls == [("image", 1)]
+    assert model.calls == ["image"]
 
     with pytest.raises(ValueError, match="'dog' is not in the encoder cache"):
         prepare_multimodal_prompt(
@@ -324,14 +324,14 @@ def test_embeddings_need_the_flag_and_the_right_shape(model_dir):
         _, ids, mm = prepare_multimodal_prompt(
             engine, {"prompt": f"a {I_PH} b", "multi_modal_data": {"image": form}}
         )
-        np.testing.assert_allclose(mm.items[0].embeds, good, rtol=0, atol=0)
+        np.testing.assert_allclose(mm.items[0].data, good, rtol=0, atol=0)
         assert ids.count(engine.runner.model_obj.ids["image"]) == 6
     # the explicit modality name works too
     _, _, mm = prepare_multimodal_prompt(
         engine, {"prompt": I_PH, "multi_modal_data": {"image_embeds": item}}
     )
     assert mm.items[0].modality == "image"
-    assert engine.runner.model_obj.calls == []  # embeddings never reach the encoder
+    assert engine.runner.model_obj.calls == []  # embeddings are never processed
 
     with pytest.raises(ValueError, match=r"expected \(6, 8\), got \(5, 8\)"):
         prepare_multimodal_prompt(
@@ -388,7 +388,7 @@ def test_videos_and_media_io_kwargs(model_dir):
     # 4 of 8 frames kept (every other one: 4 fps), 2 temporal patches of a 4x6 grid
     assert item.meta["grid_thw"] == (2, 4, 6) and item.end - item.start == 12
     assert item.meta["second_per_grid_t"] == pytest.approx(2 / 4.0)
-    assert engine.runner.model_obj.calls == [("video", 1)]
+    assert engine.runner.model_obj.calls == ["video"]
     with pytest.raises(ValueError, match=r"unknown options \['frames'\]"):
         prepare_multimodal_prompt(
             engine,
@@ -411,23 +411,22 @@ def test_mrope_positions_continue_after_the_prompt():
     step = SeqStep([0] * 4, 4, [], sample=True)  # 2 prompt tokens + 2 decode tokens
     mm.fill_step(step, None, 4, 4)
     np.testing.assert_array_equal(step.mrope_positions, [[1, 3, 4, 5], [2, 3, 4, 5], [2, 3, 4, 5]])
-    assert [(off, len(rows)) for off, rows in step.embeds] == [(0, 1)]
     decode = SeqStep([0], 9, [], sample=True)
     mm.fill_step(decode, None, 9, 1)
-    assert decode.embeds is None and decode.mrope_positions[:, 0].tolist() == [7, 7, 7]
+    assert decode.mm_rows is None and decode.mrope_positions[:, 0].tolist() == [7, 7, 7]
     salted = MultimodalRequest([item], 6, cache_salt="s")
     assert salted.extra_keys[-1][2] == "salt:s"
 
 
 def test_encoder_cache_is_lru_by_bytes():
     cache = EncoderCache(capacity_bytes=3 * 4 * D)  # three rows of D float32
-    row = lambda v: EncoderOutput("image", np.full((1, D), v, np.float32))  # noqa: E731
+    row = lambda v: EncoderOutput("image", np.full((1, D), v, np.float32), 1)  # noqa: E731
     for key in "abc":
         cache.put(key, row(1))
     assert cache.get("a") is not None  # a is now the most recent
     cache.put("d", row(2))  # evicts b, the least recently used
     assert "b" not in cache and all(k in cache for k in "acd")
-    cache.put("big", EncoderOutput("image", np.zeros((4, D), np.float32)))  # never kept
+    cache.put("big", EncoderOutput("image", np.zeros((4, D), np.float32), 4))  # never kept
     assert "big" not in cache and cache.nbytes == 3 * 4 * D
     assert cache.hits == 1
 
@@ -457,7 +456,8 @@ def test_chat_parts_become_items(model_dir, tmp_path):
     text, ids, mm = prepare_multimodal_prompt(engine, prompt)
     assert [it.modality for it in mm.items] == ["image", "image", "image", "video"]
     assert mm.items[0].key == "u1"
-    np.testing.assert_array_equal(mm.items[0].embeds, mm.items[1].embeds)  # same picture
+    pixels = [it.data["pixel_values"] for it in mm.items[:2]]
+    np.testing.assert_array_equal(*pixels)  # same picture
 
     # a template that takes strings gets the placeholder text in the message
     plain = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"

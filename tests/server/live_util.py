@@ -7,7 +7,7 @@ import time
 
 from jaxmm import LLM
 from jaxmm.engine.async_engine import AsyncEngine
-from jaxmm.engine.core_process import ProcessEngine, is_multimodal_checkpoint
+from jaxmm.engine.core_process import ProcessEngine
 from jaxmm.llm import engine_config
 from jaxmm.server.app import build_app
 from tests.server.util import CoreProbe, running_server
@@ -18,11 +18,11 @@ NAME = "tiny"
 
 @contextlib.contextmanager
 def live_server(path: str, *, app_kw: dict | None = None, engine_process=None, **engine_kw):
-    """(engine, base URL) of a real uvicorn over the engine `jaxmm serve` would run: a text
-    model's core in a process of its own (`engine` then reads the core's state through
-    calls), a multimodal model's on a thread of this process (`engine` is the LLMEngine)."""
+    """(engine, base URL) of a real uvicorn over the engine `jaxmm serve` would run: the
+    core in a process of its own (`engine` then reads the core's state through calls), or,
+    with engine_process=False, on a thread of this process (`engine` is the LLMEngine)."""
     if engine_process is None:
-        engine_process = not is_multimodal_checkpoint(path)
+        engine_process = True
     if engine_process:
         client = ProcessEngine(engine_config(model=path, **engine_kw))
         engine = CoreProbe(client)

@@ -256,11 +256,3 @@ def test_convert_calls_the_converter(monkeypatch, capsys):
     monkeypatch.setattr(ct2, "convert_ct2_whisper", lambda *a, **k: calls.append((a, k)))
     assert cli.main(["convert", "ct2-whisper", "src", "dst", "--dtype", "float16"]) == 0
     assert calls == [(("src", "dst"), {"dtype": "float16"})]
-
-
-def test_serve_engine_process_is_for_text_models(ckpt_root, capsys):
-    from tests.models.test_vlm_parity import make_vlm
-
-    vlm = make_vlm(ckpt_root, "qwen2_vl")
-    assert cli.main(["serve", vlm, "--engine-process", *SMALL]) == 1
-    assert "text models only" in capsys.readouterr().err

@@ -87,7 +87,9 @@ def redirector(trap):
 def live(ckpt_root):
     path = make_vlm(ckpt_root, "qwen2_vl")
     kw = dict(dtype="float32", max_model_len=256, max_num_batched_tokens=64)
-    with live_server(path, limit_mm_per_prompt={"image": 2}, **kw) as x:
+    # the engine on a thread of this process: the fake DNS and the connection guard below
+    # patch this process's sockets, where the front end then fetches
+    with live_server(path, limit_mm_per_prompt={"image": 2}, engine_process=False, **kw) as x:
         yield x
 
 
@@ -123,9 +125,8 @@ def net(monkeypatch):
 
 def set_policy(engine, **kw):
     from jaxmm.multimodal.fetch import MediaPolicy
-    from jaxmm.multimodal.inputs import frontend
 
-    frontend(engine).policy = MediaPolicy(allow_redirects=True, image_timeout_s=3.0, **kw)
+    engine.mm_frontend().policy = MediaPolicy(allow_redirects=True, image_timeout_s=3.0, **kw)
 
 
 def ask(url: str, image_url: str) -> httpx.Response:

@@ -11,6 +11,8 @@ import soundfile as sf
 
 from jaxmm import LLM
 from jaxmm.engine.async_engine import AsyncEngine
+from jaxmm.engine.core_process import ProcessEngine
+from jaxmm.llm import engine_config
 from jaxmm.server.app import build_app
 from tests.server.util import running_server
 from tests.weights.test_ct2_whisper import word_error_rate
@@ -40,10 +42,15 @@ def wav(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def client(tiny_en):
-    llm = LLM(tiny_en, dtype="float32", max_num_seqs=8, max_num_batched_tokens=64)
-    engine = AsyncEngine(llm.llm_engine)
+@pytest.fixture(scope="module", params=["engine-thread", "engine-process"])
+def client(request, tiny_en):
+    """The engine on a thread of the server process, or in a process of its own (as `jaxmm
+    serve` runs it: the audio is then prepared by the engine's front end, in its process)."""
+    kw = dict(dtype="float32", max_num_seqs=8, max_num_batched_tokens=64)
+    if request.param == "engine-thread":
+        engine = AsyncEngine(LLM(tiny_en, **kw).llm_engine)
+    else:
+        engine = ProcessEngine(engine_config(model=tiny_en, **kw))
     app = build_app(engine, served_model_names=["whisper"], model_path=tiny_en)
     with running_server(app) as url:
         yield openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
