@@ -28,11 +28,11 @@ from jaxmm.sampling_params import StructuredOutputsParams
 # caps on what one grammar may cost; llguidance's defaults are 2-5x these
 LIMITS = dict(
     max_items_in_row=2_000,
-    initial_lexer_fuel=500_000,  # ~10 ms of regex analysis
-    step_lexer_fuel=200_000,
-    step_max_items=50_000,
-    max_lexer_states=100_000,
-    max_grammar_size=200_000,
+    initial_lexer_fuel=200_000,  # ~4 ms of regex analysis
+    step_lexer_fuel=100_000,  # ~7 ms per mask at most
+    step_max_items=20_000,
+    max_lexer_states=20_000,
+    max_grammar_size=50_000,
     verbose_errors=False,  # messages go to clients: no grammar dumps
 )
 _CACHE_SIZE = 256
@@ -97,7 +97,10 @@ def grammar_source(so: StructuredOutputsParams) -> str:
 
 def cache_key(so: StructuredOutputsParams) -> str:
     value = getattr(so, so.kind)
-    return json.dumps([so.kind, value, so.disable_any_whitespace], sort_keys=True, default=str)
+    try:
+        return json.dumps([so.kind, value, so.disable_any_whitespace], sort_keys=True, default=str)
+    except RecursionError:
+        raise GrammarError(f"the {so.kind} constraint is nested too deeply") from None
 
 
 class GrammarCompiler:
@@ -144,6 +147,12 @@ class GrammarCompiler:
         err = LLMatcher.validate_grammar(grammar, self.lltokenizer, limits=_limits())
         if err and not err.startswith("WARNING"):
             raise GrammarError(f"invalid {so.kind} constraint: {err[:300]}")
+        # the first mask too: some grammars only overflow the parser's limits there
+        m = LLMatcher(self.lltokenizer, grammar, limits=_limits(), log_level=0)
+        m.compute_bitmask()
+        m.compute_ff_tokens()
+        if m.is_error():
+            raise GrammarError(f"invalid {so.kind} constraint: {m.get_error()[:300]}")
         with self._lock:
             self._cache[key] = grammar
             while len(self._cache) > _CACHE_SIZE:

@@ -56,6 +56,19 @@ def image_part(url: str) -> list[dict]:
     ]
 
 
+def anyof_blowup() -> dict:
+    """120 alternatives of up to 120 properties (200 kB): over the grammar size limit."""
+    alternatives = [
+        {"type": "object", "properties": {f"k{i}": {"type": "string"} for i in range(j + 1)}}
+        for j in range(120)
+    ]
+    return {"anyOf": alternatives}
+
+
+def json_schema(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+
+
 def nested(depth: int) -> bytes:
     return b'{"model": "tiny", "messages": ' + b"[" * depth + b"]" * depth + b"}"
 
@@ -140,6 +153,65 @@ CASES = [
         "POST",
         CHAT,
         chat(response_format={"type": "json_schema"}),
+        {},
+        400,
+    ),
+    # -- structured outputs: a 400 in bounded time, never a stuck engine ------------------
+    ("so-invalid-regex", "POST", CMPL, cmpl(structured_outputs={"regex": "(ab"}), {}, 400),
+    ("so-two-kinds", "POST", CMPL, cmpl(structured_outputs={"regex": "a", "json": {}}), {}, 400),
+    (
+        "so-unknown-grammar-rule",
+        "POST",
+        CHAT,
+        chat(structured_outputs={"grammar": "start: x"}),
+        {},
+        400,
+    ),
+    ("so-choice-not-list", "POST", CHAT, chat(structured_outputs={"choice": "abc"}), {}, 400),
+    (
+        "so-schema-nested-300",
+        "POST",
+        CHAT,
+        # as bytes: too deep for the test client's own JSON encoder
+        b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, '
+        + b'"structured_outputs": {"json": '
+        + b'{"type": "object", "properties": {"a": ' * 300
+        + b'{"type": "string"}'
+        + b"}}" * 300
+        + b"}}",
+        {},
+        400,
+    ),
+    (
+        "so-schema-enum-20k",  # over the lexer's size limit
+        "POST",
+        CHAT,
+        chat(response_format=json_schema({"enum": list(range(20_000))})),
+        {},
+        400,
+    ),
+    (
+        "so-schema-anyof-blowup",
+        "POST",
+        CHAT,
+        chat(response_format=json_schema(anyof_blowup())),
+        {},
+        400,
+    ),
+    (
+        "so-regex-repeat-blowup",
+        "POST",
+        CMPL,
+        cmpl(structured_outputs={"regex": "(a{1,999}){1,999}"}),
+        {},
+        200,
+    ),
+    ("response-format-unknown", "POST", CHAT, chat(response_format={"type": "xml"}), {}, 400),
+    (
+        "response-format-schema-not-object",
+        "POST",
+        CHAT,
+        chat(response_format={"type": "json_schema", "json_schema": {"schema": 5}}),
         {},
         400,
     ),
