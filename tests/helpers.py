@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 CHAT_TEMPLATE = (
@@ -297,3 +298,23 @@ def link_model_files(src: str, dst: str) -> str:
         if name in ("config.json", "generation_config.json") or name.endswith(".safetensors"):
             os.symlink(os.path.join(src, name), os.path.join(dst, name))
     return dst
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(path: str):
+    """JAX's persistent compilation cache in `path` while open, for tests that build several
+    engines of one model (each compiles the same programs; the later ones read them back).
+    JAX's setting is process-global: it is restored after."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    old = {name: getattr(jax.config, name) for name in names}
+    jax.config.update(names[0], path)
+    jax.config.update(names[1], 0.0)
+    try:
+        yield path
+    finally:  # JAX keeps its cache object once made: drop it
+        for name, value in old.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()

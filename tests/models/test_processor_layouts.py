@@ -25,6 +25,7 @@ from tests.helpers import (
     link_model_files,
     make_processor,
     make_tokenizer,
+    persistent_compilation_cache,
     qwen2_vl_video_processor,
     save_processor_separately,
 )
@@ -40,21 +41,9 @@ VIDEO_MAX_PIXELS = 16 * 24
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
-    """A persistent XLA cache for this module only: each layout's engine compiles the same
-    programs, so the second one reads them back (JAX's setting is process-global)."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    old = {name: getattr(jax.config, name) for name in names}
-    jax.config.update(names[0], str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update(names[1], 0.0)
-    try:
+    """Each layout's engine compiles the same programs: the second one reads them back."""
+    with persistent_compilation_cache(str(tmp_path_factory.mktemp("xla_cache"))):
         yield
-    finally:  # JAX keeps its cache object once made: drop it
-        for name, value in old.items():
-            jax.config.update(name, value)
-        compilation_cache.reset_cache()
 
 
 def _params(n: int = NEW_TOKENS) -> SamplingParams:
