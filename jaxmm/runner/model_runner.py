@@ -637,15 +637,17 @@ class ModelRunner:
         if plain and all(s.temperature == 0 for s in sampled):
             # greedy fast path: one program and one transfer per step
             return InFlight(greedy_tokens, rows, prompt=plp)
-        # the sampled token's logprob is always computed (cheap next to the model), so one
-        # warm variant serves requests with and without `logprobs=0`
-        num_logprobs = MAX_LOGPROBS if want_lp and max(want_lp) > 0 else 0
+        # the sampled token's logprob and the MAX_LOGPROBS most likely are always computed
+        # (a top-k of the row, cheap next to the model), and greedy rows ignore top-k/top-p:
+        # the variants warmup compiles serve every logprobs value and filter setting
+        all_greedy = all(s.temperature == 0 for s in sampled)
         t = self._sampling_tensors(steps, S, penalties)
         static = dict(
-            all_greedy=all(s.temperature == 0 for s in sampled),
-            use_filters=any(s.top_k > 0 or s.top_p < 1 or s.min_p > 0 for s in sampled),
+            all_greedy=all_greedy,
+            use_filters=not all_greedy
+            and any(s.top_k > 0 or s.top_p < 1 or s.min_p > 0 for s in sampled),
             use_penalties=penalties,
-            num_logprobs=num_logprobs,
+            num_logprobs=MAX_LOGPROBS,
         )
         extras = self._logits_extras(steps, S, bias, fill_masks)
         # penalty tensors vary in shape: those variants stay with jit
@@ -728,12 +730,15 @@ class ModelRunner:
             t = self._sampling_tensors([], S, False)
             for greedy, filters in ((True, False), (False, False), (False, True)):
                 static = dict(
-                    all_greedy=greedy, use_filters=filters, use_penalties=False, num_logprobs=0
+                    all_greedy=greedy,
+                    use_filters=filters,
+                    use_penalties=False,
+                    num_logprobs=MAX_LOGPROBS,
                 )
                 sig = (S, *sorted(static.items()))
                 if sig not in self.sample_programs.programs:
-                    self.sample_programs.prepare(sig, (logits, t), static)
-                out = self.sample_programs(sig, logits, t, **static)
+                    self.sample_programs.prepare(sig, (logits, t, None), static)
+                out = self.sample_programs(sig, logits, t, None, **static)
             jax.block_until_ready(out)
         self.init_times["warmup"] = round(time.perf_counter() - t0, 3)
         self.init_times["warmup_steps"] = round(t_steps, 3)
