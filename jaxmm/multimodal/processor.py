@@ -9,12 +9,10 @@ sub-processor's own `save_pretrained`). Two layouts of pixels come out of it:
 - fixed-size towers (CLIP, LLaVA): `pixel_values` (C, H, W) per image;
 - patch towers (Qwen2-VL / Qwen2.5-VL): `pixel_values` (n, C*tp*p*p) flattened patches plus
   `grid_thw` = (t, h, w) in patches.
-Videos (patch towers only) go frame by frame through the same image processor, so resize
-and normalisation are exactly the images' (with the video pixel budget from the checkpoint's
-video processor config when it has one), then consecutive frames are
-fused along the temporal patch axis the way HF's video processor lays them out:
-rows (t, h/m, w/m, m, m), columns (C, tp, p, p). HF's own video processor needs
-torchvision; this path needs PIL and numpy only. Placeholder expansion is the front end's
+Videos (patch towers only) take the path of HF's video processor
+(`Qwen2VLVideoProcessor`), which is not the image processor frame by frame: torch's
+uint8 resize, float32 normalisation, its own defaults (`video_pixels.py`, numpy only;
+HF's needs torchvision). Placeholder expansion is the front end's
 (`inputs.py`), from the model's token counts, so images, cached items and precomputed
 embeddings all expand the same way.
 
@@ -34,9 +32,10 @@ import os
 import numpy as np
 from PIL import Image
 
-from . import fast_image
+from . import fast_image, video_pixels
 
-DEFAULT_VIDEO_FPS = 2.0  # HF Qwen2-VL processors' default sampling rate
+# the rate transformers' VideoMetadata assumes of frames that come without one
+UNKNOWN_VIDEO_FPS = 24.0
 
 PROCESSOR_CONFIG = "processor_config.json"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"  # image processor or audio feature extractor
@@ -186,40 +185,28 @@ class MultimodalProcessor:
     def video(
         self, frames: np.ndarray, fps: float | None = None, overrides: dict | None = None
     ) -> dict:
-        """(T, H, W, 3) uint8 frames -> {"pixel_values", "grid_thw", "second_per_grid_t"}."""
+        """(T, H, W, 3) uint8 frames -> {"pixel_values", "grid_thw", "second_per_grid_t"}.
+
+        `fps` is the rate of the frames as given; None (unknown) is taken as 24, as HF's video
+        metadata does (`VideoMetadata.sampled_fps`), so that Qwen2.5-VL places them in time
+        the way transformers' own processor does."""
         if not self.patches:
             raise ValueError("this model's image processor takes no videos")
-        ip = self.image_processor
-        tp, p = int(ip.temporal_patch_size), int(ip.patch_size)
-        vc = self.video_config
-        size = _size_dict(vc.get("size"))
-        if vc.get("min_pixels") is not None:
-            size["shortest_edge"] = int(vc["min_pixels"])
-        if vc.get("max_pixels") is not None:
-            size["longest_edge"] = int(vc["max_pixels"])
-        base = {"size": size} if size.get("shortest_edge") and size.get("longest_edge") else {}
-        kw = self._call_kwargs(overrides, base)  # the video pixel budget, unless overridden
-        frames = np.asarray(frames)
-        if frames.ndim != 4 or frames.shape[-1] != 3:
-            raise ValueError(f"a video must be (T, H, W, 3) frames, got shape {frames.shape}")
-        if len(frames) % tp:  # pad with copies of the last frame, as HF does
-            pad = np.repeat(frames[-1:], tp - len(frames) % tp, axis=0)
-            frames = np.concatenate([frames, pad])
-        out = ip(images=[Image.fromarray(f) for f in frames], return_tensors="np", **kw)
-        grids = np.asarray(out["image_grid_thw"])
-        _, gh, gw = (int(g) for g in grids[0])
-        C = np.asarray(out["pixel_values"]).shape[-1] // (tp * p * p)
-        # each frame's patches repeat the frame over tp; keep one copy per frame ...
-        per_frame = np.asarray(out["pixel_values"], np.float32).reshape(
-            len(frames), gh * gw, C, tp, p, p
+        settings = video_pixels.VideoSettings.from_dict(
+            self._video_config(), {**self.kwargs, **(overrides or {})}
         )
-        per_frame = per_frame[:, :, :, 0]  # (T, n, C, p, p)
-        # ... and fuse tp consecutive frames into one temporal patch: (t, n, C, tp, p, p)
-        t = len(frames) // tp
-        fused = per_frame.reshape(t, tp, gh * gw, C, p, p).transpose(0, 2, 3, 1, 4, 5)
-        pixels = np.ascontiguousarray(fused.reshape(t * gh * gw, C * tp * p * p))
-        fps = float(fps or vc.get("fps") or DEFAULT_VIDEO_FPS)
-        return {"pixel_values": pixels, "grid_thw": (t, gh, gw), "second_per_grid_t": tp / fps}
+        pixels, grid = video_pixels.preprocess(np.asarray(frames), settings)
+        fps = float(fps) if fps else UNKNOWN_VIDEO_FPS
+        tp = settings.temporal_patch_size
+        return {"pixel_values": pixels, "grid_thw": grid, "second_per_grid_t": tp / fps}
+
+    def _video_config(self) -> dict:
+        """The video processor's settings, as transformers builds it: from the checkpoint's
+        video processor config when it has one, else from the image processor's."""
+        if self.video_config:
+            return self.video_config
+        ip = self.image_processor
+        return {k: getattr(ip, k) for k in video_pixels.SETTINGS if hasattr(ip, k)}
 
 
 def _size_dict(size) -> dict:
