@@ -319,6 +319,22 @@ def build_serve_parser(sub) -> None:
         help="no periodic log line of throughput, running/waiting requests and KV cache use "
         "(logged every 10 s while the engine works)",
     )
+    t = p.add_argument_group("tool calls and reasoning")
+    t.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='let the model call tools on its own (tool_choice "auto"); needs --tool-call-parser',
+    )
+    t.add_argument(
+        "--tool-call-parser",
+        choices=("hermes", "qwen", "llama3_json", "mistral"),
+        help="the model's tool-call format: hermes/qwen (<tool_call> JSON), llama3_json, mistral",
+    )
+    t.add_argument(
+        "--reasoning-parser",
+        choices=("deepseek_r1", "qwen3"),
+        help="split <think>...</think> into reasoning_content (DeepSeek-R1 or Qwen3 style)",
+    )
     c = p.add_argument_group("CORS (off unless --allowed-origins is given)")
     c.add_argument(
         "--allowed-origins",
@@ -416,6 +432,9 @@ def cmd_serve(args) -> int:
         allow_credentials=args.allow_credentials,
         root_path=args.root_path,
         log_stats=not args.disable_log_stats,
+        tool_call_parser=args.tool_call_parser,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        reasoning_parser=args.reasoning_parser,
     )
     logging.getLogger("jaxmm").info(
         "serving %s as %s on %s://%s:%d%s (max_model_len=%d)",

@@ -26,7 +26,9 @@ from starlette.responses import JSONResponse, Response
 
 from jaxmm.engine.async_engine import EngineClient
 from jaxmm.server import chat, completions, embeddings, models, tokenize, transcriptions
+from jaxmm.server.chat_output import check_flags
 from jaxmm.server.errors import APIError, install_handlers
+from jaxmm.server.headers import HeaderLimitMiddleware
 from jaxmm.server.metrics import CONTENT_TYPE, HTTPMetricsMiddleware, ServerMetrics
 from jaxmm.server.security import APIKeyMiddleware, BodySizeLimitMiddleware
 from jaxmm.server.serving import ServerState
@@ -57,6 +59,9 @@ def build_app(
     root_path: str = "",
     log_stats: bool = False,
     log_stats_interval_s: float = 10.0,
+    tool_call_parser: str | None = None,
+    enable_auto_tool_choice: bool = False,
+    reasoning_parser: str | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible app over `client`.
 
@@ -69,6 +74,8 @@ def build_app(
     the generation config);
     `allowed_origins` (+ methods, headers, credentials): CORS, off when no origin is given;
     `root_path`: the path prefix a reverse proxy serves the app under;
+    `tool_call_parser`, `enable_auto_tool_choice`, `reasoning_parser`: vLLM's flags of those
+    names (server/chat_output.py);
     `log_stats`: log engine throughput and load every `log_stats_interval_s` while busy.
     """
     names = (
@@ -92,7 +99,11 @@ def build_app(
         trust_request_chat_template=trust_request_chat_template,
         response_role=response_role,
         default_sampling_params=dict(default_sampling_params or {}),
+        tool_call_parser=tool_call_parser,
+        enable_auto_tool_choice=enable_auto_tool_choice,
+        reasoning_parser=reasoning_parser,
     )
+    check_flags(tool_call_parser, reasoning_parser, enable_auto_tool_choice)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -151,6 +162,8 @@ def build_app(
             allow_headers=list(allowed_headers or ["*"]),
             allow_credentials=allow_credentials,
         )
+    # outermost of all: oversized headers get a 431 before anything else looks at them
+    app.add_middleware(HeaderLimitMiddleware)
     return app
 
 

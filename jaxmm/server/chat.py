@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse
 
 from jaxmm.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxmm.server import structured
+from jaxmm.server.chat_output import ChatOutput
 from jaxmm.server.errors import APIError, api_errors
 from jaxmm.server.protocol import ChatCompletionRequest, now, parse_request, random_id, usage
 from jaxmm.server.serving import (
@@ -36,6 +37,7 @@ from jaxmm.server.serving import (
     token_text,
     top_entries,
 )
+from jaxmm.server.tool_parsers import prepare_messages
 
 router = APIRouter()
 
@@ -60,13 +62,6 @@ def _check_roles(messages: list[dict]) -> None:
 
 def _check_supported(req: ChatCompletionRequest, state: ServerState) -> None:
     _check_roles(req.messages)
-    choice = req.tool_choice
-    if choice not in (None, "none", "auto"):
-        raise APIError(
-            400,
-            "tool_choice other than 'none' or 'auto' is not supported (tool calls are not parsed)",
-            param="tool_choice",
-        )
     if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
         raise APIError(400, "top_logprobs must be in [0, 20]", param="top_logprobs")
     if req.top_logprobs is not None and not req.logprobs:
@@ -90,7 +85,7 @@ def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> Prompt:
     engine = state.client.engine
     prompt = conversation_to_prompt(
         engine,
-        req.messages,
+        prepare_messages(req.messages),
         chat_template=req.chat_template or state.chat_template,
         add_generation_prompt=req.add_generation_prompt,
         continue_final_message=req.continue_final_message,
@@ -135,7 +130,8 @@ async def create_chat_completion(request: Request):
     _check_supported(req, state)
     max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    so, so_field = structured.from_request(req)
+    shaper = ChatOutput(req, state)  # tool_choice and reasoning
+    so, so_field = shaper.constrain(*structured.from_request(req))
     params = build_sampling_params(
         req,
         max_tokens=max_tokens,
@@ -152,11 +148,14 @@ async def create_chat_completion(request: Request):
 
     if not req.stream:
         (out,) = await cancel_on_disconnect(request, collect(sub))
-        return JSONResponse(_response(out, request_id, model, created, k, state.response_role))
+        return JSONResponse(
+            _response(out, request_id, model, created, k, state.response_role, shaper)
+        )
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     continuous = include_usage and req.stream_options.continuous_usage_stats
     deltas = DeltaTracker(params)
+    shaped = [shaper.stream() for _ in range(params.n)]
     n_prompt = len(prompt.token_ids)
     generated = {"n": 0}
 
@@ -196,15 +195,17 @@ async def create_chat_completion(request: Request):
             if d is None or d.empty:
                 continue
             generated["n"] += len(d.token_ids)
-            if not d.text and d.finish_reason is None and d.logprobs is None:
-                continue  # tokens that decode to no text yet (a split character)
+            stream = shaped[o.index]
+            delta = stream.feed(d.text, d.finish_reason is not None)
+            if not delta and d.finish_reason is None and d.logprobs is None:
+                continue  # no text yet (a split character, or held back by a parser)
             choice = {
                 "index": o.index,
-                "delta": {"content": d.text} if d.text or d.finish_reason is None else {},
+                "delta": delta,
                 "logprobs": chat_logprobs(d.token_ids, d.logprobs, k)
                 if d.logprobs is not None
                 else None,
-                "finish_reason": d.finish_reason,
+                "finish_reason": stream.finish_reason(d.finish_reason),
             }
             if d.finish_reason is not None:
                 choice["stop_reason"] = d.stop_reason
@@ -220,9 +221,16 @@ async def create_chat_completion(request: Request):
 
 
 def _response(
-    out: RequestOutput, request_id: str, model: str, created: int, k: int, role: str
+    out: RequestOutput,
+    request_id: str,
+    model: str,
+    created: int,
+    k: int,
+    role: str,
+    shaper: ChatOutput,
 ) -> dict:
-    choices = [_choice(o, k, role) for o in sorted(out.outputs, key=lambda o: o.index)]
+    outs = sorted(out.outputs, key=lambda o: o.index)
+    choices = [_choice(o, k, role, shaper) for o in outs]
     n_gen = sum(len(o.token_ids) for o in out.outputs)
     return {
         "id": request_id,
@@ -235,11 +243,12 @@ def _response(
     }
 
 
-def _choice(o: CompletionOutput, k: int, role: str) -> dict:
+def _choice(o: CompletionOutput, k: int, role: str, shaper: ChatOutput) -> dict:
+    message, finish_reason = shaper.message(role, o.text, o.finish_reason)
     return {
         "index": o.index,
-        "message": {"role": role, "content": o.text},
+        "message": message,
         "logprobs": chat_logprobs(o.token_ids, o.logprobs, k) if o.logprobs is not None else None,
-        "finish_reason": o.finish_reason,
+        "finish_reason": finish_reason,
         "stop_reason": o.stop_reason,
     }

@@ -47,6 +47,11 @@ class ServerState:
     response_role: str = "assistant"  # --response-role
     # SamplingParams values for fields a request leaves unset (--generation-config)
     default_sampling_params: dict = field(default_factory=dict)
+    # tool calls and reasoning (--tool-call-parser, --enable-auto-tool-choice,
+    # --reasoning-parser): chat_output.py
+    tool_call_parser: str | None = None
+    enable_auto_tool_choice: bool = False
+    reasoning_parser: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
