@@ -189,3 +189,26 @@ def test_bad_constraints_are_400_quickly(client, body, param):
         client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=5, extra_body=body)
     assert e.value.body["param"] == param
     assert time.monotonic() - t0 < 10
+
+
+def test_new_grammars_compile_nothing(llm):
+    """Once the masked sampler ran, other grammars and mixes of constrained and free rows
+    reuse its program: a grammar is data (the bitmask), not a program variant."""
+    from jaxmm.runner.model_runner import backend_compile_count
+
+    so = StructuredOutputsParams
+
+    def run(pattern: str, n: int) -> None:
+        free = SamplingParams(max_tokens=6, temperature=0)
+        tied = SamplingParams(
+            max_tokens=6, temperature=0, n=n, structured_outputs=so(regex=pattern)
+        )
+        outs = llm.generate(["Hi", "Hello"], [tied, free])
+        assert all(re.fullmatch(pattern, o.text) for o in outs[0].outputs)
+
+    run("[a-c]{4}", 1)
+    runner = llm.llm_engine.runner
+    programs, compiles = runner.num_compiled(), backend_compile_count()
+    run("x[0-9]{3}y", 1)
+    run("(yes|no)", 1)
+    assert (runner.num_compiled(), backend_compile_count()) == (programs, compiles)
