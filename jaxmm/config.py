@@ -256,10 +256,31 @@ class MultimodalConfig:
     mm_processor_kwargs: dict = arg(
         help="options for the HF processor as JSON", default_factory=dict
     )
+    mm_warmup_image_sizes: tuple[str, ...] | None = arg(
+        None,
+        help="image sizes (WxH) whose vision-encoder programs warmup compiles, for every "
+        "batch of them the engine may form (e.g. 448x448 1344x1344); default: the "
+        "processor's fixed size where it has one (LLaVA), none for dynamic-resolution models",
+        cli={"metavar": "WxH"},
+    )
 
     def __post_init__(self) -> None:
         for name in ("limit_mm_per_prompt", "media_io_kwargs", "mm_processor_kwargs"):
             _set(self, name, dict(getattr(self, name) or {}))
+        sizes = self.mm_warmup_image_sizes
+        if isinstance(sizes, str):
+            sizes = [sizes]
+        if sizes is not None:
+            parsed = []
+            for item in sizes:
+                for text in str(item).replace(",", " ").split():
+                    w, _, h = text.lower().partition("x")
+                    if not (w.isdigit() and h.isdigit() and int(w) > 0 and int(h) > 0):
+                        raise ValueError(
+                            f"mm_warmup_image_sizes takes WxH sizes such as 448x448, got {text!r}"
+                        )
+                    parsed.append(f"{int(w)}x{int(h)}")
+            _set(self, "mm_warmup_image_sizes", tuple(parsed))
         domains = self.allowed_media_domains
         if isinstance(domains, str):
             domains = [domains]

@@ -136,6 +136,7 @@ class LLMEngine:
         self._free_slots = list(range(self.runner.cross_slots))
         if config.warmup:
             self.runner.warmup()
+            self.warmup_encoders()
         else:
             progress.lazy_compile_note(len(self.runner.token_buckets))
         progress.note("engine ready in %.1f s", time.perf_counter() - t_start)
@@ -289,6 +290,48 @@ class LLMEngine:
                     self.hf_config,
                 )
             return self._audio_frontend
+
+    def warmup_encoders(self, sizes: tuple[str, ...] | None = None) -> int:
+        """Compile the vision encoder, and its writes into the encoder cache, for every batch
+        of images of the warm sizes that the encoder stage may form (power-of-two counts up to
+        the step's encoder budget). Returns the number of encoder calls made.
+
+        sizes: "WxH" strings; default the engine's `mm_warmup_image_sizes`, or, for a model
+        whose processor makes every image one fixed size (LLaVA), that size.
+        """
+        model = self.runner.model_obj
+        if self.encoder_cache is None or "image" not in getattr(model, "mm_modalities", ()):
+            return 0
+        from PIL import Image
+
+        fe = self.mm_frontend()
+        if sizes is None:
+            sizes = self.config.multimodal.mm_warmup_image_sizes
+        if sizes is None:
+            probe = fe.processor.image(Image.new("RGB", (64, 64)), {})
+            sizes = () if "grid_thw" in probe else ("64x64",)  # fixed-size processors
+        t0, calls = time.perf_counter(), 0
+        rs = np.random.RandomState(0)
+        for size in sizes:
+            w, h = (int(v) for v in size.split("x"))
+            img = Image.fromarray(rs.randint(0, 256, (h, w, 3), np.uint8))
+            item = fe.processor.image(img, {})
+            n = model.mm_num_tokens("image", item)
+            k = 1
+            while k * n <= min(max(self.scheduler.encoder_budget, n), self.encoder_cache.num_rows):
+                rows = np.arange(k * n, dtype=np.int32).reshape(k, n)  # scratch rows
+                self.runner.encode([("image", item, r) for r in rows])
+                calls += 1
+                k *= 2
+        if calls:
+            self.runner.sync_encoder_cache()
+            progress.note(
+                "warmup: %d vision-encoder batches of %s in %.1f s",
+                calls,
+                " ".join(sizes),
+                time.perf_counter() - t0,
+            )
+        return calls
 
     def reset_mm_cache(self) -> None:
         """Forget the cached encoder outputs no running request holds."""

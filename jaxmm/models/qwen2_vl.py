@@ -246,7 +246,16 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
                     chunks.append((table, [], []))  # a new call
                 chunks[-1][1].append((pixels, grid))
                 chunks[-1][2].append(sources)
-            return [f for table, chunk, src in chunks for f in run_chunk(params, table, chunk, src)]
+            # a power-of-two count of items per call (16 + 8 + 4 for 28): same-size images
+            # then meet a handful of shapes, which warmup compiles (`warmup_encoders`)
+            calls = []
+            for table, chunk, src in chunks:
+                i = 0
+                while i < len(chunk):
+                    k = 1 << ((len(chunk) - i).bit_length() - 1)
+                    calls.append((table, chunk[i : i + k], src[i : i + k]))
+                    i += k
+            return [f for table, chunk, src in calls for f in run_chunk(params, table, chunk, src)]
 
         def joins(chunk: tuple, table: np.ndarray | None, grid: tuple) -> bool:
             """Whether an item may join this call: its kind of pixels, slots to spare."""

@@ -567,6 +567,11 @@ class ModelRunner:
             dst_idx[: len(dst_cat)] = dst_cat
             self.encoder_cache = self._write_rows(self.encoder_cache, array, src_idx, dst_idx)
 
+    def sync_encoder_cache(self) -> None:
+        """Wait for the encoder stage's queued work (warmup, benchmarks)."""
+        if self.encoder_cache is not None:
+            jax.block_until_ready(self.encoder_cache)
+
     def encode_cross(self, features: np.ndarray, slots: list[int]) -> None:
         """Encoder-decoder models: encode (B, mel, frames) features and store each one's
         cross-attention K/V in its slot (the slabs travel, donated, after the KV pages)."""

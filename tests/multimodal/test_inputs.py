@@ -124,6 +124,17 @@ class FakeEngine:
             )
         return self._fe
 
+    def audio_frontend(self):
+        from jaxmm.multimodal.audio_inputs import AudioFrontend
+
+        return AudioFrontend(
+            self.runner.model_obj,
+            self.tokenizer,
+            self.checkpoint.processor_path,
+            self.config.multimodal,
+            None,
+        )
+
 
 def make_engine(model_dir, **mm) -> FakeEngine:
     from transformers import AutoTokenizer

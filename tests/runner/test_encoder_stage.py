@@ -134,3 +134,30 @@ def test_small_encoder_budget_cuts_chunks_before_items(llm):
         engine.runner.encode = real
         engine.scheduler.encoder_budget = budget
     assert steps == [1, 1, 1]
+
+
+def test_warmup_covers_every_batch_of_warm_size_images(ckpt_root):
+    """With warmup and the image sizes to expect, a batch of such images compiles nothing:
+    not the vision tower for any count of them per step, not the writes into the encoder
+    cache, not the step."""
+    from jaxmm import LLM
+    from jaxmm.runner.model_runner import backend_compile_count
+
+    path = make_qwen(ckpt_root, "qwen2_vl", seed=1)
+    llm = LLM(
+        path,
+        dtype="float32",
+        max_model_len=256,
+        max_num_batched_tokens=64,
+        enable_prefix_caching=False,
+        warmup=True,
+        mm_warmup_image_sizes=["40x48"],
+    )
+    compiled = backend_compile_count()
+    prompts = [
+        {"prompt": f"Look {I_QWEN} here", "multi_modal_data": {"image": _image(40, 48, 20 + i)}}
+        for i in range(5)
+    ]
+    tokens = _generate(llm, prompts, max_tokens=3)
+    assert len(tokens) == 5 and llm.llm_engine.stats["encoder_items"] == 5
+    assert backend_compile_count() == compiled

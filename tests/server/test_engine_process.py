@@ -159,7 +159,7 @@ def test_process_engine_matches_offline_and_survives_a_failed_step(ckpt):
         # bad input comes back to its request, with its type and text
         with pytest.raises(ValueError, match="maximum context length"):
             _run(client, "b", "Hello " * 200, params)
-        with pytest.raises(ValueError, match="takes no media"):
+        with pytest.raises(ValueError, match="reach this engine as PendingPrompt"):
             asyncio.run(client.add_request("c", "hi", params, mm=object()))
 
         # a step that raises fails the requests in flight, and only those
