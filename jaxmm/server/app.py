@@ -258,9 +258,9 @@ def serve(
     **kwargs,
 ) -> None:
     """Run `app` under uvicorn until interrupted (`kwargs`: see `uvicorn_config`)."""
-    import uvicorn
+    from jaxmm.server.ready import ReadyServer
 
-    server = uvicorn.Server(uvicorn_config(app, host, port, log_level, **kwargs))
+    server = ReadyServer(uvicorn_config(app, host, port, log_level, **kwargs))
     server.run()
     if not server.started:
         raise SystemExit(3)  # could not bind, bad certificate, ...: uvicorn logged why
