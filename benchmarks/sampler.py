@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -152,7 +153,9 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "sampler",
         "device": str(jax.devices()[0].device_kind),
         "platform": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
         "jax_version": jax.__version__,
+        "date": time.strftime("%Y-%m-%d"),
         "sampler": bench_sampler(args.rows, args.vocab, args.reps),
     }
     if not args.no_step:
