@@ -66,3 +66,35 @@ def test_run_writer_appends_and_keeps_earlier_runs(tmp_path):
     assert data["runs"][0] == bare and data["device"] == "GPU"
     assert select_run(data, "new")["rows"] == [dict(ms=2.0), dict(ms=3.0)]
     assert select_run(data)["variant"] == "new" and select_run(bare) is bare
+
+
+def test_structured_throughput_smoke(tmp_path, capsys):
+    from benchmarks import structured_throughput
+
+    out = tmp_path / "lines.jsonl"
+    out.write_text('{"earlier": 1}\n')  # --out appends
+    args = ["--config", "tiny", "--num-prompts", "4", "--input-len", "12", "--output-len", "6"]
+    args += ["--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--mixed-fraction", "0.25"]
+    results = structured_throughput.main([*args, "--workdir", str(tmp_path), "--out", str(out)])
+    printed = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()[-3:]]
+    assert printed == results
+    assert [json.loads(x) for x in out.read_text().splitlines()] == [{"earlier": 1}, *results]
+    free, constrained, mixed = results
+    assert [r["case"] for r in results] == ["unconstrained", "json_schema", "mixed_25pct"]
+    assert [r["constrained_requests"] for r in results] == [0, 4, 1]
+    for r in results:
+        assert r["output_tokens"] == 4 * 6 and r["output_tokens_per_s"] > 0
+        assert r["device"] and r["jax_version"] and r["transformers_version"]
+        assert 0 <= r["mask_total_s"] < r["elapsed_s"]
+        # the schema's array outlasts 6 tokens: every constrained document is whole and valid
+        assert r["constrained_document_tokens"] == (
+            {"6": r["constrained_requests"]} if r["constrained_requests"] else {}
+        )
+        assert r["constrained_outputs_valid"] == r["constrained_requests"]
+    assert free["loss_vs_unconstrained_pct"] == 0 and free["mask_steps"] == 0
+    assert free["mask_rows"] == 0 and free["advance_s"] == 0
+    # one mask per constrained request and output token, filled once per step
+    assert constrained["mask_rows"] == 4 * 6 and mixed["mask_rows"] == 6
+    for r in (constrained, mixed):  # prefill chunks may put requests a step apart
+        assert 6 <= r["mask_steps"] <= r["engine_steps"]
+    assert constrained["mask_per_step_p99_ms"] >= constrained["mask_per_step_mean_ms"] > 0
