@@ -18,7 +18,10 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 VARIANTS = {
     # name: (all_greedy, use_filters, per-row fields, logits scale)

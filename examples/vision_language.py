@@ -16,7 +16,6 @@ import os
 from PIL import Image
 
 from jaxmm import LLM, SamplingParams
-from jaxmm.multimodal.inputs import frontend
 
 
 def main() -> None:
@@ -60,7 +59,7 @@ def main() -> None:
     print("cached:", repr(out.outputs[0].text), f"({out.num_cached_tokens} cached tokens)")
 
     # 3. generate with a raw prompt: put the model's placeholder where the image goes
-    front = frontend(llm.engine)
+    front = llm.engine.mm_frontend()
     placeholder = front.placeholder_text("image")
     prompt = {
         "prompt": f"{placeholder}What colours stand out?",

@@ -261,6 +261,9 @@ def serve(
     from jaxmm.server.ready import ReadyServer
 
     server = ReadyServer(uvicorn_config(app, host, port, log_level, **kwargs))
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        pass
     if not server.started:
         raise SystemExit(3)  # could not bind, bad certificate, ...: uvicorn logged why

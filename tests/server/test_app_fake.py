@@ -156,9 +156,9 @@ def test_delta_tracker_unit():
         (json.dumps(chat("hi", max_tokens=1000)).encode(), "max_tokens", "context length"),
         (json.dumps(chat("x" * 100)).encode(), "messages", "context length"),
         (
-            json.dumps(chat("hi", response_format={"type": "json_object"})).encode(),
+            json.dumps(chat("hi", response_format={"type": "xml"})).encode(),
             "response_format",
-            "not supported",
+            "xml",
         ),
         (json.dumps(chat("hi", top_logprobs=2)).encode(), "top_logprobs", "logprobs"),
         (
