@@ -396,7 +396,7 @@ class LLMEngine:
             s.banned_ids = banned or None
         if req.mm is not None:
             req.mm.fill_step(s, seq, start, n)
-        if seq.mm_spans:  # encoder outputs over this chunk's placeholder tokens
+        if seq.mm_spans and start < seq.mm_spans[-1][1]:  # encoder outputs over placeholders
             rows = []
             for lo, hi, key in seq.mm_spans:
                 a, b = max(lo, start), min(hi, start + n)
