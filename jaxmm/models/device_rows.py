@@ -1,17 +1,14 @@
-"""Encoder features that stay on the device: rows of a device array, sliced lazily.
+"""Encoder features that stay on the device: rows of a device array, as a lazy view.
 
 An encoder call leaves its items' features in one bucket-shaped device array, and the
-runner splices them into the step's embeddings there (`ModelRunner.prepare`): no trip
-through the host. On the way the front end slices each item out (by its token count) and
-again per prefill chunk, and slicing a `jax.Array` with Python ints compiles a program per
-slice length (JAX 0.10.2: one compile per new length, none per new offset). So an item's
-features are a `DeviceRows` view (array, start, stop) whose slices are views too; only
-bucket shapes ever reach a compiled program.
+runner copies each item's rows into its encoder cache by row index (`ModelRunner.encode`):
+no trip through the host. Slicing a `jax.Array` with Python ints would compile a program
+per slice length (JAX 0.10.2: one compile per new length, none per new offset), so an item's
+features are a `DeviceRows` view (array, start, stop); only bucket shapes ever reach a
+compiled program.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import numpy as np
@@ -20,7 +17,7 @@ import numpy as np
 class DeviceRows:
     """Rows [start, stop) of a device array (M, D); its slices are views of the same array.
 
-    The front end treats it as an opaque (n, D) array: `len`, `.shape`, `.nbytes`, `e[a:b]`.
+    It reads as an opaque (n, D) array: `len`, `.shape`, `.nbytes`, `e[a:b]`.
     """
 
     __slots__ = ("array", "start", "stop")
@@ -55,17 +52,3 @@ class DeviceRows:
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         """The rows on the host (tests, debugging): the whole array comes over, then a slice."""
         return np.asarray(self.array, dtype)[self.start : self.stop]
-
-
-@functools.partial(jax.jit, static_argnums=2)
-def _take(x: jax.Array, start, size: int) -> jax.Array:
-    return jax.lax.dynamic_slice_in_dim(x, start, size)
-
-
-def own_rows(x: jax.Array, start: int, n: int, size: int) -> DeviceRows:
-    """Rows [start, start + n) of x (M, D), copied on the device into an array of their own
-    of `size` >= n rows (a bucket: one program per (M, size), any start), so that whoever
-    keeps them keeps only these."""
-    size = min(size, len(x))
-    at = min(start, len(x) - size)  # kept in bounds (dynamic_slice would clamp it)
-    return DeviceRows(_take(x, at, size), start - at, start - at + n)
