@@ -25,13 +25,13 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 
 from jaxmm.engine.async_engine import EngineClient
-from jaxmm.server import chat, completions, embeddings, models, tokenize, transcriptions
+from jaxmm.server import chat, completions, embeddings, model_cards, tokenize, transcriptions
 from jaxmm.server.chat_output import check_flags
 from jaxmm.server.errors import APIError, install_handlers
 from jaxmm.server.headers import HeaderLimitMiddleware
 from jaxmm.server.metrics import CONTENT_TYPE, HTTPMetricsMiddleware, ServerMetrics
 from jaxmm.server.security import APIKeyMiddleware, BodySizeLimitMiddleware
-from jaxmm.server.serving import ServerState
+from jaxmm.server.state import ServerState
 
 logger = logging.getLogger("jaxmm.server")
 stats_logger = logging.getLogger("jaxmm.server.stats")
@@ -121,7 +121,7 @@ def build_app(
     app = FastAPI(title="jaxmm OpenAI-compatible server", lifespan=lifespan)
     app.state.jaxmm = state
     install_handlers(app)
-    modules = (models, chat, completions, embeddings, transcriptions, tokenize)
+    modules = (model_cards, chat, completions, embeddings, transcriptions, tokenize)
     if getattr(client.engine, "supports_embeddings", False):
         # a pooling model: chat/completions answer 400 (mounted first, so matched first)
         app.include_router(embeddings.generation_refused)

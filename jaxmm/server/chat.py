@@ -17,26 +17,16 @@ from jaxmm.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxmm.server import structured
 from jaxmm.server.chat_output import ChatOutput
 from jaxmm.server.errors import APIError, api_errors
+from jaxmm.server.logprobs import finite, prompt_logprobs_json, token_text, top_entries
 from jaxmm.server.protocol import ChatCompletionRequest, now, parse_request, random_id, usage
-from jaxmm.server.serving import (
+from jaxmm.server.state import ServerState, check_model, get_state, run_blocking
+from jaxmm.server.streaming import (
     AbortingStreamingResponse,
     DeltaTracker,
-    Prompt,
-    ServerState,
-    build_sampling_params,
     cancel_on_disconnect,
-    check_model,
-    collect,
-    finite,
-    get_state,
-    prepare_prompt,
-    prompt_logprobs_json,
-    run_blocking,
     stream_events,
-    submit,
-    token_text,
-    top_entries,
 )
+from jaxmm.server.submit import Prompt, build_sampling_params, collect, prepare_prompt, submit
 from jaxmm.server.tool_parsers import prepare_messages
 
 router = APIRouter()

@@ -24,7 +24,8 @@ from fastapi import APIRouter, Request
 from jaxmm.pooling import PoolingParams
 from jaxmm.server.errors import APIError, api_errors
 from jaxmm.server.protocol import EmbeddingRequest, now, parse_request, random_id
-from jaxmm.server.serving import cancel_on_disconnect, check_model, get_state, run_blocking
+from jaxmm.server.state import check_model, get_state, run_blocking
+from jaxmm.server.streaming import cancel_on_disconnect
 
 router = APIRouter()
 generation_refused = APIRouter()

@@ -21,7 +21,7 @@ from jaxmm.server.protocol import (
     TokenizeCompletionRequest,
     parse_request,
 )
-from jaxmm.server.serving import ServerState, check_model, get_state, run_blocking
+from jaxmm.server.state import ServerState, check_model, get_state, run_blocking
 
 router = APIRouter()
 

@@ -21,16 +21,9 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from jaxmm.sampling_params import SamplingParams
 from jaxmm.server.errors import APIError, api_errors
 from jaxmm.server.protocol import random_id
-from jaxmm.server.serving import (
-    Prompt,
-    ServerState,
-    cancel_on_disconnect,
-    check_model,
-    collect,
-    get_state,
-    run_blocking,
-    submit,
-)
+from jaxmm.server.state import ServerState, check_model, get_state, run_blocking
+from jaxmm.server.streaming import cancel_on_disconnect
+from jaxmm.server.submit import Prompt, collect, submit
 
 router = APIRouter()
 

@@ -14,7 +14,7 @@ from jaxmm.engine.async_engine import AsyncEngine, EngineDeadError, EngineError
 from jaxmm.outputs import CompletionOutput
 from jaxmm.sampling_params import SamplingParams
 from jaxmm.server.app import build_app
-from jaxmm.server.serving import DeltaTracker
+from jaxmm.server.streaming import DeltaTracker
 from tests.server.fakes import FakeCoreEngine
 from tests.server.util import running_server
 

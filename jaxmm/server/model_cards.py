@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from jaxmm.server.errors import api_errors
-from jaxmm.server.serving import ServerState, check_model, get_state
+from jaxmm.server.state import ServerState, check_model, get_state
 
 router = APIRouter()
 
