@@ -172,6 +172,11 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
         delta = int(pos.max()) + 1 - num_tokens if num_tokens else 0
         return pos, delta
 
+    def pack_items(self, chunk: list[tuple]) -> dict:
+        """One encoder call's host inputs (`pack`); a subclass may add tower inputs under
+        "extra" (keyword arguments of its tower's call)."""
+        return pack(chunk, self.hf_config.vision_config, self.vision_cls.windowed)
+
     def mm_encoder(self, graphdef):
         """A host function (params, modality, items) -> [features (n, D_text) per item], left
         on the device (`DeviceRows`, in the model's dtype) for the runner to splice.
@@ -188,11 +193,13 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
         width = self.vision_cls.width(vc)
         impl = attention_implementation(self.dtype, width // vc.num_heads)
 
-        def tower(params, pixels, table, sources, pos, full, window, order, unpermute):
+        def tower(params, pixels, table, sources, pos, full, window, order, unpermute, extra):
             model = nnx.merge(graphdef, params)
             if table is not None:  # raw bytes: patches cut and looked up, here
                 pixels = patch_pixels(pixels, sources, table, tp)
-            merged = model.visual(pixels.astype(model.dtype), pos, full, window, order, impl)
+            merged = model.visual(
+                pixels.astype(model.dtype), pos, full, window, order, impl, **extra
+            )
             return merged if unpermute is None else merged[unpermute]  # item order
 
         # large buckets compile without XLA's command buffers (`encoder_jit`); small ones,
@@ -204,7 +211,7 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
             return (run_large if big else run_small)(params, pixels, *rest)
 
         def run_chunk(params, table, chunk: list[tuple], sources: list) -> list[DeviceRows]:
-            b = pack(chunk, vc, windowed)
+            b = self.pack_items(chunk)
             src = None
             if table is not None:  # each item's patch starts, shifted to its place in the call
                 src = np.zeros((len(b["pixels"]), 2), np.int32)
@@ -222,6 +229,7 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
                 b["window"],
                 b["order"],
                 b["unpermute"],
+                b.get("extra", {}),
             )  # (M, D_text) in the model's dtype, items back to back, padding rows last
             counts = [len(px) // unit for px, _ in chunk]
             # views of the call's output: the runner copies them into its encoder cache
