@@ -117,6 +117,20 @@ class Qwen2AudioForConditionalGeneration(nnx.Module):
         del modality
         return int(audio_output_lengths(int(np.asarray(item["feature_attention_mask"]).sum()))[1])
 
+    def mm_check_embeds(self, modality: str, embeds: np.ndarray, meta: dict) -> dict:
+        """Precomputed audio embeddings (the tower + projector's rows of one item) must be
+        (n, hidden_size), n at most what the encoder gives for a full window."""
+        del modality, meta
+        D = self.config.hidden_size
+        most = int(audio_output_lengths(self.num_frames)[1])
+        if embeds.ndim != 2 or embeds.shape[1] != D or not 1 <= embeds.shape[0] <= most:
+            raise ValueError(
+                f"audio embeddings must have shape (num_audio_tokens, hidden_size) = (n, {D}) "
+                f"with 1 <= n <= {most} for this model (the audio tower + projector output of "
+                f"one item); got {tuple(embeds.shape)}"
+            )
+        return {}
+
     def get_audio_features(self, features: jax.Array, mel_lengths: jax.Array) -> jax.Array:
         """features (B, mel, 2C), mel_lengths (B,) -> (B, C/2, D_text); rows past each
         item's token count are padding."""

@@ -24,7 +24,10 @@ processor's files and the HF config; it holds no engine and runs no encoder):
 Audio items: `(samples, sample_rate)` (1-D, or 2-D channels-first or channels-last, any
 rate; folded to mono when the feature extractor takes one channel, then resampled to its
 rate), a bare 1-D array already at the model's rate, encoded file bytes, or `None` with a
-uuid in `multi_modal_uuids` (audio-in-LLM models). `limit_mm_per_prompt["audio"]` caps the
+uuid in `multi_modal_uuids` (audio-in-LLM models), or, with `enable_mm_embeds`, precomputed
+audio-tower + projector rows: {"audio_embeds": (n, D) or (N, n, D)} (numpy, torch, JAX, or a
+base64 .npy / torch.save payload) or a float torch / JAX tensor, shape-checked by the model
+(`mm_check_embeds`) and spliced as they are. `limit_mm_per_prompt["audio"]` caps the
 items per prompt. Plain Python + numpy; no JAX here (the model supplies the jitted encoder).
 """
 
@@ -39,7 +42,14 @@ import numpy as np
 
 from .audio import decode_audio_bytes, load_audio_item
 from .cache import EncoderCache
-from .inputs import check_prompt_keys
+from .hashing import content_hash
+from .inputs import (
+    _is_int_tensor,
+    _is_tensor,
+    check_prompt_keys,
+    decode_embeds_payload,
+    to_numpy,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +81,65 @@ def audio_hash(audio: np.ndarray, *extra) -> str:
 def _audio_items(data) -> list:
     if not isinstance(data, dict) or not data:
         raise ValueError("multi_modal_data must be a non-empty dict {modality: item(s)}")
-    unknown = sorted(set(data) - {"audio"})
+    unknown = sorted(set(data) - {"audio", "audio_embeds"})
     if unknown:
         raise ValueError(f"this model takes audio only; got multi_modal_data keys {unknown}")
-    items = data["audio"]
-    if isinstance(items, list):
-        return items
-    return [items]
+    if len(data) > 1:
+        raise ValueError("give audio items under one key: 'audio' (audio or its embeddings)")
+    name, items = next(iter(data.items()))
+    items = items if isinstance(items, list) else [items]
+    out = []
+    for item in items:
+        if name == "audio_embeds" and not isinstance(item, dict) and item is not None:
+            item = {"audio_embeds": item}
+        out.extend(audio_embed_items(item) if is_audio_embeds(item) else [item])
+    return out
+
+
+class AudioEmbeds:
+    """One audio item given as its precomputed audio-tower + projector output (n, D)."""
+
+    def __init__(self, rows: np.ndarray):
+        self.rows = rows
+
+
+def is_audio_embeds(item) -> bool:
+    """Whether an audio item is precomputed embeddings rather than audio.
+
+    vLLM's forms: {"audio_embeds": ...} (numpy, torch, JAX or a base64 .npy / torch.save
+    payload), or a float torch / JAX tensor of 2 (n, D) or 3 (N, n, D) dims. A numpy array
+    is always audio (samples, or channels x samples).
+    """
+    if isinstance(item, AudioEmbeds):
+        return True
+    if isinstance(item, dict):
+        return True  # checked in audio_embed_items: it must hold "audio_embeds"
+    if isinstance(item, np.ndarray) or not hasattr(item, "shape") or len(item.shape) < 2:
+        return False
+    return _is_tensor(item) and not _is_int_tensor(item)
+
+
+def audio_embed_items(value) -> list[AudioEmbeds]:
+    """An embeddings item as given -> one AudioEmbeds per audio: (n, D) is one item,
+    (N, n, D) is N items."""
+    if isinstance(value, AudioEmbeds):
+        return [value]
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"audio_embeds"})
+        if "audio_embeds" not in value or unknown:
+            raise ValueError(
+                f"an audio embeddings dict holds 'audio_embeds' only; got keys {sorted(value)}"
+            )
+        value = value["audio_embeds"]
+    if isinstance(value, str):
+        rows = decode_embeds_payload(value)
+    elif isinstance(value, list) and value and all(np.ndim(v) == 2 for v in value):
+        return [AudioEmbeds(to_numpy(v)) for v in value]
+    else:
+        rows = to_numpy(value)
+    if rows.ndim == 3:
+        return [AudioEmbeds(r) for r in rows]
+    return [AudioEmbeds(rows)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -325,6 +387,11 @@ class AudioFrontend:
     def _prepare_whisper(self, prompt: dict, items: list):
         if len(items) != 1:
             raise ValueError(f"a Whisper prompt takes exactly one audio item, got {len(items)}")
+        if isinstance(items[0], AudioEmbeds):
+            raise ValueError(
+                f"{type(self.model).__name__} is an encoder-decoder model: it takes audio, not "
+                "precomputed audio embeddings"
+            )
         text = prompt.get("prompt")
         if "prompt_token_ids" in prompt:
             ids = _check_ids(prompt["prompt_token_ids"])
@@ -403,6 +470,9 @@ class AudioFrontend:
         pending: dict[str, list[int]] = {}  # key -> items (the same audio twice: encoded once)
         feats: list[dict] = []
         for i, (item, uuid) in enumerate(zip(items, uuids, strict=True)):
+            if isinstance(item, AudioEmbeds):
+                result[i] = self._embeds_output(i, item.rows, uuid)
+                continue
             if uuid is not None:
                 cached = self.cache.get(uuid)
                 if cached is not None:  # a uuid names its content: trust it
@@ -441,6 +511,27 @@ class AudioFrontend:
                 result[i] = (key, output)
         return result  # type: ignore[return-value]
 
+    def _embeds_output(self, index: int, rows: np.ndarray, uuid: str | None):
+        """(key, prepared item) of precomputed audio embeddings: checked against the model,
+        copied into the encoder cache by the engine as they are (no encoder runs)."""
+        from .cache import EncoderOutput
+
+        if not getattr(self.config, "enable_mm_embeds", False):
+            raise ValueError(
+                f"audio item {index} is a precomputed embedding; embeddings inputs are refused "
+                "unless the engine is started with enable_mm_embeds=True"
+            )
+        if rows.ndim == 3 and rows.shape[0] == 1:
+            rows = rows[0]
+        check = getattr(self.model, "mm_check_embeds", None)
+        if check is None:
+            raise ValueError(f"{type(self.model).__name__} takes no audio embeddings")
+        check("audio", rows, {})
+        key = uuid or content_hash("audio", "embeds", rows)
+        output = EncoderOutput("audio", rows, len(rows))
+        self.cache.put(key, output)
+        return key, output
+
     def _features(self, audio: np.ndarray, kwargs: dict) -> dict:
         """What the HF processor hands the audio tower: padded log-mel + the valid frames."""
         out = self.feature_extractor(
@@ -462,10 +553,10 @@ def _audio_uuids(uuids, num_items: int) -> list:
         return [None] * num_items
     if not isinstance(uuids, dict):
         raise TypeError(f"multi_modal_uuids must be a dict, got {type(uuids).__name__}")
-    unknown = sorted(set(uuids) - {"audio"})
+    unknown = sorted(set(uuids) - {"audio", "audio_embeds"})
     if unknown:
         raise ValueError(f"multi_modal_uuids names {unknown}, which has no multi_modal_data")
-    ids = uuids.get("audio")
+    ids = uuids.get("audio", uuids.get("audio_embeds"))
     ids = [None] * num_items if ids is None else (ids if isinstance(ids, list) else [ids])
     if len(ids) != num_items:
         raise ValueError(
@@ -536,7 +627,7 @@ def is_audio_prompt(prompt) -> bool:
     data = prompt.get("multi_modal_data")
     if data is None and isinstance(prompt.get("encoder_prompt"), dict):
         data = prompt["encoder_prompt"].get("multi_modal_data")
-    return isinstance(data, dict) and "audio" in data
+    return isinstance(data, dict) and ("audio" in data or "audio_embeds" in data)
 
 
 def prepare_audio_prompt(engine, prompt: dict):

@@ -21,6 +21,7 @@ _PART_MODALITY = {
     "input_audio": "audio",
     "audio_url": "audio",
     "audio": "audio",
+    "audio_embeds": "audio",
 }
 # `input_audio` formats: what libsndfile decodes, and containers librosa's audioread
 # fallback reads when FFmpeg is installed. The bytes are sniffed either way; the declared
@@ -62,6 +63,8 @@ def _load_audio_part(kind: str, value, policy: MediaPolicy):
 
     if value is None:
         return None  # served from the encoder cache by its uuid
+    if kind == "audio_embeds":
+        return value  # AudioEmbeds: checked (and gated) by the audio front end
     if kind == "input_audio":
         data = decode_base64_payload(
             value, max_bytes=policy.max_download_bytes, what="input_audio data"
@@ -107,7 +110,8 @@ def conversation_to_mm_prompt(engine, conversation: list[dict], **kwargs) -> dic
     Parts: text; image_url ({"url": ...}, a data: URL included); image_pil; image (any image
     form); image_embeds (array, base64 .npy/torch payload, or a dict with image_grid_thw, a
     grid given the same ways; a (N, 3) grid makes the part N images);
-    video_url; video (frames); input_audio ({"data": <base64>, "format": "wav" | "mp3" ...});
+    video_url; video (frames); audio_embeds (as image_embeds, without a grid: (n, D) rows of
+    one audio, (N, n, D) of N); input_audio ({"data": <base64>, "format": "wav" | "mp3" ...});
     audio_url ({"url": ...}: http(s), data:audio/...;base64, file://); audio ((samples, rate),
     an array at the model's rate, or file bytes). Any media part may carry a "uuid"; a part
     whose media is None (or a URL part without a url) is served from the encoder cache by
@@ -160,13 +164,17 @@ def conversation_to_mm_prompt(engine, conversation: list[dict], **kwargs) -> dic
             modality = _PART_MODALITY[kind]
             _check_modality(fe.model, kind, modality)
             items = [_part_item(part)]
+            if kind == "audio_embeds":  # (n, D) is one audio, (N, n, D) N of them
+                from .audio_inputs import audio_embed_items
+
+                items = audio_embed_items(items[0]) if items[0] is not None else items
             if kind == "image_embeds":  # one part may hold several images' rows and grids
                 items = _split_by_grid(items, "image")
-                if len(items) > 1 and part.get("uuid") is not None:
-                    raise ValueError(
-                        f"an image_embeds part of {len(items)} images takes no 'uuid': send "
-                        "one part per image to name each"
-                    )
+            if len(items) > 1 and part.get("uuid") is not None:
+                raise ValueError(
+                    f"an {kind} part of {len(items)} items takes no 'uuid': send one part per "
+                    "item to name each"
+                )
             for item in items:
                 data.setdefault(modality, []).append(item)
                 uuids.setdefault(modality, []).append(part.get("uuid"))
