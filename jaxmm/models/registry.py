@@ -18,6 +18,8 @@ _MODELS: dict[str, tuple[str, str]] = {
         "jaxmm.models.qwen2_vl",
         "Qwen2_5_VLForConditionalGeneration",
     ),
+    "Gemma3ForCausalLM": ("jaxmm.models.gemma3", "Gemma3ForCausalLM"),
+    "Gemma3ForConditionalGeneration": ("jaxmm.models.gemma3", "Gemma3ForConditionalGeneration"),
     "WhisperForConditionalGeneration": ("jaxmm.models.whisper", "WhisperForConditionalGeneration"),
     "Qwen2AudioForConditionalGeneration": (
         "jaxmm.models.qwen2_audio",
