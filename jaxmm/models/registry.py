@@ -13,13 +13,15 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen3ForCausalLM": ("jaxmm.models.qwen3", "Qwen3ForCausalLM"),
     "MistralForCausalLM": ("jaxmm.models.mistral", "MistralForCausalLM"),
     "LlavaForConditionalGeneration": ("jaxmm.models.llava", "LlavaForConditionalGeneration"),
+    "LlavaOnevisionForConditionalGeneration": (
+        "jaxmm.models.llava_onevision",
+        "LlavaOnevisionForConditionalGeneration",
+    ),
     "Qwen2VLForConditionalGeneration": ("jaxmm.models.qwen2_vl", "Qwen2VLForConditionalGeneration"),
     "Qwen2_5_VLForConditionalGeneration": (
         "jaxmm.models.qwen2_vl",
         "Qwen2_5_VLForConditionalGeneration",
     ),
-    "Gemma3ForCausalLM": ("jaxmm.models.gemma3", "Gemma3ForCausalLM"),
-    "Gemma3ForConditionalGeneration": ("jaxmm.models.gemma3", "Gemma3ForConditionalGeneration"),
     "WhisperForConditionalGeneration": ("jaxmm.models.whisper", "WhisperForConditionalGeneration"),
     "Qwen2AudioForConditionalGeneration": (
         "jaxmm.models.qwen2_audio",

@@ -665,6 +665,11 @@ class MultimodalFrontend:
         io = {m: {**self.media_io_kwargs.get(m, {}), **io_kwargs.get(m, {})} for m in MODALITIES}
         proc_kwargs = dict(prompt.get("mm_processor_kwargs") or {})
         items = self.parse(prompt, io)
+        # options that depend on the prompt's other items (LLaVA-OneVision tiles an image
+        # only when it is the prompt's one image); they key the items' hashes too
+        context = getattr(self.model, "mm_prompt_processor_kwargs", None)
+        if context is not None:
+            proc_kwargs.update(context([it.modality for it in items]))
 
         if "prompt_token_ids" in prompt:
             ids = prompt["prompt_token_ids"]

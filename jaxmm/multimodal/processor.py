@@ -32,7 +32,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from . import fast_image, video_pixels
+from . import anyres, fast_image, video_pixels
 
 # the rate transformers' VideoMetadata assumes of frames that come without one
 UNKNOWN_VIDEO_FPS = 24.0
@@ -168,6 +168,8 @@ class MultimodalProcessor:
 
         pixel_values: float32, or a `fast_image.PatchBytes` standing for it (`patch_bytes`)."""
         kw = self._call_kwargs(overrides)
+        if anyres.takes(self.image_processor):  # tiles by pinpoints (LLaVA-OneVision)
+            return anyres.process_image(self.image_processor, image, kw)
         out = None
         if self.fast_images and self.patches:
             settings = fast_image.settings_for(self.image_processor, kw)
@@ -190,6 +192,9 @@ class MultimodalProcessor:
         `fps` is the rate of the frames as given; None (unknown) is taken as 24, as HF's video
         metadata does (`VideoMetadata.sampled_fps`), so that Qwen2.5-VL places them in time
         the way transformers' own processor does."""
+        if anyres.takes(self.image_processor):  # a tile per frame (LLaVA-OneVision)
+            overrides = {**self.kwargs, **(overrides or {})}
+            return anyres.process_video(frames, anyres.video_settings(self.video_config, overrides))
         if not self.patches:
             raise ValueError("this model's image processor takes no videos")
         settings = video_pixels.VideoSettings.from_dict(

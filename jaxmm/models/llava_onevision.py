@@ -1,0 +1,270 @@
+"""LLaVA-OneVision: SigLIP tower -> LLaVA's MLP projector -> anyres packing -> Qwen2.
+
+Images are tiled by the checkpoint's `image_grid_pinpoints` on the host
+(`jaxmm.multimodal.anyres`: tiling, the token counts, the layout of each image's features);
+here every tile goes through the tower and the projector, and the features are packed as
+transformers' `pack_image_features` packs them: the base tile's patches, then the stitched
+tiles' patch map, cropped to the image (no padding), shrunk bilinearly past `anyres_max_N`
+tiles' worth of patches, each row closed by `image_newline`. An image among several in one
+prompt is one padded tile, closed by one newline. A video's frames are one tile each, their
+patch maps halved bilinearly (`apply_pooling`), one newline after the last frame.
+
+The bilinear resizes are two small matrices (`anyres.bilinear_matrix`, torch's
+align_corners=False weights) applied along rows and columns in float32: the same sums as
+`torch.nn.functional.interpolate`, as a matmul.
+
+Text runs through the Qwen2 (or other LLaVA text) model as `language_model`; the
+multimodal contract is the one `llava.py` documents, plus `mm_prompt_processor_kwargs`
+(an image is tiled only when it is its prompt's only one).
+
+Weights: transformers 5 saves `model.language_model.*`, `model.vision_tower.*`,
+`model.multi_modal_projector.*`, `model.image_newline`, `lm_head.*`; 4.x and the hub's
+checkpoints the same without `model.`, and `vision_tower.vision_model.*`. `hf_key_rules`
+fold both onto this tree. Shape letters: B tiles, P patches per tile, D text width.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxmm.layers.attention import AttentionMetadata
+from jaxmm.models import llava
+from jaxmm.models.device_rows import DeviceRows
+from jaxmm.models.encoders import siglip
+from jaxmm.models.encoders.siglip import SiglipVisionModel
+from jaxmm.models.llava import LlavaMultiModalProjector, language_config, next_pow2
+from jaxmm.multimodal import anyres
+
+MAX_TILES_PER_CALL = 16  # tower batch for single-tile images; tiled images and videos: one call
+
+
+def tile_bucket(n: int) -> int:
+    """Tiles per tower call: a power of two up to 16, then multiples of 16 (an anyres image
+    of 6x6 tiles and its base is 37 tiles: 48, not 64)."""
+    return next_pow2(n) if n <= 16 else -(-n // 16) * 16
+
+
+class LlavaOnevisionForConditionalGeneration(nnx.Module):
+    is_multimodal = True
+    mm_modalities = ("image", "video")
+    uses_mrope = False
+    hf_key_rules = (
+        (r"^model\.language_model\.", "language_model.model."),
+        (r"^model\.vision_tower\.", "vision_tower."),
+        (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+        (r"^model\.image_newline$", "image_newline"),
+        (r"^lm_head\.", "language_model.lm_head."),
+        *siglip.hf_key_rules("vision_tower"),
+    )
+
+    def __init__(self, config, *, dtype=jnp.float32, attention_backend: str = "reference", rngs):
+        if config.vision_feature_select_strategy != "full":
+            # "default" drops a CLS token SigLIP does not have: transformers' own packing of
+            # tiles and video frames then fails; LLaVA-OneVision checkpoints use "full"
+            raise ValueError(
+                "LLaVA-OneVision needs vision_feature_select_strategy='full'; got "
+                f"{config.vision_feature_select_strategy!r}"
+            )
+        self.hf_config = config
+        self.config = text_config = language_config(config)
+        self.vision_tower = SiglipVisionModel(config.vision_config, dtype=dtype, rngs=rngs)
+        self.multi_modal_projector = LlavaMultiModalProjector(config, dtype=dtype, rngs=rngs)
+        self.image_newline = nnx.Param(jnp.zeros((text_config.hidden_size,), dtype=dtype))
+        self.language_model = llava.text_model_class(text_config)(
+            text_config, dtype=dtype, attention_backend=attention_backend, rngs=rngs
+        )
+        ignored = [r"rotary_emb\.inv_freq", *siglip.ignored_hf_keys("vision_tower")]
+        if text_config.tie_word_embeddings:
+            ignored.append(r"^language_model\.lm_head\.weight$")
+        self.ignored_hf_keys = tuple(ignored)
+        self.dtype = dtype
+
+    # -- the text path (what the runner's step calls) ----------------------------------------
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return self.language_model.embed(input_ids)
+
+    def __call__(self, input_ids, kv_caches, md: AttentionMetadata, inputs_embeds=None):
+        return self.language_model(input_ids, kv_caches, md, inputs_embeds)
+
+    def compute_logits(self, hidden: jax.Array) -> jax.Array:
+        return self.language_model.compute_logits(hidden)
+
+    def kv_cache_spec(self) -> tuple[int, int, int]:
+        return self.language_model.kv_cache_spec()
+
+    # -- features ------------------------------------------------------------------------------
+    @property
+    def side(self) -> int:
+        """Patches per tile side."""
+        vc = self.hf_config.vision_config
+        return vc.image_size // vc.patch_size
+
+    def _feature_layers(self) -> list[int]:
+        layers = self.hf_config.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        num_states = self.hf_config.vision_config.num_hidden_layers + 1
+        return [i % num_states for i in layers]
+
+    def tile_features(self, pixel_values: jax.Array) -> jax.Array:
+        """pixel_values (B, 3, S, S) -> projected patch features (B, P, D)."""
+        layers = self._feature_layers()
+        states = self.vision_tower(pixel_values.astype(self.dtype), num_states=max(layers) + 1)
+        return self.multi_modal_projector(jnp.concatenate([states[i] for i in layers], axis=-1))
+
+    def _newline(self, rows: int) -> jax.Array:
+        return jnp.broadcast_to(self.image_newline[...], (rows, 1, self.config.hidden_size))
+
+    def pack_tiled(self, feats: jax.Array, layout: anyres.TileLayout) -> jax.Array:
+        """feats (B >= tiles, P, D) of one tiled image -> its rows (num_tokens, D)."""
+        s, (gh, gw), D = layout.side, layout.grid, feats.shape[-1]
+        base = feats[0]  # (P, D)
+        x = feats[1 : layout.num_tiles].reshape(gh, gw, s, s, D)
+        x = x.transpose(0, 2, 1, 3, 4).reshape(gh * s, gw * s, D)  # the stitched patch map
+        top, bottom, left, right = layout.crop
+        x = x[top:bottom, left:right]
+        if layout.resized:
+            x = _resize(x, *layout.out)
+        rows = jnp.concatenate([x, self._newline(x.shape[0]).astype(x.dtype)], axis=1)
+        return jnp.concatenate([base, rows.reshape(-1, D)], axis=0)
+
+    def pack_single(self, feats: jax.Array) -> jax.Array:
+        """feats (B, P, D) of single-tile images -> (B, P + 1, D): a newline after each."""
+        newline = jnp.broadcast_to(self.image_newline[...], (feats.shape[0], 1, feats.shape[-1]))
+        return jnp.concatenate([feats, newline.astype(feats.dtype)], axis=1)
+
+    def pack_video(self, feats: jax.Array, num_frames: int) -> jax.Array:
+        """feats (B >= frames, P, D) of one video -> (frames * pooled patches + 1, D)."""
+        s, D = self.side, feats.shape[-1]
+        x = feats[:num_frames].reshape(num_frames, s, s, D)
+        p = anyres.pooled_side(s)
+        x = jax.vmap(lambda f: _resize(f, p, p))(x).reshape(-1, D)
+        return jnp.concatenate([x, self.image_newline[...][None].astype(x.dtype)], axis=0)
+
+    # -- the multimodal contract (plain Python; see llava.py) -------------------------------
+    def mm_token_id(self, modality: str) -> int:
+        c = self.hf_config
+        if modality == "image":
+            return int(getattr(c, "image_token_index", None) or c.image_token_id)
+        return int(getattr(c, "video_token_index", None) or c.video_token_id)
+
+    def mm_prompt_placeholder(self, modality: str) -> list[int]:
+        return [self.mm_token_id(modality)]
+
+    def mm_prompt_processor_kwargs(self, modalities: list[str]) -> dict:
+        """Processor options that depend on the prompt's other items: an image is tiled only
+        when it is the prompt's one image (transformers' `batch_num_images`)."""
+        return {anyres.MULTI_IMAGE: True} if modalities.count("image") > 1 else {}
+
+    def layout(self, image_size) -> anyres.TileLayout:
+        c = self.hf_config
+        return anyres.tile_layout(
+            image_size,
+            c.image_grid_pinpoints,
+            c.vision_config.image_size,
+            self.side,
+            c.vision_aspect_ratio,
+        )
+
+    def mm_num_tokens(self, modality: str, item: dict) -> int:
+        vc = self.hf_config.vision_config
+        shape = tuple(np.shape(item["pixel_values"]))
+        tile = (vc.num_channels, vc.image_size, vc.image_size)
+        if len(shape) != 4 or shape[1:] != tile:
+            raise ValueError(
+                f"the {modality} processor produced pixel values of shape {shape}; this model's "
+                f"tower takes (n, *{tile}) (check the size in the checkpoint's processor config)"
+            )
+        if modality == "video":
+            return anyres.video_tokens(shape[0], self.side)
+        if not item.get("tiled", False):
+            if shape[0] != 1:
+                raise ValueError(f"an untiled image is one tile; got {shape[0]}")
+            return anyres.single_tile_tokens(self.side)
+        layout = self.layout(item["image_size"])
+        if shape[0] != layout.num_tiles:
+            raise ValueError(
+                f"an image of {tuple(item['image_size'])} takes {layout.num_tiles} tiles with "
+                f"this checkpoint's image_grid_pinpoints; the processor made {shape[0]}"
+            )
+        return layout.num_tokens
+
+    def mm_check_embeds(self, modality: str, embeds: np.ndarray, meta: dict) -> dict:
+        # the token count depends on the image's size, which embeddings do not carry
+        D = self.config.hidden_size
+        if embeds.ndim != 2 or embeds.shape[1] != D or len(embeds) == 0:
+            raise ValueError(
+                f"{modality} embeddings must have shape (num_tokens, hidden_size={D}) for this "
+                f"model; got {tuple(embeds.shape)}"
+            )
+        return {}
+
+    def mm_encoder(self, graphdef):
+        """A host function (params, modality, items) -> [features (n, D) per item], left on
+        the device (`DeviceRows`, in the model's dtype) for the runner to splice.
+
+        One tower program per tile bucket (`tile_bucket`); the packing programs are small
+        and keyed by the image's layout (or the video's frame count). Outputs are padded to
+        a power of two of rows, so the runner's copies into its cache meet few shapes."""
+
+        @jax.jit
+        def tower(params, pixels):
+            return nnx.merge(graphdef, params).tile_features(pixels)
+
+        @functools.partial(jax.jit, static_argnums=(2, 3))
+        def pack(params, feats, kind: str, how):
+            model = nnx.merge(graphdef, params)
+            if kind == "tiled":
+                out = model.pack_tiled(feats, how)
+            elif kind == "video":
+                out = model.pack_video(feats, how)
+            else:
+                out = model.pack_single(feats).reshape(-1, feats.shape[-1])
+            pad = next_pow2(out.shape[0]) - out.shape[0]
+            return jnp.pad(out, ((0, pad), (0, 0)))
+
+        def features(params, pixels: np.ndarray):
+            B = tile_bucket(len(pixels))
+            padded = np.zeros((B, *pixels.shape[1:]), np.float32)
+            padded[: len(pixels)] = pixels
+            return tower(params, padded)
+
+        def encode(params, modality: str, items: list[dict]) -> list[DeviceRows | None]:
+            out: list[DeviceRows | None] = [None] * len(items)
+            single = []  # untiled images share tower calls
+            for i, it in enumerate(items):
+                pixels = np.asarray(it["pixel_values"], np.float32)
+                if modality == "video":
+                    packed = pack(params, features(params, pixels), "video", len(pixels))
+                    out[i] = DeviceRows(packed, 0, anyres.video_tokens(len(pixels), self.side))
+                elif it.get("tiled", False):
+                    layout = self.layout(it["image_size"])
+                    packed = pack(params, features(params, pixels), "tiled", layout)
+                    out[i] = DeviceRows(packed, 0, layout.num_tokens)
+                else:
+                    single.append((i, pixels[0]))
+            n = anyres.single_tile_tokens(self.side)
+            for c in range(0, len(single), MAX_TILES_PER_CALL):
+                chunk = single[c : c + MAX_TILES_PER_CALL]
+                packed = pack(params, features(params, np.stack([p for _, p in chunk])), "", None)
+                for j, (i, _) in enumerate(chunk):
+                    out[i] = DeviceRows(packed, j * n, (j + 1) * n)
+            return out
+
+        return encode
+
+
+def _resize(x: jax.Array, rows: int, cols: int) -> jax.Array:
+    """x (h, w, D) -> (rows, cols, D): torch's bilinear interpolate (align_corners=False,
+    no antialias), in float32."""
+    h, w, _ = x.shape
+    mh = jnp.asarray(anyres.bilinear_matrix(h, rows))
+    mw = jnp.asarray(anyres.bilinear_matrix(w, cols))
+    hi = jax.lax.Precision.HIGHEST
+    y = jnp.einsum("rh,hwD->rwD", mh, x.astype(jnp.float32), precision=hi)
+    y = jnp.einsum("cw,rwD->rcD", mw, y, precision=hi)
+    return y.astype(x.dtype)

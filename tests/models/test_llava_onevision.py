@@ -1,0 +1,320 @@
+"""LLaVA-OneVision parity with transformers on a tiny random checkpoint, float32.
+
+The checkpoint (SigLIP tower, Qwen2 text model) is saved with `save_pretrained` next to its
+`LlavaOnevisionProcessor` (image processor with small `image_grid_pinpoints`, video
+processor, tokenizer with `<image>` / `<video>`), as transformers writes them. The pinpoints
+and `anyres_max_2` make the prompts cover every packing path: a square image whose 2x2 tiles
+are shrunk bilinearly, a non-square one cropped to the image and shrunk, two images in one
+prompt (one padded tile each, no tiling), and a video (frames pooled 4x4 -> 2x2).
+
+The HF side gets its inputs from HF's own processor; its video processor needs torchvision,
+so without it the video's pixels come from torch here (the uint8 antialiased resize and the
+fused normalisation HF's video processor calls) and its token count from the processor.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.helpers import make_processor, make_tokenizer
+
+NEW_TOKENS = 8
+TILE = 28  # tower input size; patch 7 -> 4x4 patches per tile
+PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56], [28, 84], [84, 28]]
+ASPECT = "anyres_max_2"
+HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
+    "{% elif c['type'] == 'video' %}<video>\n"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _image(h: int, w: int, seed: int) -> Image.Image:
+    rs = np.random.RandomState(seed)
+    base = rs.randint(0, 255, (h // 4 + 1, w // 4 + 1, 3), np.uint8)  # blocky, not noise
+    return Image.fromarray(base).resize((w, h), Image.NEAREST)
+
+
+SQUARE = _image(60, 60, 0)  # 2x2 tiles, 8x8 patches -> shrunk to 5x5
+WIDE = _image(40, 50, 1)  # 2x2 tiles, rows cropped to 6x8 -> shrunk to 4x6
+TALL = _image(90, 30, 2)  # 3x1 tiles
+VIDEO = np.stack([np.asarray(_image(36, 44, 10 + i)) for i in range(3)])  # resized to 28x28
+
+PROMPTS = [
+    {"prompt": "<image>\nDescribe the image.", "multi_modal_data": {"image": SQUARE}},
+    {"prompt": "Hello <image> what is this", "multi_modal_data": {"image": WIDE}},
+    {
+        "prompt": "The quick <image> brown fox <image> jumps",
+        "multi_modal_data": {"image": [TALL, WIDE]},
+    },
+    {"prompt": "Video: <video> what happens", "multi_modal_data": {"video": VIDEO}},
+]
+
+
+def _randomize(model, seed: int) -> None:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.08 if p.dim() > 1 else 0.5)
+            if p.dim() == 1 and "norm" in name and name.endswith("weight"):
+                p.abs_().add_(0.5)
+
+
+def _processor(path_or_tok):
+    from transformers import LlavaOnevisionProcessor
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+    from transformers.models.llava_onevision.video_processing_llava_onevision import (
+        LlavaOnevisionVideoProcessor,
+    )
+
+    return make_processor(
+        LlavaOnevisionProcessor,
+        image_processor=LlavaOnevisionImageProcessorPil(
+            size={"height": TILE, "width": TILE}, image_grid_pinpoints=PINPOINTS
+        ),
+        video_processor=LlavaOnevisionVideoProcessor(size={"height": TILE, "width": TILE}),
+        tokenizer=path_or_tok,
+        num_image_tokens=16,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio=ASPECT,
+    )
+
+
+def make_onevision(root: str, seed: int = 0) -> str:
+    import transformers
+
+    path = os.path.join(root, "llava_onevision")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    tok = make_tokenizer(path)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(path)
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=TILE,
+        patch_size=7,
+        vision_use_head=False,
+    )
+    text = transformers.Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    cfg = transformers.LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=PINPOINTS,
+        vision_aspect_ratio=ASPECT,
+    )
+    model = transformers.LlavaOnevisionForConditionalGeneration(cfg).eval()
+    _randomize(model, seed)
+    model.save_pretrained(path)
+    _processor(tok).save_pretrained(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# The HF side
+
+
+def _hf_video_pixels(frames: np.ndarray) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (T, 3, S, S): what HF's video processor computes, from torch."""
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()
+    x = torch.nn.functional.interpolate(
+        x, size=(TILE, TILE), mode="bicubic", antialias=True, align_corners=False
+    )
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]) * (1.0 / (1 / 255))
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]) * (1.0 / (1 / 255))
+    return (x.float() - mean[:, None, None]) / std[:, None, None]
+
+
+def _hf_inputs(path: str, prompt: dict) -> dict:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    proc = _processor(tok)
+    data = prompt["multi_modal_data"]
+    if "image" in data:
+        images = data["image"] if isinstance(data["image"], list) else [data["image"]]
+        return dict(proc(text=prompt["prompt"], images=[images], return_tensors="pt"))
+    frames = data["video"]
+    if HAS_TORCHVISION:
+        return dict(proc(text=prompt["prompt"], videos=[frames], return_tensors="pt"))
+    n = proc._get_num_multimodal_tokens(video_sizes=[frames.shape[:3]])["num_video_tokens"][0]
+    text = prompt["prompt"].replace("<video>", "<video>" * n)
+    ids = torch.tensor([tok(text).input_ids])
+    pixels = _hf_video_pixels(frames)[None]
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=pixels)
+
+
+def _hf_generate(model, inputs: dict) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+# ---------------------------------------------------------------------------------------
+# Tests
+
+
+def test_token_counts_and_pixels_match_the_hf_processor(tmp_path):
+    """Host side alone: tiling, crop and anyres_max counts, the multi-image tile, video
+    pixels, against HF's processor for images of many shapes."""
+    from jaxmm.multimodal import anyres
+
+    tok = make_tokenizer(str(tmp_path))
+    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    proc = _processor(tok)
+    ip, image_id = proc.image_processor, tok.convert_tokens_to_ids("<image>")
+    resized = 0
+    for i, (h, w) in enumerate([(28, 28), (60, 60), (40, 50), (20, 70), (90, 30), (33, 47)]):
+        img = _image(h, w, i)
+        ref = proc(text="a <image> b", images=[img], return_tensors="np")
+        ours = anyres.process_image(ip, img, {})
+        np.testing.assert_array_equal(ours["pixel_values"], ref["pixel_values"][0])
+        layout = anyres.tile_layout(ours["image_size"], PINPOINTS, TILE, 4, ASPECT)
+        assert layout.num_tiles == len(ours["pixel_values"])
+        assert layout.num_tokens == int((ref["input_ids"] == image_id).sum())
+        resized += layout.resized
+        both = proc(text="<image><image>", images=[[img, SQUARE]], return_tensors="np")
+        single = anyres.process_image(ip, img, {anyres.MULTI_IMAGE: True})
+        np.testing.assert_array_equal(single["pixel_values"], both["pixel_values"][0][:1])
+        assert 2 * anyres.single_tile_tokens(4) == int((both["input_ids"] == image_id).sum())
+    assert 0 < resized < 6  # both kinds of layout were checked
+    settings = anyres.video_settings(proc.video_processor.to_dict())
+    pixels = anyres.process_video(VIDEO, settings)["pixel_values"]
+    np.testing.assert_allclose(pixels, _hf_video_pixels(VIDEO).numpy(), atol=1e-6, rtol=0)
+    n = proc._get_num_multimodal_tokens(video_sizes=[VIDEO.shape[:3]])["num_video_tokens"][0]
+    assert anyres.video_tokens(len(VIDEO), 4) == n
+
+
+def test_bilinear_matrix_is_torch_interpolate():
+    from jaxmm.multimodal import anyres
+
+    x = torch.randn(1, 2, 9, 7)
+    for rows, cols in [(5, 4), (6, 6), (3, 2), (9, 7)]:
+        ref = torch.nn.functional.interpolate(x, size=[rows, cols], mode="bilinear")[0]
+        mh, mw = anyres.bilinear_matrix(9, rows), anyres.bilinear_matrix(7, cols)
+        ours = np.einsum("rh,chw,qw->crq", mh, x[0].numpy(), mw)
+        np.testing.assert_allclose(ours, ref.numpy(), atol=1e-6, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def onevision(ckpt_root):
+    import transformers
+
+    from jaxmm import LLM
+
+    path = make_onevision(ckpt_root)
+    llm = LLM(
+        path,
+        dtype="float32",
+        max_model_len=256,
+        max_num_batched_tokens=64,
+        limit_mm_per_prompt={"image": 2, "video": 1},
+    )
+    hf = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(
+        path, dtype=torch.float32
+    ).eval()
+    return path, llm, hf
+
+
+def test_greedy_and_logits_match_transformers(onevision):
+    from jaxmm import SamplingParams
+    from jaxmm.multimodal.inputs import prepare_multimodal_prompt
+    from jaxmm.runner.model_runner import SeqStep
+
+    path, llm, hf = onevision
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    hf_inputs = [_hf_inputs(path, p) for p in PROMPTS]
+    for out, inputs in zip(outs, hf_inputs):
+        assert out.prompt_token_ids == inputs["input_ids"][0].tolist()
+        assert out.outputs[0].token_ids == _hf_generate(hf, inputs)
+    assert any(len(set(o.outputs[0].token_ids)) > 2 for o in outs)  # not a degenerate model
+
+    # last-token logits, the prompt prefilled in chunks of 24 tokens so that image spans
+    # straddle steps (scratch pages at the top of the pool; the engine is idle)
+    engine = llm.llm_engine
+    runner = engine.runner
+    rows = []
+    for p in PROMPTS:
+        _, ids, mm = prepare_multimodal_prompt(engine, p)
+        n = math.ceil(len(ids) / runner.block_size)
+        pages = list(range(runner.num_pages - n, runner.num_pages))
+        rows_of = {}
+        for it in mm.items:
+            entry = engine.encoder_cache.get(it.cache_key) or engine.encoder_cache.allocate(
+                it.cache_key, it.end - it.start, "t"
+            )
+            rows_of[it.cache_key] = entry.rows
+            runner.encode([(it.modality, it.data, entry.rows)])
+        for start in range(0, len(ids), 24):
+            chunk = ids[start : start + 24]
+            step = SeqStep(chunk, start, pages, sample=start + len(chunk) == len(ids))
+            mm.fill_step(step, None, start, len(chunk))
+            step.mm_rows = [
+                (max(it.start, start) - start, rows_of[it.cache_key][a - it.start : b - it.start])
+                for it in mm.items
+                for a, b in [(max(it.start, start), min(it.end, start + len(chunk)))]
+                if a < b
+            ]
+            last = runner.logits([step])[0]
+        rows.append(last)
+    with torch.no_grad():
+        ref = np.stack([hf(**inputs).logits[0, -1].numpy() for inputs in hf_inputs])
+    np.testing.assert_allclose(np.stack(rows), ref, atol=1e-4, rtol=0)
+
+
+def test_chat_parts_give_the_generate_prompt(onevision):
+    from jaxmm import SamplingParams
+
+    _, llm, _ = onevision
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_pil", "image_pil": WIDE},
+                {"type": "text", "text": "What is this?"},
+            ],
+        }
+    ]
+    chat = llm.chat(messages, params, use_tqdm=False)[0]
+    text = "<|user|><image>\nWhat is this?<|end|><|assistant|>"
+    ids = llm.get_tokenizer()(text, add_special_tokens=False).input_ids
+    direct = llm.generate(
+        [{"prompt_token_ids": ids, "multi_modal_data": {"image": WIDE}}], params, use_tqdm=False
+    )[0]
+    assert chat.prompt_token_ids == direct.prompt_token_ids
+    assert chat.outputs[0].token_ids == direct.outputs[0].token_ids
