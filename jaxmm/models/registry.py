@@ -22,6 +22,7 @@ _MODELS: dict[str, tuple[str, str]] = {
         "jaxmm.models.qwen2_vl",
         "Qwen2_5_VLForConditionalGeneration",
     ),
+    "Qwen3VLForConditionalGeneration": ("jaxmm.models.qwen3_vl", "Qwen3VLForConditionalGeneration"),
     "WhisperForConditionalGeneration": ("jaxmm.models.whisper", "WhisperForConditionalGeneration"),
     "Qwen2AudioForConditionalGeneration": (
         "jaxmm.models.qwen2_audio",
