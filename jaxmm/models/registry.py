@@ -23,6 +23,8 @@ _MODELS: dict[str, tuple[str, str]] = {
         "Qwen2_5_VLForConditionalGeneration",
     ),
     "Qwen3VLForConditionalGeneration": ("jaxmm.models.qwen3_vl", "Qwen3VLForConditionalGeneration"),
+    "Gemma3ForCausalLM": ("jaxmm.models.gemma3", "Gemma3ForCausalLM"),
+    "Gemma3ForConditionalGeneration": ("jaxmm.models.gemma3", "Gemma3ForConditionalGeneration"),
     "WhisperForConditionalGeneration": ("jaxmm.models.whisper", "WhisperForConditionalGeneration"),
     "Qwen2AudioForConditionalGeneration": (
         "jaxmm.models.qwen2_audio",
