@@ -20,6 +20,10 @@ causal mask is aligned bottom-right: a prefill chunk sees all its earlier contex
 Decodes (q_len 1) come first in the batch by convention, which kernels may exploit.
 Sliding window w: a query at position p sees keys at positions > p - w.
 Soft cap c: scores become c * tanh(scores / c) before masking.
+causal_end (T,) int32, optional (reference and xla only): the last position each query may
+see when that is past its own (-1: its own); a block of tokens computed in one step then
+attends bidirectionally within itself (Gemma 3's image tokens). The sliding window still
+counts back from the query's own position.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ def ragged_paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    causal_end=None,
 ):
     """Reference: write the new K/V, gather each token's sequence context, masked softmax.
 
@@ -91,7 +96,8 @@ def ragged_paged_attention(
     if soft_cap is not None:
         scores = soft_cap * jnp.tanh(scores / soft_cap)
     kpos = jnp.arange(P * G, dtype=jnp.int32)
-    mask = kpos[None, :] <= pos[:, None]  # causal, bottom-right aligned via absolute positions
+    last = pos if causal_end is None else jnp.maximum(pos, causal_end)
+    mask = kpos[None, :] <= last[:, None]  # causal, bottom-right aligned via absolute positions
     mask &= kpos[None, :] < kv_lens[seq_ids][:, None]
     if sliding_window is not None:
         mask &= kpos[None, :] > pos[:, None] - sliding_window

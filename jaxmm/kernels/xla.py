@@ -36,6 +36,7 @@ def ragged_paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    causal_end=None,
     pages_per_iter: int = PAGES_PER_ITER,
 ):
     T, N, H = q.shape
@@ -52,7 +53,9 @@ def ragged_paged_attention(
     # 1. in-step part: (T, K, g, T)
     s = jnp.einsum("TKgH,UKH->TKgU", qf, k.astype(jnp.float32)) * sm_scale
     s = _softcap(s, soft_cap)
-    mask = (seq_ids[:, None] == seq_ids[None, :]) & (pos[None, :] <= pos[:, None])
+    # causal_end only reaches this step's own tokens: cached context is before every query
+    last = pos if causal_end is None else jnp.maximum(pos, causal_end)
+    mask = (seq_ids[:, None] == seq_ids[None, :]) & (pos[None, :] <= last[:, None])
     mask &= valid[:, None] & valid[None, :]
     if sliding_window is not None:
         mask &= pos[None, :] > pos[:, None] - sliding_window

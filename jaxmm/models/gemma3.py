@@ -1,0 +1,244 @@
+"""Gemma 3: text (`Gemma3ForCausalLM`) and vision (`Gemma3ForConditionalGeneration`), HF names.
+
+Attention -> DecoderLayer -> Model -> ForCausalLM, then the projector and the VLM.
+What sets Gemma 3 apart from the Llama decoder (`llama.py`):
+- per-layer attention kinds (`layer_types`): "sliding_attention" layers see a window of
+  `sliding_window` tokens and rotate with their own RoPE (`rope_parameters
+  ["sliding_attention"]`, the old `rope_local_base_freq`); "full_attention" layers see all
+  and rotate with the global RoPE (theta 1e6, linear scaling on the larger models);
+- RMSNorm on q and k per head, scores scaled by `query_pre_attn_scalar ** -0.5`, optional
+  attention logit soft cap and final logit soft cap;
+- Gemma RMSNorm (scale 1 + w, multiplied in float32), four norms per layer (the "sandwich":
+  pre and post the attention and the MLP), embeddings scaled by sqrt(D) in the model dtype.
+
+Images (the VLM): SigLIP tower -> average pool to `mm_tokens_per_image` -> Gemma RMSNorm ->
+one matmul into the text width. The prompt holds `<start_of_image>` where an image goes; like
+HF's Gemma3Processor, it becomes "\\n\\n<start_of_image>" + `mm_tokens_per_image` x
+`<image_soft_token>` + "<end_of_image>\\n\\n" before tokenizing (`mm_expand_prompt_text`).
+During prefill the soft tokens of one image attend to each other both ways (HF's
+`token_type_ids` mask): the step passes each such token the position of its image's last
+token (`causal_end`), and the scheduler keeps an image inside one prefill chunk
+(`mm_whole_items`), so an image's tokens are always computed together.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxmm.kernels import backends
+from jaxmm.kernels.reference import token_metadata
+from jaxmm.layers.attention import AttentionMetadata, paged_attention
+from jaxmm.layers.linear import ROW, Embed, Linear
+from jaxmm.layers.mlp import GatedMLP
+from jaxmm.layers.norm import GemmaRMSNorm
+from jaxmm.layers.rope import apply_rotary, cos_sin, inv_frequencies
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+MAX_IMAGES_PER_CALL = 16  # encoder batch; smaller batches are padded to a power of two
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def layer_types(config) -> list[str]:
+    types = getattr(config, "layer_types", None)
+    if types is None:  # configs from before layer_types: every 6th layer is global
+        pattern = getattr(config, "sliding_window_pattern", 6)
+        n = config.num_hidden_layers
+        types = [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(n)]
+    return list(types)
+
+
+def rope_params(config, kind: str) -> dict:
+    """The RoPE parameters of one attention kind, from either config spelling: transformers
+    5's `rope_parameters` keyed by layer type, or the flat `rope_theta` / `rope_scaling`
+    (global) and `rope_local_base_freq` (local) of older configs."""
+    nested = getattr(config, "rope_parameters", None) or {}
+    if kind in nested:
+        params = dict(nested[kind])
+    elif kind == SLIDING:
+        params = {"rope_theta": getattr(config, "rope_local_base_freq", 10000.0)}
+    else:
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", 1_000_000.0))
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
+
+
+def image_causal_end(input_ids, md: AttentionMetadata, image_token_id: int) -> jax.Array:
+    """(T,) for `paged_attention`'s causal_end: for each image token, the position of the
+    last token of its run of image tokens in this step (same sequence); -1 elsewhere."""
+    T = input_ids.shape[0]
+    seq_ids, pos, valid = token_metadata(md.kv_lens, md.cu_q_lens, md.num_seqs, T)
+    is_img = (input_ids == image_token_id) & valid
+    nxt = jnp.concatenate([is_img[1:] & (seq_ids[1:] == seq_ids[:-1]), jnp.zeros(1, bool)])
+    run_last = is_img & ~nxt  # the last token of each run
+    idx = jnp.arange(T, dtype=jnp.int32)
+    last_idx = jax.lax.cummin(jnp.where(run_last, idx, T - 1), axis=0, reverse=True)
+    return jnp.where(is_img, pos[last_idx], -1).astype(jnp.int32)
+
+
+def attention(q, k, v, kv_pages, md, causal_end, *, backend: str, **kw):
+    """`paged_attention`, bidirectional where `causal_end` says so (see `image_causal_end`).
+
+    The pure-JAX backends take the mask directly. Kernels do not: a step that holds image
+    tokens then takes the XLA path (a `lax.cond`, so text and decode steps keep the kernel).
+    """
+    if causal_end is None:
+        return paged_attention(q, k, v, kv_pages, md, backend=backend, **kw)
+    meta = (md.kv_lens, md.page_indices, md.cu_q_lens, md.num_seqs)
+    if backend in ("reference", "xla"):
+        return backends.attention_fn(backend)(q, k, v, kv_pages, *meta, causal_end=causal_end, **kw)
+
+    def bidirectional(q, k, v, kv_pages):
+        r = kv_pages.shape[1] // k.shape[1]  # KV heads replicated for tensor parallelism
+        kr, vr = (jnp.repeat(k, r, axis=1), jnp.repeat(v, r, axis=1)) if r > 1 else (k, v)
+        fn = backends.attention_fn("xla")
+        return fn(q, kr, vr, kv_pages, *meta, causal_end=causal_end, **kw)
+
+    def causal(q, k, v, kv_pages):
+        return paged_attention(q, k, v, kv_pages, md, backend=backend, **kw)
+
+    return jax.lax.cond(jnp.any(causal_end >= 0), bidirectional, causal, q, k, v, kv_pages)
+
+
+class Gemma3Attention(nnx.Module):
+    def __init__(self, config, layer_idx: int, *, dtype, attention_backend: str, rngs):
+        D = config.hidden_size
+        self.N = config.num_attention_heads
+        self.K = config.num_key_value_heads
+        self.H = head_dim(config)
+        bias = bool(getattr(config, "attention_bias", False))
+        self.q_proj = Linear(D, self.N * self.H, bias=bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(D, self.K * self.H, bias=bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(D, self.K * self.H, bias=bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(self.N * self.H, D, bias=bias, dtype=dtype, shard=ROW, rngs=rngs)
+        self.q_norm = GemmaRMSNorm(self.H, config.rms_norm_eps, dtype=dtype)
+        self.k_norm = GemmaRMSNorm(self.H, config.rms_norm_eps, dtype=dtype)
+        self.kind = layer_types(config)[layer_idx]
+        self.sliding_window = config.sliding_window if self.kind == SLIDING else None
+        self.scale = float(config.query_pre_attn_scalar) ** -0.5
+        # transformers' Gemma3Attention keeps `attn_logit_softcapping` but never hands it to
+        # the attention function (5.24), and released Gemma 3 configs set it to null: no cap
+        self.soft_cap = None
+        self.backend = attention_backend
+
+    def __call__(self, x, cos, sin, kv_pages, md: AttentionMetadata, causal_end=None):
+        T = x.shape[0]
+        q = self.q_norm(self.q_proj(x).reshape(T, self.N, self.H))  # (T, N, H)
+        k = self.k_norm(self.k_proj(x).reshape(T, self.K, self.H))  # (T, K, H)
+        v = self.v_proj(x).reshape(T, self.K, self.H)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out, kv_pages = attention(
+            q,
+            k,
+            v,
+            kv_pages,
+            md,
+            causal_end,
+            backend=self.backend,
+            sm_scale=self.scale,
+            sliding_window=self.sliding_window,
+            soft_cap=self.soft_cap,
+        )
+        return self.o_proj(out.reshape(T, self.N * self.H)), kv_pages
+
+
+class Gemma3DecoderLayer(nnx.Module):
+    def __init__(self, config, layer_idx: int, *, dtype, attention_backend: str, rngs):
+        D, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = Gemma3Attention(
+            config, layer_idx, dtype=dtype, attention_backend=attention_backend, rngs=rngs
+        )
+        act = getattr(config, "hidden_activation", None) or config.hidden_act
+        self.mlp = GatedMLP(D, config.intermediate_size, act, dtype=dtype, rngs=rngs)
+        self.input_layernorm = GemmaRMSNorm(D, eps, dtype=dtype)
+        self.post_attention_layernorm = GemmaRMSNorm(D, eps, dtype=dtype)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(D, eps, dtype=dtype)
+        self.post_feedforward_layernorm = GemmaRMSNorm(D, eps, dtype=dtype)
+
+    def __call__(self, x, cos, sin, kv_pages, md, causal_end=None):
+        h, kv_pages = self.self_attn(self.input_layernorm(x), cos, sin, kv_pages, md, causal_end)
+        x = x + self.post_attention_layernorm(h)
+        h = self.mlp(self.pre_feedforward_layernorm(x))
+        return x + self.post_feedforward_layernorm(h), kv_pages
+
+
+class Gemma3TextModel(nnx.Module):
+    def __init__(self, config, *, dtype, attention_backend: str, rngs):
+        D = config.hidden_size
+        self.embed_tokens = Embed(config.vocab_size, D, dtype=dtype, rngs=rngs)
+        # HF multiplies by sqrt(D) cast to the weights' dtype (55.5 in bf16 for D = 3072)
+        self.embed_scale = float(np.asarray(D**0.5, np.float32).astype(jnp.dtype(dtype)))
+        self.layers = nnx.List(
+            [
+                Gemma3DecoderLayer(
+                    config, i, dtype=dtype, attention_backend=attention_backend, rngs=rngs
+                )
+                for i in range(config.num_hidden_layers)
+            ]
+        )
+        self.norm = GemmaRMSNorm(D, config.rms_norm_eps, dtype=dtype)
+        self.kinds = tuple(layer_types(config))
+        H = head_dim(config)
+        self.inv_freq = {
+            kind: tuple(float(f) for f in inv_frequencies(H, rope_params(config, kind)))
+            for kind in sorted(set(self.kinds))
+        }
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        x = self.embed_tokens(input_ids)
+        return x * jnp.asarray(self.embed_scale, x.dtype)
+
+    def __call__(self, input_ids, kv_caches, md: AttentionMetadata, inputs_embeds=None, **kw):
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (T, D)
+        rotary = {
+            kind: cos_sin(md.positions, jnp.asarray(np.array(f, np.float32)))
+            for kind, f in self.inv_freq.items()
+        }
+        new_caches = []
+        for layer, kind, kv_pages in zip(self.layers, self.kinds, kv_caches):
+            x, kv_pages = layer(x, *rotary[kind], kv_pages, md, **kw)
+            new_caches.append(kv_pages)
+        return self.norm(x), new_caches
+
+
+class Gemma3ForCausalLM(nnx.Module):
+    # weights: HF keys that carry no parameter here
+    ignored_hf_keys = (r"rotary_emb\.", r"embed_scale$")
+
+    def __init__(self, config, *, dtype=jnp.float32, attention_backend: str = "reference", rngs):
+        self.config = config
+        self.model = Gemma3TextModel(
+            config, dtype=dtype, attention_backend=attention_backend, rngs=rngs
+        )
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
+        if not self.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype=dtype, rngs=rngs)
+        self.final_soft_cap = getattr(config, "final_logit_softcapping", None)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return self.model.embed(input_ids)
+
+    def __call__(self, input_ids, kv_caches, md: AttentionMetadata, inputs_embeds=None, **kw):
+        return self.model(input_ids, kv_caches, md, inputs_embeds, **kw)
+
+    def compute_logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden (S, D) -> logits (S, V) in float32, soft-capped where the config says."""
+        if self.tie_word_embeddings:
+            logits = self.model.embed_tokens.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        logits = logits.astype(jnp.float32)
+        if self.final_soft_cap:
+            logits = self.final_soft_cap * jnp.tanh(logits / self.final_soft_cap)
+        return logits
+
+    def kv_cache_spec(self) -> tuple[int, int, int]:
+        """(layers L, kv heads K, head dim H) of the paged cache."""
+        c = self.config
+        return c.num_hidden_layers, c.num_key_value_heads, head_dim(c)
