@@ -33,12 +33,22 @@ def _extra_for_block(seq: Sequence, start: int, end: int) -> tuple:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        recurrent_state: bool = False,
+    ):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
+        # hybrid models: a cached prefix is usable only with the linear layers' state at its
+        # end, and no state snapshots are kept (state_cache.py), so such a model never takes
+        # a hit and recomputes from the first token (its pages are still published)
+        self.recurrent_state = recurrent_state
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.hash_to_block: dict[int, int] = {}
@@ -89,7 +99,7 @@ class BlockManager:
         G = self.block_size
         seq.block_hashes = []
         hits: list[int] = []
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and not self.recurrent_state:
             parent = None
             for i in range((len(seq) - 1) // G):
                 tokens = tuple(seq.block_tokens(i, G))

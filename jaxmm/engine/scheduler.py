@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from .block_manager import BlockManager
 from .encoder_cache import EncoderCacheManager
 from .sequence import Sequence, SequenceStatus
+from .state_cache import StateSlots
 
 
 @dataclass
@@ -54,12 +55,15 @@ class Scheduler:
         block_manager: BlockManager,
         encoder_cache: EncoderCacheManager | None = None,
         encoder_budget: int | None = None,
+        state_slots: StateSlots | None = None,
     ):
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.block_manager = block_manager
         self.encoder_cache = encoder_cache
         self.encoder_budget = encoder_budget or max_num_batched_tokens
+        # hybrid models: a sequence runs only while it holds a state slot (state_cache.py)
+        self.state_slots = state_slots
         # encoder cache keys each sequence holds (until its prefill has passed them)
         self._held: dict[int, set[str]] = {}
         self.waiting: deque[Sequence] = deque()
@@ -75,6 +79,8 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free_seq(seq)
+        if self.state_slots is not None:  # recomputed from its first token: state too
+            self.state_slots.free(seq.seq_id)
         self.release_items(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
@@ -123,6 +129,8 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.token_ids[-1] < 0:
                 break  # preempted while its last token is in flight: admit it next step
+            if self.state_slots is not None and not self.state_slots.can_allocate(seq.seq_id):
+                break  # admitted against free state slots as well as pages
             if not seq.block_table:
                 bm.admit(seq)
             n = self._fit_encoder(seq, min(seq.num_uncomputed, budget), batch)
@@ -131,6 +139,8 @@ class Scheduler:
                 self.release_items(seq)
                 break
             self.waiting.popleft()
+            if self.state_slots is not None:
+                self.state_slots.allocate(seq.seq_id)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)
@@ -222,6 +232,8 @@ class Scheduler:
         seq.stop_reason = stop_reason
         self.block_manager.free_seq(seq)
         self.release_items(seq)
+        if self.state_slots is not None:
+            self.state_slots.free(seq.seq_id)
         if seq in self.running:
             self.running.remove(seq)
         else:
