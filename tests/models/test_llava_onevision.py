@@ -241,6 +241,7 @@ def onevision(ckpt_root):
         dtype="float32",
         max_model_len=256,
         max_num_batched_tokens=64,
+        enable_mm_embeds=True,
         limit_mm_per_prompt={"image": 2, "video": 1},
     )
     hf = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(
@@ -294,6 +295,27 @@ def test_greedy_and_logits_match_transformers(onevision):
     with torch.no_grad():
         ref = np.stack([hf(**inputs).logits[0, -1].numpy() for inputs in hf_inputs])
     np.testing.assert_allclose(np.stack(rows), ref, atol=1e-4, rtol=0)
+
+
+def test_precomputed_embeddings_give_the_same_tokens(onevision):
+    """HF's packed image features (tiles, crop, shrink, newlines) as an embeddings item."""
+    from jaxmm import SamplingParams
+
+    path, llm, hf = onevision
+    prompt = PROMPTS[1]
+    inputs = _hf_inputs(path, prompt)
+    with torch.no_grad():
+        feats = hf.model.get_image_features(
+            inputs["pixel_values"], inputs["image_sizes"], batch_num_images=[1]
+        ).pooler_output[0]
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    embeds = {"prompt": prompt["prompt"], "multi_modal_data": {"image": feats}}
+    pixels, from_embeds = llm.generate([prompt, embeds], params, use_tqdm=False)
+    assert from_embeds.prompt_token_ids == pixels.prompt_token_ids
+    assert from_embeds.outputs[0].token_ids == pixels.outputs[0].token_ids
+    with pytest.raises(ValueError, match=r"hidden_size=64.*got \(5, 32\)"):
+        bad = {"prompt": prompt["prompt"], "multi_modal_data": {"image": np.zeros((5, 32))}}
+        llm.generate([bad], params, use_tqdm=False)
 
 
 def test_chat_parts_give_the_generate_prompt(onevision):
