@@ -33,6 +33,7 @@ from jaxmm.engine.encoder_cache import EncoderCacheManager
 from jaxmm.engine.prompts import check_prompt_ids, tokenize_prompt
 from jaxmm.engine.scheduler import ScheduledBatch, Scheduler
 from jaxmm.engine.sequence import Sequence
+from jaxmm.engine.structured import fill_bitmasks
 from jaxmm.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxmm.runner.checkpoint import load_tokenizer, open_checkpoint
 from jaxmm.runner.model_runner import InFlight, ModelRunner, SeqStep, enable_compilation_cache
@@ -70,6 +71,9 @@ class _Pending:
     sync: bool  # a sequence uses penalties: resolve before scheduling the next step
     # (sequence, offset of its chunk in the step, chunk start, length): prompt logprobs
     prompt_rows: list = field(default_factory=list)
+    # outputs when it was resolved early: by the next step's grammar-mask fill, which needs
+    # its tokens, while the next step's model runs on the device
+    outputs: list | None = None
 
 
 class LLMEngine:
@@ -415,7 +419,8 @@ class LLMEngine:
             batch = self.scheduler.schedule(exclude=self._certain_to_finish(pending))
             launched = self._launch(batch, pending) if batch.seqs else None
             if pending is not None:
-                outputs += self._resolve(pending)
+                early = pending.outputs
+                outputs += self._resolve(pending) if early is None else early
             if launched is not None:
                 if self.async_scheduling and not launched.sync:
                     self._pending = launched
@@ -475,9 +480,9 @@ class LLMEngine:
         if self.runner.cross_slots:
             self._run_cross_encoders(batch)
         steps = [self._seq_step(seq, n) for seq, n in zip(batch.seqs, batch.num_new_tokens)]
-        handle = self.runner.dispatch(
-            steps, None if pending is None else pending.handle, self._mask_filler(batch)
-        )
+        fill_masks = self._mask_filler(batch, pending)
+        # the bookkeeping comes first: the mask fill may resolve `pending` inside dispatch,
+        # and that must see this step's placeholders (a sequence that finishes drops them)
         sampled = []
         sync = False
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
@@ -488,8 +493,9 @@ class LLMEngine:
                 sampled.append((seq, len(seq)))
                 seq.token_ids.append(-(row + 1))  # filled in by `_resolve`
                 sync = sync or self.requests[seq.request_id].params.uses_penalties
-                # a grammar's next mask needs this token on the host
-                sync = sync or "matcher" in seq.data
+        handle = self.runner.dispatch(
+            steps, None if pending is None else pending.handle, fill_masks
+        )
         offsets = itertools.accumulate(batch.num_new_tokens, initial=0)
         prompt_rows = [
             (seq, off, s.start, len(s.prompt_targets))
@@ -521,11 +527,16 @@ class LLMEngine:
                         x.decoded_token = self.tokenizer.decode([t])
                 req.prompt_logprobs[pos] = entry
 
-    @staticmethod
-    def _mask_filler(batch: ScheduledBatch):
-        """The step's grammar-mask callback (None: no constrained sequence samples in it)."""
+    def _mask_filler(self, batch: ScheduledBatch, pending: _Pending | None):
+        """The step's grammar-mask callback (None: no constrained sequence samples in it).
+
+        The runner calls it after launching the step's model, before its sampler. A mask
+        needs the previous token of its sequence, which may still be in flight (`pending`):
+        the fill resolves that step first, so the host's wait, the matchers' advance and the
+        mask computation all overlap this step's model on the device.
+        """
         rows = [
-            (row, seq.data["matcher"])
+            (row, seq)
             for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
             if "matcher" in seq.data and seq.num_computed_tokens + n == len(seq)
         ]
@@ -533,8 +544,11 @@ class LLMEngine:
             return None
 
         def fill(bitmask) -> None:
-            for row, matcher in rows:
-                matcher.fill(bitmask, row)
+            if pending is not None and pending.outputs is None:
+                pending.outputs = self._resolve(pending)
+            # a sequence that finished meanwhile keeps an open row: its token is dropped
+            live = [(row, seq.data["matcher"]) for row, seq in rows if not seq.is_finished]
+            fill_bitmasks(live, bitmask)
 
         return fill
 
