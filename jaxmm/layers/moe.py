@@ -1,0 +1,266 @@
+"""Mixture-of-experts block: a softmax top-k router over stacked experts.
+
+The story of one call, for tokens x: (T, D):
+1. The router `gate` (a Linear D -> E, HF's `mlp.gate.weight`) scores every expert; softmax
+   in float32, top-k, and with `norm_topk_prob` the k weights renormalised to sum to one.
+2. The experts, stacked as `gate_proj`/`up_proj`: (E, D, F) and `down_proj`: (E, F, D), run
+   on the (token, expert) pairs the router chose and their outputs are summed with the
+   router's weights. HF 5.x keeps `gate_up_proj` fused as (E, 2F, D); here gate and up stay
+   apart so that tensor parallelism over F inside an expert pairs each device's gate and up
+   columns without a reshuffle (weights/experts.py splits and transposes on load).
+3. Optionally (Qwen2-MoE, Qwen3-Next, Qwen3-Omni) a shared expert, a plain gated MLP scaled
+   by sigmoid(`shared_expert_gate`(x)), is added.
+
+Grouped matmul: every implementation has the signature
+`fn(x, weights, ids, gate, up, down, act) -> (T, D)`, and none has a shape that depends on
+the routing, so a token bucket compiles once whatever the router picks:
+- `dense`: every expert on every token, unchosen ones weighted zero. E/k times the work;
+  the oracle the others are tested against.
+- `ragged`: the T*k (token, expert) rows sorted by expert, then `jax.lax.ragged_dot` with the
+  per-expert row counts as group sizes (XLA's grouped GEMM on GPU and TPU).
+- `capacity`: the sorted rows laid out in buckets of B rows, each expert's rows padded to
+  whole buckets; a dense batched einsum per bucket with that bucket's expert weights. The
+  bucket count floor(T*k/B) + min(E, T*k) bounds sum_e ceil(n_e/B) for any routing, so no
+  row is ever dropped (a static capacity, exact).
+- `gather`: each token's k expert matrices gathered, one batched einsum. Touches only the
+  chosen experts' weights: meant for decode, where T*k is below E.
+`auto` picks per backend and token count (`default_impl`); GPU choices are provisional until
+benchmarks/moe_layer.py has been run on an H100.
+
+Sharding: the stacked expert weights shard over the mesh's "model" axis along E when E
+divides it (expert parallelism), else along F (tensor parallelism inside each expert);
+layers/linear.py `partition_spec` decides, the loader places.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmm.layers.linear import Linear
+from jaxmm.layers.mlp import GatedMLP, activation
+
+IMPLEMENTATIONS = ("dense", "ragged", "capacity", "gather")
+
+
+def route(router_logits: jax.Array, top_k: int, norm_topk_prob: bool):
+    """router_logits (T, E) -> weights (T, k) float32, expert ids (T, k) int32."""
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    weights, ids = jax.lax.top_k(probs, top_k)
+    if norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, ids.astype(jnp.int32)
+
+
+def _combine(weights: jax.Array, y: jax.Array, dtype) -> jax.Array:
+    """weights (T, k), y (T, k, D) -> (T, D): the router-weighted sum, in float32."""
+    return jnp.einsum("TK,TKD->TD", weights, y.astype(jnp.float32)).astype(dtype)
+
+
+def experts_dense(x, weights, ids, gate, up, down, act):
+    """Every expert on every token (the oracle). x (T, D), weights/ids (T, k)."""
+    E = gate.shape[0]
+    combine = jnp.einsum("TKE,TK->TE", jax.nn.one_hot(ids, E, dtype=jnp.float32), weights)
+    h = act(jnp.einsum("TD,EDF->TEF", x, gate)) * jnp.einsum("TD,EDF->TEF", x, up)
+    y = jnp.einsum("TEF,EFD->TED", h, down)
+    return jnp.einsum("TE,TED->TD", combine, y.astype(jnp.float32)).astype(x.dtype)
+
+
+def _sort_rows(ids: jax.Array, E: int):
+    """The T*k (token, slot) rows ordered by expert (stable: by token within an expert).
+
+    Returns order (R,) row index of each sorted position, inverse (R,) sorted position of each
+    row, sorted expert ids (R,) and group sizes (E,): rows per expert."""
+    flat = ids.reshape(-1)
+    R = flat.shape[0]
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    inverse = jnp.zeros((R,), jnp.int32).at[order].set(jnp.arange(R, dtype=jnp.int32))
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    return order, inverse, flat[order], sizes
+
+
+def experts_ragged(x, weights, ids, gate, up, down, act):
+    """Rows sorted by expert, `jax.lax.ragged_dot` with the per-expert counts as groups."""
+    T, k = ids.shape
+    order, inverse, _, sizes = _sort_rows(ids, gate.shape[0])
+    xs = x[order // k]  # (R, D) sorted by expert
+    h = act(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
+    ys = jax.lax.ragged_dot(h.astype(x.dtype), down, sizes)  # (R, D)
+    return _combine(weights, ys[inverse].reshape(T, k, -1), x.dtype)
+
+
+def bucket_size(rows: int, E: int) -> int:
+    """Rows per bucket of `capacity`: the expected rows of one expert as a power of two,
+    16 to 128 (small enough to waste little padding, large enough for the matmul units)."""
+    per_expert = -(-rows // E)
+    return int(min(128, max(16, 1 << (per_expert - 1).bit_length())))
+
+
+def num_buckets(rows: int, E: int, B: int) -> int:
+    """Upper bound of sum_e ceil(n_e / B) over every routing of `rows` rows to E experts."""
+    return rows // B + min(E, rows)
+
+
+def experts_capacity(x, weights, ids, gate, up, down, act, bucket: int | None = None):
+    """Sorted rows in fixed-size buckets, one expert per bucket; dense einsum per bucket."""
+    T, k = ids.shape
+    E, D, _ = gate.shape
+    R = T * k
+    B = bucket or bucket_size(R, E)
+    nb = num_buckets(R, E, B)
+    order, inverse, expert_of_row, sizes = _sort_rows(ids, E)
+    padded = (sizes + B - 1) // B * B  # rows each expert takes once padded to whole buckets
+    padded_end = jnp.cumsum(padded)
+    start = jnp.cumsum(sizes) - sizes
+    # slot of each sorted row in the bucketed layout: its expert's first slot + its rank
+    dest = (padded_end - padded)[expert_of_row] + jnp.arange(R) - start[expert_of_row]
+    token = jnp.full((nb * B,), T, jnp.int32).at[dest].set(order // k)  # T: a zero row
+    xp = jnp.concatenate([x, jnp.zeros((1, D), x.dtype)])[token].reshape(nb, B, D)
+    # expert of each bucket; buckets past the last expert's are all padding (zero rows)
+    owner = jnp.searchsorted(padded_end, jnp.arange(nb) * B, side="right")
+    owner = jnp.minimum(owner, E - 1)
+    h = act(jnp.einsum("nBD,nDF->nBF", xp, gate[owner]))
+    h = h * jnp.einsum("nBD,nDF->nBF", xp, up[owner])
+    yp = jnp.einsum("nBF,nFD->nBD", h, down[owner]).reshape(nb * B, D)
+    ys = yp[dest]  # (R, D) sorted-row order
+    return _combine(weights, ys[inverse].reshape(T, k, D), x.dtype)
+
+
+def experts_gather(x, weights, ids, gate, up, down, act):
+    """Each token's k expert matrices gathered; reads only the chosen experts."""
+    h = act(jnp.einsum("TD,TKDF->TKF", x, gate[ids])) * jnp.einsum("TD,TKDF->TKF", x, up[ids])
+    y = jnp.einsum("TKF,TKFD->TKD", h, down[ids])
+    return _combine(weights, y, x.dtype)
+
+
+_IMPLS = {
+    "dense": experts_dense,
+    "ragged": experts_ragged,
+    "capacity": experts_capacity,
+    "gather": experts_gather,
+}
+
+
+def default_impl(T: int, k: int, E: int, backend: str | None = None) -> str:
+    """The implementation `auto` runs for a bucket of T tokens (static: no recompiles).
+
+    Few rows (T*k <= E, decode): `gather` reads only the chosen experts, where every grouped
+    form reads all E. More rows: `ragged` on GPU/TPU (XLA's grouped GEMM), `capacity` on CPU,
+    where ragged_dot is expanded into per-group masked matmuls (measured on the 2-core CPU
+    host: benchmarks/moe_layer.py)."""
+    backend = backend or jax.default_backend()
+    if T * k <= E:
+        return "gather"
+    return "capacity" if backend == "cpu" else "ragged"
+
+
+def experts_forward(x, weights, ids, gate, up, down, act, impl: str = "auto") -> jax.Array:
+    """Run the chosen experts with one implementation (see the module docstring)."""
+    if impl == "auto":
+        impl = default_impl(x.shape[0], ids.shape[1], gate.shape[0])
+    if impl not in _IMPLS:
+        raise ValueError(f"MoE implementation {impl!r}; choose from {('auto',) + IMPLEMENTATIONS}")
+    return _IMPLS[impl](x, weights, ids, gate, up, down, act)
+
+
+class MoeExperts(nnx.Module):
+    """E stacked gated-MLP experts: gate_proj/up_proj (E, D, F), down_proj (E, F, D)."""
+
+    def __init__(self, E: int, D: int, F: int, *, dtype=jnp.float32, rngs):
+        del rngs  # weights come from the checkpoint (or random_params)
+        self.gate_proj = nnx.Param(jnp.zeros((E, D, F), dtype))
+        self.up_proj = nnx.Param(jnp.zeros((E, D, F), dtype))
+        self.down_proj = nnx.Param(jnp.zeros((E, F, D), dtype))
+
+
+class SparseMoeBlock(nnx.Module):
+    """Router `gate` + stacked `experts` (+ optional `shared_expert`, `shared_expert_gate`).
+
+    HF attribute names of Qwen3-MoE's Qwen3MoeSparseMoeBlock (and Qwen2-MoE's shared expert),
+    so checkpoint keys map 1:1 once weights/experts.py has stacked the experts."""
+
+    def __init__(
+        self,
+        D: int,
+        F: int,
+        E: int,
+        top_k: int,
+        act: str,
+        *,
+        norm_topk_prob: bool,
+        shared_F: int | None = None,
+        impl: str = "auto",
+        dtype=jnp.float32,
+        rngs,
+    ):
+        if impl != "auto" and impl not in IMPLEMENTATIONS:
+            raise ValueError(f"MoE implementation {impl!r}; choose from {IMPLEMENTATIONS}")
+        self.gate = Linear(D, E, dtype=dtype, rngs=rngs)
+        self.experts = MoeExperts(E, D, F, dtype=dtype, rngs=rngs)
+        if shared_F:
+            self.shared_expert = GatedMLP(D, shared_F, act, dtype=dtype, rngs=rngs)
+            self.shared_expert_gate = Linear(D, 1, dtype=dtype, rngs=rngs)
+        self.has_shared = bool(shared_F)
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+        self.act = act
+        self.impl = impl
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # x: (T, D)
+        weights, ids = route(self.gate(x), self.top_k, self.norm_topk_prob)
+        e = self.experts
+        out = experts_forward(
+            x,
+            weights,
+            ids,
+            e.gate_proj[...],
+            e.up_proj[...],
+            e.down_proj[...],
+            activation(self.act),
+            self.impl,
+        )
+        if self.has_shared:
+            out = out + jax.nn.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+
+def num_experts(config) -> int:
+    """E of an HF MoE config (`num_experts`; some configs name it `num_local_experts`)."""
+    return int(getattr(config, "num_experts", None) or getattr(config, "num_local_experts", 0))
+
+
+def is_sparse_layer(config, layer_idx: int) -> bool:
+    """Whether layer `layer_idx` has a MoE block, as transformers' Qwen2/3-MoE decide it."""
+    step = getattr(config, "decoder_sparse_step", 1) or 1
+    return (
+        layer_idx not in (getattr(config, "mlp_only_layers", None) or [])
+        and num_experts(config) > 0
+        and (layer_idx + 1) % step == 0
+    )
+
+
+def moe_block(config, *, dtype, impl: str = "auto", rngs) -> SparseMoeBlock:
+    """The MoE block an HF Qwen2/3-MoE style config describes."""
+    return SparseMoeBlock(
+        config.hidden_size,
+        config.moe_intermediate_size,
+        num_experts(config),
+        config.num_experts_per_tok,
+        config.hidden_act,
+        norm_topk_prob=bool(getattr(config, "norm_topk_prob", False)),
+        shared_F=getattr(config, "shared_expert_intermediate_size", None) or None,
+        impl=impl,
+        dtype=dtype,
+        rngs=rngs,
+    )
+
+
+def layer_mlp(config, layer_idx: int, *, dtype, impl: str = "auto", rngs) -> nnx.Module:
+    """Layer `layer_idx`'s feed-forward: the MoE block or, per `mlp_only_layers` /
+    `decoder_sparse_step`, a dense gated MLP of `intermediate_size`."""
+    if is_sparse_layer(config, layer_idx):
+        return moe_block(config, dtype=dtype, impl=impl, rngs=rngs)
+    return GatedMLP(
+        config.hidden_size, config.intermediate_size, config.hidden_act, dtype=dtype, rngs=rngs
+    )
