@@ -401,9 +401,9 @@ def cmd_serve(args) -> int:
     from jaxmm.server.app import build_app, serve
 
     # generative models (text, vision, audio): the engine core in a process of its own;
-    # embedding models keep it on a thread
+    # embedding models (and --runner pooling) keep it on a thread
     own_process = args.engine_process
-    if is_pooling_checkpoint(model):
+    if is_pooling_checkpoint(model) or config.model.runner == "pooling":
         own_process = False
     if own_process is not False:
         client = ProcessEngine(engine_config(**kwargs, warmup=args.warmup))

@@ -24,6 +24,15 @@ from jaxmm.kernels import ATTENTION_BACKENDS, check_attention_backend
 
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
+_RUNNERS = ("auto", "generate", "pooling")
+# vLLM's older --task spelling -> the runner it picks
+_TASKS = {
+    "auto": "auto",
+    "generate": "generate",
+    "transcription": "generate",
+    "embed": "pooling",
+    "embedding": "pooling",
+}
 # what a generation_config.json may set by default (vLLM takes the same keys)
 _GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 # the sampler returns at most this many logprobs per token (jaxmm.sampling_params)
@@ -84,6 +93,24 @@ class ModelConfig:
         help="accepted for vLLM compatibility, no effect: jaxmm runs no code from a "
         "checkpoint, every architecture it serves is implemented in jaxmm itself",
     )
+    runner: str = arg(
+        "auto",
+        help="generate (text out) or pooling (one embedding per prompt: last-token hidden "
+        "states of a vision-language model such as Qwen2-VL, DSE-Qwen2 style); auto: pooling "
+        "for embedding checkpoints (BertModel, ...), else generate",
+        cli={"choices": _RUNNERS},
+    )
+    task: str | None = arg(
+        None,
+        help="vLLM's older spelling of --runner: embed / embedding = pooling, generate / "
+        "transcription = generate",
+        cli={"choices": tuple(_TASKS)},
+    )
+    pooler_config: dict = arg(
+        help="pooling runner options as JSON over the checkpoint's sentence-transformers "
+        'config, e.g. \'{"pooling_type": "LAST", "normalize": true}\'',
+        default_factory=dict,
+    )
     generation_config: str = arg(
         "auto",
         help="sampling defaults: 'auto' takes temperature, top_p, top_k, min_p, "
@@ -128,6 +155,20 @@ class ModelConfig:
                 f"file, got {self.generation_config!r}"
             )
         _set(self, "hf_overrides", dict(self.hf_overrides or {}))
+        _set(self, "pooler_config", dict(self.pooler_config or {}))
+        if self.runner not in _RUNNERS:
+            raise ValueError(f"runner must be one of {_RUNNERS}, got {self.runner!r}")
+        if self.task is not None:
+            if self.task not in _TASKS:
+                raise ValueError(f"task must be one of {tuple(_TASKS)}, got {self.task!r}")
+            implied = _TASKS[self.task]
+            if implied != "auto" and self.runner not in ("auto", implied):
+                raise ValueError(
+                    f"task={self.task!r} means runner={implied!r}, but runner={self.runner!r} "
+                    "was given: pass one of them"
+                )
+            if implied != "auto":
+                _set(self, "runner", implied)
         if self.max_logprobs == -1:
             _set(self, "max_logprobs", MAX_LOGPROBS)
         if not 0 <= self.max_logprobs <= MAX_LOGPROBS:

@@ -12,7 +12,7 @@ from typing import Any
 from jaxmm.config import EngineConfig, arg_default, check_engine_args, engine_args
 from jaxmm.config import engine_config as _engine_config
 from jaxmm.engine.llm_engine import LLMEngine
-from jaxmm.engine.pooling_engine import NOT_GENERATIVE, PoolingEngine, is_pooling_checkpoint
+from jaxmm.engine.pooling_engine import NOT_GENERATIVE, PoolingEngine, make_pooling_engine
 from jaxmm.outputs import EmbeddingRequestOutput, RequestOutput
 from jaxmm.pooling import PoolingParams
 from jaxmm.sampling_params import SamplingParams
@@ -41,12 +41,11 @@ class LLM:
                 self._sampling_defaults,
             )
         model = config.model.model
-        # an encoder-only pooling model (BertModel, ...) gets the PoolingEngine instead
+        # an encoder-only pooling model (BertModel, ...), or runner="pooling", gets a pooling
+        # engine instead
         self.llm_engine: LLMEngine | None = None
-        self.pooling_engine: PoolingEngine | None = None
-        if is_pooling_checkpoint(model):
-            self.pooling_engine = PoolingEngine(config)
-        else:
+        self.pooling_engine = make_pooling_engine(config)
+        if self.pooling_engine is None:
             self.llm_engine = LLMEngine(config)
 
     # -- helpers ------------------------------------------------------------------------------
@@ -190,16 +189,19 @@ class LLM:
         pooling_params: PoolingParams | Seq[PoolingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[EmbeddingRequestOutput]:
-        """One embedding per prompt (`out.outputs.embedding`), for pooling models."""
+        """One embedding per prompt (`out.outputs.embedding`), for pooling models: an
+        embedding checkpoint, or a vision-language one under runner="pooling" (prompts may
+        then carry multi_modal_data, as for generate)."""
         engine = self.pooling_engine
         if engine is None:
             raise ValueError(
                 "this is a generative model; embed() needs a pooling (embedding) model such "
-                "as a BertModel / sentence-transformers checkpoint"
+                "as a BertModel / sentence-transformers checkpoint, or a vision-language "
+                "model started with runner='pooling'"
             )
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
-        ids = [engine.tokenize(p) for p in prompts]
+        ids = [engine.prepare(p) for p in prompts]
         params = _broadcast_params(pooling_params, len(ids), PoolingParams)
         bar = None
         if use_tqdm:

@@ -21,6 +21,9 @@ import os
 from dataclasses import dataclass
 
 POOLING_TYPES = ("MEAN", "CLS", "LAST", "MAX")
+# set (through hf_overrides) on the HF config of a generative model served as a pooling
+# model: its compute_logits then returns the final hidden states (jaxmm.engine.hidden_pooling)
+POOLING_HIDDEN_ATTR = "jaxmm_pooling_hidden_states"
 
 # sentence-transformers' 1_Pooling/config.json flags -> our pooling type
 _ST_MODES = {
@@ -125,3 +128,21 @@ def load_pooler_config(model_dir: str | None, default_pooling_type: str = "CLS")
         max_seq_length=int(max_len) if max_len else None,
         source="sentence-transformers",
     )
+
+
+def override_pooler_config(pooler: PoolerConfig, overrides: dict | None) -> PoolerConfig:
+    """vLLM's `pooler_config` ({"pooling_type": "LAST", "normalize": true}) over the
+    checkpoint's own pooling."""
+    if not overrides:
+        return pooler
+    unknown = sorted(set(overrides) - {"pooling_type", "normalize"})
+    if unknown:
+        raise ValueError(
+            f"pooler_config keys {unknown} are not supported; supported: pooling_type, normalize"
+        )
+    kind = overrides.get("pooling_type", pooler.pooling_type)
+    kind = kind.upper() if isinstance(kind, str) else kind
+    normalize = overrides.get("normalize", pooler.normalize)
+    if not isinstance(normalize, bool):
+        raise ValueError(f"pooler_config normalize must be true or false, got {normalize!r}")
+    return PoolerConfig(kind, normalize, pooler.max_seq_length, "pooler_config")

@@ -23,12 +23,31 @@ from jaxmm.engine.async_engine import EngineView
 from jaxmm.engine.prompts import check_prompt_ids, tokenize_prompt
 from jaxmm.models.registry import is_pooling_architecture
 from jaxmm.outputs import EmbeddingOutput, EmbeddingRequestOutput
-from jaxmm.pooling import PoolingParams, load_pooler_config
+from jaxmm.pooling import PoolingParams, load_pooler_config, override_pooler_config
 from jaxmm.runner.checkpoint import load_tokenizer, open_checkpoint
 from jaxmm.runner.model_runner import enable_compilation_cache
 from jaxmm.runner.pooling_runner import PoolingRunner
 
 NOT_GENERATIVE = "this is an embedding model; use embed() (or /v1/embeddings)"
+
+
+def make_pooling_engine(config: EngineConfig):
+    """The pooling engine `config` asks for, or None for a generative engine: encoder-only
+    embedding checkpoints always pool; a generative one pools with runner='pooling' (its
+    last-token hidden states, `jaxmm.engine.hidden_pooling`)."""
+    mc = config.model
+    if is_pooling_checkpoint(mc.model):
+        if mc.runner == "generate":
+            raise ValueError(
+                "this checkpoint is an encoder-only embedding model: it cannot generate text "
+                "(use runner='pooling' or 'auto')"
+            )
+        return PoolingEngine(config)
+    if mc.runner == "pooling":
+        from jaxmm.engine.hidden_pooling import GenerativePoolingEngine
+
+        return GenerativePoolingEngine(config)
+    return None
 
 
 def is_pooling_checkpoint(model: str) -> bool:
@@ -53,7 +72,9 @@ class PoolingEngine:
         self.checkpoint = ck
         self.hf_config = ck.hf_config
         self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(ck, mc.tokenizer)
-        self.pooler_config = load_pooler_config(ck.path if os.path.isdir(ck.path) else None)
+        self.pooler_config = override_pooler_config(
+            load_pooler_config(ck.path if os.path.isdir(ck.path) else None), mc.pooler_config
+        )
         # sentence-transformers truncates at max_seq_length; we refuse longer prompts instead
         max_len = mc.max_model_len or self.pooler_config.max_seq_length
         self.runner = PoolingRunner(
@@ -78,6 +99,12 @@ class PoolingEngine:
     def tokenize(self, prompt) -> list[int]:
         """A str, {'prompt': str} or {'prompt_token_ids': [...]} -> token ids."""
         return tokenize_prompt(prompt, self.tokenizer)[1]
+
+    def prepare(self, prompt) -> list[int]:
+        """A text prompt (as `tokenize` takes it) -> token ids; media are refused."""
+        if isinstance(prompt, dict) and prompt.get("multi_modal_data"):
+            raise ValueError("this embedding model is text-only: it takes no multi_modal_data")
+        return self.tokenize(prompt)
 
     def validate(self, ids: list[int], params: PoolingParams) -> None:
         if not isinstance(params, PoolingParams):

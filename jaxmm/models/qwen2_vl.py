@@ -40,6 +40,7 @@ from jaxmm.models.encoders.qwen2_vl_vision import (
 from jaxmm.models.llama import head_dim
 from jaxmm.models.qwen2 import Qwen2ForCausalLM, Qwen2Model
 from jaxmm.multimodal.fast_image import PatchBytes
+from jaxmm.pooling import POOLING_HIDDEN_ATTR
 
 # items share an encoder call while its padded attention layouts (segments x longest
 # segment, see `layout_slots`) stay within this many rows; a bigger item runs alone
@@ -94,6 +95,16 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
         self.hf_config = config
         self.visual = self.vision_cls(config.vision_config, dtype=dtype, rngs=rngs)
         self.dtype = dtype
+        # the pooling runner (`LLM(runner="pooling")`, DSE-Qwen2 style embeddings) sets this
+        # on the HF config: each step's "logits" are then the final (normed) hidden states
+        self.returns_hidden = bool(getattr(config, POOLING_HIDDEN_ATTR, False))
+
+    def compute_logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden (S, D) -> logits (S, V) in float32, or the hidden states themselves (S, D)
+        under the pooling runner."""
+        if self.returns_hidden:
+            return hidden.astype(jnp.float32)
+        return super().compute_logits(hidden)
 
     # -- the multimodal contract (plain Python) ----------------------------------------------
     def mm_token_id(self, modality: str) -> int:

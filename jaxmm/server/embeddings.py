@@ -1,7 +1,10 @@
 """POST /v1/embeddings: OpenAI embeddings from a pooling model (BertModel, ...).
 
 1. Parse the body; `input` is a string, a list of strings, a list of token ids or a list of
-   such lists (token ids are used as given: no special tokens are added).
+   such lists (token ids are used as given: no special tokens are added). Or vLLM's chat
+   form, `messages` (content parts with images, ...), for a vision-language model served
+   with `--runner pooling`: rendered with the model's template (or `--chat-template`,
+   or the request's `chat_template` where trusted), no generation prompt unless asked.
 2. An engine without `supports_embeddings` (a generative model) gets a 400, as does a
    `dimensions` other than the model's own size (no Matryoshka truncation).
 3. Tokenization and the forward run in the server's thread pool, never on the event loop;
@@ -47,6 +50,31 @@ def _embed(engine, inputs: list[str | list[int]], params: PoolingParams):
     return engine.embed(ids, [params] * len(ids))
 
 
+def _embed_chat(engine, messages: list[dict], kwargs: dict, params: PoolingParams):
+    """Blocking: render the conversation (media fetched and decoded), run the forward."""
+    return engine.embed([engine.prepare_chat(messages, **kwargs)], [params])
+
+
+def _chat_kwargs(req: EmbeddingRequest, state) -> dict:
+    if not req.messages:
+        raise APIError(400, "messages must not be empty", param="messages")
+    if req.input is not None:
+        raise APIError(400, "give either input or messages, not both", param="messages")
+    if req.chat_template is not None and not state.trust_request_chat_template:
+        raise APIError(
+            400,
+            "this server does not accept a chat_template in requests (start it with "
+            "--trust-request-chat-template to allow that)",
+            param="chat_template",
+        )
+    return {
+        "chat_template": req.chat_template or state.chat_template,
+        "add_generation_prompt": req.add_generation_prompt and not req.continue_final_message,
+        "continue_final_message": req.continue_final_message,
+        "chat_template_kwargs": req.chat_template_kwargs,
+    }
+
+
 def _encode(vector: list[float], fmt: str) -> list[float] | str:
     if fmt == "base64":
         return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
@@ -75,10 +103,20 @@ async def create_embedding(request: Request):
             f"{engine.embedding_dim} dimensions (no Matryoshka truncation)",
             param="dimensions",
         )
-    inputs = _split_input(req.input)
-    outs = await cancel_on_disconnect(
-        request, run_blocking(state, _embed, engine, inputs, PoolingParams())
-    )
+    if req.messages is not None:
+        if not hasattr(engine, "prepare_chat"):
+            raise APIError(
+                400,
+                "this embedding model takes text `input`; chat `messages` need a "
+                "vision-language model served with --runner pooling",
+                param="messages",
+            )
+        work = (_embed_chat, engine, req.messages, _chat_kwargs(req, state), PoolingParams())
+    elif req.input is None:
+        raise APIError(400, "input (or messages) is required", param="input")
+    else:
+        work = (_embed, engine, _split_input(req.input), PoolingParams())
+    outs = await cancel_on_disconnect(request, run_blocking(state, *work))
     num_tokens = sum(len(o.prompt_token_ids) for o in outs)
     return {
         "id": random_id("embd"),

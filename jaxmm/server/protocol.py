@@ -121,10 +121,17 @@ class DetokenizeRequest(_Request):
 
 class EmbeddingRequest(_Request):
     model: str | None = None
-    input: str | list[str] | list[int] | list[list[int]]
+    # `input`, or vLLM's chat form: `messages` (content parts with media) rendered through
+    # the chat template, for a vision-language model served with --runner pooling
+    input: str | list[str] | list[int] | list[list[int]] | None = None
+    messages: list[dict[str, Any]] | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = False  # vLLM's default for embedding chats
+    continue_final_message: bool = False
 
 
 def _no_constant(name: str):
