@@ -102,8 +102,26 @@ class MediaError(ValueError):
 # Policy
 
 
-def _env_float(name: str, default: float) -> float:
+# vLLM's names of the same settings, read when the JAXMM_* one is unset (JAXMM_* wins)
+VLLM_ENV_ALIASES = {
+    "JAXMM_IMAGE_FETCH_TIMEOUT": "VLLM_IMAGE_FETCH_TIMEOUT",
+    "JAXMM_VIDEO_FETCH_TIMEOUT": "VLLM_VIDEO_FETCH_TIMEOUT",
+    "JAXMM_AUDIO_FETCH_TIMEOUT": "VLLM_AUDIO_FETCH_TIMEOUT",
+    "JAXMM_MEDIA_URL_ALLOW_REDIRECTS": "VLLM_MEDIA_URL_ALLOW_REDIRECTS",
+}
+
+
+def _env(name: str) -> tuple[str, str | None]:
+    """(the variable read, its value): `name`, else its vLLM alias when `name` is unset."""
     raw = os.environ.get(name)
+    alias = VLLM_ENV_ALIASES.get(name)
+    if (raw is None or raw.strip() == "") and alias is not None and alias in os.environ:
+        return alias, os.environ[alias]
+    return name, raw
+
+
+def _env_float(name: str, default: float) -> float:
+    name, raw = _env(name)
     if raw is None or raw.strip() == "":
         return default
     try:
@@ -123,7 +141,7 @@ def _env_int(name: str, default: int) -> int:
 
 
 def _env_bool(name: str, default: bool = False) -> bool:
-    raw = os.environ.get(name)
+    name, raw = _env(name)
     if raw is None or raw.strip() == "":
         return default
     value = raw.strip().lower()
@@ -151,7 +169,8 @@ class MediaPolicy:
     Numeric fields and `allow_redirects` default to their environment variable (read when
     the policy is built), else to the constant named in parentheses:
     JAXMM_MEDIA_URL_ALLOW_REDIRECTS (False), JAXMM_IMAGE_FETCH_TIMEOUT (5 s),
-    JAXMM_VIDEO_FETCH_TIMEOUT (30 s), JAXMM_AUDIO_FETCH_TIMEOUT (10 s), JAXMM_MAX_MEDIA_BYTES
+    JAXMM_VIDEO_FETCH_TIMEOUT (30 s), JAXMM_AUDIO_FETCH_TIMEOUT (10 s) (these four also as
+    vLLM's VLLM_* names, read when the JAXMM_* one is unset), JAXMM_MAX_MEDIA_BYTES
     (64 MiB), JAXMM_MAX_IMAGE_PIXELS (64 Mi), JAXMM_MAX_VIDEO_FRAMES (256),
     JAXMM_MAX_VIDEO_PIXELS (512 Mi), JAXMM_MAX_AUDIO_DURATION_S (600 s).
     `from_env` also reads the two access fields (JAXMM_ALLOWED_LOCAL_MEDIA_PATH,
