@@ -17,6 +17,11 @@ the chunk stops before the item and goes on next step. An item found in the cach
 repeated image, or another sequence's) runs no encoder; a chunk that a cached prefix
 already covers needs no item at all. The first item of a step may exceed the budget alone,
 so an item larger than the budget still runs.
+
+With `whole_mm_items` (models whose items attend to themselves both ways, Gemma 3's images:
+the model's `mm_whole_items`) a prefill chunk never ends inside an item: it stops before
+the item, or, when the item is where the chunk starts, waits for a step with room for all of
+it. An item longer than `max_num_batched_tokens` cannot be whole; it is split as before.
 """
 
 from __future__ import annotations
@@ -56,12 +61,14 @@ class Scheduler:
         encoder_cache: EncoderCacheManager | None = None,
         encoder_budget: int | None = None,
         state_slots: StateSlots | None = None,
+        whole_mm_items: bool = False,
     ):
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.block_manager = block_manager
         self.encoder_cache = encoder_cache
         self.encoder_budget = encoder_budget or max_num_batched_tokens
+        self.whole_mm_items = whole_mm_items
         # hybrid models: a sequence runs only while it holds a state slot (state_cache.py)
         self.state_slots = state_slots
         # encoder cache keys each sequence holds (until its prefill has passed them)
@@ -180,6 +187,10 @@ class Scheduler:
         if not seq.mm_spans or cache is None:
             return n
         start = seq.num_computed_tokens
+        if self.whole_mm_items:
+            n = self._whole_items(seq, start, n)
+            if n == 0:
+                return 0
         held = self._held.setdefault(seq.seq_id, set())
         queued = {k for _, k in batch.encoder_items}
         for lo, hi, key in seq.mm_spans:
@@ -202,6 +213,17 @@ class Scheduler:
                 if seq.seq_id not in entry.owners:
                     cache.acquire(key, seq.seq_id)
                 held.add(key)
+        return n
+
+    def _whole_items(self, seq: Sequence, start: int, n: int) -> int:
+        """The chunk [start, start + n) cut so that it does not end inside an item."""
+        for lo, hi, _ in seq.mm_spans:
+            if lo < start + n < hi:
+                if lo > start:
+                    return lo - start  # stop before the item
+                if hi - start <= self.max_num_batched_tokens:
+                    return 0  # the item starts the chunk: wait for a step with room for it
+                return n  # longer than any step: split after all
         return n
 
     def release_items(self, seq: Sequence, upto: int | None = None) -> None:

@@ -23,6 +23,8 @@ token (`causal_end`), and the scheduler keeps an image inside one prefill chunk
 
 from __future__ import annotations
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +37,9 @@ from jaxmm.layers.linear import ROW, Embed, Linear
 from jaxmm.layers.mlp import GatedMLP
 from jaxmm.layers.norm import GemmaRMSNorm
 from jaxmm.layers.rope import apply_rotary, cos_sin, inv_frequencies
+from jaxmm.models.device_rows import DeviceRows
+from jaxmm.models.encoders import siglip
+from jaxmm.models.encoders.siglip import SiglipVisionModel
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 MAX_IMAGES_PER_CALL = 16  # encoder batch; smaller batches are padded to a power of two
@@ -242,3 +247,163 @@ class Gemma3ForCausalLM(nnx.Module):
         """(layers L, kv heads K, head dim H) of the paged cache."""
         c = self.config
         return c.num_hidden_layers, c.num_key_value_heads, head_dim(c)
+
+
+# ---------------------------------------------------------------------------------------
+# Gemma3ForConditionalGeneration
+
+
+class Gemma3MultiModalProjector(nnx.Module):
+    """SigLIP patches (B, P, Dv) -> average pool to `mm_tokens_per_image` -> Gemma RMSNorm ->
+    (B, n, Dt) through one (Dv, Dt) matrix (HF stores it untransposed, as a raw parameter)."""
+
+    def __init__(self, config, *, dtype):
+        vc, Dt = config.vision_config, config.text_config.hidden_size
+        self.mm_input_projection_weight = nnx.Param(jnp.zeros((vc.hidden_size, Dt), dtype=dtype))
+        self.mm_soft_emb_norm = GemmaRMSNorm(vc.hidden_size, vc.layer_norm_eps, dtype=dtype)
+        self.patches_per_side = vc.image_size // vc.patch_size
+        self.tokens_per_side = int(config.mm_tokens_per_image**0.5)
+        self.kernel = self.patches_per_side // self.tokens_per_side
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        B, _, Dv = x.shape
+        p, t, k = self.patches_per_side, self.tokens_per_side, self.kernel
+        # AvgPool2d(k, stride k) over the (p, p) patch grid; p = t * k for every Gemma 3
+        grid = x.reshape(B, p, p, Dv)[:, : t * k, : t * k]
+        pooled = grid.astype(jnp.float32).reshape(B, t, k, t, k, Dv).mean(axis=(2, 4))
+        normed = self.mm_soft_emb_norm(pooled.astype(x.dtype).reshape(B, t * t, Dv))
+        w = self.mm_input_projection_weight[...]
+        return jnp.einsum("BnV,VD->BnD", normed, w).astype(x.dtype)
+
+
+def language_config(config):
+    """The text config, with tied embeddings resolved from both configs."""
+    text_config = copy.copy(config.text_config)
+    text_config.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True)) or bool(
+        getattr(text_config, "tie_word_embeddings", False)
+    )
+    return text_config
+
+
+class Gemma3ForConditionalGeneration(nnx.Module):
+    is_multimodal = True
+    mm_modalities = ("image",)
+    uses_mrope = False
+    # the scheduler never ends a prefill chunk inside an image (bidirectional attention)
+    mm_whole_items = True
+    hf_key_rules = (
+        (r"^model\.language_model\.", "language_model.model."),
+        (r"^model\.vision_tower\.", "vision_tower."),
+        (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+        (r"^lm_head\.", "language_model.lm_head."),
+        *siglip.hf_key_rules("vision_tower"),
+    )
+
+    def __init__(self, config, *, dtype=jnp.float32, attention_backend: str = "reference", rngs):
+        self.hf_config = config
+        self.config = text_config = language_config(config)
+        self.vision_tower = SiglipVisionModel(config.vision_config, dtype=dtype, rngs=rngs)
+        self.multi_modal_projector = Gemma3MultiModalProjector(config, dtype=dtype)
+        self.language_model = Gemma3ForCausalLM(
+            text_config, dtype=dtype, attention_backend=attention_backend, rngs=rngs
+        )
+        ignored = [r"rotary_emb\.", r"embed_scale$", *siglip.ignored_hf_keys("vision_tower")]
+        if text_config.tie_word_embeddings:
+            ignored.append(r"^language_model\.lm_head\.weight$")
+        self.ignored_hf_keys = tuple(ignored)
+        self.image_token_id = int(config.image_token_id)
+        self.dtype = dtype
+
+    # -- the text path (what the runner's step calls) ----------------------------------------
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        # the image soft token may lie past the vocabulary (HF embeds it as id 0)
+        ids = jnp.where(input_ids >= self.config.vocab_size, 0, input_ids)
+        return self.language_model.embed(ids)
+
+    def __call__(self, input_ids, kv_caches, md: AttentionMetadata, inputs_embeds=None, **kw):
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        causal_end = image_causal_end(input_ids, md, self.image_token_id)
+        return self.language_model(input_ids, kv_caches, md, inputs_embeds, causal_end=causal_end)
+
+    def compute_logits(self, hidden: jax.Array) -> jax.Array:
+        # transformers' Gemma3ForConditionalGeneration applies no final soft cap (only its
+        # ForCausalLM does); released Gemma 3 configs set none anyway
+        lm = self.language_model
+        if lm.tie_word_embeddings:
+            return lm.model.embed_tokens.attend(hidden).astype(jnp.float32)
+        return lm.lm_head(hidden).astype(jnp.float32)
+
+    def kv_cache_spec(self) -> tuple[int, int, int]:
+        return self.language_model.kv_cache_spec()
+
+    # -- images --------------------------------------------------------------------------------
+    def get_image_features(self, pixel_values: jax.Array) -> jax.Array:
+        """pixel_values (B, 3, S, S) -> projected features (B, n, D_text)."""
+        states = self.vision_tower.last_hidden_state(pixel_values.astype(self.dtype))
+        return self.multi_modal_projector(states)
+
+    # -- the multimodal contract (plain Python; see llava.py's docstring) ---------------------
+    def mm_token_id(self, modality: str) -> int:
+        return self.image_token_id
+
+    def mm_prompt_placeholder(self, modality: str) -> list[int]:
+        """What a prompt holds where an image goes: `<start_of_image>` (boi)."""
+        return [int(self.hf_config.boi_token_id)]
+
+    def mm_expand_prompt_text(self, text: str, tokenizer) -> str:
+        """Each `<start_of_image>` -> HF's full image sequence, before tokenizing (as
+        Gemma3Processor does: the "\\n\\n" around it merge with neighbouring text)."""
+        boi = tokenizer.convert_ids_to_tokens(int(self.hf_config.boi_token_id))
+        eoi = tokenizer.convert_ids_to_tokens(int(self.hf_config.eoi_token_id))
+        soft = tokenizer.convert_ids_to_tokens(self.image_token_id)
+        full = f"\n\n{boi}{soft * self._tokens_per_image()}{eoi}\n\n"
+        return text.replace(boi, full)
+
+    def _tokens_per_image(self) -> int:
+        return int(self.hf_config.mm_tokens_per_image)
+
+    def mm_num_tokens(self, modality: str, item: dict) -> int:
+        vc = self.hf_config.vision_config
+        want = (vc.num_channels, vc.image_size, vc.image_size)
+        got = tuple(np.shape(item["pixel_values"]))
+        if got != want:
+            raise ValueError(
+                f"the image processor produced pixel values of shape {got}; this model's vision "
+                f"tower takes {want} (pan-and-scan crops are not supported)"
+            )
+        return self._tokens_per_image()
+
+    def mm_check_embeds(self, modality: str, embeds: np.ndarray, meta: dict) -> dict:
+        want = (self._tokens_per_image(), self.config.hidden_size)
+        if embeds.ndim != 2 or tuple(embeds.shape) != want:
+            raise ValueError(
+                f"image embeddings must have shape (num_tokens, hidden_size) = {want} for this "
+                f"model; got {tuple(embeds.shape)}"
+            )
+        return {}
+
+    def mm_encoder(self, graphdef):
+        """A host function (params, modality, items) -> [features (n, D_text) per item], left
+        on the device (`DeviceRows`) for the runner to splice."""
+        from jaxmm.models.encoder_jit import encoder_jit
+
+        @encoder_jit
+        def run(params, pixel_values):
+            return nnx.merge(graphdef, params).get_image_features(pixel_values)
+
+        def encode(params, modality: str, items: list[dict]) -> list[DeviceRows]:
+            pixels = np.stack([np.asarray(it["pixel_values"], np.float32) for it in items])
+            out = []
+            for i in range(0, len(pixels), MAX_IMAGES_PER_CALL):
+                chunk = pixels[i : i + MAX_IMAGES_PER_CALL]
+                B = 1 << max(0, (len(chunk) - 1).bit_length())  # one program per power of two
+                padded = np.zeros((B, *chunk.shape[1:]), np.float32)
+                padded[: len(chunk)] = chunk
+                feats = run(params, padded)  # (B, n, D_text)
+                n = feats.shape[1]
+                flat = feats.reshape(-1, feats.shape[-1])
+                out.extend(DeviceRows(flat, j * n, (j + 1) * n) for j in range(len(chunk)))
+            return out
+
+        return encode

@@ -682,7 +682,10 @@ class MultimodalFrontend:
             text = prompt["prompt"]
             if not isinstance(text, str):
                 raise TypeError(f"'prompt' must be a str, got {type(text).__name__}")
-            ids = self.tokenizer(text).input_ids
+            # models whose processor rewrites the placeholder text itself (Gemma 3)
+            rewrite = getattr(self.model, "mm_expand_prompt_text", None)
+            ids = self.tokenizer(rewrite(text, self.tokenizer) if rewrite and items else text)
+            ids = ids.input_ids
         else:
             raise ValueError("a multimodal prompt needs 'prompt' or 'prompt_token_ids'")
 

@@ -172,3 +172,186 @@ def test_text_greedy_and_logits_match_transformers(gemma3_text):
         with torch.no_grad():
             want.append(hf(torch.tensor([i])).logits[0, -1].numpy())
     np.testing.assert_allclose(np.concatenate(got), np.stack(want), atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Gemma3ForConditionalGeneration
+
+BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+IMAGE_TOKENS = 16  # 8 x 8 SigLIP patches, pooled 2 x 2; longer than the window
+BUDGET = 32  # tokens per step: an image never fits twice, chunks meet image boundaries
+
+
+def make_gemma3_vlm(root: str) -> str:
+    import os
+
+    import transformers
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    from tests.helpers import make_tokenizer
+
+    path = os.path.join(root, "gemma3_vlm")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    make_tokenizer(path).add_special_tokens({"additional_special_tokens": [BOI, EOI, SOFT]})
+    base = transformers.PreTrainedTokenizerFast.from_pretrained(path)
+    base.add_special_tokens({"additional_special_tokens": [BOI, EOI, SOFT]})
+    base.save_pretrained(path)
+    named = {"boi_token": BOI, "eoi_token": EOI, "image_token": SOFT}
+    tok = transformers.PreTrainedTokenizerFast.from_pretrained(path, extra_special_tokens=named)
+    ip = Gemma3ImageProcessorPil(size={"height": 56, "width": 56})
+    transformers.Gemma3Processor(
+        image_processor=ip, tokenizer=tok, image_seq_length=IMAGE_TOKENS
+    ).save_pretrained(path)
+    cfg = transformers.Gemma3Config(
+        text_config=_text_config(tok),
+        vision_config=_siglip_config(image_size=56, num_hidden_layers=2).to_dict(),
+        mm_tokens_per_image=IMAGE_TOKENS,
+        boi_token_index=tok.boi_token_id,
+        eoi_token_index=tok.eoi_token_id,
+        image_token_index=tok.image_token_id,
+    )
+    model = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    _randomize(model, 1)
+    model.save_pretrained(path)
+    return path
+
+
+def _image(h: int, w: int, seed: int):
+    from PIL import Image
+
+    rs = np.random.RandomState(seed)
+    base = rs.randint(0, 255, (h // 4 + 1, w // 4 + 1, 3), np.uint8)  # blocky, not pure noise
+    return Image.fromarray(base).resize((w, h), Image.NEAREST)
+
+
+IMAGES = [_image(40, 50, 0), _image(56, 56, 1), _image(33, 47, 2)]
+VLM_PROMPTS = [
+    {"prompt": "Once upon a time there was"},
+    {"prompt": f"{BOI}Describe the image.", "multi_modal_data": {"image": IMAGES[0]}},
+    {
+        "prompt": f"Hello {BOI} and {BOI} what is this",
+        "multi_modal_data": {"image": [IMAGES[1], IMAGES[2]]},
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def gemma3_vlm(ckpt_root):
+    import transformers
+
+    from jaxmm import LLM
+
+    path = make_gemma3_vlm(ckpt_root)
+    llm = LLM(path, dtype="float32", max_model_len=256, max_num_batched_tokens=BUDGET)
+    hf = transformers.Gemma3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    return path, llm, hf.eval()
+
+
+def _hf_inputs(path: str, prompt: dict) -> dict:
+    import transformers
+
+    proc = transformers.AutoProcessor.from_pretrained(path)
+    images = prompt.get("multi_modal_data", {}).get("image")
+    if images is None:
+        return dict(proc.tokenizer(prompt["prompt"], return_tensors="pt"))
+    images = images if isinstance(images, list) else [images]
+    return dict(proc(text=prompt["prompt"], images=images, return_tensors="pt"))
+
+
+def _chunks(n: int, items) -> list[tuple[int, int]]:
+    """Chunks of at most BUDGET tokens that never end inside an item (as the scheduler)."""
+    out, start = [], 0
+    while start < n:
+        end = min(start + BUDGET, n)
+        for it in items:
+            if it.start < end < it.end:
+                end = it.start
+        out.append((start, end))
+        start = end
+    return out
+
+
+def test_vlm_greedy_and_logits_match_transformers(gemma3_vlm):
+    from jaxmm import SamplingParams
+    from jaxmm.multimodal.inputs import prepare_multimodal_prompt
+    from jaxmm.runner.model_runner import SeqStep
+
+    path, llm, hf = gemma3_vlm
+    engine = llm.llm_engine
+    assert engine.runner.model_obj.mm_whole_items
+    # the engine hands the model's flag to its scheduler (llm_engine.py)
+    engine.scheduler.whole_mm_items = True
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    outs = llm.generate(VLM_PROMPTS, params, use_tqdm=False)
+    hf_inputs = [_hf_inputs(path, p) for p in VLM_PROMPTS]
+    for out, inputs in zip(outs, hf_inputs):
+        assert out.prompt_token_ids == inputs["input_ids"][0].tolist()
+        with torch.no_grad():
+            ref = hf.generate(
+                **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None
+            )
+        assert out.outputs[0].token_ids == ref[0, inputs["input_ids"].shape[1] :].tolist()
+    assert any(len(set(o.outputs[0].token_ids)) > 2 for o in outs)
+    assert len(outs[2].prompt_token_ids) > BUDGET  # the two-image prompt is chunked
+
+    # last-token logits, prefilled in chunks that meet image boundaries (scratch pages)
+    runner, rows = engine.runner, []
+    for p in VLM_PROMPTS:
+        if "multi_modal_data" in p:
+            _, ids, mm = prepare_multimodal_prompt(engine, p)
+        else:
+            ids, mm = llm.get_tokenizer()(p["prompt"]).input_ids, None
+        items = mm.items if mm is not None else []
+        rows_of = {}
+        for it in items:
+            entry = engine.encoder_cache.get(it.cache_key) or engine.encoder_cache.allocate(
+                it.cache_key, it.end - it.start, "t"
+            )
+            rows_of[it.cache_key] = entry.rows
+            runner.encode([(it.modality, it.data, entry.rows)])
+        n = -(-len(ids) // runner.block_size)
+        pages = list(range(runner.num_pages - n, runner.num_pages))
+        for start, end in _chunks(len(ids), items):
+            step = SeqStep(ids[start:end], start, pages, sample=end == len(ids))
+            step.mm_rows = [
+                (max(it.start, start) - start, rows_of[it.cache_key][a - it.start : b - it.start])
+                for it in items
+                for a, b in [(max(it.start, start), min(it.end, end))]
+                if a < b
+            ]
+            last = runner.logits([step])[0]
+        rows.append(last)
+    with torch.no_grad():
+        ref = np.stack([hf(**inputs).logits[0, -1].numpy() for inputs in hf_inputs])
+    np.testing.assert_allclose(np.stack(rows), ref, atol=1e-4, rtol=0)
+
+
+def test_scheduler_never_ends_a_chunk_inside_an_image():
+    from jaxmm.engine.block_manager import BlockManager
+    from jaxmm.engine.encoder_cache import EncoderCacheManager
+    from jaxmm.engine.scheduler import Scheduler
+    from jaxmm.engine.sequence import Sequence
+
+    def first_chunks(whole: bool, spans) -> list[int]:
+        cache = EncoderCacheManager(64, block_rows=4)
+        sched = Scheduler(8, 16, BlockManager(64, 4), encoder_cache=cache, whole_mm_items=whole)
+        s = Sequence(request_id="r", token_ids=list(range(40)), num_prompt_tokens=40)
+        s.mm_spans = tuple(spans)
+        sched.add(s)
+        sizes = []
+        while s.num_computed_tokens < len(s):
+            batch = sched.schedule()
+            for _, key in batch.encoder_items:
+                cache.entries[key].ready = True
+            n = batch.num_new_tokens[0] if batch.seqs else 0
+            s.num_computed_tokens += n
+            sched.release_items(s, upto=s.num_computed_tokens)
+            sizes.append(n)
+        return sizes
+
+    spans = [(10, 22, "image:x"), (22, 34, "image:y")]  # two 12-token images back to back
+    assert first_chunks(False, spans) == [16, 16, 8]
+    assert first_chunks(True, spans) == [10, 12, 16, 2]
+    # an image longer than any step is split after all (no wait forever)
+    assert first_chunks(True, [(4, 30, "image:z")]) == [4, 16, 16, 4]
