@@ -44,9 +44,12 @@ MAX_TILES_PER_CALL = 16  # tower batch for single-tile images; tiled images and 
 
 
 def tile_bucket(n: int) -> int:
-    """Tiles per tower call: a power of two up to 16, then multiples of 16 (an anyres image
-    of 6x6 tiles and its base is 37 tiles: 48, not 64)."""
-    return next_pow2(n) if n <= 16 else -(-n // 16) * 16
+    """Tiles per tower call: 1, 2, 4, then multiples of 4 up to 16, then of 8. Tiled images
+    take 1 + rows * cols tiles (a 3x3 grid: 10 -> 12, not 16; 6x6: 37 -> 40, not 64)."""
+    if n <= 4:
+        return next_pow2(n)
+    step = 4 if n <= 16 else 8
+    return -(-n // step) * step
 
 
 class LlavaOnevisionForConditionalGeneration(nnx.Module):

@@ -1,0 +1,395 @@
+"""Time to first token, one image: jaxmm vs transformers on a random-weight LLaVA-OneVision.
+
+    python benchmarks/onevision_ttft.py --config onevision-0.5b --sizes 384x384 896x896 1280x720
+    python benchmarks/onevision_ttft.py --config small --sizes 56x56 70x40 --iters 1 --device cpu
+
+Writes config.json (LlavaOnevisionForConditionalGeneration, llava-onevision-qwen2-0.5b-ov's
+shapes by default: SigLIP-so400m at 384 px with 26 layers, Qwen2-0.5B, the default 36
+`image_grid_pinpoints`, `anyres_max_9`), the image processor's config and a small BPE
+tokenizer with `<image>` / `<video>`. Weights are random: jaxmm's `load_format="dummy"` in
+bf16, and `LlavaOnevisionForConditionalGeneration(config)` in bf16 on the same device for
+transformers.
+
+One prompt: a user turn with one image (a fresh random image per timed run, so no cache
+serves it; alone in its prompt, so it is tiled: an 896x896 image is 3x3 tiles + the base,
+7371 image tokens) and a question; prefix caching is off. Every size runs once on both
+sides before it is timed (compilation, CUDA start-up excluded); each number is the median
+of --iters runs.
+
+jaxmm, each piece timed on its own, synchronised:
+  preprocess_s  the HF image processor, as the front end calls it (tiling included)
+  encoder_s     the jitted SigLIP tower + projector on every tile, then the packing
+                (stitch, crop, anyres_max resize, newlines)
+  prefill_s     engine.step() from a prepared request until its first token is sampled
+  e2e_s         wall time of llm.generate(prompt, max_tokens=1): all of the above plus
+                hashing, tokenisation and placeholder expansion
+transformers:
+  hf_processor_s  image processor + placeholder expansion (the count jaxmm computes, equal
+                  to `LlavaOnevisionProcessor`'s in the parity tests) + tokenizer + copy
+  hf_model_s      model.generate(max_new_tokens=1), synchronised
+  hf_e2e_s        their sum
+speedup_vs_hf = hf_e2e_s / e2e_s. One JSON line per size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+# jaxmm and torch share one GPU here: keep JAX from preallocating most of it
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+from benchmarks import vlm_ttft  # noqa: E402
+
+PROMPT = (
+    "<|im_start|>user\n<image>\nDescribe this image in detail.<|im_end|>\n<|im_start|>assistant\n"
+)
+CONFIGS = {
+    "onevision-0.5b": dict(  # llava-hf/llava-onevision-qwen2-0.5b-ov-hf's shapes
+        text=dict(
+            vocab_size=152000,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
+        ),
+        vision=dict(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=26,
+            num_attention_heads=16,
+            image_size=384,
+            patch_size=14,
+            vision_use_head=False,
+        ),
+    ),
+    "small": dict(  # seconds on a CPU: for the smoke test
+        text=dict(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
+        ),
+        vision=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=28,
+            patch_size=7,
+            vision_use_head=False,
+        ),
+    ),
+}
+
+
+def pinpoints(tile: int) -> list[list[int]]:
+    """transformers' default grid: 1..6 tiles down by 1..6 across, in its order."""
+    return [[tile * i, tile * j] for i in range(1, 7) for j in range(1, 7)]
+
+
+def image_processor_class():
+    try:
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil as cls,
+        )
+    except ImportError:  # transformers without the PIL backend class
+        from transformers.models.llava_onevision.image_processing_llava_onevision import (
+            LlavaOnevisionImageProcessor as cls,
+        )
+    return cls
+
+
+def write_checkpoint(name: str, path: str):
+    """config.json + the image processor's config + tokenizer; returns (config, tokenizer)."""
+    import transformers
+
+    os.makedirs(path, exist_ok=True)
+    tok = vlm_ttft.make_tokenizer(path)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    tok.save_pretrained(path)
+    shape = CONFIGS[name]
+    if len(tok) > shape["text"]["vocab_size"]:
+        raise ValueError(f"the tokenizer has {len(tok)} tokens, more than the vocab")
+    tile = shape["vision"]["image_size"]
+    eos, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    cfg = transformers.LlavaOnevisionConfig(
+        text_config=transformers.Qwen2Config(
+            **shape["text"], bos_token_id=pad, eos_token_id=eos, pad_token_id=pad
+        ),
+        vision_config=transformers.SiglipVisionConfig(**shape["vision"]),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=pinpoints(tile),
+        vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=shape["text"]["tie_word_embeddings"],
+    )
+    cfg.architectures = ["LlavaOnevisionForConditionalGeneration"]
+    cfg.dtype = "bfloat16"
+    cfg.save_pretrained(path)
+    image_processor_class()(
+        size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints(tile)
+    ).save_pretrained(path)
+    return cfg, tok
+
+
+class Images:
+    """A fresh blocky random RGB image per call: never in the encoder or prefix cache."""
+
+    def __init__(self, seed: int = 0):
+        self.rs = np.random.RandomState(seed)
+
+    def __call__(self, width: int, height: int):
+        from PIL import Image
+
+        base = self.rs.randint(0, 255, (height // 8 + 1, width // 8 + 1, 3), np.uint8)
+        return Image.fromarray(base).resize((width, height), Image.NEAREST)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    w, _, h = text.partition("x")
+    return int(w), int(h or w)
+
+
+# ---------------------------------------------------------------------------------------
+# jaxmm
+
+
+def jaxmm_run(llm, img, sp) -> dict:
+    """One image: the pieces timed apart (the end-to-end call is `jaxmm_e2e`)."""
+    from jaxmm.multimodal.inputs import prepare_multimodal_prompt
+
+    engine = llm.llm_engine
+    runner = engine.runner
+    fe = engine.mm_frontend()
+    if runner._mm_encode is None:
+        runner._mm_encode = runner.model_obj.mm_encoder(runner.graphdef)
+    t0 = time.perf_counter()
+    processed = fe.processor.image(img, {})
+    t1 = time.perf_counter()
+    feats = runner._mm_encode(runner.params, "image", [processed])
+    vlm_ttft._sync(feats)
+    t2 = time.perf_counter()
+    n = fe.model.mm_num_tokens("image", processed)
+    assert feats[0].shape[0] == n
+    text, ids, mm = prepare_multimodal_prompt(
+        engine, {"prompt": PROMPT, "multi_modal_data": {"image": img}}
+    )
+    engine.reset_mm_cache()
+    for it in mm.items:  # its encoder run is not prefill: done ahead
+        entry = engine.encoder_cache.allocate(it.cache_key, it.end - it.start, "bench")
+        runner.encode([(it.modality, it.data, entry.rows)])
+        entry.ready = True
+        engine.encoder_cache.release(it.cache_key, "bench")
+    vlm_ttft._sync([runner.encoder_cache])
+    rid = engine.next_request_id()
+    engine.add_request(rid, text, sp, prompt_ids=ids, mm=mm)
+    t3 = time.perf_counter()
+    first = None
+    while first is None:
+        for out in engine.step():
+            if out.request_id == rid and out.outputs[0].token_ids:
+                first = out
+    t4 = time.perf_counter()
+    while engine.has_unfinished_requests():  # max_tokens=1: already done
+        engine.step()
+    return {
+        "preprocess_s": t1 - t0,
+        "encoder_s": t2 - t1,
+        "prefill_s": t4 - t3,
+        "num_prompt_tokens": len(ids),
+        "num_image_tokens": n,
+        "num_tiles": len(processed["pixel_values"]),
+    }
+
+
+def jaxmm_e2e(llm, img, sp) -> float:
+    prompt = {"prompt": PROMPT, "multi_modal_data": {"image": img}}
+    t0 = time.perf_counter()
+    outs = llm.generate([prompt], sp, use_tqdm=False)
+    t1 = time.perf_counter()
+    assert len(outs[0].outputs[0].token_ids) == 1
+    return t1 - t0
+
+
+# ---------------------------------------------------------------------------------------
+# transformers
+
+
+def hf_run(model, ip, tok, img, num_image_tokens: int, device) -> dict:
+    import torch
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    sync()
+    t0 = time.perf_counter()
+    out = ip(images=[img], return_tensors="pt")
+    ids = tok(PROMPT.replace("<image>", "<image>" * num_image_tokens), return_tensors="pt")
+    inputs = {
+        "input_ids": ids.input_ids.to(device),
+        "attention_mask": ids.attention_mask.to(device),
+        "pixel_values": out["pixel_values"].to(device, torch.bfloat16),
+        "image_sizes": out["image_sizes"].to(device),
+        "batch_num_images": torch.tensor([1]),
+    }
+    sync()
+    t1 = time.perf_counter()
+    with torch.inference_mode():
+        gen = model.generate(
+            **inputs, max_new_tokens=1, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    sync()
+    t2 = time.perf_counter()
+    assert gen.shape[1] == inputs["input_ids"].shape[1] + 1
+    return {"hf_processor_s": t1 - t0, "hf_model_s": t2 - t1}
+
+
+def build_hf(cfg, device):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.LlavaOnevisionForConditionalGeneration._from_config(
+            cfg, dtype=torch.bfloat16
+        )
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--config", default="onevision-0.5b", choices=sorted(CONFIGS))
+    ap.add_argument("--sizes", nargs="+", default=["384x384", "896x896", "1280x720"])
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--device", default=None, help="torch device for transformers (cuda / cpu)")
+    ap.add_argument("--no-hf", action="store_true", help="time jaxmm only")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxmm-bench"))
+    args = ap.parse_args(argv)
+
+    import jax
+    import torch
+    import transformers
+
+    import jaxmm
+    from jaxmm import LLM, SamplingParams
+
+    path = os.path.join(args.workdir, f"onevision-{args.config}")
+    cfg, tok = write_checkpoint(args.config, path)
+    vc = cfg.vision_config
+    side = vc.image_size // vc.patch_size
+    # the most an image can take: anyres_max_9 lets the cropped map reach 1.1^2 * 9 tiles
+    longest = side**2 + int(9 * 1.21 * side**2) + 4 * side + 64
+    llm = LLM(
+        path,
+        dtype="bfloat16",
+        max_model_len=max(1024, -(-longest // 1024) * 1024),
+        max_num_seqs=4,
+        max_num_batched_tokens=max(args.max_num_batched_tokens, 64),
+        kv_cache_memory_bytes=1 << 30,
+        enable_prefix_caching=False,
+        attention_backend=args.attention_backend,
+        load_format="dummy",
+    )
+    runner = llm.llm_engine.runner
+    sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+
+    model = device = None
+    if not args.no_hf:
+        from transformers import AutoImageProcessor
+
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = build_hf(cfg, device)
+        ip = AutoImageProcessor.from_pretrained(path)
+
+    images = Images(0)
+    results = []
+    for size in args.sizes:
+        w, h = parse_size(size)
+        warm = jaxmm_run(llm, images(w, h), sp)  # compiles, cuBLAS plans: untimed
+        jaxmm_e2e(llm, images(w, h), sp)
+        n = warm["num_image_tokens"]
+        if model is not None:
+            hf_run(model, ip, tok, images(w, h), n, device)
+        runs, e2e, hf = [], [], []
+        for _ in range(args.iters):
+            runs.append(jaxmm_run(llm, images(w, h), sp))
+            e2e.append(jaxmm_e2e(llm, images(w, h), sp))
+            if model is not None:
+                hf.append(hf_run(model, ip, tok, images(w, h), n, device))
+        r = {
+            "benchmark": "onevision_ttft",
+            "config": args.config,
+            "image_size": [w, h],
+            "num_tiles": runs[0]["num_tiles"],
+            "num_image_tokens": n,
+            "num_prompt_tokens": runs[0]["num_prompt_tokens"],
+            "iters": args.iters,
+            "warm": True,
+            "prefix_caching": False,
+            "preprocess_s": vlm_ttft._median([x["preprocess_s"] for x in runs]),
+            "encoder_s": vlm_ttft._median([x["encoder_s"] for x in runs]),
+            "prefill_s": vlm_ttft._median([x["prefill_s"] for x in runs]),
+            "e2e_s": vlm_ttft._median(e2e),
+        }
+        parts = r["preprocess_s"] + r["encoder_s"] + r["prefill_s"]
+        r["other_s"] = round(r["e2e_s"] - parts, 4)  # hashing, tokenizing, placement
+        if hf:
+            r["hf_processor_s"] = vlm_ttft._median([x["hf_processor_s"] for x in hf])
+            r["hf_model_s"] = vlm_ttft._median([x["hf_model_s"] for x in hf])
+            r["hf_e2e_s"] = vlm_ttft._median([x["hf_processor_s"] + x["hf_model_s"] for x in hf])
+            r["speedup_vs_hf"] = round(r["hf_e2e_s"] / r["e2e_s"], 3)
+            r["hf_device"] = str(device)
+            r["hf_attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+        r.update(
+            {
+                "dtype": np.dtype(runner.dtype).name,
+                "attention_backend": runner.backend,
+                "max_num_batched_tokens": runner.max_num_batched_tokens,
+                "device": str(jax.devices()[0].device_kind),
+                "backend": jax.default_backend(),
+                "jax_version": jax.__version__,
+                "jaxmm_version": getattr(jaxmm, "__version__", None),
+                "torch_version": torch.__version__,
+                "transformers_version": transformers.__version__,
+                "python": platform.python_version(),
+                "date": time.strftime("%Y-%m-%d"),
+            }
+        )
+        print(json.dumps(r), flush=True)
+        results.append(r)
+    sys.stdout.flush()
+    return results
+
+
+if __name__ == "__main__":
+    main()
