@@ -56,3 +56,21 @@ def partition_spec(path: tuple, ndim: int) -> PartitionSpec:
     if name == "bias" and ndim == 1 and owner not in _ROW_NAMES:
         return PartitionSpec("model")
     return PartitionSpec()
+
+
+def fit_spec(spec: PartitionSpec, shape: tuple, axis_sizes: dict[str, int]) -> PartitionSpec:
+    """`spec` with the mesh axes dropped where they do not divide the dimension.
+
+    Such a tensor is replicated along that axis instead (e.g. a vocabulary of 50,257 rows at
+    tensor-parallel size 2, or a vision tower's odd width): still correct under GSPMD, at
+    the cost of memory; attention heads are checked at start-up instead (see
+    `jaxmm.layers.attention.replicated_kv_heads`).
+    """
+    out = []
+    for i, axis in enumerate(spec):
+        names = axis if isinstance(axis, tuple) else (axis,) if axis else ()
+        size = 1
+        for n in names:
+            size *= axis_sizes.get(n, 1)
+        out.append(axis if i < len(shape) and shape[i] % size == 0 else None)
+    return PartitionSpec(*out)

@@ -38,7 +38,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxmm import progress
-from jaxmm.layers.attention import AttentionMetadata, resolve_backend
+from jaxmm.layers.attention import AttentionMetadata, replicated_kv_heads, resolve_backend
 from jaxmm.layers.logits_processors import MAX_LOGIT_BIAS, LogitsExtras, prompt_logprobs
 from jaxmm.layers.sampler import MAX_LOGPROBS, SamplingTensors, sample
 from jaxmm.models.registry import model_class
@@ -142,15 +142,27 @@ def backend_compile_count() -> int:
     return _BACKEND_COMPILES[0]
 
 
+# data-parallel replicas that share a host's devices use those from this index on (set by
+# `jaxmm.engine.data_parallel` for each replica's engine process)
+FIRST_DEVICE_ENV = "JAXMM_FIRST_DEVICE"
+# "0": run attention without the shard_map wrapper at tensor-parallel size 1 (benchmarks
+# measure what the wrapper costs; larger sizes always need it)
+SHARD_MAP_ENV = "JAXMM_ATTENTION_SHARD_MAP"
+
+
 def make_mesh(tensor_parallel_size: int) -> Mesh:
-    """A (1, tp) mesh with axes ("data", "model") over the first tp visible devices."""
-    if tensor_parallel_size > len(jax.devices()):
+    """A (1, tp) mesh with axes ("data", "model") over tp visible devices: the first ones, or
+    those from $JAXMM_FIRST_DEVICE on. Under `jax.distributed` the devices are every
+    process's, in process order, so a mesh may span hosts."""
+    first = int(os.environ.get(FIRST_DEVICE_ENV, "0") or 0)
+    devices = jax.devices()
+    if first + tensor_parallel_size > len(devices):
         raise ValueError(
-            f"tensor_parallel_size={tensor_parallel_size} but only {len(jax.devices())} "
-            "devices are visible"
+            f"tensor_parallel_size={tensor_parallel_size} from device {first} on, but only "
+            f"{len(devices)} devices are visible"
         )
-    devices = np.array(jax.devices()[:tensor_parallel_size]).reshape(1, tensor_parallel_size)
-    return Mesh(devices, ("data", "model"))
+    picked = np.array(devices[first : first + tensor_parallel_size])
+    return Mesh(picked.reshape(1, tensor_parallel_size), ("data", "model"))
 
 
 def enable_compilation_cache(path: str | None) -> None:
@@ -220,6 +232,16 @@ class ModelRunner:
         t0 = time.perf_counter()
         abstract = nnx.eval_shape(build)
         self.init_times["build"] = round(time.perf_counter() - t0, 3)
+        self.num_layers, self.num_kv_heads, self.head_dim = abstract.kv_cache_spec()
+        # tensor parallelism, checked before any weight is read: q heads split over the model
+        # axis, KV heads too, each stored once per device that reads it when there are fewer
+        # of them than devices
+        tp = tensor_parallel_size
+        num_heads = getattr(text_config, "num_attention_heads", None) or getattr(
+            text_config, "decoder_attention_heads", self.num_kv_heads
+        )
+        self.num_kv_heads = replicated_kv_heads(num_heads, self.num_kv_heads, tp)
+        self.shard_attention = tp > 1 or os.environ.get(SHARD_MAP_ENV, "1") != "0"
         t0 = time.perf_counter()
         self.graphdef, abstract_state = nnx.split(abstract)
         self.model_obj = abstract
@@ -230,7 +252,6 @@ class ModelRunner:
         jax.block_until_ready(self.params)
         self.init_times["params"] = round(time.perf_counter() - t0, 3)
         progress.note("loaded weights in %.1f s", self.init_times["params"])
-        self.num_layers, self.num_kv_heads, self.head_dim = abstract.kv_cache_spec()
         self.vocab_size = text_config.vocab_size
         self.hidden_size = text_config.hidden_size
         # encoder cache row width: the embedding, and for Qwen3-VL its DeepStack features too
@@ -252,10 +273,10 @@ class ModelRunner:
         self.max_num_seqs = min(max_num_seqs, max_num_batched_tokens)
         self.pages_per_seq = -(-self.max_model_len // block_size)
 
-        bytes_per_page = (
+        bytes_per_page = (  # on one device: the budget is one device's memory
             2
             * self.num_layers
-            * self.num_kv_heads
+            * (self.num_kv_heads // tp)
             * block_size
             * self.head_dim
             * jnp.dtype(self.dtype).itemsize
@@ -345,6 +366,7 @@ class ModelRunner:
             jnp.dtype(self.dtype).name,
             self.backend,
             self.max_rows,
+            self.shard_attention,
         )
         self.step_programs = SavedPrograms("step", self._step, salt)
         self.sample_programs = SavedPrograms("sample", self._sample, salt)
@@ -379,7 +401,14 @@ class ModelRunner:
         to the last row, which nothing reads."""
         return cache.at[dst_rows].set(src[src_rows].astype(cache.dtype))
 
-    def _step_fn(
+    def _step_fn(self, leaves, kv_caches, prev_tokens, input_ids, md, *rest):
+        if self.shard_attention:
+            # the mesh, while tracing: attention runs under shard_map over its "model" axis
+            with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+                return self._step_body(leaves, kv_caches, prev_tokens, input_ids, md, *rest)
+        return self._step_body(leaves, kv_caches, prev_tokens, input_ids, md, *rest)
+
+    def _step_body(
         self,
         leaves,
         kv_caches,

@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jaxmm import progress
-from jaxmm.layers.linear import partition_spec
+from jaxmm.layers.linear import fit_spec, partition_spec
 
 
 def _path(key: str) -> tuple:
@@ -76,7 +76,8 @@ def load_params(
                 raise ValueError(f"parameter {'.'.join(map(str, path))} filled twice ({key!r})")
             target = var.get_value().dtype
             host = np.ascontiguousarray(np.asarray(arr).astype(target))
-            sharding = NamedSharding(mesh, partition_spec(path, host.ndim))
+            spec = fit_spec(partition_spec(path, host.ndim), host.shape, mesh.shape)
+            sharding = NamedSharding(mesh, spec)
             filled[path] = jax.device_put(host, sharding)
             bar.update()
             return
@@ -124,7 +125,8 @@ def random_params(abstract_state: nnx.State, mesh: Mesh, seed: int = 0, scale: f
     key = jax.random.key(seed)
     for i, (path, var) in enumerate(flat):
         sd = var.get_value()
-        sharding = NamedSharding(mesh, partition_spec(path, len(sd.shape)))
+        spec = fit_spec(partition_spec(path, len(sd.shape)), tuple(sd.shape), mesh.shape)
+        sharding = NamedSharding(mesh, spec)
         is_norm = path[-1] == "weight" and len(sd.shape) == 1
         make = _random_maker(tuple(sd.shape), jnp.dtype(sd.dtype), is_norm, sharding, scale)
         out.append((path, var.replace(make(jax.random.fold_in(key, i)))))
