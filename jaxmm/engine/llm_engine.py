@@ -33,6 +33,7 @@ from jaxmm.engine.encoder_cache import EncoderCacheManager
 from jaxmm.engine.prompts import check_prompt_ids, tokenize_prompt
 from jaxmm.engine.scheduler import ScheduledBatch, Scheduler
 from jaxmm.engine.sequence import Sequence
+from jaxmm.engine.state_cache import StateSlots
 from jaxmm.engine.structured import fill_bitmasks
 from jaxmm.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxmm.runner.checkpoint import load_tokenizer, open_checkpoint
@@ -107,7 +108,10 @@ class LLMEngine:
         )
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(
-            self.runner.num_pages, cc.block_size, cc.enable_prefix_caching
+            self.runner.num_pages,
+            cc.block_size,
+            cc.enable_prefix_caching,
+            recurrent_state=bool(self.runner.num_state_slots),
         )
         # the encoder stage: which rows of the runner's encoder cache hold which item
         self.encoder_cache = (
@@ -120,6 +124,9 @@ class LLMEngine:
             self.runner.max_num_batched_tokens,
             self.block_manager,
             encoder_cache=self.encoder_cache,
+            state_slots=StateSlots(self.runner.num_state_slots)
+            if self.runner.num_state_slots
+            else None,
         )
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(config.seed)
@@ -386,6 +393,8 @@ class LLMEngine:
             num_logprobs=p.logprobs,
             logit_bias=p.logit_bias,
         )
+        if self.scheduler.state_slots is not None:  # hybrid models
+            s.state_slot = self.scheduler.state_slots.slot_of(seq.seq_id)
         if req.prompt_logprobs is not None and seq.index == 0 and start < seq.num_prompt_tokens:
             # row i predicts the token at start + i + 1 (wanted while that is a prompt token)
             nxt = range(start + 1, start + n + 1)

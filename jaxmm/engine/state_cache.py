@@ -18,30 +18,11 @@ Prefix caching: KV pages can be shared at any page boundary, but a linear layer'
 at that point is gone once the sequence moved on. The block manager therefore gives a
 hybrid model no cache hit unless a state snapshot for that prefix exists; none are kept
 yet, so hybrid models recompute every prompt from its first token (correct, and as fast as
-caching off). Snapshots at page-aligned points would cost `state_bytes_per_slot` per
-cached prefix (see `StateSpec`).
+caching off). Snapshots at page-aligned points would cost one slot's bytes (the runner's
+`state_bytes_per_slot`) per cached prefix.
 """
 
 from __future__ import annotations
-
-import math
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class StateSpec:
-    """One state array per entry: its per-slot shape and dtype name (e.g. "float32")."""
-
-    shapes: tuple[tuple[int, ...], ...]
-    dtypes: tuple[str, ...]
-
-    def __post_init__(self):
-        if len(self.shapes) != len(self.dtypes):
-            raise ValueError("StateSpec needs one dtype per shape")
-
-    def bytes_per_slot(self, itemsize: dict[str, int] | None = None) -> int:
-        sizes = {"float32": 4, "bfloat16": 2, "float16": 2, **(itemsize or {})}
-        return sum(math.prod(s) * sizes[d] for s, d in zip(self.shapes, self.dtypes))
 
 
 class StateSlots:

@@ -93,6 +93,7 @@ class SeqStep:
     # model-specific per-sequence inputs (name -> array), stacked to (S, ...) for the step,
     # e.g. an encoder-decoder's cross-attention slot
     seq_inputs: dict | None = None
+    state_slot: int | None = None  # hybrid models: the sequence's state slot
 
 
 class StepArrays(NamedTuple):
@@ -281,6 +282,20 @@ class ModelRunner:
             * self.head_dim
             * jnp.dtype(self.dtype).itemsize
         )
+        # hybrid models: per-sequence state slots (conv and recurrent state of each linear
+        # layer), one per running sequence plus a scratch slot that padding rows write to;
+        # allocated before the KV budget is measured, so the budget leaves them room
+        state_spec = getattr(abstract, "state_cache_spec", None)
+        state_spec = state_spec(self.dtype) if state_spec is not None else []
+        self.num_state_slots = self.max_num_seqs if state_spec else 0
+        self.state_bytes_per_slot = sum(math.prod(s) * jnp.dtype(d).itemsize for s, d in state_spec)
+        state_caches = [
+            jax.device_put(
+                jnp.zeros((self.num_state_slots + 1, *s), d),
+                NamedSharding(self.mesh, PartitionSpec()),
+            )
+            for s, d in state_spec
+        ]
         self.encoder_cache_rows = 0
         self.encoder_cache = None
         if self.splices_embeds:
@@ -296,6 +311,8 @@ class ModelRunner:
             num_pages = num_gpu_blocks_override
         else:
             budget = self._kv_budget(gpu_memory_utilization, kv_cache_memory_bytes)
+            if kv_cache_memory_bytes is not None:  # a given budget covers the state slots too
+                budget -= (self.num_state_slots + 1) * self.state_bytes_per_slot
             want = self.max_num_seqs * self.pages_per_seq + 1
             num_pages = min(budget // bytes_per_page, want)
         if num_pages < self.pages_per_seq:
@@ -322,6 +339,7 @@ class ModelRunner:
                 jax.device_put(a, NamedSharding(self.mesh, PartitionSpec()))
                 for a in extra(self.dtype, self.max_num_seqs)
             ]
+        self.kv_caches += state_caches  # after the KV pages, in the model's order
         if getattr(abstract, "is_encoder_decoder", False):
             self.cross_slots = int(self.kv_caches[self.num_layers].shape[1])
             if self.max_num_seqs > self.cross_slots:
@@ -503,6 +521,12 @@ class ModelRunner:
                     if s.seq_inputs:
                         arr[i] = s.seq_inputs[name]
                 seq_inputs[name] = arr
+        if self.num_state_slots:  # every row names its state slot, padding the scratch one
+            slot = np.full(S, self.num_state_slots, np.int32)
+            for i, s in enumerate(steps):
+                if s.state_slot is not None:
+                    slot[i] = s.state_slot
+            seq_inputs = {**(seq_inputs or {}), "state_slot": slot}
         md = AttentionMetadata(
             positions=positions,
             kv_lens=kv_lens,

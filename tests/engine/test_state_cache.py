@@ -8,7 +8,7 @@ import pytest
 from jaxmm.engine.block_manager import BlockManager
 from jaxmm.engine.scheduler import Scheduler
 from jaxmm.engine.sequence import Sequence
-from jaxmm.engine.state_cache import StateSlots, StateSpec
+from jaxmm.engine.state_cache import StateSlots
 
 
 def seq(tokens, rid="r"):
@@ -39,11 +39,6 @@ def test_slots_allocate_free_and_reuse():
     assert slots.slot_of(10) is None and slots.allocate(12) == a
     slots.free(99)  # unknown: nothing happens
     assert slots.usage == 1.0
-
-
-def test_spec_bytes():
-    spec = StateSpec(shapes=((3, 8), (2, 4, 4)), dtypes=("bfloat16", "float32"))
-    assert spec.bytes_per_slot() == 3 * 8 * 2 + 2 * 4 * 4 * 4
 
 
 def test_scheduler_admits_against_free_slots_and_frees_them():

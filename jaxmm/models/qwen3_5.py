@@ -1,0 +1,193 @@
+"""Qwen3.5 (text): a hybrid of Gated DeltaNet linear attention and gated full attention.
+
+`layer_types` (e.g. three "linear_attention" layers for every "full_attention" one) picks
+each decoder layer's token mixer:
+- full attention: Qwen3's attention (q/k RMSNorm per head) whose q_proj also yields a
+  per-head output gate (`out * sigmoid(gate)`), with the rotary on the first
+  `partial_rotary_factor` of each head; it keeps paged KV like every model here.
+- linear attention: `jaxmm.layers.linear_attention.GatedDeltaNet`, whose conv and
+  recurrent states live in per-sequence slots (`jaxmm.engine.state_cache`).
+Norms are zero-centred RMSNorms (`(1 + w) * x`). Text-only positions make Qwen3.5's
+interleaved M-RoPE the plain rotary, so positions are (T,).
+
+Caches: `kv_cache_spec()` counts the full-attention layers only; `state_cache_spec()` gives
+one conv and one recurrent state per linear layer. The runner passes the KV pages first,
+then the state arrays `(slots + 1, ...)` in layer order, and each step row's slot in
+`seq_inputs["state_slot"]` (S,).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxmm.layers.attention import AttentionMetadata, paged_attention
+from jaxmm.layers.linear import ROW, Embed, Linear
+from jaxmm.layers.linear_attention import GatedDeltaNet
+from jaxmm.layers.mlp import GatedMLP
+from jaxmm.layers.norm import RMSNorm
+from jaxmm.layers.rope import apply_rotary, cos_sin, inv_frequencies, rope_parameters
+from jaxmm.models.llama import head_dim
+
+
+def _norm(dim: int, config, dtype) -> RMSNorm:
+    return RMSNorm(dim, config.rms_norm_eps, dtype=dtype, offset=1.0)
+
+
+def rotary_dim(config) -> int:
+    factor = rope_parameters(config).get("partial_rotary_factor", 1.0)
+    return int(head_dim(config) * factor)
+
+
+class Qwen3_5Attention(nnx.Module):
+    def __init__(self, config, *, dtype, attention_backend: str, rngs):
+        D = config.hidden_size
+        self.N = config.num_attention_heads
+        self.K = config.num_key_value_heads
+        self.H = head_dim(config)
+        self.R = rotary_dim(config)
+        bias = bool(getattr(config, "attention_bias", False))
+        # q_proj: per head, H query features then H gate features
+        self.q_proj = Linear(D, self.N * self.H * 2, bias=bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(D, self.K * self.H, bias=bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(D, self.K * self.H, bias=bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(self.N * self.H, D, bias=bias, dtype=dtype, shard=ROW, rngs=rngs)
+        self.q_norm = _norm(self.H, config, dtype)
+        self.k_norm = _norm(self.H, config, dtype)
+        self.scale = self.H**-0.5
+        self.backend = attention_backend
+
+    def _rotate(self, x, cos, sin):
+        if self.R == self.H:
+            return apply_rotary(x, cos, sin)
+        return jnp.concatenate([apply_rotary(x[..., : self.R], cos, sin), x[..., self.R :]], -1)
+
+    def __call__(self, x, cos, sin, kv_pages, md: AttentionMetadata):
+        T = x.shape[0]
+        qg = self.q_proj(x).reshape(T, self.N, 2 * self.H)
+        q, gate = qg[..., : self.H], qg[..., self.H :]  # (T, N, H) each
+        k = self.k_proj(x).reshape(T, self.K, self.H)
+        v = self.v_proj(x).reshape(T, self.K, self.H)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        out, kv_pages = paged_attention(
+            q, k, v, kv_pages, md, sm_scale=self.scale, backend=self.backend
+        )
+        out = out * jax.nn.sigmoid(gate)
+        return self.o_proj(out.reshape(T, self.N * self.H)), kv_pages
+
+
+class Qwen3_5DecoderLayer(nnx.Module):
+    def __init__(self, config, layer_idx: int, *, dtype, attention_backend: str, rngs):
+        self.is_linear = config.layer_types[layer_idx] == "linear_attention"
+        if self.is_linear:
+            self.linear_attn = GatedDeltaNet(config, dtype=dtype, rngs=rngs)
+        else:
+            self.self_attn = Qwen3_5Attention(
+                config, dtype=dtype, attention_backend=attention_backend, rngs=rngs
+            )
+        self.mlp = GatedMLP(
+            config.hidden_size, config.intermediate_size, config.hidden_act, dtype=dtype, rngs=rngs
+        )
+        self.input_layernorm = _norm(config.hidden_size, config, dtype)
+        self.post_attention_layernorm = _norm(config.hidden_size, config, dtype)
+
+    def __call__(self, x, cos, sin, caches: tuple, md, state_md):
+        h = self.input_layernorm(x)
+        if self.is_linear:
+            h, *caches = self.linear_attn(h, *caches, *state_md)
+        else:
+            h, kv_pages = self.self_attn(h, cos, sin, caches[0], md)
+            caches = [kv_pages]
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, tuple(caches)
+
+
+class Qwen3_5TextModel(nnx.Module):
+    def __init__(self, config, *, dtype, attention_backend: str, rngs):
+        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List(
+            [
+                Qwen3_5DecoderLayer(
+                    config, i, dtype=dtype, attention_backend=attention_backend, rngs=rngs
+                )
+                for i in range(config.num_hidden_layers)
+            ]
+        )
+        self.norm = _norm(config.hidden_size, config, dtype)
+        params = rope_parameters(config)
+        self.inv_freq = tuple(
+            float(f)
+            for f in inv_frequencies(head_dim(config), params, rotary_dim=rotary_dim(config))
+        )
+
+    def __call__(self, input_ids, caches, md: AttentionMetadata, slots, inputs_embeds=None):
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (T, D)
+        positions = md.positions if md.positions.ndim == 1 else md.positions[0]
+        cos, sin = cos_sin(positions, jnp.asarray(np.array(self.inv_freq, np.float32)))
+        q_lens = md.cu_q_lens[1:] - md.cu_q_lens[:-1]
+        has_state = md.kv_lens - q_lens > 0  # the row continues an earlier chunk's state
+        state_md = (slots, md.cu_q_lens, has_state)
+        n_full = sum(not layer.is_linear for layer in self.layers)
+        kv, states = list(caches[:n_full]), list(caches[n_full:])
+        ki = si = 0
+        for layer in self.layers:
+            if layer.is_linear:
+                x, (states[si], states[si + 1]) = layer(
+                    x, cos, sin, (states[si], states[si + 1]), md, state_md
+                )
+                si += 2
+            else:
+                x, (kv[ki],) = layer(x, cos, sin, (kv[ki],), md, state_md)
+                ki += 1
+        return self.norm(x), kv + states
+
+
+class Qwen3_5ForCausalLM(nnx.Module):
+    def __init__(self, config, *, dtype=jnp.float32, attention_backend: str = "reference", rngs):
+        self.config = config
+        self.model = Qwen3_5TextModel(
+            config, dtype=dtype, attention_backend=attention_backend, rngs=rngs
+        )
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if not self.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype=dtype, rngs=rngs)
+
+    # weights: multi-token-prediction heads and a vision tower are not used by the text model
+    ignored_hf_keys = (r"^mtp\.", r"^model\.visual\.", r"rotary_emb\.inv_freq")
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return self.model.embed_tokens(input_ids)
+
+    def __call__(self, input_ids, kv_caches, md: AttentionMetadata, inputs_embeds=None,
+                 seq_inputs=None):  # fmt: skip
+        if seq_inputs is not None and "state_slot" in seq_inputs:
+            slots = seq_inputs["state_slot"]
+        else:  # no request in the step: every row uses the scratch slot
+            slots = jnp.full(md.kv_lens.shape, kv_caches[-1].shape[0] - 1, jnp.int32)
+        return self.model(input_ids, kv_caches, md, slots, inputs_embeds)
+
+    def compute_logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden (S, D) -> logits (S, V) in float32."""
+        if self.tie_word_embeddings:
+            logits = self.model.embed_tokens.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        return logits.astype(jnp.float32)
+
+    def kv_cache_spec(self) -> tuple[int, int, int]:
+        """(full-attention layers L, kv heads K, head dim H) of the paged cache."""
+        c = self.config
+        n_full = sum(t == "full_attention" for t in c.layer_types)
+        return n_full, c.num_key_value_heads, head_dim(c)
+
+    def state_cache_spec(self, dtype) -> list[tuple[tuple[int, ...], jnp.dtype]]:
+        """Per-slot (shape, dtype) of each state array, in the order the model reads them."""
+        spec = []
+        for layer in self.model.layers:
+            if layer.is_linear:
+                spec += layer.linear_attn.state_shapes(dtype)
+        return spec
