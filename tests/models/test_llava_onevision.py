@@ -340,3 +340,37 @@ def test_chat_parts_give_the_generate_prompt(onevision):
     )[0]
     assert chat.prompt_token_ids == direct.prompt_token_ids
     assert chat.outputs[0].token_ids == direct.outputs[0].token_ids
+
+
+def test_hub_and_transformers5_weight_names_load_the_same_model(onevision, tmp_path):
+    """The same weights under the hub's names (`vision_tower.vision_model.*`) and
+    transformers 5's module names (`model.language_model.*`, `model.image_newline`,
+    `lm_head.*`) give the same tokens."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from jaxmm import LLM, SamplingParams
+
+    path, llm, _ = onevision
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    renamed = {}
+    for key, value in tensors.items():
+        if key.startswith("vision_tower."):
+            key = "model.vision_tower.vision_model." + key.removeprefix("vision_tower.")
+        elif key.startswith("language_model.model."):
+            key = "model.language_model." + key.removeprefix("language_model.model.")
+        elif key.startswith("language_model.lm_head."):
+            key = key.removeprefix("language_model.")
+        else:
+            key = "model." + key
+        renamed[key] = value
+    assert "model.image_newline" in renamed and "lm_head.weight" in renamed
+    for name in os.listdir(path):
+        if name != "model.safetensors":
+            shutil.copy(os.path.join(path, name), tmp_path / name)
+    save_file(renamed, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    other = LLM(str(tmp_path), dtype="float32", max_model_len=256, max_num_batched_tokens=64)
+    want = llm.generate([PROMPTS[1]], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert other.generate([PROMPTS[1]], params, use_tqdm=False)[0].outputs[0].token_ids == want
