@@ -24,6 +24,10 @@ _MODELS: dict[str, tuple[str, str]] = {
         "Qwen2_5_VLForConditionalGeneration",
     ),
     "Qwen3VLForConditionalGeneration": ("jaxmm.models.qwen3_vl", "Qwen3VLForConditionalGeneration"),
+    "Qwen3VLMoeForConditionalGeneration": (
+        "jaxmm.models.qwen3_vl_moe",
+        "Qwen3VLMoeForConditionalGeneration",
+    ),
     "Gemma3ForCausalLM": ("jaxmm.models.gemma3", "Gemma3ForCausalLM"),
     "Gemma3ForConditionalGeneration": ("jaxmm.models.gemma3", "Gemma3ForConditionalGeneration"),
     "WhisperForConditionalGeneration": ("jaxmm.models.whisper", "WhisperForConditionalGeneration"),

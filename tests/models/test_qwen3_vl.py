@@ -32,10 +32,10 @@ from tests.models.test_vlm_parity import (
 )
 
 NEW_TOKENS = 10
-ARCHS = ["qwen3_vl"]
+ARCHS = ["qwen3_vl", "qwen3_vl_moe"]
 
 
-def make_qwen3_vl(root: str, arch: str = "qwen3_vl", seed: int = 2) -> str:
+def make_qwen3_vl(root: str, arch: str = "qwen3_vl", seed: int | None = None) -> str:
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
@@ -90,9 +90,21 @@ def make_qwen3_vl(root: str, arch: str = "qwen3_vl", seed: int = 2) -> str:
     if arch == "qwen3_vl":
         cfg = transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
         model = transformers.Qwen3VLForConditionalGeneration(cfg)
-    else:
-        raise ValueError(arch)
-    _randomize(model.eval(), seed)
+    else:  # 4 experts, top 2, layer 1 dense; expert width 24 (not D / 2: layouts differ)
+        del text["head_dim"]  # derived: 64 / 4
+        text.update(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            mlp_only_layers=[1],
+            tie_word_embeddings=False,
+        )
+        cfg = transformers.Qwen3VLMoeConfig(
+            text_config=text, vision_config=vision, tie_word_embeddings=False, **ids
+        )
+        model = transformers.Qwen3VLMoeForConditionalGeneration(cfg)
+    # seeds whose greedy continuations are not a repeated token
+    _randomize(model.eval(), {"qwen3_vl": 2, "qwen3_vl_moe": 5}[arch] if seed is None else seed)
     model.save_pretrained(path)
     kw = dict(patch_size=4, merge_size=2, temporal_patch_size=2)
     image = Qwen2VLImageProcessorPil(
@@ -151,7 +163,10 @@ def _hf_inputs(path: str, prompt: dict, tok) -> dict:
 def _hf_model(path: str, arch: str):
     import transformers
 
-    cls = {"qwen3_vl": transformers.Qwen3VLForConditionalGeneration}[arch]
+    cls = {
+        "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
+        "qwen3_vl_moe": transformers.Qwen3VLMoeForConditionalGeneration,
+    }[arch]
     return cls.from_pretrained(path, dtype=torch.float32).eval()
 
 
@@ -218,6 +233,7 @@ def test_greedy_and_logits_match_transformers(vlm):
     np.testing.assert_allclose(np.stack(rows), ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("vlm", ["qwen3_vl"], indirect=True)
 def test_repeats_hit_the_prefix_and_encoder_caches(vlm):
     """The same prompt again is served from cached pages; the same image elsewhere in another
     prompt from the encoder cache (its pages differ): both still match transformers."""
@@ -246,6 +262,7 @@ def test_repeats_hit_the_prefix_and_encoder_caches(vlm):
     assert c.outputs[0].token_ids == _hf_generate(hf, _hf_inputs(path, moved, tok))
 
 
+@pytest.mark.parametrize("vlm", ["qwen3_vl"], indirect=True)
 def test_precomputed_embeddings_carry_deepstack_levels(vlm):
     """vLLM's form: the merger's output and every DeepStack level's, concatenated along D."""
     arch, path, llm, hf = vlm
@@ -286,3 +303,35 @@ def test_interleaved_mrope_rows():
     assert rows[:6] == (0, 1, 2, 0, 1, 2)
     assert rows[57:] == (0, 1, 2, 0, 0, 0, 0)  # h and w stop after 20 each
     assert rows.count(1) == 20 and rows.count(2) == 20 and rows.count(0) == 24
+
+
+def test_moe_expert_tensors_in_either_layout(ckpt_root):
+    """The released checkpoints' fused experts, (E, D, 2F) / (E, F, D), and transformers 5's
+    own, (E, 2F, D) / (E, D, F) (what the parity checkpoint holds), give the same stacks."""
+    import jax.numpy as jnp
+    from flax import nnx
+    from transformers import AutoConfig
+
+    from jaxmm.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
+
+    cfg = AutoConfig.from_pretrained(make_qwen3_vl(ckpt_root, "qwen3_vl_moe"))
+    model = nnx.eval_shape(
+        lambda: Qwen3VLMoeForConditionalGeneration(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    )
+    E, D, F = 4, 64, 24
+    rs = np.random.RandomState(0)
+    gate, up, down = rs.randn(E, D, F), rs.randn(E, D, F), rs.randn(E, F, D)
+    stem = "model.language_model.layers.0.mlp.experts."
+    released = [
+        (stem + "gate_up_proj", np.concatenate([gate, up], axis=-1)),
+        (stem + "down_proj", down),
+    ]
+    in_memory = [(k, np.swapaxes(a, 1, 2)) for k, a in released]
+    for layout in (released, in_memory):
+        got = dict(p for k, a in layout for p in model.convert_hf_tensor(k, a))
+        assert sorted(got) == [stem + n for n in ("down_proj", "gate_proj", "up_proj")]
+        np.testing.assert_array_equal(got[stem + "gate_proj"], gate)
+        np.testing.assert_array_equal(got[stem + "up_proj"], up)
+        np.testing.assert_array_equal(got[stem + "down_proj"], down)
+    other = rs.randn(3, 5)
+    assert model.convert_hf_tensor("model.visual.pos_embed.weight", other)[0][1] is other
