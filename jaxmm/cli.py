@@ -21,6 +21,10 @@ import re
 import sys
 
 _MEDIA_KINDS = ("image", "video", "audio")
+TRUST_REMOTE_CODE_NOTE = (
+    "--trust-remote-code has no effect: jaxmm never fetches or runs code from a checkpoint; "
+    "every architecture it serves is implemented in jaxmm itself (see docs/supported_models.md)"
+)
 # the served name of the embedded default model (its file is SmolLM2-135M-Instruct.Q4_1.gguf)
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
 
@@ -80,7 +84,8 @@ def parse_json_object(text: str) -> dict:
 
 
 def load_chat_template(value: str | None) -> str | None:
-    """A file path or an inline Jinja template."""
+    """A file path, an inline Jinja template, or a template kept by name (`llava`, ...:
+    jaxmm/multimodal/chat_templates.py)."""
     if value is None:
         return None
     if os.path.isfile(value):
@@ -88,7 +93,14 @@ def load_chat_template(value: str | None) -> str | None:
             return f.read()
     if "{" in value:
         return value
-    raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template")
+    from jaxmm.multimodal.chat_templates import NAMED_TEMPLATES
+
+    if value in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[value]
+    raise ValueError(
+        f"--chat-template {value!r} is neither a file, a Jinja template nor a known template "
+        f"name ({', '.join(sorted(NAMED_TEMPLATES))})"
+    )
 
 
 # -- engine flags ------------------------------------------------------------------------------
@@ -99,6 +111,7 @@ _GROUP_TITLES = {
     "cache": "KV cache",
     "scheduler": "scheduler",
     "multimodal": "multimodal",
+    "parallel": "parallelism",
     None: "engine",
 }
 
@@ -167,6 +180,87 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
             groups[section] = p.add_argument_group(_GROUP_TITLES[section])
         flags = ["--" + name.replace("_", "-"), *cli.get("flags", ())]
         groups[section].add_argument(*flags, dest=name, **_flag_options(f, cli))
+
+
+def _dict_args() -> dict[str, str]:
+    """'--flag-name' -> dest of every JSON-object engine flag (the ones with a dotted form)."""
+    from jaxmm.config import ENGINE_ARGS
+
+    return {
+        "--" + name.replace("_", "-"): name
+        for name, (_, f) in ENGINE_ARGS.items()
+        if f.metadata["cli"] is not False and str(f.type).startswith("dict")
+    }
+
+
+def split_dotted_args(argv: list[str]) -> tuple[list[str], dict[str, dict]]:
+    """vLLM's dotted form of a JSON-object flag: `--limit-mm-per-prompt.image 2`,
+    `--hf-overrides.text_config.num_hidden_layers=2` -> (argv without them, {dest: the
+    dict they spell}). A value is read as JSON when it parses (2, true, {...}), else kept
+    as a string."""
+    flags = _dict_args()
+    rest: list[str] = []
+    dotted: dict[str, dict] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        head, dot, path = arg.partition(".")
+        if not (arg.startswith("--") and dot and head in flags):
+            rest.append(arg)
+            i += 1
+            continue
+        path, eq, value = path.partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise argparse.ArgumentTypeError(f"{arg} needs a value")
+            value = argv[i + 1]
+            i += 1
+        i += 1
+        keys = path.split(".")
+        if not all(keys):
+            raise argparse.ArgumentTypeError(f"{arg}: empty key in the dotted flag")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        node = dotted.setdefault(flags[head], {})
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise argparse.ArgumentTypeError(f"{arg}: {key!r} was given a value already")
+        node[keys[-1]] = parsed
+    return rest, dotted
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            value = _merge(out[key], value)
+        out[key] = value
+    return out
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None):
+    """`parser.parse_args` with vLLM's dotted flags (`--limit-mm-per-prompt.image 2`) merged
+    over the JSON form of the same flag."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv, dotted = split_dotted_args(argv)
+    except argparse.ArgumentTypeError as e:
+        parser.error(str(e))
+    args = parser.parse_args(argv)
+    for dest, value in dotted.items():
+        if not hasattr(args, dest):
+            parser.error(f"--{dest.replace('_', '-')}.* is not a flag of {args.command}")
+        merged = _merge(getattr(args, dest) or {}, value)
+        if dest == "limit_mm_per_prompt":
+            try:
+                merged = parse_limit_mm(json.dumps(merged))
+            except argparse.ArgumentTypeError as e:
+                parser.error(f"--limit-mm-per-prompt: {e}")
+        setattr(args, dest, merged)
+    return args
 
 
 def llm_kwargs(args, model: str | None) -> dict:
@@ -385,6 +479,8 @@ def cmd_serve(args) -> int:
     )
     chat_template = load_chat_template(args.chat_template)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if config.model.trust_remote_code:
+        logging.getLogger("jaxmm").info(TRUST_REMOTE_CODE_NOTE)
     names = served_model_names(args)
     sampling_defaults = config.model.sampling_defaults()
     if sampling_defaults:
@@ -405,7 +501,16 @@ def cmd_serve(args) -> int:
     own_process = args.engine_process
     if is_pooling_checkpoint(model) or config.model.runner == "pooling":
         own_process = False
-    if own_process is not False:
+    if config.data_parallel_size > 1:
+        if own_process is False:
+            raise SystemExit(
+                "--data-parallel-size runs each replica in an engine process of its own: it "
+                "takes generative models, without --no-engine-process"
+            )
+        from jaxmm.engine.data_parallel import DataParallelEngine
+
+        client = DataParallelEngine(engine_config(**kwargs, warmup=args.warmup))
+    elif own_process is not False:
         client = ProcessEngine(engine_config(**kwargs, warmup=args.warmup))
     else:
         llm = LLM(**kwargs, warmup=args.warmup)
@@ -637,7 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as e:  # bad model path, bad flag value

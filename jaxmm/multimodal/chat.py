@@ -67,7 +67,17 @@ def render_chat(
 
 
 def conversation_to_prompt(engine, conversation: list[dict], **kwargs) -> dict:
-    """A conversation -> {"prompt": text, "prompt_token_ids": ids} (or a multimodal prompt)."""
+    """A conversation -> {"prompt": text, "prompt_token_ids": ids} (or a multimodal prompt).
+
+    `chat_template` may name a kept template (`chat_templates.NAMED_TEMPLATES`); without
+    one, a tokenizer that has none gets its model type's fallback, if there is one."""
+    from .chat_templates import resolve_chat_template
+
+    model_type = getattr(getattr(engine, "hf_config", None), "model_type", None)
+    tokenizer = getattr(engine, "tokenizer", None)
+    kwargs["chat_template"] = resolve_chat_template(
+        kwargs.get("chat_template"), tokenizer, model_type
+    )
     if has_media(conversation):
         if not getattr(engine, "is_multimodal", False):
             _text_only(conversation)  # raises, naming the part type
