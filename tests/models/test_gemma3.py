@@ -355,3 +355,25 @@ def test_scheduler_never_ends_a_chunk_inside_an_image():
     assert first_chunks(True, spans) == [10, 12, 16, 2]
     # an image longer than any step is split after all (no wait forever)
     assert first_chunks(True, [(4, 30, "image:z")]) == [4, 16, 16, 4]
+
+
+def test_gemma_ttft_benchmark_smoke(tmp_path, capsys):
+    import json
+
+    from benchmarks import gemma_ttft
+
+    argv = ["--config", "small", "--iters", "1", "--device", "cpu", "--decode-tokens", "2", "4"]
+    argv += ["--max-num-batched-tokens", "64", "--context", "256"]
+    results = gemma_ttft.main(argv + ["--workdir", str(tmp_path)])
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()[-2:]]
+    assert lines == results
+    ttft, decode = results
+    assert ttft["num_image_tokens"] == 16 and ttft["num_prompt_tokens"] > 16
+    for key in ("preprocess_s", "encoder_s", "prefill_s", "e2e_s", "hf_e2e_s"):
+        assert ttft[key] > 0, key
+    assert decode["engine_ms_per_token"] > 0 and decode["roofline_ms_per_token"] > 0
+    # 6 layers, one global: 5 local layers hold window (16) + one chunk (64) of 256 tokens
+    assert ttft["kv_layers_global"] == 1 and ttft["kv_layers_local"] == 5
+    per_layer = 2 * 2 * 16 * 2
+    assert ttft["kv_bytes_per_token_full_layout"] == 6 * per_layer
+    assert ttft["kv_bytes_per_token_windowed"] == round(per_layer * (1 + 5 * 80 / 256))

@@ -1,0 +1,438 @@
+"""Gemma 3 (4B shape, random bf16): TTFT for one 896² image vs transformers, batch-1 decode vs
+the weight-streaming roofline, and KV bytes per token of context.
+
+    python benchmarks/gemma_ttft.py                                   # GPU: gemma-3-4b shape
+    python benchmarks/gemma_ttft.py --config small --iters 1 --device cpu --decode-tokens 4 8
+
+Writes config.json (Gemma3ForConditionalGeneration with gemma-3-4b-it's shapes: SigLIP-so400m
+at 896 px, 27 layers, 4096 patches pooled to 256 image tokens; a 34-layer text model with a
+1024-token sliding window on 5 of every 6 layers), the Gemma3Processor's configs and a small
+BPE tokenizer with `<start_of_image>`, `<end_of_image>`, `<image_soft_token>`. Weights are
+random: jaxmm's `load_format="dummy"` in bf16, `Gemma3ForConditionalGeneration(config)` in
+bf16 on the same device for transformers.
+
+TTFT (one JSON line, "gemma_ttft"): one prompt with one image (a fresh random image per timed
+run, so no cache serves it), prefix caching off; every piece runs once before it is timed
+(compilation and CUDA start-up excluded); medians of --iters runs.
+  jaxmm: preprocess_s (HF image processor as the front end calls it), encoder_s (jitted
+  SigLIP + projector), prefill_s (engine steps until the first token), e2e_s (wall time of
+  llm.generate(max_tokens=1), all of it plus hashing, tokenising, placeholder expansion).
+  transformers: hf_processor_s (Gemma3Processor: image + text), hf_model_s (generate of one
+  token, synchronised), hf_e2e_s. speedup_vs_hf = hf_e2e_s / e2e_s.
+Decode (one JSON line, "gemma_decode_batch1"): time per output token of one text request,
+from the difference of two output lengths (prefill cancels out), vs the roofline: every step
+reads the language model's weights once (the tied embedding once, as the LM head), at the
+copy bandwidth measured here (benchmarks/e2e_decode.py).
+KV bytes per token at --context tokens, from the model's layout (in both lines): every layer
+paged ("full_layout") against global layers paged plus one window per local layer.
+
+transformers 5.17 (the GPU host) lacks classes 5.24 has: a missing Gemma 3 class is reported
+in the JSON ("hf_error") and jaxmm's numbers still come out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+# jaxmm and torch share one GPU here: keep JAX from preallocating most of it
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import vlm_ttft  # noqa: E402
+from benchmarks.e2e_decode import copy_bandwidth  # noqa: E402
+
+BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+PROMPT = f"<|im_start|>user\n{BOI}Describe this image in detail.<|im_end|>\n<|im_start|>assistant\n"
+CONFIGS = {
+    "gemma-3-4b": dict(  # google/gemma-3-4b-it's shapes
+        text=dict(
+            vocab_size=262208,
+            hidden_size=2560,
+            intermediate_size=10240,
+            num_hidden_layers=34,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=256,
+            query_pre_attn_scalar=256,
+            sliding_window=1024,
+            max_position_embeddings=131072,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            },
+        ),
+        vision=dict(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            image_size=896,
+            patch_size=14,
+            vision_use_head=False,
+            layer_norm_eps=1e-6,
+        ),
+        mm_tokens_per_image=256,
+    ),
+    "small": dict(  # seconds on a CPU: for the smoke test
+        text=dict(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=16,
+            max_position_embeddings=4096,
+        ),
+        vision=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=56,
+            patch_size=7,
+            vision_use_head=False,
+        ),
+        mm_tokens_per_image=16,
+    ),
+}
+
+
+def write_checkpoint(name: str, path: str):
+    """config.json + the processor's configs + tokenizer; returns (config, tokenizer)."""
+    import transformers
+
+    os.makedirs(path, exist_ok=True)
+    vlm_ttft.make_tokenizer(path)
+    base = transformers.PreTrainedTokenizerFast.from_pretrained(path)
+    base.add_special_tokens({"additional_special_tokens": [BOI, EOI, SOFT]})
+    base.save_pretrained(path)
+    named = {"boi_token": BOI, "eoi_token": EOI, "image_token": SOFT}
+    tok = transformers.PreTrainedTokenizerFast.from_pretrained(path, extra_special_tokens=named)
+    shape = CONFIGS[name]
+    if len(tok) > shape["text"]["vocab_size"]:
+        raise ValueError(f"the tokenizer has {len(tok)} tokens, more than the vocab")
+    eos, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in (BOI, EOI, SOFT)}
+    cfg = transformers.Gemma3Config(
+        text_config=transformers.Gemma3TextConfig(
+            **shape["text"], bos_token_id=pad, eos_token_id=eos, pad_token_id=pad
+        ),
+        vision_config=transformers.SiglipVisionConfig(**shape["vision"]),
+        mm_tokens_per_image=shape["mm_tokens_per_image"],
+        boi_token_index=ids[BOI],
+        eoi_token_index=ids[EOI],
+        image_token_index=ids[SOFT],
+    )
+    cfg.architectures = ["Gemma3ForConditionalGeneration"]
+    cfg.dtype = "bfloat16"
+    cfg.save_pretrained(path)
+    side = shape["vision"]["image_size"]
+    processor = transformers.Gemma3Processor(
+        image_processor=image_processor_class()(size={"height": side, "width": side}),
+        tokenizer=tok,
+        image_seq_length=shape["mm_tokens_per_image"],
+    )
+    processor.save_pretrained(path)
+    return cfg, tok
+
+
+def image_processor_class():
+    try:
+        from transformers.models.gemma3.image_processing_pil_gemma3 import (
+            Gemma3ImageProcessorPil as cls,
+        )
+    except ImportError:  # transformers without the PIL backend class
+        from transformers.models.gemma3.image_processing_gemma3 import (
+            Gemma3ImageProcessor as cls,
+        )
+    return cls
+
+
+def kv_bytes_per_token(cfg, context: int, ring_tokens: int, itemsize: int = 2) -> dict:
+    """KV bytes per token of a `context`-token sequence: every layer paged, against global
+    layers paged and each local layer holding `ring_tokens` (its window plus one chunk)."""
+    tc = cfg.text_config
+    per_layer = 2 * tc.num_key_value_heads * tc.head_dim * itemsize  # K and V, one token
+    types = list(tc.layer_types)
+    n_global = types.count("full_attention")
+    n_local = len(types) - n_global
+    full = len(types) * per_layer
+    windowed = n_global * per_layer + n_local * per_layer * min(ring_tokens, context) / context
+    return {
+        "context": context,
+        "kv_layers_global": n_global,
+        "kv_layers_local": n_local,
+        "kv_bytes_per_token_full_layout": int(full),
+        "kv_bytes_per_token_windowed": int(round(windowed)),
+        "kv_local_tokens_per_layer": int(min(ring_tokens, context)),
+        "kv_windowed_vs_full": round(windowed / full, 4),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# jaxmm
+
+
+def jaxmm_run(llm, img, sp) -> dict:
+    """One image: the pieces timed apart (the end-to-end call is `jaxmm_e2e`)."""
+    from jaxmm.multimodal.inputs import prepare_multimodal_prompt
+
+    engine = llm.llm_engine
+    runner = engine.runner
+    fe = engine.mm_frontend()
+    if runner._mm_encode is None:
+        runner._mm_encode = runner.model_obj.mm_encoder(runner.graphdef)
+    t0 = time.perf_counter()
+    processed = fe.processor.image(img, {})
+    t1 = time.perf_counter()
+    feats = runner._mm_encode(runner.params, "image", [processed])
+    vlm_ttft._sync(feats)
+    t2 = time.perf_counter()
+    n = fe.model.mm_num_tokens("image", processed)
+    assert feats[0].shape[0] == n
+    text, ids, mm = prepare_multimodal_prompt(
+        engine, {"prompt": PROMPT, "multi_modal_data": {"image": img}}
+    )
+    engine.reset_mm_cache()
+    for it in mm.items:  # its encoder run is not prefill: done ahead
+        entry = engine.encoder_cache.allocate(it.cache_key, it.end - it.start, "bench")
+        runner.encode([(it.modality, it.data, entry.rows)])
+        entry.ready = True
+        engine.encoder_cache.release(it.cache_key, "bench")
+    vlm_ttft._sync([runner.encoder_cache])
+    rid = engine.next_request_id()
+    engine.add_request(rid, text, sp, prompt_ids=ids, mm=mm)
+    t3 = time.perf_counter()
+    first = None
+    while first is None:
+        for out in engine.step():
+            if out.request_id == rid and out.outputs[0].token_ids:
+                first = out
+    t4 = time.perf_counter()
+    while engine.has_unfinished_requests():  # max_tokens=1: already done
+        engine.step()
+    return {
+        "preprocess_s": t1 - t0,
+        "encoder_s": t2 - t1,
+        "prefill_s": t4 - t3,
+        "num_prompt_tokens": len(ids),
+        "num_image_tokens": n,
+    }
+
+
+def jaxmm_e2e(llm, img, sp) -> float:
+    prompt = {"prompt": PROMPT, "multi_modal_data": {"image": img}}
+    t0 = time.perf_counter()
+    outs = llm.generate([prompt], sp, use_tqdm=False)
+    t1 = time.perf_counter()
+    assert len(outs[0].outputs[0].token_ids) == 1
+    return t1 - t0
+
+
+def decode_tpot_ms(llm, short: int, long: int) -> float:
+    """Milliseconds per output token of one text request (prefill cancels out)."""
+    from jaxmm import SamplingParams
+
+    prompt = {"prompt_token_ids": list(range(1, 17))}
+
+    def gen(n):
+        sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        t0 = time.perf_counter()
+        llm.generate(prompt, sp, use_tqdm=False)
+        return time.perf_counter() - t0
+
+    gen(short)
+    gen(long)  # every decode bucket and page count compiled before timing
+    shorts = [gen(short) for _ in range(3)]
+    longs = [gen(long) for _ in range(3)]
+    return float(np.median(longs) - np.median(shorts)) / (long - short) * 1e3
+
+
+def language_weight_bytes(runner) -> int:
+    """Bytes a decode step must read: the language model's parameters (the tied embedding
+    once, read as the LM head), not the vision tower's."""
+    import jax
+
+    lm = runner.params["language_model"]
+    return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(lm)))
+
+
+# ---------------------------------------------------------------------------------------
+# transformers
+
+
+def hf_run(model, processor, img, device) -> dict:
+    import torch
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    sync()
+    t0 = time.perf_counter()
+    out = processor(text=PROMPT, images=[img], return_tensors="pt")
+    inputs = {k: v.to(device) for k, v in out.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    sync()
+    t1 = time.perf_counter()
+    with torch.inference_mode():
+        gen = model.generate(
+            **inputs, max_new_tokens=1, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    sync()
+    t2 = time.perf_counter()
+    assert gen.shape[1] == inputs["input_ids"].shape[1] + 1
+    return {"hf_processor_s": t1 - t0, "hf_model_s": t2 - t1}
+
+
+def build_hf(cfg, device):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.Gemma3ForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--config", default="gemma-3-4b", choices=sorted(CONFIGS))
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--device", default=None, help="torch device for transformers (cuda / cpu)")
+    ap.add_argument("--no-hf", action="store_true", help="time jaxmm only")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--decode-tokens", type=int, nargs=2, default=[32, 160], metavar=("S", "L"))
+    ap.add_argument("--context", type=int, default=32768, help="for KV bytes per token")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxmm-bench"))
+    args = ap.parse_args(argv)
+
+    import jax
+    import torch
+    import transformers
+
+    from jaxmm import LLM, SamplingParams
+
+    path = os.path.join(args.workdir, f"gemma3-{args.config}")
+    cfg, tok = write_checkpoint(args.config, path)
+    llm = LLM(
+        path,
+        dtype="bfloat16",
+        max_model_len=1024,
+        max_num_seqs=4,
+        max_num_batched_tokens=max(args.max_num_batched_tokens, 64),
+        kv_cache_memory_bytes=1 << 30,
+        enable_prefix_caching=False,
+        attention_backend=args.attention_backend,
+        load_format="dummy",
+    )
+    engine = llm.llm_engine
+    runner = engine.runner
+    engine.scheduler.whole_mm_items = True  # the model's mm_whole_items (see models/gemma3.py)
+    sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    ring = cfg.text_config.sliding_window + runner.max_num_batched_tokens
+    kv = kv_bytes_per_token(cfg, args.context, ring)
+    env = {
+        "dtype": np.dtype(runner.dtype).name,
+        "attention_backend": runner.backend,
+        "max_num_batched_tokens": runner.max_num_batched_tokens,
+        "device": str(jax.devices()[0].device_kind),
+        "backend": jax.default_backend(),
+        "jax_version": jax.__version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+    model = device = processor = None
+    hf_error = None
+    if not args.no_hf:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            model = build_hf(cfg, device)
+            processor = transformers.AutoProcessor.from_pretrained(path)
+        except (AttributeError, ImportError) as e:  # an older transformers
+            hf_error = f"transformers {transformers.__version__}: {type(e).__name__}: {e}"
+            model = None
+
+    side = cfg.vision_config.image_size
+    images = vlm_ttft.Images(0)
+    warm = jaxmm_run(llm, images(side), sp)  # compiles, cuBLAS plans: untimed
+    jaxmm_e2e(llm, images(side), sp)
+    if model is not None:
+        hf_run(model, processor, images(side), device)
+    runs, e2e, hf = [], [], []
+    for _ in range(args.iters):
+        runs.append(jaxmm_run(llm, images(side), sp))
+        e2e.append(jaxmm_e2e(llm, images(side), sp))
+        if model is not None:
+            hf.append(hf_run(model, processor, images(side), device))
+    r = {
+        "benchmark": "gemma_ttft",
+        "config": args.config,
+        "image_size": [side, side],
+        "num_image_tokens": warm["num_image_tokens"],
+        "num_prompt_tokens": warm["num_prompt_tokens"],
+        "iters": args.iters,
+        "warm": True,
+        "prefix_caching": False,
+        "preprocess_s": vlm_ttft._median([x["preprocess_s"] for x in runs]),
+        "encoder_s": vlm_ttft._median([x["encoder_s"] for x in runs]),
+        "prefill_s": vlm_ttft._median([x["prefill_s"] for x in runs]),
+        "e2e_s": vlm_ttft._median(e2e),
+    }
+    r["other_s"] = round(r["e2e_s"] - r["preprocess_s"] - r["encoder_s"] - r["prefill_s"], 4)
+    if hf:
+        r["hf_processor_s"] = vlm_ttft._median([x["hf_processor_s"] for x in hf])
+        r["hf_model_s"] = vlm_ttft._median([x["hf_model_s"] for x in hf])
+        r["hf_e2e_s"] = vlm_ttft._median([x["hf_processor_s"] + x["hf_model_s"] for x in hf])
+        r["speedup_vs_hf"] = round(r["hf_e2e_s"] / r["e2e_s"], 3)
+        r["hf_device"] = str(device)
+        r["hf_attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+    if hf_error:
+        r["hf_error"] = hf_error
+    r.update(kv)
+    r.update(env)
+    print(json.dumps(r), flush=True)
+
+    short, long = args.decode_tokens
+    weight_bytes = language_weight_bytes(runner)
+    bw = copy_bandwidth(nbytes=(4 << 30) if jax.default_backend() == "gpu" else (64 << 20))
+    roofline_ms = weight_bytes / bw * 1e3
+    tpot = decode_tpot_ms(llm, short, long)
+    d = {
+        "benchmark": "gemma_decode_batch1",
+        "config": args.config,
+        "language_weight_bytes": weight_bytes,
+        "copy_bandwidth_GBps": round(bw / 1e9, 1),
+        "roofline_ms_per_token": round(roofline_ms, 3),
+        "engine_ms_per_token": round(tpot, 3),
+        "engine_vs_roofline": round(tpot / roofline_ms, 3),
+        **kv,
+        **env,
+    }
+    print(json.dumps(d), flush=True)
+    return [r, d]
+
+
+if __name__ == "__main__":
+    main()
