@@ -19,7 +19,9 @@ An image that shares its prompt with other images is not tiled: it is padded to 
 (with the mean colour) and resized to one tile, whose features get one newline at the end.
 Which of the two an image gets depends on the prompt, so the front end tells the processor
 whether the prompt holds several images (`MULTI_IMAGE`, from the model's
-`mm_prompt_processor_kwargs`).
+`mm_prompt_processor_kwargs`), as transformers' chat template path does (the images of one
+conversation are one sample). A prompt's `mm_processor_kwargs={"multi_image": False}` tiles
+every image instead, as transformers' processor does with images given as a flat list.
 
 Videos: every frame is resized to one tile (torch's uint8 resize, as transformers' video
 processor does it), its patch map is halved with a bilinear resize (ceil), and one newline

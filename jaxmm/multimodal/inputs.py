@@ -666,10 +666,11 @@ class MultimodalFrontend:
         proc_kwargs = dict(prompt.get("mm_processor_kwargs") or {})
         items = self.parse(prompt, io)
         # options that depend on the prompt's other items (LLaVA-OneVision tiles an image
-        # only when it is the prompt's one image); they key the items' hashes too
+        # only when it is the prompt's one image); the prompt's own options win; they key
+        # the items' hashes too
         context = getattr(self.model, "mm_prompt_processor_kwargs", None)
         if context is not None:
-            proc_kwargs.update(context([it.modality for it in items]))
+            proc_kwargs = {**context([it.modality for it in items]), **proc_kwargs}
 
         if "prompt_token_ids" in prompt:
             ids = prompt["prompt_token_ids"]

@@ -318,6 +318,32 @@ def test_precomputed_embeddings_give_the_same_tokens(onevision):
         llm.generate([bad], params, use_tqdm=False)
 
 
+def test_images_listed_flat_to_hf_are_each_tiled_with_the_prompt_option(onevision):
+    """transformers' processor tiles each image of a flat list (`batch_num_images` all 1);
+    `mm_processor_kwargs={"multi_image": False}` asks jaxmm for the same."""
+    from transformers import AutoTokenizer
+
+    from jaxmm import SamplingParams
+
+    path, llm, hf = onevision
+    text = "Two <image> and <image> here"
+    inputs = dict(
+        _processor(AutoTokenizer.from_pretrained(path))(
+            text=text, images=[WIDE, SQUARE], return_tensors="pt"
+        )
+    )
+    assert inputs["batch_num_images"].tolist() == [1, 1]
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    prompt = {
+        "prompt": text,
+        "multi_modal_data": {"image": [WIDE, SQUARE]},
+        "mm_processor_kwargs": {"multi_image": False},
+    }
+    out = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert out.prompt_token_ids == inputs["input_ids"][0].tolist()
+    assert out.outputs[0].token_ids == _hf_generate(hf, inputs)
+
+
 def test_chat_parts_give_the_generate_prompt(onevision):
     from jaxmm import SamplingParams
 
