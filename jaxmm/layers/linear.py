@@ -43,12 +43,31 @@ def Embed(num: int, dim: int, *, dtype=jnp.float32, rngs):
     )
 
 
-def partition_spec(path: tuple, ndim: int) -> PartitionSpec:
-    """Tensor-parallel placement of one parameter, from its path in the model."""
+def expert_spec(name: str, shape: tuple | None, axis_sizes: dict | None) -> PartitionSpec:
+    """Stacked MoE experts, gate/up (E, D, F) and down (E, F, D): E over "model" when it
+    divides E (expert parallelism: each device holds whole experts), else F (tensor
+    parallelism inside every expert, gate/up column- and down row-parallel)."""
+    model = (axis_sizes or {}).get("model", 1)
+    if shape is None or shape[0] % model == 0:
+        return PartitionSpec("model", None, None)
+    if name == "down_proj":
+        return PartitionSpec(None, "model", None)
+    return PartitionSpec(None, None, "model")
+
+
+def partition_spec(
+    path: tuple, ndim: int, shape: tuple | None = None, axis_sizes: dict | None = None
+) -> PartitionSpec:
+    """Tensor-parallel placement of one parameter, from its path in the model (and, for
+    stacked MoE experts, its shape and the mesh's axis sizes)."""
     name = path[-1]
     owner = str(path[-2]) if len(path) > 1 else ""
     if name == "embedding":
         return PartitionSpec("model", None)
+    if owner == "experts" and ndim == 3 and name in ("gate_proj", "up_proj", "down_proj"):
+        return expert_spec(name, shape, axis_sizes)
+    if owner == "gate" and name == "kernel":
+        return PartitionSpec()  # MoE router (D, E): small, every device routes every token
     if name == "kernel" and ndim == 2:
         if owner in _ROW_NAMES:
             return PartitionSpec("model", None)

@@ -11,6 +11,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("jaxmm.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("jaxmm.models.qwen2", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("jaxmm.models.qwen3", "Qwen3ForCausalLM"),
+    "Qwen3MoeForCausalLM": ("jaxmm.models.qwen3_moe", "Qwen3MoeForCausalLM"),
     "Qwen3_5ForCausalLM": ("jaxmm.models.qwen3_5", "Qwen3_5ForCausalLM"),
     "MistralForCausalLM": ("jaxmm.models.mistral", "MistralForCausalLM"),
     "LlavaForConditionalGeneration": ("jaxmm.models.llava", "LlavaForConditionalGeneration"),

@@ -51,6 +51,9 @@ def load_params(
     ignored = [re.compile(p) for p in getattr(model_cls_or_obj, "ignored_hf_keys", ())]
     rules = [(re.compile(p), r) for p, r in getattr(model_cls_or_obj, "hf_key_rules", ())]
     convert = getattr(model_cls_or_obj, "convert_hf_tensor", None)
+    make_convert = getattr(model_cls_or_obj, "hf_tensor_converter", None)
+    if make_convert is not None:  # a hook with state (stacking MoE experts): fresh per load
+        convert = make_convert()
     tied = bool(getattr(model_cls_or_obj, "tie_word_embeddings", False))
     filled: dict[tuple, jax.Array] = {}
     unexpected: list[str] = []
@@ -76,7 +79,9 @@ def load_params(
                 raise ValueError(f"parameter {'.'.join(map(str, path))} filled twice ({key!r})")
             target = var.get_value().dtype
             host = np.ascontiguousarray(np.asarray(arr).astype(target))
-            spec = fit_spec(partition_spec(path, host.ndim), host.shape, mesh.shape)
+            spec = fit_spec(
+                partition_spec(path, host.ndim, host.shape, mesh.shape), host.shape, mesh.shape
+            )
             sharding = NamedSharding(mesh, spec)
             filled[path] = jax.device_put(host, sharding)
             bar.update()
@@ -125,7 +130,11 @@ def random_params(abstract_state: nnx.State, mesh: Mesh, seed: int = 0, scale: f
     key = jax.random.key(seed)
     for i, (path, var) in enumerate(flat):
         sd = var.get_value()
-        spec = fit_spec(partition_spec(path, len(sd.shape)), tuple(sd.shape), mesh.shape)
+        spec = fit_spec(
+            partition_spec(path, len(sd.shape), tuple(sd.shape), mesh.shape),
+            tuple(sd.shape),
+            mesh.shape,
+        )
         sharding = NamedSharding(mesh, spec)
         is_norm = path[-1] == "weight" and len(sd.shape) == 1
         make = _random_maker(tuple(sd.shape), jnp.dtype(sd.dtype), is_norm, sharding, scale)
