@@ -111,6 +111,7 @@ _GROUP_TITLES = {
     "cache": "KV cache",
     "scheduler": "scheduler",
     "multimodal": "multimodal",
+    "parallel": "parallelism",
     None: "engine",
 }
 
@@ -500,7 +501,16 @@ def cmd_serve(args) -> int:
     own_process = args.engine_process
     if is_pooling_checkpoint(model) or config.model.runner == "pooling":
         own_process = False
-    if own_process is not False:
+    if config.data_parallel_size > 1:
+        if own_process is False:
+            raise SystemExit(
+                "--data-parallel-size runs each replica in an engine process of its own: it "
+                "takes generative models, without --no-engine-process"
+            )
+        from jaxmm.engine.data_parallel import DataParallelEngine
+
+        client = DataParallelEngine(engine_config(**kwargs, warmup=args.warmup))
+    elif own_process is not False:
         client = ProcessEngine(engine_config(**kwargs, warmup=args.warmup))
     else:
         llm = LLM(**kwargs, warmup=args.warmup)

@@ -332,11 +332,34 @@ class MultimodalConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """How the model spreads over devices and hosts (docs/parallelism.md)."""
+
+    tensor_parallel_size: int = arg(
+        1,
+        help="devices to shard the model over (attention heads, MLP, vocabulary)",
+        cli={"flags": ("-tp",)},
+    )
+    data_parallel_size: int = arg(
+        1,
+        help="independent engine replicas, each on its own tensor_parallel_size devices with "
+        "its own scheduler and KV cache; requests are balanced across them",
+        cli={"flags": ("-dp",)},
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "data_parallel_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     multimodal: MultimodalConfig = field(default_factory=MultimodalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = arg(0, help="engine seed")
     compilation_cache_dir: str | None = arg(
         None, help="persistent XLA compilation cache directory (faster restarts)"
@@ -347,13 +370,18 @@ class EngineConfig:
         help="compile every batch shape at start instead of on first use",
         cli=False,
     )
-    tensor_parallel_size: int = arg(
-        1, help="devices to shard the model over", cli={"flags": ("-tp",)}
-    )
 
     def __post_init__(self) -> None:
         if self.model.enforce_eager and self.warmup:
             _set(self, "warmup", False)  # enforce_eager: compile on first use
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.parallel.tensor_parallel_size
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.parallel.data_parallel_size
 
 
 # -- the declarations, flattened: one namespace of engine arguments -----------------------------
@@ -363,6 +391,7 @@ SECTIONS: dict[str, type] = {
     "cache": CacheConfig,
     "scheduler": SchedulerConfig,
     "multimodal": MultimodalConfig,
+    "parallel": ParallelConfig,
 }
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import textwrap
 import time
+import weakref
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -46,9 +48,19 @@ class LLM:
                 self._sampling_defaults,
             )
         model = config.model.model
+        self.llm_engine: LLMEngine | None = None
+        self.pooling_engine = None
+        # data parallelism: replicas in engine processes of their own, one client over them
+        self.dp_engine = None
+        if config.data_parallel_size > 1:
+            from jaxmm.engine.data_parallel import DataParallelEngine
+
+            self.dp_engine = DataParallelEngine(config)
+            self._dp_ids = itertools.count()
+            weakref.finalize(self, self.dp_engine.shutdown)
+            return
         # an encoder-only pooling model (BertModel, ...), or runner="pooling", gets a pooling
         # engine instead
-        self.llm_engine: LLMEngine | None = None
         self.pooling_engine = make_pooling_engine(config)
         if self.pooling_engine is None:
             self.llm_engine = LLMEngine(config)
@@ -74,7 +86,14 @@ class LLM:
 
     @property
     def engine(self) -> LLMEngine | PoolingEngine:
+        if self.dp_engine is not None:  # the replicas' front end: tokenizer and configs
+            return self.dp_engine.engine
         return self.llm_engine if self.llm_engine is not None else self.pooling_engine
+
+    def shutdown(self) -> None:
+        """Stop the data-parallel replicas' processes (nothing to do otherwise)."""
+        if self.dp_engine is not None:
+            self.dp_engine.shutdown()
 
     def _generative_engine(self) -> LLMEngine:
         if self.llm_engine is None:
@@ -84,6 +103,8 @@ class LLM:
     def _run(
         self, prompts: list, params: list[SamplingParams], use_tqdm: bool
     ) -> list[RequestOutput]:
+        if self.dp_engine is not None:
+            return self._run_data_parallel(prompts, params)
         engine = self._generative_engine()
         # validate every prompt before queueing any, so a bad one leaves nothing half-done
         prepared = [self._prepare(p) for p in prompts]
@@ -121,6 +142,22 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [results[r] for r in order]
+
+    def _run_data_parallel(self, prompts: list, params: list[SamplingParams]) -> list:
+        from jaxmm.engine.data_parallel import run_to_completion
+        from jaxmm.multimodal.audio_inputs import is_audio_prompt
+
+        front = self.dp_engine.engine
+        requests = []
+        for p in prompts:
+            if is_audio_prompt(p) or (isinstance(p, dict) and p.get("multi_modal_data")):
+                raise ValueError(
+                    "LLM(data_parallel_size > 1) takes text and token-id prompts; serve "
+                    "multimodal prompts with `jaxmm serve --data-parallel-size`"
+                )
+            requests.append(front.tokenize(p))
+        ids = [str(next(self._dp_ids)) for _ in requests]
+        return run_to_completion(self.dp_engine, ids, requests, params)
 
     def _prepare(self, prompt):
         engine = self._generative_engine()

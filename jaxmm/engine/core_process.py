@@ -287,14 +287,24 @@ class ProcessEngine(EngineView):
     `config.warmup` is on); a core that fails to start raises RuntimeError with its reason.
     """
 
-    def __init__(self, config, *, startup_timeout: float | None = None):
+    def __init__(
+        self,
+        config,
+        *,
+        startup_timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        name: str = "jaxmm-engine-core",
+    ):
+        """`env`: variables set in the core before JAX starts there (a data-parallel
+        replica's devices, `jaxmm.engine.data_parallel.replica_env`)."""
         ctx = multiprocessing.get_context("spawn")
         cmd_recv, self._cmd_send = ctx.Pipe(duplex=False)
         self._out_recv, out_send = ctx.Pipe(duplex=False)
+        level = logging.getLogger("jaxmm").getEffectiveLevel()
         self._proc = ctx.Process(
             target=_core_main,
-            args=(config, cmd_recv, out_send, logging.getLogger("jaxmm").getEffectiveLevel()),
-            name="jaxmm-engine-core",
+            args=(config, cmd_recv, out_send, level, env),
+            name=name,
             daemon=True,
         )
         self._proc.start()
@@ -529,9 +539,10 @@ class ProcessEngine(EngineView):
 # -- the core process ---------------------------------------------------------------------------
 
 
-def _core_main(config, commands, out, log_level: int) -> None:
+def _core_main(config, commands, out, log_level: int, env: dict | None = None) -> None:
     """The core process: build the engine, then serve commands until "stop" or until the
     server process goes away (its end of the command pipe closes)."""
+    os.environ.update(env or {})  # before JAX reads it: nothing here has started a backend
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s [core]: %(message)s")
     sender = _CoreSender(out)

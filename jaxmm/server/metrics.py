@@ -7,6 +7,7 @@ Three sources:
   tokens, time to first token, inter-token latency, end-to-end latency, finish reasons.
 - `_EngineCollector`: read at scrape time from the engine's last stats snapshot: running and
   waiting requests, KV page usage, prefix-cache queries/hits/hit rate, preemptions.
+  With data-parallel replicas, one sample per replica, labelled `engine`.
 """
 
 from __future__ import annotations
@@ -35,16 +36,24 @@ class _EngineCollector:
 
     def collect(self):
         s = self.get_stats()
+        # data parallelism: one sample per replica, labelled engine="0", "1", ... (as vLLM)
+        replicas = s.get("replicas")
+
+        def fill(family, key: str):
+            if replicas:
+                for i, r in enumerate(replicas):
+                    family.add_metric([str(i)], float(r.get(key, 0) or 0))
+            else:
+                family.add_metric([], float(s.get(key, 0) or 0))
+            return family
+
+        labels = ["engine"] if replicas else None
 
         def gauge(name: str, doc: str, key: str):
-            g = GaugeMetricFamily(name, doc)
-            g.add_metric([], float(s.get(key, 0) or 0))
-            return g
+            return fill(GaugeMetricFamily(name, doc, labels=labels), key)
 
         def counter(name: str, doc: str, key: str):
-            c = CounterMetricFamily(name, doc)
-            c.add_metric([], float(s.get(key, 0) or 0))
-            return c
+            return fill(CounterMetricFamily(name, doc, labels=labels), key)
 
         yield gauge(
             "jaxmm_num_requests_running", "Sequences being run by the engine.", "num_running"
