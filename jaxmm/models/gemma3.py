@@ -19,11 +19,27 @@ During prefill the soft tokens of one image attend to each other both ways (HF's
 `token_type_ids` mask): the step passes each such token the position of its image's last
 token (`causal_end`), and the scheduler keeps an image inside one prefill chunk
 (`mm_whole_items`), so an image's tokens are always computed together.
+
+Sliding-window KV (opt-in, $JAXMM_GEMMA3_LOCAL_KV_TOKENS = N > 0): a local layer never reads
+a key older than its window, so it keeps no pages for them. Each running sequence owns a
+state slot (`jaxmm.engine.state_cache`, as hybrid models do) holding, per local layer, a
+ring of N tokens (rounded up to pages of `RING_PAGE`): token p lives at ring entry p mod N,
+and the ring is read through a page table of its own (logical page i -> ring page i mod R),
+so the attention kernels and their sliding-window mask run unchanged. Only the global
+layers take pages from the paged pool (`kv_cache_spec`), so a sequence costs global-layer
+KV per token plus a fixed N tokens per local layer. N must cover the window plus the
+longest chunk a step computes (sliding_window + max_num_batched_tokens - 1): a step's keys
+are written before its queries read the ring. The ring cannot be rebuilt from cached
+pages, so the engine gives such a model no prefix-cache hits (as for hybrid models), and
+every slot is reserved for `max_num_seqs` sequences: it pays for long contexts with few
+sequences, not for many short ones, hence opt-in.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +58,8 @@ from jaxmm.models.encoders import siglip
 from jaxmm.models.encoders.siglip import SiglipVisionModel
 
 SLIDING, FULL = "sliding_attention", "full_attention"
+LOCAL_KV_ENV = "JAXMM_GEMMA3_LOCAL_KV_TOKENS"  # > 0: local layers keep a ring of that many
+RING_PAGE = 16  # tokens per page of a local layer's ring
 MAX_IMAGES_PER_CALL = 16  # encoder batch; smaller batches are padded to a power of two
 
 
@@ -109,6 +127,31 @@ def attention(q, k, v, kv_pages, md, causal_end, *, backend: str, **kw):
         return paged_attention(q, k, v, kv_pages, md, backend=backend, **kw)
 
     return jax.lax.cond(jnp.any(causal_end >= 0), bidirectional, causal, q, k, v, kv_pages)
+
+
+def local_ring_pages(config) -> int:
+    """Ring pages per local layer and sequence from $JAXMM_GEMMA3_LOCAL_KV_TOKENS (0: off)."""
+    tokens = int(os.environ.get(LOCAL_KV_ENV, "0") or 0)
+    if tokens <= 0 or SLIDING not in layer_types(config):
+        return 0
+    return -(-tokens // RING_PAGE)
+
+
+def ring_as_pages(ring: jax.Array) -> jax.Array:
+    """(Z slots, 2, K, R, G, H) -> the page pool (2, K, Z * R, G, H) the kernels read."""
+    Z, _, K, R, G, H = ring.shape
+    return ring.transpose(1, 2, 0, 3, 4, 5).reshape(2, K, Z * R, G, H)
+
+
+def pages_as_ring(pages: jax.Array, Z: int) -> jax.Array:
+    _, K, A, G, H = pages.shape
+    return pages.reshape(2, K, Z, A // Z, G, H).transpose(2, 0, 1, 3, 4, 5)
+
+
+def ring_metadata(md: AttentionMetadata, slots, R: int, num_pages: int) -> AttentionMetadata:
+    """`md` with each row's page table on its slot's ring: logical page i -> i mod R."""
+    table = slots[:, None] * R + (jnp.arange(num_pages, dtype=jnp.int32) % R)[None, :]
+    return dataclasses.replace(md, page_indices=table.astype(jnp.int32))
 
 
 class Gemma3Attention(nnx.Module):
@@ -189,6 +232,8 @@ class Gemma3TextModel(nnx.Module):
         )
         self.norm = GemmaRMSNorm(D, config.rms_norm_eps, dtype=dtype)
         self.kinds = tuple(layer_types(config))
+        self.window = config.sliding_window
+        self.ring_pages = local_ring_pages(config)
         H = head_dim(config)
         self.inv_freq = {
             kind: tuple(float(f) for f in inv_frequencies(H, rope_params(config, kind)))
@@ -199,17 +244,44 @@ class Gemma3TextModel(nnx.Module):
         x = self.embed_tokens(input_ids)
         return x * jnp.asarray(self.embed_scale, x.dtype)
 
-    def __call__(self, input_ids, kv_caches, md: AttentionMetadata, inputs_embeds=None, **kw):
+    def __call__(
+        self, input_ids, kv_caches, md: AttentionMetadata, inputs_embeds=None, slots=None, **kw
+    ):
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (T, D)
         rotary = {
             kind: cos_sin(md.positions, jnp.asarray(np.array(f, np.float32)))
             for kind, f in self.inv_freq.items()
         }
-        new_caches = []
-        for layer, kind, kv_pages in zip(self.layers, self.kinds, kv_caches):
-            x, kv_pages = layer(x, *rotary[kind], kv_pages, md, **kw)
-            new_caches.append(kv_pages)
-        return self.norm(x), new_caches
+        if not self.ring_pages:  # every layer paged
+            new_caches = []
+            for layer, kind, kv_pages in zip(self.layers, self.kinds, kv_caches):
+                x, kv_pages = layer(x, *rotary[kind], kv_pages, md, **kw)
+                new_caches.append(kv_pages)
+            return self.norm(x), new_caches
+
+        # global layers paged (the first caches), local layers on their rings (the rest)
+        n_global = self.kinds.count(FULL)
+        paged, rings = list(kv_caches[:n_global]), list(kv_caches[n_global:])
+        R, T = self.ring_pages, x.shape[0]
+        if R * RING_PAGE < self.window + T - 1:
+            raise ValueError(
+                f"{LOCAL_KV_ENV}={R * RING_PAGE} holds fewer tokens than the sliding window "
+                f"({self.window}) plus a step of {T} tokens needs: set it to at least "
+                f"sliding_window + max_num_batched_tokens - 1 = {self.window + T - 1}"
+            )
+        G = paged[0].shape[3] if paged else RING_PAGE
+        local_md = ring_metadata(md, slots, R, -(-md.page_indices.shape[1] * G // RING_PAGE))
+        gi = li = 0
+        for layer, kind in zip(self.layers, self.kinds):
+            if kind == FULL:
+                x, paged[gi] = layer(x, *rotary[kind], paged[gi], md, **kw)
+                gi += 1
+            else:
+                Z = rings[li].shape[0]
+                x, pages = layer(x, *rotary[kind], ring_as_pages(rings[li]), local_md, **kw)
+                rings[li] = pages_as_ring(pages, Z)
+                li += 1
+        return self.norm(x), paged + rings
 
 
 class Gemma3ForCausalLM(nnx.Module):
@@ -229,8 +301,17 @@ class Gemma3ForCausalLM(nnx.Module):
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return self.model.embed(input_ids)
 
-    def __call__(self, input_ids, kv_caches, md: AttentionMetadata, inputs_embeds=None, **kw):
-        return self.model(input_ids, kv_caches, md, inputs_embeds, **kw)
+    def __call__(
+        self, input_ids, kv_caches, md: AttentionMetadata, inputs_embeds=None, seq_inputs=None,
+        causal_end=None,
+    ):  # fmt: skip
+        slots = None
+        if self.model.ring_pages:
+            if seq_inputs is not None and "state_slot" in seq_inputs:
+                slots = seq_inputs["state_slot"]
+            else:  # no request in the step: every row uses the scratch slot
+                slots = jnp.full(md.kv_lens.shape, kv_caches[-1].shape[0] - 1, jnp.int32)
+        return self.model(input_ids, kv_caches, md, inputs_embeds, slots, causal_end=causal_end)
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden (S, D) -> logits (S, V) in float32, soft-capped where the config says."""
@@ -244,9 +325,19 @@ class Gemma3ForCausalLM(nnx.Module):
         return logits
 
     def kv_cache_spec(self) -> tuple[int, int, int]:
-        """(layers L, kv heads K, head dim H) of the paged cache."""
+        """(paged layers L, kv heads K, head dim H): the global layers only when the local
+        layers keep rings."""
         c = self.config
-        return c.num_hidden_layers, c.num_key_value_heads, head_dim(c)
+        L = self.model.kinds.count(FULL) if self.model.ring_pages else c.num_hidden_layers
+        return L, c.num_key_value_heads, head_dim(c)
+
+    def state_cache_spec(self, dtype) -> list[tuple[tuple[int, ...], jnp.dtype]]:
+        """Per-slot (shape, dtype) of each local layer's ring, in layer order (none when off)."""
+        if not self.model.ring_pages:
+            return []
+        c = self.config
+        shape = (2, c.num_key_value_heads, self.model.ring_pages, RING_PAGE, head_dim(c))
+        return [(shape, dtype)] * self.model.kinds.count(SLIDING)
 
 
 # ---------------------------------------------------------------------------------------
@@ -320,11 +411,15 @@ class Gemma3ForConditionalGeneration(nnx.Module):
         ids = jnp.where(input_ids >= self.config.vocab_size, 0, input_ids)
         return self.language_model.embed(ids)
 
-    def __call__(self, input_ids, kv_caches, md: AttentionMetadata, inputs_embeds=None, **kw):
+    def __call__(
+        self, input_ids, kv_caches, md: AttentionMetadata, inputs_embeds=None, seq_inputs=None
+    ):
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids)
         causal_end = image_causal_end(input_ids, md, self.image_token_id)
-        return self.language_model(input_ids, kv_caches, md, inputs_embeds, causal_end=causal_end)
+        return self.language_model(
+            input_ids, kv_caches, md, inputs_embeds, seq_inputs, causal_end=causal_end
+        )
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         # transformers' Gemma3ForConditionalGeneration applies no final soft cap (only its
@@ -336,6 +431,9 @@ class Gemma3ForConditionalGeneration(nnx.Module):
 
     def kv_cache_spec(self) -> tuple[int, int, int]:
         return self.language_model.kv_cache_spec()
+
+    def state_cache_spec(self, dtype) -> list[tuple[tuple[int, ...], jnp.dtype]]:
+        return self.language_model.state_cache_spec(dtype)
 
     # -- images --------------------------------------------------------------------------------
     def get_image_features(self, pixel_values: jax.Array) -> jax.Array:

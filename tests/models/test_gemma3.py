@@ -137,18 +137,35 @@ TEXT_PROMPTS = [
 ]
 
 
-def test_text_greedy_and_logits_match_transformers(gemma3_text):
+RING_TOKENS = 32  # >= window + step budget - 1 = 23; the prompts below wrap the ring
+
+
+@pytest.mark.parametrize("local_kv", ["paged", "ring"])
+def test_text_greedy_and_logits_match_transformers(gemma3_text, local_kv, monkeypatch):
     import math
 
     from jaxmm import LLM, SamplingParams
+    from jaxmm.models.gemma3 import LOCAL_KV_ENV
     from jaxmm.runner.model_runner import SeqStep
     from tests.helpers import hf_greedy
 
+    if local_kv == "ring":
+        monkeypatch.setenv(LOCAL_KV_ENV, str(RING_TOKENS))
     # 16 tokens a step: the long prompts prefill in chunks, each past the window
     llm = LLM(gemma3_text, dtype="float32", max_model_len=256, max_num_batched_tokens=16)
     tok = llm.get_tokenizer()
     ids = [tok(p).input_ids for p in TEXT_PROMPTS]
-    assert max(len(i) for i in ids) > 2 * WINDOW
+    ids.append(ids[2] + ids[1])  # longer than the ring at the start of its prefill
+    assert max(len(i) for i in ids) > RING_TOKENS + 16
+    runner = llm.llm_engine.runner
+    if local_kv == "ring":
+        # pages for the one global layer only; each local layer a fixed ring per sequence,
+        # whatever the context: KV per token stops growing for local layers
+        assert runner.num_layers == 1 and runner.num_state_slots == runner.max_num_seqs
+        rings = runner.kv_caches[1:]
+        assert len(rings) == 3 and rings[0].shape[1:] == (2, 2, RING_TOKENS // 16, 16, 16)
+    else:
+        assert runner.num_layers == 4 and runner.num_state_slots == 0
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
     ours = [o.outputs[0].token_ids for o in outs]
@@ -158,7 +175,6 @@ def test_text_greedy_and_logits_match_transformers(gemma3_text):
     import transformers
 
     hf = transformers.Gemma3ForCausalLM.from_pretrained(gemma3_text, dtype=torch.float32).eval()
-    runner = llm.llm_engine.runner
     page, got, want = runner.num_pages - 1, [], []
     for i in ids:  # one sequence per call, scratch pages from the top of the pool
         n = math.ceil(len(i) / runner.block_size)
