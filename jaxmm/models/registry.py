@@ -36,6 +36,7 @@ _MODELS: dict[str, tuple[str, str]] = {
         "jaxmm.models.qwen2_audio",
         "Qwen2AudioForConditionalGeneration",
     ),
+    "VoxtralForConditionalGeneration": ("jaxmm.models.voxtral", "VoxtralForConditionalGeneration"),
     # encoder-only pooling (embedding) models: served by the PoolingRunner, not the LLMEngine
     "BertModel": ("jaxmm.models.bert", "BertModel"),
     "RobertaModel": ("jaxmm.models.bert", "RobertaModel"),

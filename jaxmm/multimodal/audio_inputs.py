@@ -490,7 +490,8 @@ class AudioFrontend:
                 )
             audio = self.load(item)
             seconds = audio.shape[-1] / self.sampling_rate
-            if seconds > self.max_seconds + 1e-6:
+            windows = getattr(self.model, "audio_windows", False)  # split, not refused
+            if seconds > self.max_seconds + 1e-6 and not windows:
                 raise ValueError(
                     f"audio item {i} is {seconds:.2f} s long; this model hears at most "
                     f"{self.max_seconds:g} s per item"
@@ -533,7 +534,23 @@ class AudioFrontend:
         return key, output
 
     def _features(self, audio: np.ndarray, kwargs: dict) -> dict:
-        """What the HF processor hands the audio tower: padded log-mel + the valid frames."""
+        """What the HF processor hands the audio tower: padded log-mel + the valid frames,
+        or, for models that split audio into encoder windows (Voxtral), the log-mel of the
+        clip padded to whole windows, cut into (windows, mel, frames)."""
+        if getattr(self.model, "audio_windows", False):
+            window = int(self.max_seconds * self.sampling_rate)
+            out = self.feature_extractor(
+                audio,
+                sampling_rate=self.sampling_rate,
+                padding=True,
+                truncation=False,
+                pad_to_multiple_of=window,
+                return_tensors="np",
+                **kwargs,
+            )["input_features"][0]  # (mel, windows * frames): normalised over the whole clip
+            frames = self.model.num_frames
+            feats = out.reshape(out.shape[0], -1, frames).transpose(1, 0, 2)
+            return {"input_features": np.ascontiguousarray(feats, np.float32)}
         out = self.feature_extractor(
             audio,
             sampling_rate=self.sampling_rate,
