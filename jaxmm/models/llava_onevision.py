@@ -40,7 +40,7 @@ from jaxmm.models.encoders.siglip import SiglipVisionModel
 from jaxmm.models.llava import LlavaMultiModalProjector, language_config, next_pow2
 from jaxmm.multimodal import anyres
 
-MAX_TILES_PER_CALL = 16  # tower batch for single-tile images; tiled images and videos: one call
+MAX_TILES_PER_CALL = 40  # tiles per tower call: an image of 6x6 tiles and its base fit
 
 
 def tile_bucket(n: int) -> int:
@@ -210,53 +210,71 @@ class LlavaOnevisionForConditionalGeneration(nnx.Module):
         """A host function (params, modality, items) -> [features (n, D) per item], left on
         the device (`DeviceRows`, in the model's dtype) for the runner to splice.
 
-        One tower program per tile bucket (`tile_bucket`); the packing programs are small
-        and keyed by the image's layout (or the video's frame count). Outputs are padded to
-        a power of two of rows, so the runner's copies into its cache meet few shapes."""
+        Images share tower calls of up to `MAX_TILES_PER_CALL` tiles (an item is never
+        split; a larger one runs alone), padded to a tile bucket (`tile_bucket`): one tower
+        program per bucket. Each item is then packed from its tiles' place in the call (a
+        traced offset) by a small program keyed by the bucket and the item's layout; a
+        video (frames as tiles) runs alone. Packed rows are padded to a power of two, so
+        the runner's copies into its cache meet few shapes."""
 
         @jax.jit
         def tower(params, pixels):
             return nnx.merge(graphdef, params).tile_features(pixels)
 
-        @functools.partial(jax.jit, static_argnums=(2, 3))
-        def pack(params, feats, kind: str, how):
+        @functools.partial(jax.jit, static_argnums=(3, 4))
+        def pack(params, feats, start, kind: str, how):
             model = nnx.merge(graphdef, params)
             if kind == "tiled":
-                out = model.pack_tiled(feats, how)
+                tiles = jax.lax.dynamic_slice_in_dim(feats, start, how.num_tiles)
+                out = model.pack_tiled(tiles, how)
             elif kind == "video":
                 out = model.pack_video(feats, how)
             else:
-                out = model.pack_single(feats).reshape(-1, feats.shape[-1])
+                tile = jax.lax.dynamic_slice_in_dim(feats, start, 1)
+                out = model.pack_single(tile)[0]
             pad = next_pow2(out.shape[0]) - out.shape[0]
             return jnp.pad(out, ((0, pad), (0, 0)))
 
-        def features(params, pixels: np.ndarray):
-            B = tile_bucket(len(pixels))
-            padded = np.zeros((B, *pixels.shape[1:]), np.float32)
-            padded[: len(pixels)] = pixels
+        def features(params, pixels: list[np.ndarray]):
+            n = sum(len(p) for p in pixels)
+            padded = np.zeros((tile_bucket(n), *pixels[0].shape[1:]), np.float32)
+            padded[:n] = np.concatenate(pixels)
             return tower(params, padded)
 
-        def encode(params, modality: str, items: list[dict]) -> list[DeviceRows | None]:
-            out: list[DeviceRows | None] = [None] * len(items)
-            single = []  # untiled images share tower calls
-            for i, it in enumerate(items):
+        def encode(params, modality: str, items: list[dict]) -> list[DeviceRows]:
+            if modality == "video":
+                out = []
+                for it in items:
+                    pixels = np.asarray(it["pixel_values"], np.float32)
+                    packed = pack(params, features(params, [pixels]), 0, "video", len(pixels))
+                    out.append(DeviceRows(packed, 0, anyres.video_tokens(len(pixels), self.side)))
+                return out
+            jobs = []  # (pixels, kind, layout, rows) per image
+            for it in items:
                 pixels = np.asarray(it["pixel_values"], np.float32)
-                if modality == "video":
-                    packed = pack(params, features(params, pixels), "video", len(pixels))
-                    out[i] = DeviceRows(packed, 0, anyres.video_tokens(len(pixels), self.side))
-                elif it.get("tiled", False):
+                if it.get("tiled", False):
                     layout = self.layout(it["image_size"])
-                    packed = pack(params, features(params, pixels), "tiled", layout)
-                    out[i] = DeviceRows(packed, 0, layout.num_tokens)
+                    jobs.append((pixels, "tiled", layout, layout.num_tokens))
                 else:
-                    single.append((i, pixels[0]))
-            n = anyres.single_tile_tokens(self.side)
-            for c in range(0, len(single), MAX_TILES_PER_CALL):
-                chunk = single[c : c + MAX_TILES_PER_CALL]
-                packed = pack(params, features(params, np.stack([p for _, p in chunk])), "", None)
-                for j, (i, _) in enumerate(chunk):
-                    out[i] = DeviceRows(packed, j * n, (j + 1) * n)
-            return out
+                    jobs.append((pixels[:1], "", None, anyres.single_tile_tokens(self.side)))
+            calls: list[list[int]] = []
+            tiles = MAX_TILES_PER_CALL  # in the last call
+            for i, (pixels, *_) in enumerate(jobs):
+                if tiles + len(pixels) > MAX_TILES_PER_CALL:
+                    calls.append([])
+                    tiles = 0
+                calls[-1].append(i)
+                tiles += len(pixels)
+            out: list[DeviceRows | None] = [None] * len(jobs)
+            for call in calls:
+                feats = features(params, [jobs[i][0] for i in call])
+                start = 0
+                for i in call:
+                    pixels, kind, layout, rows = jobs[i]
+                    packed = pack(params, feats, np.int32(start), kind, layout)
+                    out[i] = DeviceRows(packed, 0, rows)
+                    start += len(pixels)
+            return out  # type: ignore[return-value]
 
         return encode
 

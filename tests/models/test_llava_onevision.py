@@ -297,6 +297,34 @@ def test_greedy_and_logits_match_transformers(onevision):
     np.testing.assert_allclose(np.stack(rows), ref, atol=1e-4, rtol=0)
 
 
+def test_images_batched_in_tower_calls_give_each_one_s_features(onevision, monkeypatch):
+    """Tiled and single-tile images share tower calls (split by tile count, never inside an
+    item): each item's rows equal those of a call of its own."""
+    from jaxmm.models import llava_onevision
+    from jaxmm.multimodal import anyres
+
+    _, llm, _ = onevision
+    runner = llm.llm_engine.runner
+    ip = llm.llm_engine.mm_frontend().processor.image_processor
+    items = [
+        anyres.process_image(ip, WIDE, {}),
+        anyres.process_image(ip, SQUARE, {anyres.MULTI_IMAGE: True}),
+        anyres.process_image(ip, TALL, {}),
+        anyres.process_image(ip, SQUARE, {}),
+    ]
+    alone = []
+    for it in items:
+        encode = runner.model_obj.mm_encoder(runner.graphdef)
+        alone.append(np.asarray(encode(runner.params, "image", [it])[0]))
+    for max_tiles in (40, 6):  # 15 tiles in one call, or in three (5 + 1 | 4 | 5)
+        monkeypatch.setattr(llava_onevision, "MAX_TILES_PER_CALL", max_tiles)
+        encode = runner.model_obj.mm_encoder(runner.graphdef)
+        together = encode(runner.params, "image", items)
+        assert len({id(r.array) for r in together}) == len(items)  # packed per item
+        for rows, want in zip(together, alone):
+            np.testing.assert_allclose(np.asarray(rows), want, atol=1e-5, rtol=0)
+
+
 def test_precomputed_embeddings_give_the_same_tokens(onevision):
     """HF's packed image features (tiles, crop, shrink, newlines) as an embeddings item."""
     from jaxmm import SamplingParams
