@@ -472,6 +472,19 @@ def cmd_serve(args) -> int:
     kwargs = llm_kwargs(args, model)
     # refuse bad flags now, before anything loads
     config = check_config(**kwargs, warmup=args.warmup)
+    from jaxmm.distributed import wants_distributed
+
+    if wants_distributed(config.parallel):
+        # multi-host: process 0 serves; every other one only runs the steps it publishes
+        from jaxmm.distributed import follow, resolve_cluster
+
+        addr, n, pid = resolve_cluster(config.parallel)
+        kwargs.update(coordinator_address=addr, num_processes=n, process_id=pid)
+        config = check_config(**kwargs, warmup=args.warmup)
+        if pid != 0:
+            logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+            follow(config)
+            return 0
     check_tls_files(args.ssl_keyfile, args.ssl_certfile)
     MediaPolicy(
         allowed_local_media_path=config.multimodal.allowed_local_media_path,

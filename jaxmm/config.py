@@ -347,10 +347,37 @@ class ParallelConfig:
         cli={"flags": ("-dp",)},
     )
 
+    # multi-host (jaxmm/distributed.py): one process per host on jax.distributed
+    distributed: bool = arg(
+        False,
+        help="run on several hosts with jax.distributed: process 0 serves, the others "
+        "follow its steps; without the three flags below JAX reads them from the cluster "
+        "(TPU VM pod slices, SLURM, Open MPI, Kubernetes)",
+    )
+    coordinator_address: str | None = arg(
+        None, help="multi-host: host:port of process 0's coordinator (implies --distributed)"
+    )
+    num_processes: int | None = arg(None, help="multi-host: processes (hosts) in all")
+    process_id: int | None = arg(None, help="multi-host: this process's index, 0 the leader")
+    distributed_timeout_s: int = arg(
+        300, help="multi-host: seconds to wait for every process to join before failing"
+    )
+
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "data_parallel_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        multihost = (
+            self.distributed
+            or self.coordinator_address
+            or (self.num_processes or 1) > 1
+            or self.process_id is not None
+        )
+        if multihost and self.data_parallel_size > 1:
+            raise ValueError(
+                "data_parallel_size > 1 runs replicas on one host; across hosts, run one "
+                "multi-host deployment per replica behind a load balancer"
+            )
 
 
 @dataclass(frozen=True)

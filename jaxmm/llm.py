@@ -63,7 +63,11 @@ class LLM:
         # engine instead
         self.pooling_engine = make_pooling_engine(config)
         if self.pooling_engine is None:
-            self.llm_engine = LLMEngine(config)
+            from jaxmm.distributed import build_engine, stop_followers, wants_distributed
+
+            self.llm_engine = build_engine(config)
+            if wants_distributed(config.parallel):  # the leader: followers stop with it
+                weakref.finalize(self, stop_followers, self.llm_engine)
 
     # -- helpers ------------------------------------------------------------------------------
     def get_tokenizer(self):
@@ -91,9 +95,14 @@ class LLM:
         return self.llm_engine if self.llm_engine is not None else self.pooling_engine
 
     def shutdown(self) -> None:
-        """Stop the data-parallel replicas' processes (nothing to do otherwise)."""
+        """Stop the data-parallel replicas' processes, or a multi-host leader's followers
+        (nothing to do otherwise)."""
         if self.dp_engine is not None:
             self.dp_engine.shutdown()
+        if self.llm_engine is not None:
+            from jaxmm.distributed import stop_followers
+
+            stop_followers(self.llm_engine)
 
     def _generative_engine(self) -> LLMEngine:
         if self.llm_engine is None:

@@ -547,9 +547,9 @@ def _core_main(config, commands, out, log_level: int, env: dict | None = None) -
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s [core]: %(message)s")
     sender = _CoreSender(out)
     try:
-        from jaxmm.engine.llm_engine import LLMEngine
+        from jaxmm.distributed import build_engine
 
-        engine = LLMEngine(config)
+        engine = build_engine(config)  # multi-host: the leader, publishing each step
     except BaseException as e:
         logger.exception("the engine failed to start")
         sender.put(("startup_failed", f"{type(e).__name__}: {e}"))
@@ -567,6 +567,9 @@ def _core_main(config, commands, out, log_level: int, env: dict | None = None) -
     except BaseException:
         logger.exception("the engine loop died")
     finally:
+        from jaxmm.distributed import stop_followers
+
+        stop_followers(engine)  # multi-host: the followers leave their loops too
         sender.close()
 
 
