@@ -7,8 +7,12 @@ each decoder layer's token mixer:
   `partial_rotary_factor` of each head; it keeps paged KV like every model here.
 - linear attention: `jaxmm.layers.linear_attention.GatedDeltaNet`, whose conv and
   recurrent states live in per-sequence slots (`jaxmm.engine.state_cache`).
-Norms are zero-centred RMSNorms (`(1 + w) * x`). Text-only positions make Qwen3.5's
-interleaved M-RoPE the plain rotary, so positions are (T,).
+Norms are zero-centred RMSNorms (`(1 + w) * x`). Qwen3.5's rotary is Qwen3-VL's
+interleaved M-RoPE over the rotated part of each head: (3, T) positions with images, and
+text-only positions (T,) make it the plain rotary.
+
+`Qwen3_5ForConditionalGeneration` is Qwen3-VL's multimodal contract, vision tower and
+weight layout (`qwen3_vl.py`) around this decoder; Qwen3.5's tower has no DeepStack levels.
 
 Caches: `kv_cache_spec()` counts the full-attention layers only; `state_cache_spec()` gives
 one conv and one recurrent state per linear layer. The runner passes the KV pages first,
@@ -17,6 +21,8 @@ then the state arrays `(slots + 1, ...)` in layer order, and each step row's slo
 """
 
 from __future__ import annotations
+
+import copy
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +36,7 @@ from jaxmm.layers.mlp import GatedMLP
 from jaxmm.layers.norm import RMSNorm
 from jaxmm.layers.rope import apply_rotary, cos_sin, inv_frequencies, rope_parameters
 from jaxmm.models.llama import head_dim
+from jaxmm.models.qwen3_vl import Qwen3VLForConditionalGeneration, interleaved_mrope_rows
 
 
 def _norm(dim: int, config, dtype) -> RMSNorm:
@@ -123,11 +130,23 @@ class Qwen3_5TextModel(nnx.Module):
             float(f)
             for f in inv_frequencies(head_dim(config), params, rotary_dim=rotary_dim(config))
         )
+        section = params.get("mrope_section")
+        self.mrope_rows = interleaved_mrope_rows(len(self.inv_freq), section) if section else None
+
+    def rotary(self, positions):
+        """positions (T,) or (3, T) (t, h, w) -> cos, sin (T, R) for the rotated dims R."""
+        inv = jnp.asarray(np.array(self.inv_freq, np.float32))
+        if positions.ndim == 1 or self.mrope_rows is None:
+            return cos_sin(positions if positions.ndim == 1 else positions[0], inv)
+        freqs = positions.astype(jnp.float32)[:, :, None] * inv  # (3, T, R/2)
+        cols = np.arange(len(self.mrope_rows))
+        freqs = freqs[np.array(self.mrope_rows), :, cols].T  # (T, R/2): a row per frequency
+        emb = jnp.concatenate([freqs, freqs], axis=-1)
+        return jnp.cos(emb), jnp.sin(emb)
 
     def __call__(self, input_ids, caches, md: AttentionMetadata, slots, inputs_embeds=None):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (T, D)
-        positions = md.positions if md.positions.ndim == 1 else md.positions[0]
-        cos, sin = cos_sin(positions, jnp.asarray(np.array(self.inv_freq, np.float32)))
+        cos, sin = self.rotary(md.positions)
         q_lens = md.cu_q_lens[1:] - md.cu_q_lens[:-1]
         has_state = md.kv_lens - q_lens > 0  # the row continues an earlier chunk's state
         state_md = (slots, md.cu_q_lens, has_state)
@@ -144,6 +163,14 @@ class Qwen3_5TextModel(nnx.Module):
                 x, (kv[ki],) = layer(x, cos, sin, (kv[ki],), md, state_md)
                 ki += 1
         return self.norm(x), kv + states
+
+
+def _slots(kv_caches, md: AttentionMetadata, seq_inputs) -> jax.Array:
+    """(S,) each step row's state slot (the runner's `seq_inputs["state_slot"]`)."""
+    if seq_inputs is not None and "state_slot" in seq_inputs:
+        return seq_inputs["state_slot"]
+    # no request in the step: every row uses the scratch slot
+    return jnp.full(md.kv_lens.shape, kv_caches[-1].shape[0] - 1, jnp.int32)
 
 
 class Qwen3_5ForCausalLM(nnx.Module):
@@ -164,11 +191,9 @@ class Qwen3_5ForCausalLM(nnx.Module):
 
     def __call__(self, input_ids, kv_caches, md: AttentionMetadata, inputs_embeds=None,
                  seq_inputs=None):  # fmt: skip
-        if seq_inputs is not None and "state_slot" in seq_inputs:
-            slots = seq_inputs["state_slot"]
-        else:  # no request in the step: every row uses the scratch slot
-            slots = jnp.full(md.kv_lens.shape, kv_caches[-1].shape[0] - 1, jnp.int32)
-        return self.model(input_ids, kv_caches, md, slots, inputs_embeds)
+        return self.model(
+            input_ids, kv_caches, md, _slots(kv_caches, md, seq_inputs), inputs_embeds
+        )
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden (S, D) -> logits (S, V) in float32."""
@@ -191,3 +216,27 @@ class Qwen3_5ForCausalLM(nnx.Module):
             if layer.is_linear:
                 spec += layer.linear_attn.state_shapes(dtype)
         return spec
+
+
+class Qwen3_5ForConditionalGeneration(Qwen3VLForConditionalGeneration):
+    """Images and video through Qwen3-VL's front end and tower; text through the hybrid."""
+
+    model_cls = Qwen3_5TextModel
+    ignored_hf_keys = (r"^mtp\.", r"rotary_emb\.inv_freq")
+
+    def __init__(self, config, **kwargs):
+        config = copy.copy(config)
+        vision = copy.copy(config.vision_config)
+        vision.deepstack_visual_indexes = []  # the tower returns its merger's rows only
+        config.vision_config = vision
+        super().__init__(config, **kwargs)
+
+    def __call__(self, input_ids, kv_caches, md: AttentionMetadata, inputs_embeds=None,
+                 seq_inputs=None, mm_extra=None):  # fmt: skip
+        del mm_extra  # no DeepStack levels
+        return self.model(
+            input_ids, kv_caches, md, _slots(kv_caches, md, seq_inputs), inputs_embeds
+        )
+
+    kv_cache_spec = Qwen3_5ForCausalLM.kv_cache_spec
+    state_cache_spec = Qwen3_5ForCausalLM.state_cache_spec

@@ -13,6 +13,10 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen3ForCausalLM": ("jaxmm.models.qwen3", "Qwen3ForCausalLM"),
     "Qwen3MoeForCausalLM": ("jaxmm.models.qwen3_moe", "Qwen3MoeForCausalLM"),
     "Qwen3_5ForCausalLM": ("jaxmm.models.qwen3_5", "Qwen3_5ForCausalLM"),
+    "Qwen3_5ForConditionalGeneration": (
+        "jaxmm.models.qwen3_5",
+        "Qwen3_5ForConditionalGeneration",
+    ),
     "MistralForCausalLM": ("jaxmm.models.mistral", "MistralForCausalLM"),
     "LlavaForConditionalGeneration": ("jaxmm.models.llava", "LlavaForConditionalGeneration"),
     "LlavaOnevisionForConditionalGeneration": (

@@ -129,3 +129,148 @@ def test_chunked_preempted_n2_and_prefix_cache_without_recompiles(path):
     assert (runner.num_compiled(), backend_compile_count()) == compiled
     slots = llm.llm_engine.scheduler.state_slots
     assert slots.num_free == slots.num_slots  # every slot came back
+
+
+# -- Qwen3_5ForConditionalGeneration: Qwen3-VL's front end and tower around the hybrid ------
+
+
+def make_qwen3_5_vl(root: str) -> str:
+    import transformers
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    from tests.helpers import make_processor
+    from tests.models.test_vlm_parity import QWEN_TEMPLATE, _randomize
+
+    path = os.path.join(root, "qwen3_5_vl")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    tok = make_tokenizer(path)
+    specials = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    tok.chat_template = QWEN_TEMPLATE
+    ids = dict(
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
+    )
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=8,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        # rotary on 8 of 32 dims: 4 frequencies, h at 1 and w at 2 (interleaved), t elsewhere
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.25,
+            "mrope_section": [2, 1, 1],
+            "mrope_interleaved": True,
+        },
+    )
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=48,
+        num_heads=4,
+        patch_size=4,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=64,
+        num_position_embeddings=16,
+    )
+    cfg = transformers.Qwen3_5Config(text_config=text, vision_config=vision, **ids)
+    model = transformers.Qwen3_5ForConditionalGeneration(cfg).eval()
+    _randomize(model, 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.uniform_(-1.0, 1.0)
+    model.save_pretrained(path)
+    kw = dict(patch_size=4, merge_size=2, temporal_patch_size=2)
+    image = Qwen2VLImageProcessorPil(
+        **kw, min_pixels=8 * 8, max_pixels=48 * 48, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    video = Qwen3VLVideoProcessor(**kw, size={"shortest_edge": 8 * 8, "longest_edge": 48 * 48 * 8})
+    processor = make_processor(
+        transformers.Qwen3VLProcessor,
+        image_processor=image,
+        tokenizer=tok,
+        video_processor=video,
+        chat_template=QWEN_TEMPLATE,
+    )
+    processor.save_pretrained(path)
+    return path
+
+
+def _chunked_last_logits(llm, prompt: dict, chunk: int = 24) -> np.ndarray:
+    """The prompt's last-token logits, prefilled in `chunk`-token steps with state slot 0 and
+    scratch pages at the top of the pool (the engine is idle)."""
+    from jaxmm.multimodal.inputs import prepare_multimodal_prompt
+    from tests.models.test_vlm_parity import _chunk_rows, _encode_items
+
+    engine = llm.llm_engine
+    runner = engine.runner
+    if "multi_modal_data" in prompt:
+        _, ids, mm = prepare_multimodal_prompt(engine, prompt)
+    else:
+        ids, mm = llm.get_tokenizer()(prompt["prompt"]).input_ids, None
+    n = math.ceil(len(ids) / runner.block_size)
+    pages = list(range(runner.num_pages - n, runner.num_pages))
+    rows_of = _encode_items(engine, mm)
+    for start in range(0, len(ids), chunk):
+        part = ids[start : start + chunk]
+        step = SeqStep(part, start, pages, sample=start + len(part) == len(ids), state_slot=0)
+        if mm is not None:
+            mm.fill_step(step, None, start, len(part))
+            step.mm_rows = _chunk_rows(mm, rows_of, start, len(part))
+        last = runner.logits([step])[0]
+    return last
+
+
+def test_vl_images_match_transformers(ckpt_root):
+    """Text-only and image prompts (one, two of different sizes) prefilled in 32-token steps
+    that cut through the image tokens: greedy tokens and last-token logits."""
+    import transformers
+
+    from tests.models.test_qwen3_vl import PROMPTS as VL_PROMPTS
+    from tests.models.test_qwen3_vl import _hf_inputs
+    from tests.models.test_vlm_parity import _hf_generate
+
+    path = make_qwen3_5_vl(ckpt_root)
+    llm = LLM(
+        path,
+        dtype="float32",
+        max_model_len=256,
+        max_num_batched_tokens=32,
+        limit_mm_per_prompt={"image": 2},
+    )
+    hf = transformers.Qwen3_5ForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    hf.eval()
+    tok = llm.get_tokenizer()
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    outs = llm.generate(VL_PROMPTS, params, use_tqdm=False)
+    inputs = [_hf_inputs(path, p, tok) for p in VL_PROMPTS]
+    for out, inp in zip(outs, inputs):
+        assert out.prompt_token_ids == inp["input_ids"][0].tolist()
+        assert out.outputs[0].token_ids == _hf_generate(hf, inp)[:10]
+    assert any(len(set(o.outputs[0].token_ids)) > 2 for o in outs)  # not a degenerate model
+    ours = np.stack([_chunked_last_logits(llm, p) for p in VL_PROMPTS])
+    with torch.no_grad():
+        ref = np.stack([hf(**inp).logits[0, -1].numpy() for inp in inputs])
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
