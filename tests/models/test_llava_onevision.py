@@ -373,6 +373,7 @@ def test_images_listed_flat_to_hf_are_each_tiled_with_the_prompt_option(onevisio
 
 
 def test_chat_parts_give_the_generate_prompt(onevision):
+    """An image part and a video part (frames) render to the placeholders `generate` takes."""
     from jaxmm import SamplingParams
 
     _, llm, _ = onevision
@@ -383,17 +384,21 @@ def test_chat_parts_give_the_generate_prompt(onevision):
             "content": [
                 {"type": "image_pil", "image_pil": WIDE},
                 {"type": "text", "text": "What is this?"},
+                {"type": "video", "video": VIDEO},
             ],
         }
     ]
     chat = llm.chat(messages, params, use_tqdm=False)[0]
-    text = "<|user|><image>\nWhat is this?<|end|><|assistant|>"
+    text = "<|user|><image>\nWhat is this?<video>\n<|end|><|assistant|>"
     ids = llm.get_tokenizer()(text, add_special_tokens=False).input_ids
+    data = {"image": WIDE, "video": VIDEO}
     direct = llm.generate(
-        [{"prompt_token_ids": ids, "multi_modal_data": {"image": WIDE}}], params, use_tqdm=False
+        [{"prompt_token_ids": ids, "multi_modal_data": data}], params, use_tqdm=False
     )[0]
     assert chat.prompt_token_ids == direct.prompt_token_ids
     assert chat.outputs[0].token_ids == direct.outputs[0].token_ids
+    video = llm.get_tokenizer().convert_tokens_to_ids("<video>")
+    assert chat.prompt_token_ids.count(video) == 3 * 2 * 2 + 1  # pooled frames + newline
 
 
 def test_hub_and_transformers5_weight_names_load_the_same_model(onevision, tmp_path):
