@@ -17,10 +17,12 @@ Text runs through the Qwen2 (or other LLaVA text) model as `language_model`; the
 multimodal contract is the one `llava.py` documents, plus `mm_prompt_processor_kwargs`
 (an image is tiled only when it is its prompt's only one).
 
-Weights: transformers 5 saves `model.language_model.*`, `model.vision_tower.*`,
-`model.multi_modal_projector.*`, `model.image_newline`, `lm_head.*`; 4.x and the hub's
-checkpoints the same without `model.`, and `vision_tower.vision_model.*`. `hf_key_rules`
-fold both onto this tree. Shape letters: B tiles, P patches per tile, D text width.
+Weights: checkpoints (the hub's, and what transformers' `save_pretrained` writes) name
+them `language_model.model.*`, `language_model.lm_head.*`, `vision_tower.*` (the hub's
+`vision_tower.vision_model.*`), `multi_modal_projector.*`, `image_newline`: this module
+tree. `hf_key_rules` also fold transformers 5's module names (`model.language_model.*`,
+`model.vision_tower.*`, `model.image_newline`, `lm_head.*`) onto it. Shape letters:
+B tiles, P patches per tile, D text width.
 """
 
 from __future__ import annotations
