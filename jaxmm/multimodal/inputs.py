@@ -595,12 +595,22 @@ class MultimodalFrontend:
                 raise failure
             if processed is None:
                 processed = self._process(item, proc_kwargs)
+            spread = getattr(self.model, "mm_span_ids", None)
+            if spread is not None:  # a span with text of its own (Qwen3-VL's frame times)
+                span = spread(item.modality, processed, self._encode_text)
+                if span is not None:
+                    processed["span_ids"] = span
             want = self.model.mm_num_tokens(item.modality, processed)  # checks the shapes
-            meta = {k: processed[k] for k in ("grid_thw", "second_per_grid_t") if processed.get(k)}
+            keys = ("grid_thw", "second_per_grid_t", "span_ids")
+            meta = {k: processed[k] for k in keys if processed.get(k)}
             output = EncoderOutput(item.modality, processed, want, meta)
             for same in duplicates[item.key]:
                 same.output = output
             self.cache.put(item.key, output)
+
+    def _encode_text(self, text: str) -> list[int]:
+        """Token ids of text inside an item's span (no special tokens added)."""
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     # -- 5. place ----------------------------------------------------------------------------
     def expand(self, ids: list[int], items: list[_Item]) -> tuple[list[int], list[PlacedItem]]:
@@ -647,7 +657,7 @@ class MultimodalFrontend:
                     dict(item.output.meta),
                 )
             )
-            out.extend([token] * n)
+            out.extend(item.output.meta.get("span_ids") or [token] * n)
             cursor = pos + length
         out.extend(ids[cursor:])
         return out, placed

@@ -32,7 +32,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from . import anyres, fast_image, video_pixels
+from . import anyres, fast_image, qwen3_video, video_pixels
 
 # the rate transformers' VideoMetadata assumes of frames that come without one
 UNKNOWN_VIDEO_FPS = 24.0
@@ -197,6 +197,9 @@ class MultimodalProcessor:
             return anyres.process_video(frames, anyres.video_settings(self.video_config, overrides))
         if not self.patches:
             raise ValueError("this model's image processor takes no videos")
+        if qwen3_video.is_qwen3_video(self.video_config):  # frames sampled, times kept
+            kw = {**self.kwargs, **(overrides or {})}
+            return qwen3_video.preprocess(np.asarray(frames), fps, self.video_config, kw)
         settings = video_pixels.VideoSettings.from_dict(
             self._video_config(), {**self.kwargs, **(overrides or {})}
         )

@@ -116,14 +116,21 @@ def _budget(layer: dict) -> dict:
     return {k: v for k, v in out.items() if k in ("shortest_edge", "longest_edge")}
 
 
-def preprocess(frames: np.ndarray, s: VideoSettings) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """(T, H, W, 3) uint8 RGB frames -> (pixel_values (t*h*w, 3*tp*p*p) float32, (t, h, w))."""
+def preprocess(
+    frames: np.ndarray, s: VideoSettings, size: tuple[int, int] | None = None
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """(T, H, W, 3) uint8 RGB frames -> (pixel_values (t*h*w, 3*tp*p*p) float32, (t, h, w)).
+
+    size: the (h, w) to resize to where the caller's processor sizes frames its own way
+    (Qwen3-VL: `qwen3_video.py`); None: Qwen2-VL's per-frame budget."""
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"a video must be (T, H, W, 3) uint8 frames, got {frames.shape}")
     T, H, W, C = frames.shape
     p, m, tp = s.patch_size, s.merge_size, s.temporal_patch_size
-    if s.do_resize:
+    if s.do_resize and size is not None:
+        frames = resize_uint8(frames, size[0], size[1], _FILTERS[s.resample])
+    elif s.do_resize:
         max_pixels = s.max_pixels
         if s.cap_pixels_per_frame:  # an even share of the whole video's pixel budget
             total = int(s.max_video_tokens * (p * m) ** 2 * 0.9)

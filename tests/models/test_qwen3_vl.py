@@ -20,10 +20,12 @@ import pytest
 import torch
 
 from tests.helpers import make_processor, make_tokenizer
+from tests.models.test_video_parity import _video
 from tests.models.test_vlm_parity import (
     I_QWEN,
     IMAGES,
     QWEN_TEMPLATE,
+    V_QWEN,
     _chunk_rows,
     _encode_items,
     _hf_generate,
@@ -160,6 +162,69 @@ def _hf_inputs(path: str, prompt: dict, tok) -> dict:
     )
 
 
+# (name, jaxmm's video item, the clip's frames and rate as a transformers user gives them)
+VIDEOS = [
+    # 7 frames at 3 fps: 4 sampled (0, 2, 4, 6) -> 2 temporal patches at 0.3 s and 1.7 s
+    ("fps", (_video(7, 30, 46, 2), {"fps": 3.0}), _video(7, 30, 46, 2), 3.0),
+    # no rate: 24 fps assumed; 5 frames -> (0, 1, 3, 4), resized to 40x24
+    ("no rate", _video(5, 40, 27, 4), _video(5, 40, 27, 4), None),
+]
+
+
+def _hf_video_inputs(path: str, prompt: str, frames: np.ndarray, fps, tok) -> dict:
+    """transformers' video path without torchvision: its own frame sampling, resize budget
+    and timestamp text (Qwen3VLVideoProcessor.sample_frames, smart_resize,
+    Qwen3VLProcessor.replace_video_token), the pixels in torch (the interpolate call
+    `tvF.resize` makes for uint8 frames, the fused normalisation, its patch order)."""
+    import json
+
+    import transformers
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import (
+        Qwen3VLVideoProcessor,
+        smart_resize,
+    )
+    from transformers.video_utils import VideoMetadata
+
+    with open(os.path.join(path, "processor_config.json")) as f:
+        vc = json.load(f)["video_processor"]
+    vp = Qwen3VLVideoProcessor(**{k: v for k, v in vc.items() if k != "video_processor_type"})
+    proc = make_processor(
+        transformers.Qwen3VLProcessor,
+        image_processor=AutoImageProcessor.from_pretrained(path, backend="pil"),
+        tokenizer=tok,
+        video_processor=vp,
+    )
+    meta = VideoMetadata(total_num_frames=len(frames), fps=fps)
+    indices = vp.sample_frames(meta)
+    meta.frames_indices = indices
+    p, m, tp = vp.patch_size, vp.merge_size, vp.temporal_patch_size
+    x = torch.from_numpy(np.ascontiguousarray(frames[indices])).permute(0, 3, 1, 2)
+    T, C, H, W = x.shape
+    h, w = smart_resize(T, H, W, tp, p * m, vp.size["shortest_edge"], vp.size["longest_edge"])
+    if (h, w) != (H, W):
+        x = torch.nn.functional.interpolate(
+            x, size=(h, w), mode="bicubic", antialias=True, align_corners=False
+        )
+    mean = torch.tensor(vp.image_mean).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(vp.image_std).view(1, 3, 1, 1) * 255.0
+    x = (x.to(torch.float32) - mean) / std
+    if T % tp:
+        x = torch.cat([x, x[-1:].expand(tp - T % tp, -1, -1, -1)])
+    t, gh, gw = len(x) // tp, h // p, w // p
+    x = x.view(t, tp, C, gh // m, m, p, gw // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    grid = torch.tensor([[t, gh, gw]])
+    span = proc.replace_video_token({"video_grid_thw": grid, "video_metadata": [meta]}, 0)
+    ids = torch.tensor([tok(prompt.replace("<|video_pad|>", span)).input_ids])
+    return dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        mm_token_type_ids=(ids == tok.convert_tokens_to_ids("<|video_pad|>")).long() * 2,
+        pixel_values_videos=x.reshape(t * gh * gw, C * tp * p * p),
+        video_grid_thw=grid,
+    )
+
+
 def _hf_model(path: str, arch: str):
     import transformers
 
@@ -189,15 +254,12 @@ def vlm(request, ckpt_root):
         max_model_len=256,
         max_num_batched_tokens=32,
         enable_mm_embeds=True,
-        limit_mm_per_prompt={"image": 2},
+        limit_mm_per_prompt={"image": 2, "video": 1},
     )
     return request.param, path, llm, _hf_model(path, request.param)
 
 
 def test_greedy_and_logits_match_transformers(vlm):
-    from jaxmm.multimodal.inputs import prepare_multimodal_prompt
-    from jaxmm.runner.model_runner import SeqStep
-
     arch, path, llm, hf = vlm
     tok = llm.get_tokenizer()
     outs = llm.generate(PROMPTS, _params(), use_tqdm=False)
@@ -208,29 +270,54 @@ def test_greedy_and_logits_match_transformers(vlm):
         assert out.outputs[0].token_ids == _hf_generate(hf, inputs)
     assert any(len(set(o.outputs[0].token_ids)) > 2 for o in outs)  # not a degenerate model
 
-    # last-token logits, prefilled in chunks of 24 tokens so image spans straddle steps
-    engine = llm.llm_engine
-    runner = engine.runner
-    rows = []
-    for p in PROMPTS:
-        if "multi_modal_data" in p:
-            _, ids, mm = prepare_multimodal_prompt(engine, p)
-        else:
-            ids, mm = tok(p["prompt"]).input_ids, None
-        n = math.ceil(len(ids) / runner.block_size)
-        pages = list(range(runner.num_pages - n, runner.num_pages))
-        rows_of = _encode_items(engine, mm)
-        for start in range(0, len(ids), 24):
-            chunk = ids[start : start + 24]
-            step = SeqStep(chunk, start, pages, sample=start + len(chunk) == len(ids))
-            if mm is not None:
-                mm.fill_step(step, None, start, len(chunk))
-                step.mm_rows = _chunk_rows(mm, rows_of, start, len(chunk))
-            last = runner.logits([step])[0]
-        rows.append(last)
+    ours = np.stack([_chunked_last_logits(llm, p) for p in PROMPTS])
     with torch.no_grad():
         ref = np.stack([hf(**inputs).logits[0, -1].numpy() for inputs in hf_inputs])
-    np.testing.assert_allclose(np.stack(rows), ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+def _chunked_last_logits(llm, prompt: dict) -> np.ndarray:
+    """The prompt's last-token logits, prefilled in chunks of 24 tokens so that item spans
+    straddle steps (scratch pages at the top of the pool; the engine is idle)."""
+    from jaxmm.multimodal.inputs import prepare_multimodal_prompt
+    from jaxmm.runner.model_runner import SeqStep
+
+    engine = llm.llm_engine
+    runner = engine.runner
+    if "multi_modal_data" in prompt:
+        _, ids, mm = prepare_multimodal_prompt(engine, prompt)
+    else:
+        ids, mm = llm.get_tokenizer()(prompt["prompt"]).input_ids, None
+    n = math.ceil(len(ids) / runner.block_size)
+    pages = list(range(runner.num_pages - n, runner.num_pages))
+    rows_of = _encode_items(engine, mm)
+    for start in range(0, len(ids), 24):
+        chunk = ids[start : start + 24]
+        step = SeqStep(chunk, start, pages, sample=start + len(chunk) == len(ids))
+        if mm is not None:
+            mm.fill_step(step, None, start, len(chunk))
+            step.mm_rows = _chunk_rows(mm, rows_of, start, len(chunk))
+        last = runner.logits([step])[0]
+    return last
+
+
+@pytest.mark.parametrize("vlm", ["qwen3_vl"], indirect=True)
+@pytest.mark.parametrize("case", VIDEOS, ids=[v[0] for v in VIDEOS])
+def test_video_with_frame_times_matches_transformers(vlm, case):
+    """Frames sampled at 2 per second, the time text before each frame, per-frame M-RoPE;
+    prefilled in chunks that cut through the span."""
+    arch, path, llm, hf = vlm
+    _, item, frames, fps = case
+    prompt = {"prompt": f"Video: {V_QWEN} what happens", "multi_modal_data": {"video": item}}
+    inputs = _hf_video_inputs(path, prompt["prompt"], frames, fps, llm.get_tokenizer())
+    out = llm.generate([prompt], _params(), use_tqdm=False)[0]
+    text = llm.get_tokenizer().decode(out.prompt_token_ids)
+    assert text.count(" seconds>") == 2  # two temporal patches, each with its time
+    assert out.prompt_token_ids == inputs["input_ids"][0].tolist()
+    assert out.outputs[0].token_ids == _hf_generate(hf, inputs)
+    with torch.no_grad():
+        ref = hf(**inputs).logits[0, -1].numpy()
+    np.testing.assert_allclose(_chunked_last_logits(llm, prompt), ref, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("vlm", ["qwen3_vl"], indirect=True)
