@@ -393,3 +393,53 @@ def test_gemma_ttft_benchmark_smoke(tmp_path, capsys):
     per_layer = 2 * 2 * 16 * 2
     assert ttft["kv_bytes_per_token_full_layout"] == 6 * per_layer
     assert ttft["kv_bytes_per_token_windowed"] == round(per_layer * (1 + 5 * 80 / 256))
+
+
+def test_bidirectional_blocks_under_a_kernel_backend():
+    """`gemma3.attention` with image blocks on a kernel backend (the parity tests run the XLA
+    one): the kernel when no token is in a block, the XLA path with the mask otherwise (a
+    cond), against the reference with the same `causal_end`; causal_end changes the output."""
+    backend = "pallas"  # interpret mode on CPU
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxmm.kernels.reference import ragged_paged_attention as reference
+    from jaxmm.layers.attention import AttentionMetadata
+    from jaxmm.models.gemma3 import attention, image_causal_end
+
+    rs = np.random.RandomState(0)
+    T, N, K, H, G, A, IMG = 16, 4, 2, 16, 4, 12, 99
+    # a decode (seq 0, 9 cached tokens), then a 15-token chunk of seq 1 after 3 cached tokens
+    # holding an image at positions 5..10 (tokens 3..8 of the chunk)
+    ids = np.full(T, 7, np.int32)
+    ids[1 + 2 : 1 + 8] = IMG
+    md = AttentionMetadata(
+        positions=jnp.zeros(T, jnp.int32),  # unused by attention
+        kv_lens=jnp.array([10, 18], jnp.int32),
+        page_indices=jnp.array([[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], jnp.int32),
+        cu_q_lens=jnp.array([0, 1, 16], jnp.int32),
+        num_seqs=jnp.array([2], jnp.int32),
+        logits_indices=jnp.array([0, 15], jnp.int32),
+    )
+    end = image_causal_end(jnp.asarray(ids), md, IMG)
+    want_end = np.full(T, -1)
+    want_end[3:9] = 10
+    np.testing.assert_array_equal(np.asarray(end), want_end)
+    q = jnp.asarray(rs.standard_normal((T, N, H)), jnp.float32)
+    k, v = (jnp.asarray(rs.standard_normal((T, K, H)), jnp.float32) for _ in range(2))
+    pages = jnp.asarray(rs.standard_normal((2, K, A, G, H)), jnp.float32)
+    meta = (md.kv_lens, md.page_indices, md.cu_q_lens, md.num_seqs)
+    for window in (None, 4):
+        kw = dict(sm_scale=0.25, sliding_window=window, soft_cap=None)
+        ours = jax.jit(functools.partial(attention, backend=backend, **kw))
+        ref = jax.jit(functools.partial(reference, **kw))
+        got, _ = ours(q, k, v, pages, md, end)
+        want, _ = ref(q, k, v, pages, *meta, causal_end=end)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+        causal, _ = ref(q, k, v, pages, *meta, causal_end=None)
+        assert not np.allclose(np.asarray(causal), np.asarray(want), atol=1e-3)
+        none = jnp.full(T, -1, jnp.int32)  # no block: the backend's own causal path
+        got, _ = ours(q, k, v, pages, md, none)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(causal), atol=2e-5)
