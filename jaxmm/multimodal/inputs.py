@@ -115,11 +115,8 @@ class MultimodalRequest:
         end = start + n
         if self.mrope_positions is not None:
             L = self.num_prompt_tokens
-            if start >= L:  # decode: text positions, one value on all three axes
-                step.mrope_positions = np.broadcast_to(
-                    np.arange(start + self.mrope_delta, end + self.mrope_delta, dtype=np.int32),
-                    (3, n),
-                )
+            if start >= L:  # after the prompt: text positions, one value on all three axes
+                step.position_offset = self.mrope_delta
                 return
             pos = np.empty((3, n), np.int32)
             split = min(max(L - start, 0), n)  # tokens of this step inside the prompt

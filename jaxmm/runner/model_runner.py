@@ -90,6 +90,9 @@ class SeqStep:
     # placeholder tokens
     mm_rows: list | None = None
     mrope_positions: np.ndarray | None = None  # (3, n) for M-RoPE models
+    # without mrope_positions, token i sits at start + i + position_offset (on every M-RoPE
+    # axis): M-RoPE text after the prompt, without building a (3, n) array per token
+    position_offset: int = 0
     # model-specific per-sequence inputs (name -> array), stacked to (S, ...) for the step,
     # e.g. an encoder-decoder's cross-attention slot
     seq_inputs: dict | None = None
@@ -494,14 +497,23 @@ class ModelRunner:
         t = 0
         for i, s in enumerate(steps):
             n = len(s.token_ids)
-            ids[t : t + n] = s.token_ids
-            if mrope:
+            first = s.start + s.position_offset
+            if n == 1:  # decodes: scalar stores, the per-step host cost at large batches
+                ids[t] = s.token_ids[0]
+                if s.mrope_positions is not None:
+                    positions[:, t] = s.mrope_positions[:, 0]
+                elif mrope:
+                    positions[:, t] = first
+                else:
+                    positions[t] = first
+            else:
+                ids[t : t + n] = s.token_ids
                 if s.mrope_positions is not None:
                     positions[:, t : t + n] = s.mrope_positions
+                elif mrope:
+                    positions[:, t : t + n] = np.arange(first, first + n)[None]
                 else:
-                    positions[:, t : t + n] = np.arange(s.start, s.start + n)[None]
-            else:
-                positions[t : t + n] = np.arange(s.start, s.start + n)
+                    positions[t : t + n] = np.arange(first, first + n)
             kv_lens[i] = s.start + n
             page_indices[i, : len(s.block_table)] = s.block_table
             cu[i + 1] = t + n
