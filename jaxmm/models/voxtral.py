@@ -102,6 +102,12 @@ class VoxtralForConditionalGeneration(nnx.Module):
         del modality
         return "[BEGIN_AUDIO][AUDIO]"
 
+    def transcription_prompt_text(self, language: str | None) -> str:
+        """The transcription request as mistral_common encodes it (after BOS): the audio in
+        an instruction, then the language if known, then [TRANSCRIBE]."""
+        lang = f"lang:{language}" if language else ""
+        return f"[INST]{self.mm_placeholder_text('audio')}[/INST]{lang}[TRANSCRIBE]"
+
     def mm_num_tokens(self, modality: str, item: dict) -> int:
         """Rows an item gives: its windows times the rows of one window."""
         del modality

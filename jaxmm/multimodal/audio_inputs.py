@@ -354,9 +354,13 @@ class AudioFrontend:
         prompt: str | None = None,
     ) -> tuple[str | None, list[int], WhisperRequest]:
         if not self.encoder_decoder:
-            raise ValueError(
-                f"{type(self.model).__name__} is not a transcription (encoder-decoder) model"
-            )
+            make = getattr(self.model, "transcription_prompt_text", None)
+            if make is None or task != "transcribe":
+                raise ValueError(f"{type(self.model).__name__} does not {task} audio")
+            # an audio-in-LLM model's own request format (Voxtral); `prompt` (earlier text)
+            # has no place in it
+            request = {"prompt": make(language), "multi_modal_data": {"audio": [audio_item]}}
+            return self._prepare_embeds(request, [audio_item])
         audio = self.load(audio_item)
         ids = self.decoder_prompt(language, task, prompt)
         return None, ids, self.whisper_request(audio)

@@ -1,7 +1,8 @@
 """Chat templates kept here: usable by name, and the fallback for checkpoints without one.
 
 Some checkpoints ship no chat template (early LLaVA-1.5 conversions, base and embedding
-checkpoints of the Qwen vision and audio models); vLLM keeps templates for such model
+checkpoints of the Qwen vision and audio models, Voxtral, whose template lives in
+mistral_common); vLLM keeps templates for such model
 types, and so does this module:
 - `NAMED_TEMPLATES`: `--chat-template llava` (or `chat_template="llava"`) picks one by name;
 - `FALLBACK_BY_MODEL_TYPE`: the HF config's `model_type` -> the template used when the
@@ -47,13 +48,30 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-NAMED_TEMPLATES = {"llava": LLAVA, "chatml": CHATML}
+# Voxtral's instruct format as mistral_common encodes it: BOS, then per user turn
+# "[INST]" + its parts in order (an audio as "[BEGIN_AUDIO][AUDIO]") + "[/INST]", each
+# assistant turn followed by EOS.
+VOXTRAL = (
+    "{{ bos_token }}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{{ '[INST]' }}"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'audio' %}{{ '[BEGIN_AUDIO][AUDIO]' }}"
+    "{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '[/INST]' }}"
+    "{% elif m['role'] == 'system' %}{{ '[SYSTEM_PROMPT]' + m['content'] + '[/SYSTEM_PROMPT]' }}"
+    "{% else %}{{ m['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+NAMED_TEMPLATES = {"llava": LLAVA, "chatml": CHATML, "voxtral": VOXTRAL}
 
 FALLBACK_BY_MODEL_TYPE = {
     "llava": "llava",
     "qwen2_vl": "chatml",
     "qwen2_5_vl": "chatml",
     "qwen2_audio": "chatml",
+    "voxtral": "voxtral",
 }
 
 

@@ -1,13 +1,14 @@
 """POST /v1/audio/transcriptions: OpenAI speech-to-text over a multipart upload.
 
-Only a Whisper checkpoint (`architectures` in TRANSCRIPTION_ARCHITECTURES) transcribes; any
-other model gets a 400. For Whisper, the upload is decoded in the thread pool
+Only Whisper and Voxtral checkpoints (`architectures` in TRANSCRIPTION_ARCHITECTURES)
+transcribe; any other model gets a 400. For Whisper, the upload is decoded in the thread pool
 (`jaxmm.multimodal.audio.decode_audio_bytes`, duration capped by the media policy), then
 handed to the hook `jaxmm.multimodal.inputs.transcription_prompt(engine, samples,
 sample_rate, language=..., prompt=...) -> (text, prompt_ids, mm)`, which the Whisper front
 end provides: it builds the decoder prompt (<|startoftranscript|><|lang|><|transcribe|>
 <|notimestamps|>) and the audio features. The result is generated like any request. While
-that hook is missing, a Whisper server answers 501 saying so.
+that hook is missing, a Whisper server answers 501 saying so. Voxtral (an audio-in-LLM
+model) gets its own transcription request from the same hook, per 30 s window too.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from jaxmm.server.submit import Prompt, collect, submit
 
 router = APIRouter()
 
-TRANSCRIPTION_ARCHITECTURES = frozenset({"WhisperForConditionalGeneration"})
+TRANSCRIPTION_ARCHITECTURES = frozenset(
+    {"WhisperForConditionalGeneration", "VoxtralForConditionalGeneration"}
+)
 _FORMATS = ("json", "text", "verbose_json")
 
 

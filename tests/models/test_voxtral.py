@@ -7,10 +7,14 @@ VoxtralProcessor computes them (the clip padded to whole windows, log-mel over a
 cut into windows) and its placeholders expanded here (the processor itself needs
 mistral_common). Clips of one and of two windows, two clips in one prompt: HF `generate`'s
 greedy tokens; the spliced rows equal HF's `get_audio_features`; precomputed rows give the
-same tokens.
+same tokens. Chat renders with the kept Voxtral template (the checkpoint has none), and
+/v1/audio/transcriptions sends mistral_common's transcription request through a real
+server: the openai client's text is the offline greedy transcription of the same prompt.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -34,9 +38,10 @@ def voxtral(tmp_path_factory):
 
     path = str(tmp_path_factory.mktemp("voxtral"))
     tok = make_tokenizer(path)
-    tok.add_special_tokens(
-        {"additional_special_tokens": ["[INST]", "[/INST]", "[BEGIN_AUDIO]", "[AUDIO]"]}
-    )
+    specials = ["[INST]", "[/INST]", "[BEGIN_AUDIO]", "[AUDIO]", "[TRANSCRIBE]"]
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    tok.chat_template = None  # as Voxtral's checkpoints: the template is mistral_common's
+    os.remove(os.path.join(path, "chat_template.jinja"))  # make_tokenizer's
     tok.save_pretrained(path)
     WhisperFeatureExtractor(feature_size=16, chunk_length=2).save_pretrained(path)
     config = VoxtralConfig(
@@ -170,3 +175,49 @@ def test_voxtral_audio_embeds(voxtral):
             params,
             use_tqdm=False,
         )
+
+
+def _wav(clip: np.ndarray) -> bytes:
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, clip, SR, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+def test_voxtral_chat_and_transcriptions(voxtral):
+    from openai import OpenAI
+
+    from tests.server.live_util import KEY, NAME, live_server
+
+    path, _, tok = voxtral
+    clip = _tone(2.6, 400, 3)
+    kw = dict(dtype="float32", max_model_len=256, max_num_batched_tokens=256)
+    llm = LLM(path, **kw)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    parts = [{"type": "audio", "audio": (clip, SR)}, {"type": "text", "text": "What is it?"}]
+    [chat] = llm.chat([{"role": "user", "content": parts}], params, use_tqdm=False)
+    text = f"[INST]{AUDIO}What is it?[/INST]"
+    [ref] = llm.generate(
+        {"prompt": text, "multi_modal_data": {"audio": (clip, SR)}}, params, use_tqdm=False
+    )
+    assert chat.prompt_token_ids == ref.prompt_token_ids == tok(_expand(text, [clip])).input_ids
+    assert chat.outputs[0].token_ids == ref.outputs[0].token_ids
+
+    # mistral_common's transcription request; the server takes the whole answer (no
+    # max_tokens): a random model runs to max_model_len, the same offline
+    request = "[INST][BEGIN_AUDIO][AUDIO][/INST]lang:en[TRANSCRIBE]"
+    [want] = llm.generate(
+        {"prompt": request, "multi_modal_data": {"audio": (clip, SR)}},
+        SamplingParams(temperature=0, max_tokens=None),
+        use_tqdm=False,
+    )
+    assert want.outputs[0].text.strip()
+    with live_server(path, **kw) as (_, url):
+        client = OpenAI(base_url=f"{url}/v1", api_key=KEY)
+        got = client.audio.transcriptions.create(
+            model=NAME, file=("a.wav", _wav(clip), "audio/wav"), language="en"
+        )
+    assert got.text == want.outputs[0].text.strip()
