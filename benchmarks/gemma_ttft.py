@@ -24,7 +24,9 @@ from the difference of two output lengths (prefill cancels out), vs the roofline
 reads the language model's weights once (the tied embedding once, as the LM head), at the
 copy bandwidth measured here (benchmarks/e2e_decode.py).
 KV bytes per token at --context tokens, from the model's layout (in both lines): every layer
-paged ("full_layout") against global layers paged plus one window per local layer.
+paged ("full_layout") against global layers paged plus one window per local layer. With
+--local-kv-tokens N the engine runs that way ($JAXMM_GEMMA3_LOCAL_KV_TOKENS, see
+models/gemma3.py) and "kv_bytes_per_token_measured" comes from the arrays it allocated.
 
 transformers 5.17 (the GPU host) lacks classes 5.24 has: a missing Gemma 3 class is reported
 in the JSON ("hf_error") and jaxmm's numbers still come out.
@@ -322,6 +324,12 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--decode-tokens", type=int, nargs=2, default=[32, 160], metavar=("S", "L"))
     ap.add_argument("--context", type=int, default=32768, help="for KV bytes per token")
+    ap.add_argument(
+        "--local-kv-tokens",
+        type=int,
+        default=0,
+        help="local layers keep a ring of N tokens per sequence (0: every layer paged)",
+    )
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxmm-bench"))
     args = ap.parse_args(argv)
 
@@ -330,7 +338,12 @@ def main(argv=None) -> list[dict]:
     import transformers
 
     from jaxmm import LLM, SamplingParams
+    from jaxmm.models.gemma3 import LOCAL_KV_ENV
 
+    if args.local_kv_tokens:
+        os.environ[LOCAL_KV_ENV] = str(args.local_kv_tokens)
+    else:
+        os.environ.pop(LOCAL_KV_ENV, None)
     path = os.path.join(args.workdir, f"gemma3-{args.config}")
     cfg, tok = write_checkpoint(args.config, path)
     llm = LLM(
@@ -348,8 +361,14 @@ def main(argv=None) -> list[dict]:
     runner = engine.runner
     engine.scheduler.whole_mm_items = True  # the model's mm_whole_items (see models/gemma3.py)
     sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    ring = cfg.text_config.sliding_window + runner.max_num_batched_tokens
+    ring = args.local_kv_tokens or cfg.text_config.sliding_window + runner.max_num_batched_tokens
     kv = kv_bytes_per_token(cfg, args.context, ring)
+    kv["local_kv_tokens"] = args.local_kv_tokens
+    if args.local_kv_tokens:  # what the engine allocated: pages of global layers, rings
+        paged = runner.kv_caches[: runner.num_layers]
+        per_token = sum(a.nbytes for a in paged) / (runner.num_pages * runner.block_size)
+        per_seq = runner.state_bytes_per_slot
+        kv["kv_bytes_per_token_measured"] = int(round(per_token + per_seq / args.context))
     env = {
         "dtype": np.dtype(runner.dtype).name,
         "attention_backend": runner.backend,

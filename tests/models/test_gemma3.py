@@ -379,7 +379,8 @@ def test_gemma_ttft_benchmark_smoke(tmp_path, capsys):
     from benchmarks import gemma_ttft
 
     argv = ["--config", "small", "--iters", "1", "--device", "cpu", "--decode-tokens", "2", "4"]
-    argv += ["--max-num-batched-tokens", "64", "--context", "256"]
+    # local layers on rings of window (16) + one step (64) tokens: the VLM runs that way
+    argv += ["--max-num-batched-tokens", "64", "--context", "256", "--local-kv-tokens", "80"]
     results = gemma_ttft.main(argv + ["--workdir", str(tmp_path)])
     lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()[-2:]]
     assert lines == results
@@ -393,6 +394,7 @@ def test_gemma_ttft_benchmark_smoke(tmp_path, capsys):
     per_layer = 2 * 2 * 16 * 2
     assert ttft["kv_bytes_per_token_full_layout"] == 6 * per_layer
     assert ttft["kv_bytes_per_token_windowed"] == round(per_layer * (1 + 5 * 80 / 256))
+    assert ttft["kv_bytes_per_token_measured"] == ttft["kv_bytes_per_token_windowed"]
 
 
 def test_bidirectional_blocks_under_a_kernel_backend():
