@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 
 import httpx
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 from jaxmm import LLM, PoolingParams
 from jaxmm.engine.pooling_engine import PoolingClient
 from jaxmm.server.app import build_app
+from tests.helpers import link_model_files
 from tests.models.test_vlm_parity import IMAGES, _hf_inputs, _hf_model, make_vlm, prompts_for
 from tests.server.util import running_server
 
@@ -132,3 +134,64 @@ def test_server_messages_form_gives_the_offline_vector(llm):
         assert r.status_code == 400 and "either input or messages" in r.text
         r = httpx.post(f"{url}/v1/embeddings", json={"model": NAME}, timeout=60)
         assert r.status_code == 400 and "input (or messages)" in r.text
+
+
+@pytest.fixture(scope="module")
+def st_ckpt(ckpt, tmp_path_factory):
+    """The checkpoint with sentence-transformers files: CLS pooling, no Normalize module."""
+    import json
+    import shutil
+
+    dst = link_model_files(ckpt, str(tmp_path_factory.mktemp("st_qwen2_vl")))
+    for name in os.listdir(ckpt):
+        if name.startswith(("tokenizer", "chat_template", "preprocessor", "special_tokens")):
+            shutil.copy(os.path.join(ckpt, name), dst)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
+    ]
+    with open(os.path.join(dst, "modules.json"), "w") as f:
+        json.dump(modules, f)
+    os.makedirs(os.path.join(dst, "1_Pooling"))
+    with open(os.path.join(dst, "1_Pooling", "config.json"), "w") as f:
+        json.dump({"word_embedding_dimension": 64, "pooling_mode_cls_token": True}, f)
+    return dst
+
+
+def test_pooling_from_sentence_transformers_files(st_ckpt, ckpt, llm):
+    st = LLM(
+        st_ckpt, runner="pooling", dtype="float32", max_model_len=256, max_num_batched_tokens=64
+    )
+    assert (
+        st.pooling_engine.pooler_config.pooling_type,
+        st.pooling_engine.pooler_config.normalize,
+    ) == ("CLS", False)
+    prompts = prompts_for(ARCH)[:3]
+    tok = llm.get_tokenizer()
+    hf = _hf_model(ckpt, ARCH)
+    with torch.no_grad():  # the first token's final hidden state, unnormalised
+        ref = [
+            hf.model(**_hf_inputs(ckpt, ARCH, p, tok)).last_hidden_state[0, 0].numpy()
+            for p in prompts
+        ]
+    got = [o.outputs.embedding for o in st.embed(prompts, use_tqdm=False)]
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    # overridden back to LAST + normalize: the default engine's vectors
+    last = LLM(
+        st_ckpt,
+        runner="pooling",
+        dtype="float32",
+        max_model_len=256,
+        max_num_batched_tokens=64,
+        pooler_config={"pooling_type": "last", "normalize": True},
+    )
+    np.testing.assert_allclose(
+        [o.outputs.embedding for o in last.embed(prompts, use_tqdm=False)],
+        [o.outputs.embedding for o in llm.embed(prompts, use_tqdm=False)],
+        atol=1e-6,
+    )
