@@ -241,10 +241,12 @@ class ModelRunner:
         # axis, KV heads too, each stored once per device that reads it when there are fewer
         # of them than devices
         tp = tensor_parallel_size
-        num_heads = getattr(text_config, "num_attention_heads", None) or getattr(
-            text_config, "decoder_attention_heads", self.num_kv_heads
+        # the paged cache's q heads: an encoder-decoder's are its decoder's
+        num_heads = getattr(text_config, "decoder_attention_heads", None) or getattr(
+            text_config, "num_attention_heads", self.num_kv_heads
         )
-        self.num_kv_heads = replicated_kv_heads(num_heads, self.num_kv_heads, tp)
+        if tp > 1:
+            self.num_kv_heads = replicated_kv_heads(num_heads, self.num_kv_heads, tp)
         self.shard_attention = tp > 1 or os.environ.get(SHARD_MAP_ENV, "1") != "0"
         t0 = time.perf_counter()
         self.graphdef, abstract_state = nnx.split(abstract)
