@@ -5,7 +5,8 @@ The checkpoint (SigLIP tower, Qwen2 text model) is saved with `save_pretrained` 
 processor, tokenizer with `<image>` / `<video>`), as transformers writes them. The pinpoints
 and `anyres_max_2` make the prompts cover every packing path: a square image whose 2x2 tiles
 are shrunk bilinearly, a non-square one cropped to the image and shrunk, two images in one
-prompt (one padded tile each, no tiling), and a video (frames pooled 4x4 -> 2x2).
+prompt (one padded tile each, no tiling), a video (frames pooled 4x4 -> 2x2), and a video
+followed by a tall image (3x1 tiles, cropped, not shrunk).
 
 The HF side gets its inputs from HF's own processor; its video processor needs torchvision,
 so without it the video's pixels come from torch here (the uint8 antialiased resize and the
@@ -59,6 +60,10 @@ PROMPTS = [
         "multi_modal_data": {"image": [TALL, WIDE]},
     },
     {"prompt": "Video: <video> what happens", "multi_modal_data": {"video": VIDEO}},
+    {  # one image with a video: the image is tiled
+        "prompt": "A <video> then <image> which",
+        "multi_modal_data": {"image": TALL, "video": VIDEO},
+    },
 ]
 
 
@@ -162,17 +167,30 @@ def _hf_inputs(path: str, prompt: dict) -> dict:
     tok = AutoTokenizer.from_pretrained(path)
     proc = _processor(tok)
     data = prompt["multi_modal_data"]
+    text, kw = prompt["prompt"], {}
     if "image" in data:
         images = data["image"] if isinstance(data["image"], list) else [data["image"]]
-        return dict(proc(text=prompt["prompt"], images=[images], return_tensors="pt"))
-    frames = data["video"]
-    if HAS_TORCHVISION:
-        return dict(proc(text=prompt["prompt"], videos=[frames], return_tensors="pt"))
-    n = proc._get_num_multimodal_tokens(video_sizes=[frames.shape[:3]])["num_video_tokens"][0]
-    text = prompt["prompt"].replace("<video>", "<video>" * n)
-    ids = torch.tensor([tok(text).input_ids])
-    pixels = _hf_video_pixels(frames)[None]
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=pixels)
+        kw["images"] = [images]  # one sample: its images are one prompt's
+    frames = data.get("video")
+    if frames is not None and HAS_TORCHVISION:
+        kw["videos"] = [frames]
+    elif frames is not None:  # a marker token for the processor, expanded after
+        text = text.replace("<video>", "<|system|>")
+    if kw:
+        out = dict(proc(text=text, return_tensors="pt", **kw))
+    else:
+        ids = torch.tensor([tok(text).input_ids])
+        out = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    if frames is not None and not HAS_TORCHVISION:  # the processor's count, torch's pixels
+        n = proc._get_num_multimodal_tokens(video_sizes=[frames.shape[:3]])["num_video_tokens"][0]
+        ids = []
+        for t in out["input_ids"][0].tolist():
+            marker = t == tok.convert_tokens_to_ids("<|system|>")
+            ids.extend([tok.convert_tokens_to_ids("<video>")] * n if marker else [t])
+        out["input_ids"] = torch.tensor([ids])
+        out["attention_mask"] = torch.ones_like(out["input_ids"])
+        out["pixel_values_videos"] = _hf_video_pixels(frames)[None]
+    return out
 
 
 def _hf_generate(model, inputs: dict) -> list[int]:
