@@ -46,9 +46,10 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
         # hybrid models: a cached prefix is usable only with the linear layers' state at its
-        # end, and no state snapshots are kept (state_cache.py), so such a model never takes
-        # a hit and recomputes from the first token (its pages are still published)
+        # end; `has_state_snapshot(page_hash)` says whether one is kept (state_cache.py).
+        # Without it such a model takes no hit (its pages are still published)
         self.recurrent_state = recurrent_state
+        self.has_state_snapshot = None
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.hash_to_block: dict[int, int] = {}
@@ -99,7 +100,8 @@ class BlockManager:
         G = self.block_size
         seq.block_hashes = []
         hits: list[int] = []
-        if self.enable_prefix_caching and not self.recurrent_state:
+        usable = not self.recurrent_state or self.has_state_snapshot is not None
+        if self.enable_prefix_caching and usable:
             parent = None
             for i in range((len(seq) - 1) // G):
                 tokens = tuple(seq.block_tokens(i, G))
@@ -110,6 +112,10 @@ class BlockManager:
                 hits.append(block_id)
                 seq.block_hashes.append(h)
                 parent = h
+            if self.recurrent_state:  # up to the last page with a state snapshot
+                while hits and not self.has_state_snapshot(seq.block_hashes[-1]):
+                    hits.pop()
+                    seq.block_hashes.pop()
             self.prefix_queries += len(seq)
             self.prefix_hits += len(hits) * G
         for block_id in hits:

@@ -33,7 +33,7 @@ from jaxmm.engine.encoder_cache import EncoderCacheManager
 from jaxmm.engine.prompts import check_prompt_ids, tokenize_prompt
 from jaxmm.engine.scheduler import ScheduledBatch, Scheduler
 from jaxmm.engine.sequence import Sequence
-from jaxmm.engine.state_cache import StateSlots
+from jaxmm.engine.state_cache import StateSlots, StateSnapshots, snapshot_point
 from jaxmm.engine.structured import fill_bitmasks
 from jaxmm.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxmm.runner.checkpoint import load_tokenizer, open_checkpoint
@@ -128,6 +128,13 @@ class LLMEngine:
             if self.runner.num_state_slots
             else None,
         )
+        # hybrid models: state snapshots at cached prefixes (engine/state_cache.py)
+        self.state_snapshots = None
+        if self.runner.num_snapshot_slots and cc.enable_prefix_caching:
+            self.state_snapshots = StateSnapshots(
+                self.runner.num_state_slots, self.runner.num_snapshot_slots
+            )
+            self.block_manager.has_state_snapshot = self.state_snapshots.has
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()
@@ -182,6 +189,8 @@ class LLMEngine:
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix page not in use (vLLM's `reset_prefix_cache`)."""
         self.block_manager.reset_prefix_cache()
+        if self.state_snapshots is not None:
+            self.state_snapshots.clear()
         return True
 
     @property
@@ -502,9 +511,13 @@ class LLMEngine:
                 sampled.append((seq, len(seq)))
                 seq.token_ids.append(-(row + 1))  # filled in by `_resolve`
                 sync = sync or self.requests[seq.request_id].params.uses_penalties
+        if self.state_snapshots is not None:
+            self._restore_states(batch, steps)
         handle = self.runner.dispatch(
             steps, None if pending is None else pending.handle, fill_masks
         )
+        if self.state_snapshots is not None:
+            self._snapshot_states(batch)
         offsets = itertools.accumulate(batch.num_new_tokens, initial=0)
         prompt_rows = [
             (seq, off, s.start, len(s.prompt_targets))
@@ -512,6 +525,28 @@ class LLMEngine:
             if s.prompt_targets
         ]
         return _Pending(batch, handle, sampled, sync, prompt_rows)
+
+    def _restore_states(self, batch: ScheduledBatch, steps: list[SeqStep]) -> None:
+        """A sequence's first step after a prefix-cache hit starts from a copy of the state
+        snapshot at the end of its cached prefix (hits stop where snapshots do)."""
+        G = self.block_manager.block_size
+        for seq, s in zip(batch.seqs, steps):
+            if s.start == seq.num_cached_tokens > 0:
+                snap = self.state_snapshots.get(seq.block_hashes[s.start // G - 1])
+                if snap is None:  # admit and this launch are one schedule: never, short of a bug
+                    raise RuntimeError("a prefix-cache hit without its state snapshot")
+                self.runner.copy_state(snap, s.state_slot)
+
+    def _snapshot_states(self, batch: ScheduledBatch) -> None:
+        """Keep the state of sequences whose step ended at their prompt's snapshot point
+        (queued after the step on the device)."""
+        G = self.block_manager.block_size
+        for seq in batch.seqs:
+            cut = snapshot_point(seq.num_prompt_tokens, G)
+            if cut > seq.num_cached_tokens and seq.num_computed_tokens == cut:
+                self.block_manager.register_full_blocks(seq)
+                snap = self.state_snapshots.put(seq.block_hashes[cut // G - 1])
+                self.runner.copy_state(self.scheduler.state_slots.slot_of(seq.seq_id), snap)
 
     def _fill_prompt_logprobs(self, pending: _Pending, out) -> None:
         """Prompt logprobs of the chunks this step computed, into their requests."""

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from .block_manager import BlockManager
 from .encoder_cache import EncoderCacheManager
 from .sequence import Sequence, SequenceStatus
-from .state_cache import StateSlots
+from .state_cache import StateSlots, snapshot_point
 
 
 @dataclass
@@ -107,7 +107,9 @@ class Scheduler:
             if seq.seq_id in exclude:
                 i += 1
                 continue
-            n = self._fit_encoder(seq, min(seq.num_uncomputed, budget), batch)
+            n = self._cut_at_snapshot(
+                seq, self._fit_encoder(seq, min(seq.num_uncomputed, budget), batch)
+            )
             if n == 0:  # its next item's encoder waits for budget or cache room
                 i += 1
                 continue
@@ -140,7 +142,9 @@ class Scheduler:
                 break  # admitted against free state slots as well as pages
             if not seq.block_table:
                 bm.admit(seq)
-            n = self._fit_encoder(seq, min(seq.num_uncomputed, budget), batch)
+            n = self._cut_at_snapshot(
+                seq, self._fit_encoder(seq, min(seq.num_uncomputed, budget), batch)
+            )
             if n == 0 or not bm.ensure_slots(seq, seq.num_computed_tokens + n):
                 bm.free_seq(seq)
                 self.release_items(seq)
@@ -176,6 +180,18 @@ class Scheduler:
         batch.seqs = [batch.seqs[j] for j in order]
         batch.num_new_tokens = [batch.num_new_tokens[j] for j in order]
         return batch
+
+    def _cut_at_snapshot(self, seq: Sequence, n: int) -> int:
+        """Hybrid models with prefix caching: a prefill chunk that passes the prompt's
+        snapshot point ends there, so the engine can keep the state at that prefix."""
+        bm = self.block_manager
+        if self.state_slots is None or bm.has_state_snapshot is None:
+            return n
+        if not bm.enable_prefix_caching:
+            return n
+        cut = snapshot_point(seq.num_prompt_tokens, bm.block_size)
+        start = seq.num_computed_tokens
+        return cut - start if start < cut < start + n else n
 
     # -- encoder work ---------------------------------------------------------------------------
     def _fit_encoder(self, seq: Sequence, n: int, batch: ScheduledBatch) -> int:

@@ -293,10 +293,13 @@ class ModelRunner:
         state_spec = getattr(abstract, "state_cache_spec", None)
         state_spec = state_spec(self.dtype) if state_spec is not None else []
         self.num_state_slots = self.max_num_seqs if state_spec else 0
+        # prefix caching: snapshots of the state at cached prefixes (engine/state_cache.py)
+        self.num_snapshot_slots = max(1, self.max_num_seqs // 4) if state_spec else 0
+        self.state_scratch_slot = self.num_state_slots + self.num_snapshot_slots
         self.state_bytes_per_slot = sum(math.prod(s) * jnp.dtype(d).itemsize for s, d in state_spec)
         state_caches = [
             jax.device_put(
-                jnp.zeros((self.num_state_slots + 1, *s), d),
+                jnp.zeros((self.state_scratch_slot + 1, *s), d),
                 NamedSharding(self.mesh, PartitionSpec()),
             )
             for s, d in state_spec
@@ -317,7 +320,7 @@ class ModelRunner:
         else:
             budget = self._kv_budget(gpu_memory_utilization, kv_cache_memory_bytes)
             if kv_cache_memory_bytes is not None:  # a given budget covers the state slots too
-                budget -= (self.num_state_slots + 1) * self.state_bytes_per_slot
+                budget -= (self.state_scratch_slot + 1) * self.state_bytes_per_slot
             want = self.max_num_seqs * self.pages_per_seq + 1
             num_pages = min(budget // bytes_per_page, want)
         if num_pages < self.pages_per_seq:
@@ -345,6 +348,7 @@ class ModelRunner:
                 for a in extra(self.dtype, self.max_num_seqs)
             ]
         self.kv_caches += state_caches  # after the KV pages, in the model's order
+        self._state_start = len(self.kv_caches) - len(state_caches)
         if getattr(abstract, "is_encoder_decoder", False):
             self.cross_slots = int(self.kv_caches[self.num_layers].shape[1])
             if self.max_num_seqs > self.cross_slots:
@@ -381,6 +385,8 @@ class ModelRunner:
         # encoder outputs into the encoder cache, in place (one program per source shape and
         # row-count bucket)
         self._write_rows = jax.jit(self._write_rows_fn, donate_argnums=(0,))
+        # hybrid models: one slot's state into another (prefix-cache snapshots), in place
+        self._copy_state = jax.jit(self._copy_state_fn, donate_argnums=(0,))
         self._mm_encode = None  # the model's encoder entry point, built on first use
         self._cross_write = None  # encoder-decoder models: encoder -> cross K/V slots
         # what the model and the step close over, besides the arguments' shapes
@@ -423,6 +429,16 @@ class ModelRunner:
         """cache (R + 1, D) with cache[dst_rows[i]] = src[src_rows[i]]; padding entries write
         to the last row, which nothing reads."""
         return cache.at[dst_rows].set(src[src_rows].astype(cache.dtype))
+
+    @staticmethod
+    def _copy_state_fn(states, src, dst):
+        return [a.at[dst].set(a[src]) for a in states]
+
+    def copy_state(self, src: int, dst: int) -> None:
+        """Hybrid models: every state array's slot `src` into slot `dst`, queued on the
+        device after the steps already launched (one program for every pair)."""
+        s = self._state_start
+        self.kv_caches[s:] = self._copy_state(self.kv_caches[s:], np.int32(src), np.int32(dst))
 
     def _step_fn(self, leaves, kv_caches, prev_tokens, input_ids, md, *rest):
         if self.shard_attention:
@@ -536,7 +552,7 @@ class ModelRunner:
                         arr[i] = s.seq_inputs[name]
                 seq_inputs[name] = arr
         if self.num_state_slots:  # every row names its state slot, padding the scratch one
-            slot = np.full(S, self.num_state_slots, np.int32)
+            slot = np.full(S, self.state_scratch_slot, np.int32)
             for i, s in enumerate(steps):
                 if s.state_slot is not None:
                     slot[i] = s.state_slot
@@ -818,6 +834,8 @@ class ModelRunner:
                     self.sample_programs.prepare(sig, (logits, t, None), static)
                 out = self.sample_programs(sig, logits, t, None, **static)
             jax.block_until_ready(out)
+        if self.num_state_slots:  # the prefix-cache snapshot copy
+            self.copy_state(self.state_scratch_slot, self.state_scratch_slot)
         self.init_times["warmup"] = round(time.perf_counter() - t0, 3)
         self.init_times["warmup_steps"] = round(t_steps, 3)
         self.init_times["programs_from_disk"] = (
@@ -836,6 +854,7 @@ class ModelRunner:
             self._step._cache_size()
             + self._sample._cache_size()
             + self._write_rows._cache_size()
+            + self._copy_state._cache_size()
             + len(self.step_programs)
             + len(self.sample_programs)
         )

@@ -8,7 +8,7 @@ import pytest
 from jaxmm.engine.block_manager import BlockManager
 from jaxmm.engine.scheduler import Scheduler
 from jaxmm.engine.sequence import Sequence
-from jaxmm.engine.state_cache import StateSlots
+from jaxmm.engine.state_cache import StateSlots, StateSnapshots, snapshot_point
 
 
 def seq(tokens, rid="r"):
@@ -79,3 +79,40 @@ def test_hybrid_block_manager_takes_no_prefix_hit():
         first.num_computed_tokens = 10
         bm.register_full_blocks(first)
         assert bm.admit(seq(range(10))) == hit
+
+
+def test_snapshots_are_least_recently_used_first_out():
+    snaps = StateSnapshots(first=4, count=2)
+    a, b = snaps.put(101), snaps.put(102)
+    assert {a, b} == {4, 5} and snaps.put(101) == a and len(snaps) == 2
+    assert snaps.get(101) == a  # 102 is now the least recently used
+    c = snaps.put(103)
+    assert c == b and not snaps.has(102) and snaps.has(101) and snaps.has(103)
+    snaps.clear()
+    assert len(snaps) == 0 and snaps.get(101) is None and snaps.put(104) in (4, 5)
+
+
+def test_hybrid_hits_stop_at_the_last_snapshot():
+    bm = BlockManager(16, 4, recurrent_state=True)
+    first = seq(range(14))
+    bm.admit(first)
+    bm.ensure_slots(first, 14)
+    first.num_computed_tokens = 14
+    bm.register_full_blocks(first)  # 3 full pages cached
+    kept = {first.block_hashes[1]}  # a snapshot after 2 pages only
+    bm.has_state_snapshot = kept.__contains__
+    again = seq(range(14))
+    assert bm.admit(again) == 8 and again.block_hashes == first.block_hashes[:2]
+    kept.clear()
+    assert bm.admit(seq(range(14))) == 0
+
+
+def test_prefill_chunk_ends_at_the_snapshot_point():
+    bm = BlockManager(64, 4, recurrent_state=True)
+    bm.has_state_snapshot = lambda h: False
+    sched = Scheduler(8, 64, bm, state_slots=StateSlots(2))
+    a = seq(range(11), "a")  # snapshot point: (11 - 1) // 4 * 4 = 8
+    sched.add(a)
+    assert step(sched).num_new_tokens == [8]
+    assert step(sched).num_new_tokens == [3]
+    assert snapshot_point(11, 4) == 8 and snapshot_point(4, 4) == 0

@@ -115,17 +115,28 @@ def test_chunked_preempted_n2_and_prefix_cache_without_recompiles(path):
     compiled = (runner.num_compiled(), backend_compile_count())
     ids = _ids(llm.get_tokenizer())[:-1]  # within max_model_len
     ref = hf_greedy(path, ids, NEW_TOKENS)
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     assert [o[0] for o in _generate(llm, ids)] == ref
     assert llm.llm_engine.scheduler.num_preemptions > 0
 
     two = _generate(llm, ids[1:2], n=2)[0]  # each completion holds its own state slot
     assert two == [ref[1], ref[1]]
-    again = llm.generate(
-        [{"prompt_token_ids": ids[3]}],
-        SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True),
-        use_tqdm=False,
-    )[0]  # its pages are cached, its state is not: recomputed, never a wrong answer
-    assert again.outputs[0].token_ids == ref[3] and again.num_cached_tokens == 0
+
+    # prefix caching: the prompt's state was kept at its last page boundary, so the same
+    # prompt again starts there; a prompt extending it starts at that snapshot too
+    G = runner.block_size
+    tok = llm.get_tokenizer()
+    longer = ids[3] + tok(" and then more").input_ids[1:]
+    cut = (len(ids[3]) - 1) // G * G
+    assert cut > 0
+    llm.reset_prefix_cache()  # pages and snapshots
+    outs = []
+    for prompt in (ids[3], ids[3], longer):
+        outs.append(llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0])
+    assert [o.num_cached_tokens for o in outs] == [0, cut, cut]
+    assert [o.outputs[0].token_ids for o in outs] == [ref[3], ref[3]] + hf_greedy(
+        path, [longer], NEW_TOKENS
+    )
     assert (runner.num_compiled(), backend_compile_count()) == compiled
     slots = llm.llm_engine.scheduler.state_slots
     assert slots.num_free == slots.num_slots  # every slot came back
