@@ -108,25 +108,17 @@ def image_causal_end(input_ids, md: AttentionMetadata, image_token_id: int) -> j
 def attention(q, k, v, kv_pages, md, causal_end, *, backend: str, **kw):
     """`paged_attention`, bidirectional where `causal_end` says so (see `image_causal_end`).
 
-    The pure-JAX backends take the mask directly. Kernels do not: a step that holds image
-    tokens then takes the XLA path (a `lax.cond`, so text and decode steps keep the kernel).
+    The pure-JAX backends take the mask directly; with a kernel backend a mask means the XLA
+    path (the VLM picks, once per step, whether the step needs one: `uses_mask`).
     """
     if causal_end is None:
         return paged_attention(q, k, v, kv_pages, md, backend=backend, **kw)
     meta = (md.kv_lens, md.page_indices, md.cu_q_lens, md.num_seqs)
-    if backend in ("reference", "xla"):
-        return backends.attention_fn(backend)(q, k, v, kv_pages, *meta, causal_end=causal_end, **kw)
-
-    def bidirectional(q, k, v, kv_pages):
+    if backend not in ("reference", "xla"):
         r = kv_pages.shape[1] // k.shape[1]  # KV heads replicated for tensor parallelism
-        kr, vr = (jnp.repeat(k, r, axis=1), jnp.repeat(v, r, axis=1)) if r > 1 else (k, v)
-        fn = backends.attention_fn("xla")
-        return fn(q, kr, vr, kv_pages, *meta, causal_end=causal_end, **kw)
-
-    def causal(q, k, v, kv_pages):
-        return paged_attention(q, k, v, kv_pages, md, backend=backend, **kw)
-
-    return jax.lax.cond(jnp.any(causal_end >= 0), bidirectional, causal, q, k, v, kv_pages)
+        k, v = (jnp.repeat(k, r, axis=1), jnp.repeat(v, r, axis=1)) if r > 1 else (k, v)
+        backend = "xla"
+    return backends.attention_fn(backend)(q, k, v, kv_pages, *meta, causal_end=causal_end, **kw)
 
 
 def local_ring_pages(config) -> int:
@@ -403,6 +395,7 @@ class Gemma3ForConditionalGeneration(nnx.Module):
             ignored.append(r"^language_model\.lm_head\.weight$")
         self.ignored_hf_keys = tuple(ignored)
         self.image_token_id = int(config.image_token_id)
+        self.backend = attention_backend
         self.dtype = dtype
 
     # -- the text path (what the runner's step calls) ----------------------------------------
@@ -417,9 +410,20 @@ class Gemma3ForConditionalGeneration(nnx.Module):
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids)
         causal_end = image_causal_end(input_ids, md, self.image_token_id)
-        return self.language_model(
-            input_ids, kv_caches, md, inputs_embeds, seq_inputs, causal_end=causal_end
-        )
+        lm = self.language_model
+        if self.backend in ("reference", "xla"):  # the mask costs nothing there
+            return lm(input_ids, kv_caches, md, inputs_embeds, seq_inputs, causal_end=causal_end)
+
+        # kernels take no mask: a step with image tokens runs every layer on the XLA path,
+        # other steps on the kernel; one branch per step (a per-layer cond would read the
+        # predicate once per layer)
+        def with_mask(caches):
+            return lm(input_ids, caches, md, inputs_embeds, seq_inputs, causal_end=causal_end)
+
+        def without_mask(caches):
+            return lm(input_ids, caches, md, inputs_embeds, seq_inputs)
+
+        return jax.lax.cond(jnp.any(causal_end >= 0), with_mask, without_mask, kv_caches)
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         # transformers' Gemma3ForConditionalGeneration applies no final soft cap (only its

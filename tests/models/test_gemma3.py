@@ -397,51 +397,68 @@ def test_gemma_ttft_benchmark_smoke(tmp_path, capsys):
     assert ttft["kv_bytes_per_token_measured"] == ttft["kv_bytes_per_token_windowed"]
 
 
-def test_bidirectional_blocks_under_a_kernel_backend():
-    """`gemma3.attention` with image blocks on a kernel backend (the parity tests run the XLA
-    one): the kernel when no token is in a block, the XLA path with the mask otherwise (a
-    cond), against the reference with the same `causal_end`; causal_end changes the output."""
-    backend = "pallas"  # interpret mode on CPU
+def test_image_steps_under_a_kernel_backend():
+    """The VLM on a kernel backend (Pallas, interpret mode here; the parity tests run XLA):
+    a step with image tokens runs every layer on the XLA path with the mask, a step without
+    them on the kernel, one `lax.cond` per step; both agree with the XLA backend's model."""
     import functools
 
     import jax
     import jax.numpy as jnp
+    import transformers
+    from flax import nnx
 
-    from jaxmm.kernels.reference import ragged_paged_attention as reference
     from jaxmm.layers.attention import AttentionMetadata
-    from jaxmm.models.gemma3 import attention, image_causal_end
+    from jaxmm.models.gemma3 import Gemma3ForConditionalGeneration
 
-    rs = np.random.RandomState(0)
-    T, N, K, H, G, A, IMG = 16, 4, 2, 16, 4, 12, 99
-    # a decode (seq 0, 9 cached tokens), then a 15-token chunk of seq 1 after 3 cached tokens
-    # holding an image at positions 5..10 (tokens 3..8 of the chunk)
-    ids = np.full(T, 7, np.int32)
-    ids[1 + 2 : 1 + 8] = IMG
-    md = AttentionMetadata(
-        positions=jnp.zeros(T, jnp.int32),  # unused by attention
-        kv_lens=jnp.array([10, 18], jnp.int32),
-        page_indices=jnp.array([[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], jnp.int32),
-        cu_q_lens=jnp.array([0, 1, 16], jnp.int32),
-        num_seqs=jnp.array([2], jnp.int32),
-        logits_indices=jnp.array([0, 15], jnp.int32),
+    IMG = 60
+
+    class Tok:  # what _text_config reads of a tokenizer
+        bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+        def __len__(self):
+            return 64
+
+    text = _text_config(Tok())
+    text.update(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
+    cfg = transformers.Gemma3Config(
+        text_config=text,
+        vision_config=_siglip_config(num_hidden_layers=1).to_dict(),
+        mm_tokens_per_image=4,
+        boi_token_index=61,
+        eoi_token_index=62,
+        image_token_index=IMG,
     )
-    end = image_causal_end(jnp.asarray(ids), md, IMG)
-    want_end = np.full(T, -1)
-    want_end[3:9] = 10
-    np.testing.assert_array_equal(np.asarray(end), want_end)
-    q = jnp.asarray(rs.standard_normal((T, N, H)), jnp.float32)
-    k, v = (jnp.asarray(rs.standard_normal((T, K, H)), jnp.float32) for _ in range(2))
-    pages = jnp.asarray(rs.standard_normal((2, K, A, G, H)), jnp.float32)
-    meta = (md.kv_lens, md.page_indices, md.cu_q_lens, md.num_seqs)
-    for window in (None, 4):
-        kw = dict(sm_scale=0.25, sliding_window=window, soft_cap=None)
-        ours = jax.jit(functools.partial(attention, backend=backend, **kw))
-        ref = jax.jit(functools.partial(reference, **kw))
-        got, _ = ours(q, k, v, pages, md, end)
-        want, _ = ref(q, k, v, pages, *meta, causal_end=end)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
-        causal, _ = ref(q, k, v, pages, *meta, causal_end=None)
-        assert not np.allclose(np.asarray(causal), np.asarray(want), atol=1e-3)
-        none = jnp.full(T, -1, jnp.int32)  # no block: the backend's own causal path
-        got, _ = ours(q, k, v, pages, md, none)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(causal), atol=2e-5)
+    models = {
+        b: Gemma3ForConditionalGeneration(cfg, attention_backend=b, rngs=nnx.Rngs(0))
+        for b in ("xla", "pallas")
+    }
+    graphdefs = {b: nnx.split(m)[0] for b, m in models.items()}
+    state = nnx.split(models["xla"])[1]
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    leaves = [0.3 * jax.random.normal(kk, x.shape, x.dtype) for kk, x in zip(keys, leaves)]
+    state = jax.tree_util.tree_unflatten(treedef, leaves)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(backend, ids, pages, md):
+        model = nnx.merge(graphdefs[backend], state)
+        hidden, _ = model(ids, [pages, pages], md)
+        return hidden
+
+    T, G = 16, 4
+    md = AttentionMetadata(
+        positions=jnp.arange(T, dtype=jnp.int32),
+        kv_lens=jnp.array([T], jnp.int32),
+        page_indices=jnp.arange(4, dtype=jnp.int32)[None],
+        cu_q_lens=jnp.array([0, T], jnp.int32),
+        num_seqs=jnp.array([1], jnp.int32),
+        logits_indices=jnp.array([T - 1], jnp.int32),
+    )
+    pages = jnp.zeros((2, 2, 5, G, 16), jnp.float32)
+    text_ids = jnp.arange(3, 3 + T, dtype=jnp.int32)
+    image_ids = text_ids.at[5:9].set(IMG)  # one image of 4 tokens in the prefill
+    for ids in (text_ids, image_ids):
+        want = run("xla", ids, pages, md)
+        got = run("pallas", ids, pages, md)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4)
