@@ -54,8 +54,10 @@ def route(router_logits: jax.Array, top_k: int, norm_topk_prob: bool):
 
 
 def _combine(weights: jax.Array, y: jax.Array, dtype) -> jax.Array:
-    """weights (T, k), y (T, k, D) -> (T, D): the router-weighted sum, in float32."""
-    return jnp.einsum("TK,TKD->TD", weights, y.astype(jnp.float32)).astype(dtype)
+    """weights (T, k), y (T, k, D) -> (T, D): the router-weighted sum, in float32. Rows of
+    weight zero (padding tokens) are dropped, not multiplied: they may hold anything."""
+    y = jnp.where(weights[..., None] > 0, y.astype(jnp.float32), 0.0)
+    return jnp.einsum("TK,TKD->TD", weights, y).astype(dtype)
 
 
 def experts_dense(x, weights, ids, gate, up, down, act):
@@ -71,7 +73,8 @@ def _sort_rows(ids: jax.Array, E: int):
     """The T*k (token, slot) rows ordered by expert (stable: by token within an expert).
 
     Returns order (R,) row index of each sorted position, inverse (R,) sorted position of each
-    row, sorted expert ids (R,) and group sizes (E,): rows per expert."""
+    row, sorted expert ids (R,) and group sizes (E,): rows per expert. Rows of id E (padding
+    tokens) sort last and belong to no group."""
     flat = ids.reshape(-1)
     R = flat.shape[0]
     order = jnp.argsort(flat, stable=True).astype(jnp.int32)
@@ -113,9 +116,12 @@ def experts_capacity(x, weights, ids, gate, up, down, act, bucket: int | None = 
     padded = (sizes + B - 1) // B * B  # rows each expert takes once padded to whole buckets
     padded_end = jnp.cumsum(padded)
     start = jnp.cumsum(sizes) - sizes
-    # slot of each sorted row in the bucketed layout: its expert's first slot + its rank
-    dest = (padded_end - padded)[expert_of_row] + jnp.arange(R) - start[expert_of_row]
-    token = jnp.full((nb * B,), T, jnp.int32).at[dest].set(order // k)  # T: a zero row
+    # slot of each sorted row in the bucketed layout: its expert's first slot + its rank;
+    # padding tokens' rows (expert E) get a slot past the end, dropped when written
+    e = jnp.minimum(expert_of_row, E - 1)
+    dest = (padded_end - padded)[e] + jnp.arange(R) - start[e]
+    dest = jnp.where(expert_of_row < E, dest, nb * B)
+    token = jnp.full((nb * B,), T, jnp.int32).at[dest].set(order // k, mode="drop")
     xp = jnp.concatenate([x, jnp.zeros((1, D), x.dtype)])[token].reshape(nb, B, D)
     # expert of each bucket; buckets past the last expert's are all padding (zero rows)
     owner = jnp.searchsorted(padded_end, jnp.arange(nb) * B, side="right")
@@ -123,7 +129,7 @@ def experts_capacity(x, weights, ids, gate, up, down, act, bucket: int | None = 
     h = act(jnp.einsum("nBD,nDF->nBF", xp, gate[owner]))
     h = h * jnp.einsum("nBD,nDF->nBF", xp, up[owner])
     yp = jnp.einsum("nBF,nFD->nBD", h, down[owner]).reshape(nb * B, D)
-    ys = yp[dest]  # (R, D) sorted-row order
+    ys = yp.at[dest].get(mode="fill", fill_value=0)  # (R, D) sorted-row order
     return _combine(weights, ys[inverse].reshape(T, k, D), x.dtype)
 
 
@@ -155,12 +161,26 @@ def default_impl(T: int, k: int, E: int, backend: str | None = None) -> str:
     return "capacity" if backend == "cpu" else "ragged"
 
 
-def experts_forward(x, weights, ids, gate, up, down, act, impl: str = "auto") -> jax.Array:
-    """Run the chosen experts with one implementation (see the module docstring)."""
+def experts_forward(
+    x, weights, ids, gate, up, down, act, impl: str = "auto", valid: jax.Array | None = None
+) -> jax.Array:
+    """Run the chosen experts with one implementation (see the module docstring).
+
+    valid (T,) bool marks the step's real tokens: the rest pad the bucket and must not
+    make the layer touch more experts (a batch-1 decode pads 1 token to 16, whose 15
+    padding tokens would otherwise route to up to 120 more experts). Their rows get weight
+    zero; the grouped forms put them in no group, `gather` repeats token 0's experts."""
+    E = gate.shape[0]
     if impl == "auto":
-        impl = default_impl(x.shape[0], ids.shape[1], gate.shape[0])
+        impl = default_impl(x.shape[0], ids.shape[1], E)
     if impl not in _IMPLS:
         raise ValueError(f"MoE implementation {impl!r}; choose from {('auto',) + IMPLEMENTATIONS}")
+    if valid is not None:
+        weights = jnp.where(valid[:, None], weights, 0.0)
+        if impl in ("ragged", "capacity"):
+            ids = jnp.where(valid[:, None], ids, E)
+        elif impl == "gather":
+            ids = jnp.where(valid[:, None], ids, ids[:1])
     return _IMPLS[impl](x, weights, ids, gate, up, down, act)
 
 
@@ -207,7 +227,8 @@ class SparseMoeBlock(nnx.Module):
         self.act = act
         self.impl = impl
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # x: (T, D)
+    def __call__(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+        """x (T, D); valid (T,) bool, the bucket's real tokens (see `experts_forward`)."""
         weights, ids = route(self.gate(x), self.top_k, self.norm_topk_prob)
         e = self.experts
         out = experts_forward(
@@ -219,6 +240,7 @@ class SparseMoeBlock(nnx.Module):
             e.down_proj[...],
             activation(self.act),
             self.impl,
+            valid,
         )
         if self.has_shared:
             out = out + jax.nn.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

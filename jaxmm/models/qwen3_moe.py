@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 
-from jaxmm.layers.moe import layer_mlp, num_experts
+import jax.numpy as jnp
+
+from jaxmm.layers.moe import SparseMoeBlock, layer_mlp, num_experts
 from jaxmm.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM, Qwen3Model
 from jaxmm.weights.experts import ExpertStacker
 
@@ -32,6 +34,17 @@ class Qwen3MoeDecoderLayer(Qwen3DecoderLayer):
         # the MoE block or a dense MLP per layer (built abstractly by the runner: the dense
         # MLP the parent made costs no memory)
         self.mlp = layer_mlp(config, layer_idx, dtype=dtype, impl=moe_impl(), rngs=rngs)
+
+    def __call__(self, x, cos, sin, kv_pages, md):
+        h, kv_pages = self.self_attn(self.input_layernorm(x), cos, sin, kv_pages, md)
+        x = x + h
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, SparseMoeBlock):
+            # the bucket's padding tokens route nowhere (decode reads only real tokens' experts)
+            h = self.mlp(h, valid=jnp.arange(x.shape[0]) < md.cu_q_lens[-1])
+        else:
+            h = self.mlp(h)
+        return x + h, kv_pages
 
 
 class Qwen3MoeModel(Qwen3Model):

@@ -79,3 +79,19 @@ def test_default_impl_is_static_per_bucket():
     assert moe.default_impl(512, 8, 128, "cpu") == "capacity"
     with pytest.raises(ValueError):
         moe.SparseMoeBlock(8, 8, 4, 2, "silu", norm_topk_prob=True, impl="nope", rngs=None)
+
+
+@pytest.mark.parametrize("impl", moe.IMPLEMENTATIONS)
+def test_padding_tokens_route_nowhere(impl):
+    """Tokens past `valid` (a bucket's padding) change nothing for the real ones, even when
+    they hold NaN, and the grouped forms give them no group (no expert is read for them)."""
+    T, E, k, n = 12, 8, 2, 5
+    x, w, ids, g, u, d = _inputs(T, E, k, seed=3)
+    valid = jnp.arange(T) < n
+    x = jnp.where(valid[:, None], x, jnp.nan)
+    run = jax.jit(moe.experts_forward, static_argnums=(6, 7))
+    out = run(x, w, ids, g, u, d, jax.nn.silu, impl, valid)
+    ref = moe.experts_dense(x[:n], w[:n], ids[:n], g, u, d, jax.nn.silu)
+    np.testing.assert_allclose(np.asarray(out[:n]), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    sizes = moe._sort_rows(jnp.where(valid[:, None], ids, E), E)[3]
+    assert int(sizes.sum()) == n * k
