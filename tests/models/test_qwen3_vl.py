@@ -90,7 +90,10 @@ def make_qwen3_vl(root: str, arch: str = "qwen3_vl", seed: int | None = None) ->
         deepstack_visual_indexes=[0, 2],
     )
     if arch == "qwen3_vl":
-        cfg = transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
+        # tied, as Qwen3-VL-2B and -4B are (the MoE checkpoint below is not)
+        cfg = transformers.Qwen3VLConfig(
+            text_config=text, vision_config=vision, tie_word_embeddings=True, **ids
+        )
         model = transformers.Qwen3VLForConditionalGeneration(cfg)
     else:  # 4 experts, top 2, layer 1 dense; expert width 24 (not D / 2: layouts differ)
         del text["head_dim"]  # derived: 64 / 4
