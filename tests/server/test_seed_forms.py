@@ -17,7 +17,7 @@ import shutil
 
 import pytest
 
-from jaxmm import cli
+from jaxmm import PoolingParams, cli
 from jaxmm.config import engine_config
 from jaxmm.multimodal.chat_templates import LLAVA, NAMED_TEMPLATES
 from tests.helpers import link_model_files, make_checkpoint
@@ -155,3 +155,55 @@ def test_fallback_only_where_the_tokenizer_has_none():
     assert resolve_chat_template(None, bare, "llama") is None  # no fallback: render_chat says so
     assert resolve_chat_template("llava", own, "qwen2_vl") == LLAVA
     assert resolve_chat_template("{{ 2 }}", bare, "llava") == "{{ 2 }}"
+
+
+def test_serve_task_embedding_serves_vlm_embeddings(ckpt_root, monkeypatch):
+    """`jaxmm serve QWEN2_VL --task embedding --chat-template chatml`: a pooling client on a
+    thread; /v1/embeddings takes chat messages with an image and text input alike."""
+    import base64
+    import io
+
+    import httpx
+
+    import jaxmm.server.app
+    from jaxmm.engine.hidden_pooling import GenerativePoolingEngine
+    from tests.server.util import running_server
+
+    seen = {}
+    monkeypatch.setattr(jaxmm.server.app, "serve", lambda app, *a, **kw: seen.update(app=app))
+    path = make_vlm(ckpt_root, "qwen2_vl")
+    flags = ["--task", "embedding", "--chat-template", "chatml", "--dtype", "float32"]
+    flags += ["--max-model-len", "256", "--max-num-batched-tokens", "64", "--no-warmup"]
+    assert cli.main(["serve", path, *flags]) == 0
+    app = seen["app"]
+    engine = app.state.jaxmm.client.engine
+    assert isinstance(engine, GenerativePoolingEngine)
+    buf = io.BytesIO()
+    IMAGES[1].save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    parts = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Hi"}]
+    with running_server(app) as base:
+        r = httpx.post(
+            f"{base}/v1/embeddings",
+            json={"messages": [{"role": "user", "content": parts}]},
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        vec = r.json()["data"][0]["embedding"]
+        r = httpx.post(f"{base}/v1/embeddings", json={"input": ["a", "b c"]}, timeout=60)
+        assert r.status_code == 200 and len(r.json()["data"]) == 2
+        r = httpx.post(
+            f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}
+        )
+        assert r.status_code == 400 and "embedding model" in r.text
+    # the chatml template by name: system turn, image placeholder, no generation prompt
+    text = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "<|vision_start|><|image_pad|><|vision_end|>Hi<|im_end|>\n"
+    )
+    tok = engine.tokenizer
+    prompt = {"prompt_token_ids": tok(text, add_special_tokens=False).input_ids}
+    [want] = engine.embed(
+        [engine.prepare({**prompt, "multi_modal_data": {"image": IMAGES[1]}})], [PoolingParams()]
+    )
+    assert abs(sum(a * b for a, b in zip(vec, want.outputs.embedding)) - 1) < 1e-5
