@@ -14,8 +14,9 @@ Workload, per load: streaming /v1/chat/completions, one system turn and one user
 probability --mix, --sizes[1]²; --repeat of the requests show an earlier image of the same
 load again under the same `uuid` (every image part carries its uuid, so a repeat is served
 from the engine's caches without processing or encoding; --repeat-media none sends the
-repeat as `image_url: null` + uuid, vLLM's uuid-only form). Loads: Poisson arrivals at each
-of --request-rates (--num-requests each), then a burst of --burst requests at once
+repeat as `image_url: null` + uuid, vLLM's uuid-only form, which is refused while the first
+showing is still being prepared: expect failures in a burst). Loads: Poisson arrivals at
+each of --request-rates (--num-requests each), then a burst of --burst requests at once
 (saturation). Every load has images and uuids of its own. The load comes from
 --client-procs processes, as real clients are.
 
@@ -95,7 +96,7 @@ def _encode(img, fmt: str) -> str:
     return f"data:image/{fmt};base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def make_load(args, index: int, name: str, rate: float, n: int) -> Load:
+def make_load(args: argparse.Namespace, index: int, name: str, rate: float, n: int) -> Load:
     rng = np.random.default_rng(args.seed + 7919 * index)
     draw = Images(args.seed + 7919 * index)
     n_repeat = min(int(round(args.repeat * n)), max(n - 1, 0))
@@ -123,6 +124,28 @@ def make_load(args, index: int, name: str, rate: float, n: int) -> Load:
         gaps = rng.exponential(1.0 / rate, n)
         load.offsets = (np.cumsum(gaps) - gaps[0]).tolist()
     return load
+
+
+def make_loads(args: argparse.Namespace, counts: list[int]) -> tuple[Load, list[Load]]:
+    """The untimed warmup load (one image of each size, never seen again) and the timed ones:
+    one per request rate, then the burst."""
+    loads = [
+        make_load(args, i + 1, f"rate={rate:g}", rate, n)
+        for i, (rate, n) in enumerate(zip(args.request_rates, counts, strict=True))
+    ]
+    loads.append(make_load(args, len(loads) + 1, "burst", float("inf"), args.burst))
+    draw = Images(args.seed + 1)
+    warm = Load(
+        "warmup",
+        float("inf"),
+        [0.0, 0.0],
+        [0, 1],
+        [False, False],
+        [_encode(draw(s), "png") for s in args.sizes],
+        list(args.sizes),
+        ["warmup-image0", "warmup-image1"],
+    )
+    return warm, loads
 
 
 def image_value(load: Load, i: int, repeat_media: str):
@@ -168,13 +191,16 @@ def _record() -> dict:
 # -- the HTTP side --------------------------------------------------------------------------
 
 
-async def chat_request(client, url: str, body: dict, delay: float, rec: dict) -> None:
+_JSON = {"content-type": "application/json"}
+
+
+async def chat_request(client, url: str, body: bytes, delay: float, rec: dict) -> None:
     """One streamed chat completion, timed as serving.one_request times completions."""
     await asyncio.sleep(delay)
     t0 = time.perf_counter()
     last, n_tokens = t0, 0
     try:
-        async with client.stream("POST", url, json=body) as r:
+        async with client.stream("POST", url, content=body, headers=_JSON) as r:
             if r.status_code != 200:
                 text = (await r.aread()).decode(errors="replace")
                 rec["error"] = f"HTTP {r.status_code}: {text[:160]}"
@@ -214,7 +240,8 @@ async def send_load(url: str, model: str, load: Load, idx: list[int], opts: dict
     """Requests `idx` of `load` at their offsets from wall time `start`; (records, end)."""
     import httpx
 
-    bodies = [chat_body(load, i, model, opts) for i in idx]
+    # encoded ahead, as a client holding its requests would: the timed part is the send
+    bodies = [json.dumps(chat_body(load, i, model, opts)).encode() for i in idx]
     records = [_record() for _ in idx]
     limits = httpx.Limits(max_connections=max(len(idx), 1), max_keepalive_connections=64)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(opts["timeout"])) as client:
@@ -304,6 +331,12 @@ def core_device(engine) -> dict:
     return device_info()
 
 
+def encoded_items(engine) -> int:
+    """Run where the engine is: how many multimodal items its encoders have run on so far
+    (an image repeated by uuid, served from the caches, adds none)."""
+    return int(engine.stats.get("encoder_items", 0))
+
+
 def run_offline(engine, opts: dict, path: str) -> dict:
     """The load in `path` through `engine` (in the engine's process): media prepared on the
     core's number of threads as requests arrive, each added once prepared."""
@@ -334,6 +367,7 @@ def run_offline(engine, opts: dict, path: str) -> dict:
     seen: dict[int, int] = {}
     pending: dict = {}
     pool = ThreadPoolExecutor(PREPARE_THREADS)
+    encoded = encoded_items(engine)
     t0 = time.perf_counter()
     nxt = 0
     try:
@@ -375,13 +409,15 @@ def run_offline(engine, opts: dict, path: str) -> dict:
                     rec["output_tokens"] = n
     finally:
         pool.shutdown(wait=True)
-    return {"summary": summarize(records, time.perf_counter() - t0), "records": records}
+    summary = summarize(records, time.perf_counter() - t0)
+    summary["encoded_images"] = encoded_items(engine) - encoded
+    return {"summary": summary, "records": records}
 
 
 # -- the peer -------------------------------------------------------------------------------
 
 
-def hf_peer(args, cfg, tok, path: str, load: Load) -> dict:
+def hf_peer(args: argparse.Namespace, cfg, tok, path: str, load: Load) -> dict:
     """transformers' batched generate on the burst's first --hf-prompts prompts."""
     try:
         import torch
@@ -490,7 +526,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--burst", type=int, default=256, help="requests sent at once")
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-num-seqs", type=int, default=128)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True)
@@ -517,24 +553,11 @@ def main(argv=None) -> list[dict]:
 
     path = os.path.join(args.workdir, f"vlm-{args.config}")
     cfg, tok = write_checkpoint(args.config, path)
-    loads = [
-        make_load(args, i + 1, f"rate={rate:g}", rate, n)
-        for i, (rate, n) in enumerate(zip(args.request_rates, counts, strict=True))
-    ]
-    loads.append(make_load(args, 4, "burst", float("inf"), args.burst))
-    draw = Images(args.seed + 1)
-    warm = Load(  # untimed: one image of each size, never seen again
-        "warmup",
-        float("inf"),
-        [0.0, 0.0],
-        [0, 1],
-        [False, False],
-        [_encode(draw(s), "png") for s in args.sizes],
-        list(args.sizes),
-        ["warmup-image0", "warmup-image1"],
-    )
-    files = [os.path.join(args.workdir, f"vlm-serving-{load.name}.pkl") for load in loads]
+    # the images are drawn and encoded on a thread while the engine starts
+    from concurrent.futures import ThreadPoolExecutor
 
+    maker = ThreadPoolExecutor(1)
+    loads_ready = maker.submit(make_loads, args, counts)
     patch, merge = PREPROCESSOR["patch_size"], PREPROCESSOR["merge_size"]
     longest = (max(args.sizes) // patch) ** 2 // merge**2 + 64 + args.output_len
     kwargs = dict(
@@ -548,7 +571,7 @@ def main(argv=None) -> list[dict]:
         warmup=args.warmup,
         mm_warmup_image_sizes=[f"{s}x{s}" for s in args.sizes] if args.warmup else None,
     )
-    log(f"workload ready ({sum(len(x.offsets) for x in loads)} requests); starting the engine")
+    log("starting the engine")
     t0 = time.perf_counter()
     if args.engine_process:
         from jaxmm.engine.core_process import ProcessEngine
@@ -567,6 +590,9 @@ def main(argv=None) -> list[dict]:
     start_s = time.perf_counter() - t0
     model = "vlm"
     log(f"engine ready in {start_s:.1f} s")
+    warm, loads = loads_ready.result()
+    maker.shutdown()
+    files = [os.path.join(args.workdir, f"vlm-serving-{load.name}.pkl") for load in loads]
     server = _Server(build_app(client, served_model_names=[model], model_path=path))
     clients = Clients(max(1, args.client_procs), server.url, model, opts)
     http, offline = [], []
@@ -577,8 +603,11 @@ def main(argv=None) -> list[dict]:
             raise RuntimeError(f"the warmup requests failed: {bad}")
         for load, f in zip(loads, files, strict=True):
             log(f"HTTP {load.name}: {len(load.offsets)} requests")
+            before = encoded_items(engine) if engine is not None else client.call(encoded_items)
             records, start, end = clients.run(load, f)
-            http.append((summarize(records, end - start), records))
+            summary = summarize(records, end - start)
+            after = encoded_items(engine) if engine is not None else client.call(encoded_items)
+            http.append(({**summary, "encoded_images": after - before}, records))
         server.stop()
         for load, f in zip(loads, files, strict=True):
             log(f"offline {load.name}")
@@ -596,8 +625,18 @@ def main(argv=None) -> list[dict]:
         load_line(load, s, o, s_recs, o_recs)
         for load, (s, s_recs), (o, o_recs) in zip(loads, http, offline, strict=True)
     ]
-    log("transformers" if not args.no_hf else "done")
-    hf: dict = {"hf_skipped": "--no-hf"} if args.no_hf else hf_peer(args, cfg, tok, path, loads[-1])
+    for r in lines:  # out before the peer runs: a failing peer loses none of them
+        emit(r, args.out)
+    hf: dict = {"hf_skipped": "--no-hf"}
+    if not args.no_hf:
+        log("transformers")
+        try:
+            hf = hf_peer(args, cfg, tok, path, loads[-1])
+        except Exception as e:  # e.g. out of memory: the engine's numbers stand
+            import traceback
+
+            traceback.print_exc()
+            hf = {"hf_skipped": f"the peer failed: {type(e).__name__}: {str(e)[:300]}"}
 
     import transformers
 
@@ -645,12 +684,16 @@ def main(argv=None) -> list[dict]:
     except ImportError:
         pass
     lines.append(summary)
-    for r in lines:
-        print(json.dumps(r), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(r) + "\n")
+    emit(summary, args.out)
     return lines
+
+
+def emit(line: dict, out: str | None) -> None:
+    """One JSON line on stdout (and appended to `out`)."""
+    print(json.dumps(line), flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 if __name__ == "__main__":

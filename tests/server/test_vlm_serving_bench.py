@@ -32,6 +32,8 @@ def test_vlm_serving_bench_smoke(tmp_path, capsys):
             for metric in ("ttft_ms", "e2e_ms"):
                 assert 0 <= r[metric]["p50"] <= r[metric]["p90"] <= r[metric]["p99"]
             assert r["output_tokens_per_s"] > 0 and r["images_per_s"] > 0
+            # the vision tower ran on the images (repeats by uuid may be served from cache)
+            assert 1 <= r["encoded_images"] <= n
             # every request streamed its 4 tokens
             assert abs(r["output_tokens_per_s"] / r["requests_per_s"] - 4) < 0.1, r
         # the server and the engine saw the same prompts
