@@ -220,7 +220,10 @@ class LlavaOnevisionForConditionalGeneration(nnx.Module):
         the runner's copies into its cache meet few shapes."""
 
         @jax.jit
-        def tower(params, pixels):
+        def tower(params, pixels, table):
+            if table is not None:  # uint8 tiles: each byte's value per channel, looked up here
+                idx = pixels.astype(jnp.int32)
+                pixels = table[jnp.arange(table.shape[0])[None, :, None, None], idx]
             return nnx.merge(graphdef, params).tile_features(pixels)
 
         @functools.partial(jax.jit, static_argnums=(3, 4))
@@ -237,48 +240,66 @@ class LlavaOnevisionForConditionalGeneration(nnx.Module):
             pad = next_pow2(out.shape[0]) - out.shape[0]
             return jnp.pad(out, ((0, pad), (0, 0)))
 
-        def features(params, pixels: list[np.ndarray]):
+        def features(params, pixels: list[np.ndarray], table: np.ndarray | None):
             n = sum(len(p) for p in pixels)
-            padded = np.zeros((tile_bucket(n), *pixels[0].shape[1:]), np.float32)
+            padded = np.zeros((tile_bucket(n), *pixels[0].shape[1:]), pixels[0].dtype)
             padded[:n] = np.concatenate(pixels)
-            return tower(params, padded)
+            return tower(params, padded, table)
+
+        def host(it: dict) -> tuple[np.ndarray, np.ndarray | None]:
+            """An item's pixels as they travel: uint8 + byte table, or float32."""
+            table = it.get("byte_table")
+            if table is not None:
+                return np.asarray(it["pixel_values"], np.uint8), np.asarray(table, np.float32)
+            return np.asarray(it["pixel_values"], np.float32), None
 
         def encode(params, modality: str, items: list[dict]) -> list[DeviceRows]:
             if modality == "video":
                 out = []
                 for it in items:
-                    pixels = np.asarray(it["pixel_values"], np.float32)
-                    packed = pack(params, features(params, [pixels]), 0, "video", len(pixels))
+                    pixels, table = host(it)
+                    feats = features(params, [pixels], table)
+                    packed = pack(params, feats, 0, "video", len(pixels))
                     out.append(DeviceRows(packed, 0, anyres.video_tokens(len(pixels), self.side)))
                 return out
-            jobs = []  # (pixels, kind, layout, rows) per image
+            jobs = []  # (pixels, table, kind, layout, rows) per image
             for it in items:
-                pixels = np.asarray(it["pixel_values"], np.float32)
+                pixels, table = host(it)
                 if it.get("tiled", False):
                     layout = self.layout(it["image_size"])
-                    jobs.append((pixels, "tiled", layout, layout.num_tokens))
+                    jobs.append((pixels, table, "tiled", layout, layout.num_tokens))
                 else:
-                    jobs.append((pixels[:1], "", None, anyres.single_tile_tokens(self.side)))
+                    rows = anyres.single_tile_tokens(self.side)
+                    jobs.append((pixels[:1], table, "", None, rows))
+            # calls of whole items, one kind of pixels (and one table) each
             calls: list[list[int]] = []
             tiles = MAX_TILES_PER_CALL  # in the last call
-            for i, (pixels, *_) in enumerate(jobs):
-                if tiles + len(pixels) > MAX_TILES_PER_CALL:
+            for i, (pixels, table, *_) in enumerate(jobs):
+                last = jobs[calls[-1][0]][1] if calls else None
+                if tiles + len(pixels) > MAX_TILES_PER_CALL or not same_table(table, last):
                     calls.append([])
                     tiles = 0
                 calls[-1].append(i)
                 tiles += len(pixels)
             out: list[DeviceRows | None] = [None] * len(jobs)
             for call in calls:
-                feats = features(params, [jobs[i][0] for i in call])
+                feats = features(params, [jobs[i][0] for i in call], jobs[call[0]][1])
                 start = 0
                 for i in call:
-                    pixels, kind, layout, rows = jobs[i]
+                    pixels, _, kind, layout, rows = jobs[i]
                     packed = pack(params, feats, np.int32(start), kind, layout)
                     out[i] = DeviceRows(packed, 0, rows)
                     start += len(pixels)
             return out  # type: ignore[return-value]
 
         return encode
+
+
+def same_table(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    """Whether two items' pixels can share a tower call: both float32, or one byte table."""
+    if a is None or b is None:
+        return a is b
+    return a is b or np.array_equal(a, b)
 
 
 def _resize(x: jax.Array, rows: int, cols: int) -> jax.Array:

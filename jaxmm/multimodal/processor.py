@@ -169,7 +169,7 @@ class MultimodalProcessor:
         pixel_values: float32, or a `fast_image.PatchBytes` standing for it (`patch_bytes`)."""
         kw = self._call_kwargs(overrides)
         if anyres.takes(self.image_processor):  # tiles by pinpoints (LLaVA-OneVision)
-            return anyres.process_image(self.image_processor, image, kw)
+            return anyres.process_image(self.image_processor, image, kw, self.fast_images)
         out = None
         if self.fast_images and self.patches:
             settings = fast_image.settings_for(self.image_processor, kw)

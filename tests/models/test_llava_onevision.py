@@ -215,22 +215,29 @@ def test_token_counts_and_pixels_match_the_hf_processor(tmp_path):
     proc = _processor(tok)
     ip, image_id = proc.image_processor, tok.convert_tokens_to_ids("<image>")
     resized = 0
-    for i, (h, w) in enumerate([(28, 28), (60, 60), (40, 50), (20, 70), (90, 30), (33, 47)]):
+    sizes = [(28, 28), (60, 60), (40, 50), (20, 70), (90, 30), (33, 47), (15, 100), (101, 57)]
+    for i, (h, w) in enumerate(sizes):
         img = _image(h, w, i)
         ref = proc(text="a <image> b", images=[img], return_tensors="np")
+        assert anyres._fast_settings(ip, {}, img) is not None  # Pillow + byte table, not HF
         ours = anyres.process_image(ip, img, {})
-        np.testing.assert_array_equal(ours["pixel_values"], ref["pixel_values"][0])
+        assert ours["pixel_values"].dtype == np.uint8  # bytes: their values come on device
+        np.testing.assert_array_equal(anyres.pixel_values(ours), ref["pixel_values"][0])
+        hf = anyres.process_image(ip, img, {}, fast=False)
+        np.testing.assert_array_equal(hf["pixel_values"], ref["pixel_values"][0])
         layout = anyres.tile_layout(ours["image_size"], PINPOINTS, TILE, 4, ASPECT)
         assert layout.num_tiles == len(ours["pixel_values"])
         assert layout.num_tokens == int((ref["input_ids"] == image_id).sum())
         resized += layout.resized
         both = proc(text="<image><image>", images=[[img, SQUARE]], return_tensors="np")
         single = anyres.process_image(ip, img, {anyres.MULTI_IMAGE: True})
-        np.testing.assert_array_equal(single["pixel_values"], both["pixel_values"][0][:1])
+        np.testing.assert_array_equal(anyres.pixel_values(single), both["pixel_values"][0][:1])
+        slow = anyres.process_image(ip, img, {anyres.MULTI_IMAGE: True}, fast=False)
+        np.testing.assert_array_equal(slow["pixel_values"], both["pixel_values"][0][:1])
         assert 2 * anyres.single_tile_tokens(4) == int((both["input_ids"] == image_id).sum())
-    assert 0 < resized < 6  # both kinds of layout were checked
+    assert 0 < resized < len(sizes)  # both kinds of layout were checked
     settings = anyres.video_settings(proc.video_processor.to_dict())
-    pixels = anyres.process_video(VIDEO, settings)["pixel_values"]
+    pixels = anyres.pixel_values(anyres.process_video(VIDEO, settings))
     np.testing.assert_allclose(pixels, _hf_video_pixels(VIDEO).numpy(), atol=1e-6, rtol=0)
     n = proc._get_num_multimodal_tokens(video_sizes=[VIDEO.shape[:3]])["num_video_tokens"][0]
     assert anyres.video_tokens(len(VIDEO), 4) == n
@@ -317,7 +324,7 @@ def test_greedy_and_logits_match_transformers(onevision):
 
 def test_images_batched_in_tower_calls_give_each_one_s_features(onevision, monkeypatch):
     """Tiled and single-tile images share tower calls (split by tile count, never inside an
-    item): each item's rows equal those of a call of its own."""
+    item, and by the kind of pixels): each item's rows equal those of a call of its own."""
     from jaxmm.models import llava_onevision
     from jaxmm.multimodal import anyres
 
@@ -329,12 +336,13 @@ def test_images_batched_in_tower_calls_give_each_one_s_features(onevision, monke
         anyres.process_image(ip, SQUARE, {anyres.MULTI_IMAGE: True}),
         anyres.process_image(ip, TALL, {}),
         anyres.process_image(ip, SQUARE, {}),
+        anyres.process_image(ip, TALL, {}, fast=False),  # float32 pixels: a call of its own
     ]
     alone = []
     for it in items:
         encode = runner.model_obj.mm_encoder(runner.graphdef)
         alone.append(np.asarray(encode(runner.params, "image", [it])[0]))
-    for max_tiles in (40, 6):  # 15 tiles in one call, or in three (5 + 1 | 4 | 5)
+    for max_tiles in (40, 6):  # 15 byte tiles in one call or three (5 + 1 | 4 | 5); 4 floats
         monkeypatch.setattr(llava_onevision, "MAX_TILES_PER_CALL", max_tiles)
         encode = runner.model_obj.mm_encoder(runner.graphdef)
         together = encode(runner.params, "image", items)
