@@ -142,6 +142,7 @@ class LeaderRunner:
         self._runner = runner
         self._channel = channel
         self._handles = 0
+        self._stopped = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._runner, name)
@@ -178,7 +179,14 @@ class LeaderRunner:
     del _publish
 
     def stop(self) -> None:
-        self._channel.send(("stop",))
+        """Release the followers (once: `LLM.shutdown` and exit both get here)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            self._channel.send(("stop",))
+        except Exception as e:  # the runtime is already down: the followers are too
+            logger.warning("could not tell the followers to stop: %s", e)
 
 
 def follow_steps(runner, channel: Channel) -> int:

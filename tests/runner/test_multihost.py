@@ -101,3 +101,50 @@ def test_a_missing_host_is_a_clear_error(ckpt_root):
     assert rc != 0
     assert "not every one of 2 processes joined 127.0.0.1:" in err
     assert "is a host missing or unreachable?" in err
+
+
+def test_jaxmm_serve_leads_and_a_follower_runs_its_steps(ckpt_root):
+    """`jaxmm serve` as process 0 (HTTP, the scheduler) and as process 1 (steps only); the
+    openai client gets one process's text; Ctrl-C on the leader ends both cleanly."""
+    import signal
+
+    import httpx
+    import openai
+
+    from jaxmm import LLM, SamplingParams
+
+    path = make_checkpoint(ckpt_root, "llama")
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    want = LLM(path, dtype="float32", max_model_len=64, max_num_batched_tokens=64).generate(
+        PROMPTS, sp, use_tqdm=False
+    )
+    addr, port = f"127.0.0.1:{_free_port()}", _free_port()
+    dist = ["--coordinator-address", addr, "--num-processes", "2"]
+    common = ["-m", "jaxmm", "serve", path, "-tp", "4", "--no-warmup", *ENGINE, *dist]
+    follower = _popen([*common, "--process-id", "1"])
+    leader = _popen([*common, "--process-id", "0", "--port", str(port)])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while True:
+            assert leader.poll() is None and follower.poll() is None, "a process exited early"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the leader did not become healthy"
+            time.sleep(0.5)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+        model = client.models.list().data[0].id
+        for prompt, w in zip(PROMPTS, want):
+            r = client.completions.create(
+                model=model, prompt=prompt, max_tokens=6, temperature=0,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            assert r.choices[0].text == w.outputs[0].text
+        leader.send_signal(signal.SIGINT)
+    finally:
+        (rc0, _, err0), (rc1, _, err1) = _finish([leader, follower], timeout=120)
+    assert rc0 == 0, err0[-3000:]
+    assert rc1 == 0, err1[-3000:]
