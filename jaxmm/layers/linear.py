@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec
 COLUMN = "column"
 ROW = "row"
 
-_ROW_NAMES = ("o_proj", "down_proj", "out_proj", "fc2", "dense_4h_to_h", "proj")
+_ROW_NAMES = ("o_proj", "down_proj", "out_proj", "fc2", "dense_4h_to_h", "proj", "linear_fc2")
 
 
 def Linear(din: int, dout: int, *, bias: bool = False, dtype=jnp.float32, shard=COLUMN, rngs):
