@@ -84,6 +84,10 @@ class LLM:
         """Drop every cached prefix page that no running request holds, so the next prompts
         are computed from scratch (vLLM's); True once done. A pooling model keeps no prefix
         cache: nothing to drop."""
+        if self.dp_engine is not None:  # every replica's own prefix cache
+            from jaxmm.engine.data_parallel import reset_prefix_cache
+
+            return all(self.dp_engine.call(reset_prefix_cache))
         if self.llm_engine is None:
             return True
         return bool(self.llm_engine.reset_prefix_cache())
@@ -206,7 +210,8 @@ class LLM:
         tools: list | None = None,
     ) -> list[RequestOutput]:
         """One conversation (a list of messages) or a list of conversations."""
-        self._generative_engine()
+        # the template is rendered here; with data-parallel replicas, by their front end
+        front = self.dp_engine.engine if self.dp_engine is not None else self._generative_engine()
         if not messages:
             raise ValueError("messages must not be empty")
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
@@ -216,7 +221,7 @@ class LLM:
         for conv in conversations:
             prompts.append(
                 conversation_to_prompt(
-                    self.llm_engine,
+                    front,
                     conv,
                     chat_template=chat_template,
                     add_generation_prompt=add_generation_prompt,

@@ -254,6 +254,11 @@ class DataParallelEngine(EngineView):
             list(pool.map(lambda r: r.shutdown(timeout), self.replicas))
 
 
+def reset_prefix_cache(engine) -> bool:
+    """Run in each replica's core (`DataParallelEngine.call`)."""
+    return bool(engine.reset_prefix_cache())
+
+
 def run_to_completion(
     client: DataParallelEngine,
     request_ids: list[str],

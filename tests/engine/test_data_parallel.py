@@ -58,9 +58,13 @@ path = sys.argv[1]
 prompts = ["Hello, my name is", "The quick brown fox", "Once upon a time", "In a galaxy far"]
 sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 kw = dict(dtype="float32", max_model_len=64, max_num_batched_tokens=64, tensor_parallel_size=2)
-base = LLM(path, **kw).generate(prompts, sp, use_tqdm=False)
+base_llm = LLM(path, **kw)
+base = base_llm.generate(prompts, sp, use_tqdm=False)
+base_chat = base_llm.chat([{"role": "user", "content": "Hi there"}], sp, use_tqdm=False)
 llm = LLM(path, data_parallel_size=2, **kw)
 got = llm.generate(prompts, sp, use_tqdm=False)
+assert llm.reset_prefix_cache()
+dp_chat = llm.chat([{"role": "user", "content": "Hi there"}], sp, use_tqdm=False)
 offline_finished = [s["stats"]["finished"] for s in llm.dp_engine.call(core_state)]
 app = build_app(llm.dp_engine, served_model_names=["m"], api_keys="k")
 with running_server(app) as url:
@@ -88,6 +92,7 @@ print(json.dumps({
     "base": [o.outputs[0].token_ids for o in base],
     "base_text": [o.outputs[0].text for o in base],
     "dp": [o.outputs[0].token_ids for o in got],
+    "chat": [base_chat[0].outputs[0].token_ids, dp_chat[0].outputs[0].token_ids],
     "served": served,
     "offline_finished": offline_finished,
     "finished": [s["stats"]["finished"] for s in states],
@@ -115,9 +120,10 @@ def test_dp2_on_four_fake_devices_gives_the_tokens_of_one_engine(ckpt_root):
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert all(len(t) == 6 for t in got["base"])
     assert got["dp"] == got["base"]  # offline, request by request
+    assert got["chat"][1] == got["chat"][0] and len(got["chat"][0]) == 6
     assert got["served"] == got["base_text"]  # through the server
-    # both replicas served: 4 requests offline, then 4 more through the server
-    assert sorted(got["offline_finished"]) == [2, 2] and sum(got["finished"]) == 8
+    # both replicas served: 4 requests offline, a chat, then 4 more through the server
+    assert sorted(got["offline_finished"]) == [2, 3] and sum(got["finished"]) == 9
     assert min(got["finished"]) >= 2
     assert got["unfinished"] == [False, False]
     assert sorted(got["metrics"]) == [
