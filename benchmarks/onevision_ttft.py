@@ -17,9 +17,10 @@ sides before it is timed (compilation, CUDA start-up excluded); each number is t
 of --iters runs.
 
 jaxmm, each piece timed on its own, synchronised:
-  preprocess_s  the HF image processor, as the front end calls it (tiling included)
-  encoder_s     the jitted SigLIP tower + projector on every tile, then the packing
-                (stitch, crop, anyres_max resize, newlines)
+  preprocess_s  the front end's pixels (MultimodalProcessor.image: for HF's PIL processor,
+                anyres.py's Pillow resize and tiles as bytes, bitwise HF's values)
+  encoder_s     the jitted SigLIP tower + projector on every tile (the bytes' values looked
+                up on the device), then the packing (stitch, crop, anyres_max, newlines)
   prefill_s     engine.step() from a prepared request until its first token is sampled
   e2e_s         wall time of llm.generate(prompt, max_tokens=1): all of the above plus
                 hashing, tokenisation and placeholder expansion
