@@ -1,7 +1,7 @@
 """What the tensor-parallel attention path costs at TP 1: the same model with attention under
 `jax.shard_map` (the default) and without it ($JAXMM_ATTENTION_SHARD_MAP=0), in one run.
 
-    python benchmarks/tp_overhead.py                      # Llama-3.1-8B shape, random bf16
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 python benchmarks/tp_overhead.py   # 8B, bf16
     python benchmarks/tp_overhead.py --config tiny --num-prompts 4 --input-len 16 \\
         --output-len 4 --short 2 --long 6 --no-warmup     # CPU smoke run
 
@@ -83,14 +83,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--config", default="llama-3.1-8b", help=f"one of {sorted(CONFIGS)}")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--attention-backend", default="auto")
-    ap.add_argument("--num-prompts", type=int, default=256)
-    ap.add_argument("--input-len", type=int, default=256)
-    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--num-prompts", type=int, default=512)
+    ap.add_argument("--input-len", type=int, default=512)
+    ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--short", type=int, default=32, help="batch-1 decode: shorter output")
     ap.add_argument("--long", type=int, default=160, help="batch-1 decode: longer output")
     ap.add_argument("--max-num-seqs", type=int, default=128)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    ap.add_argument("--kv-cache-bytes", type=int, default=10 << 30, help="per engine")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    # two 8B engines side by side: 2 x (16 GB of weights + 13 GiB of KV, 128 sequences of
+    # 784 tokens) fit one H100 with XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+    ap.add_argument("--kv-cache-bytes", type=int, default=13 << 30, help="per engine")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument(
         "--warmup",
