@@ -207,19 +207,22 @@ def ragged_gated_delta(q, k, v, g, beta, states, slots, cu_q_lens, has_state, ch
     slots = jnp.where(q_lens > 0, slots, spare)
     keep = has_state.astype(f32)[:, None, None, None]
 
+    # every row's starting state, read once; the pool itself is written once, after both
+    # paths, so the conditional below carries S rows rather than the whole pool
+    init = states[slots] * keep  # (S, N, Hk, Hv)
+
     # single-token rows (decodes, and one-token prefill chunks): one vectorised update
     single = q_lens == 1
     t0 = jnp.minimum(cu_q_lens[:-1], T - 1)
-    out_rows, new = gated_delta_step(q[t0], k[t0], v[t0], g[t0], beta[t0], states[slots] * keep)
+    out_rows, final = gated_delta_step(q[t0], k[t0], v[t0], g[t0], beta[t0], init)
     out = jnp.zeros((T, N, Hv), f32).at[jnp.where(single, t0, T)].set(out_rows, mode="drop")
-    states = states.at[jnp.where(single, slots, spare)].set(new)
 
     multi = q_lens > 1
     # chunks aligned to each multi-token row's start: at most T // chunk + (rows of >= 2)
     NC = T // chunk + min(S, T // 2)
 
     def prefill(args):
-        out, states = args
+        out, final = args
         n_chunks = jnp.where(multi, -(-q_lens // chunk), 0)
         chunk_off = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(n_chunks)])
         total = chunk_off[-1]
@@ -240,22 +243,22 @@ def ragged_gated_delta(q, k, v, g, beta, states, slots, cu_q_lens, has_state, ch
         is_last = c == chunk_off[crow + 1] - 1
 
         def body(i, carry):
-            S_, states, outc = carry
+            S_, final, outc = carry
             r = crow[i]
-            init = states[slots[r]] * keep[r]
-            S_ = jnp.where(is_first[i], init, S_)
+            S_ = jnp.where(is_first[i], init[r], S_)
             o, S_ = _chunk_apply(S_, u[i], w[i], attn[i], qd[i], kd[i], decay[i])
             outc = jax.lax.dynamic_update_index_in_dim(outc, o, i, 0)
-            dest = jnp.where(is_last[i], slots[r], spare)
-            states = jax.lax.dynamic_update_index_in_dim(states, S_, dest, 0)
-            return S_, states, outc
+            kept = jnp.where(is_last[i], S_, final[r])
+            final = jax.lax.dynamic_update_index_in_dim(final, kept, r, 0)
+            return S_, final, outc
 
         S0 = jnp.zeros(states.shape[1:], f32)
         outc = jnp.zeros((NC, N, chunk, Hv), f32)
-        _, states, outc = jax.lax.fori_loop(0, total, body, (S0, states, outc))
+        _, final, outc = jax.lax.fori_loop(0, total, body, (S0, final, outc))
         flat = jnp.swapaxes(outc, 1, 2).reshape(NC * chunk, N, Hv)
         dest = jnp.where(valid, tok, T).reshape(-1)
         out = out.at[dest].set(flat, mode="drop")
-        return out, states
+        return out, final
 
-    return jax.lax.cond(jnp.any(multi), prefill, lambda a: a, (out, states))
+    out, final = jax.lax.cond(jnp.any(multi), prefill, lambda a: a, (out, final))
+    return out, states.at[slots].set(final)
