@@ -105,9 +105,8 @@ print(json.dumps({
 
 def test_dp2_on_four_fake_devices_gives_the_tokens_of_one_engine(ckpt_root):
     path = make_checkpoint(ckpt_root, "llama")
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
-    )
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, path],
         env=env,

@@ -41,9 +41,9 @@ def _free_port() -> int:
 
 
 def _env() -> dict:
-    return dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
-    )
+    # the suite's own XLA flags (conftest.py) kept, two faked devices added
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
+    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
 
 
 def _popen(args: list[str]) -> subprocess.Popen:

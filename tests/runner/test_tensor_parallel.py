@@ -39,7 +39,7 @@ print(json.dumps({"tokens": outs, "kv": kv}))
 def run_fake_devices(args: list[str], n: int = 4, timeout: int = 400):
     env = dict(
         os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}",
         JAX_PLATFORMS="cpu",
     )
     return subprocess.run(
@@ -143,7 +143,7 @@ print(json.dumps({
 """
 
 
-@pytest.mark.parametrize("backend", ["pallas_tpu", "xla"])
+@pytest.mark.parametrize("backend", ["pallas_tpu", "pallas", "xla"])
 def test_attention_kernel_under_shard_map_matches_reference(backend):
     """The Pallas kernel is not auto-partitioned: under the mesh it runs per device on its
     own KV heads (one KV head replicated over 4 devices here) and matches the reference."""
