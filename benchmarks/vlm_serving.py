@@ -350,7 +350,7 @@ def _delta(after: dict, before: dict) -> dict:
 def run_offline(engine, opts: dict, path: str) -> dict:
     """The load in `path` through `engine` (in the engine's process): media prepared on the
     core's number of threads as requests arrive, each added once prepared."""
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     from jaxmm import SamplingParams
     from jaxmm.engine.core_process import PREPARE_THREADS
@@ -399,8 +399,14 @@ def run_offline(engine, opts: dict, path: str) -> dict:
                 except Exception as e:  # refused, as the server would answer 400
                     records[i]["error"] = f"{type(e).__name__}: {str(e)[:160]}"
             if not engine.has_unfinished_requests():
-                wait = load.offsets[nxt] - now if nxt < len(prompts) else 0.001
-                time.sleep(max(0.0, min(wait, 0.001 if pending else 0.01)))
+                # idle: until the next arrival or the first prepared prompt, whichever first
+                timeout = (
+                    max(0.0, min(load.offsets[nxt] - now, 0.01)) if nxt < len(prompts) else 0.01
+                )
+                if pending:
+                    wait(pending.values(), timeout=timeout, return_when=FIRST_COMPLETED)
+                else:
+                    time.sleep(timeout)
                 continue
             for out in engine.step():
                 i = int(out.request_id.split("-")[1])
