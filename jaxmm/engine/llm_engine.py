@@ -92,48 +92,30 @@ class LLMEngine:
             if self.tokenizer.eos_token_id is not None:
                 self.eos_token_ids = [self.tokenizer.eos_token_id]
         sc, cc = config.scheduler, config.cache
-        self.runner = ModelRunner(
-            ck,
-            dtype=mc.dtype,
-            max_model_len=mc.max_model_len,
-            max_num_seqs=sc.max_num_seqs,
-            max_num_batched_tokens=sc.max_num_batched_tokens,
-            block_size=cc.block_size,
-            gpu_memory_utilization=cc.gpu_memory_utilization,
-            kv_cache_memory_bytes=cc.kv_cache_memory_bytes,
-            num_gpu_blocks_override=cc.num_gpu_blocks_override,
-            attention_backend=mc.attention_backend,
-            tensor_parallel_size=config.tensor_parallel_size,
-            load_format=mc.load_format,
-        )
-        self.max_model_len = self.runner.max_model_len
+        self.runner = ModelRunner(ck, config)
+        lim = self.runner.limits  # what the configs resolved to on this device and model
+        self.max_model_len = lim.max_model_len
         self.block_manager = BlockManager(
-            self.runner.num_pages,
-            cc.block_size,
+            lim.num_pages,
+            lim.block_size,
             cc.enable_prefix_caching,
-            recurrent_state=bool(self.runner.num_state_slots),
+            recurrent_state=bool(lim.num_state_slots),
         )
         # the encoder stage: which rows of the runner's encoder cache hold which item
         self.encoder_cache = (
-            EncoderCacheManager(self.runner.encoder_cache_rows)
-            if self.runner.encoder_cache is not None
-            else None
+            EncoderCacheManager(lim.encoder_cache_rows) if lim.encoder_cache_rows else None
         )
         self.scheduler = Scheduler(
-            self.runner.max_num_seqs,
-            self.runner.max_num_batched_tokens,
+            lim.max_num_seqs,
+            lim.max_num_batched_tokens,
             self.block_manager,
             encoder_cache=self.encoder_cache,
-            state_slots=StateSlots(self.runner.num_state_slots)
-            if self.runner.num_state_slots
-            else None,
+            state_slots=StateSlots(lim.num_state_slots) if lim.num_state_slots else None,
         )
         # hybrid models: state snapshots at cached prefixes (engine/state_cache.py)
         self.state_snapshots = None
-        if self.runner.num_snapshot_slots and cc.enable_prefix_caching:
-            self.state_snapshots = StateSnapshots(
-                self.runner.num_state_slots, self.runner.num_snapshot_slots
-            )
+        if lim.num_snapshot_slots and cc.enable_prefix_caching:
+            self.state_snapshots = StateSnapshots(lim.num_state_slots, lim.num_snapshot_slots)
             self.block_manager.has_state_snapshot = self.state_snapshots.has
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(config.seed)
@@ -151,7 +133,7 @@ class LLMEngine:
         self._audio_frontend = None
         self._frontend_lock = threading.Lock()
         # encoder-decoder models: free cross-attention slots (one per running request)
-        self._free_slots = list(range(self.runner.cross_slots))
+        self._free_slots = list(range(lim.cross_slots))
         if config.warmup:
             self.runner.warmup()
             self.warmup_encoders()

@@ -38,6 +38,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxmm import progress
+from jaxmm.config import EngineConfig
 from jaxmm.layers.attention import AttentionMetadata, replicated_kv_heads, resolve_backend
 from jaxmm.layers.logits_processors import MAX_LOGIT_BIAS, LogitsExtras, prompt_logprobs
 from jaxmm.layers.sampler import MAX_LOGPROBS, SamplingTensors, sample
@@ -191,24 +192,39 @@ def token_buckets(max_num_batched_tokens: int) -> list[int]:
     return buckets
 
 
+@dataclasses.dataclass(frozen=True)
+class ResolvedLimits:
+    """What the runner made of the engine's configs on this device and model: the limits
+    the engine sizes its scheduler, block manager and caches by (nothing else is read back
+    from the runner for that)."""
+
+    max_model_len: int
+    max_num_seqs: int  # lowered to the cross-attention slots of an encoder-decoder model
+    max_num_batched_tokens: int
+    num_pages: int  # KV pages that fit the memory budget
+    block_size: int
+    encoder_cache_rows: int  # 0: the model has no encoder cache
+    num_state_slots: int  # hybrid models: per-sequence state slots (0: none)
+    num_snapshot_slots: int  # hybrid models: prefix-cache state snapshots
+    cross_slots: int  # encoder-decoder models: cross-attention K/V slots
+
+
 class ModelRunner:
-    def __init__(
-        self,
-        ck: Checkpoint,
-        *,
-        dtype: str = "auto",
-        max_model_len: int | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int | None = None,
-        block_size: int = 16,
-        gpu_memory_utilization: float = 0.9,
-        kv_cache_memory_bytes: int | None = None,
-        num_gpu_blocks_override: int | None = None,
-        attention_backend: str = "auto",
-        tensor_parallel_size: int = 1,
-        load_format: str = "auto",
-        encoder_cache_rows: int | None = None,
-    ):
+    """Params and caches on device, one jitted step per token bucket, the encoder stage.
+
+    Built from the engine's configs (`EngineConfig`: model, cache, scheduler, parallel);
+    `limits` hands back what it resolved them to.
+    """
+
+    def __init__(self, ck: Checkpoint, config: EngineConfig, *, encoder_cache_rows=None):
+        mc, sc, cc = config.model, config.scheduler, config.cache
+        dtype, max_model_len = mc.dtype, mc.max_model_len
+        max_num_seqs, max_num_batched_tokens = sc.max_num_seqs, sc.max_num_batched_tokens
+        block_size, gpu_memory_utilization = cc.block_size, cc.gpu_memory_utilization
+        kv_cache_memory_bytes = cc.kv_cache_memory_bytes
+        num_gpu_blocks_override = cc.num_gpu_blocks_override
+        attention_backend, load_format = mc.attention_backend, mc.load_format
+        tensor_parallel_size = config.tensor_parallel_size
         t_start = time.perf_counter()
         # seconds spent in each phase of start-up (and warmup), for benchmarks and logs
         self.init_times: dict[str, float] = {}
@@ -498,6 +514,20 @@ class ModelRunner:
             if T >= num_tokens:
                 return T, min(T, next_pow2(self.max_num_seqs))
         raise ValueError(f"{num_tokens} tokens exceed max_num_batched_tokens")
+
+    @property
+    def limits(self) -> ResolvedLimits:
+        return ResolvedLimits(
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            num_pages=self.num_pages,
+            block_size=self.block_size,
+            encoder_cache_rows=self.encoder_cache_rows if self.encoder_cache is not None else 0,
+            num_state_slots=self.num_state_slots,
+            num_snapshot_slots=getattr(self, "num_snapshot_slots", 0),
+            cross_slots=self.cross_slots,
+        )
 
     def prepare(self, steps: list[SeqStep], min_tokens: int = 0):
         total = sum(len(s.token_ids) for s in steps)
