@@ -373,10 +373,13 @@ def test_scheduler_never_ends_a_chunk_inside_an_image():
     assert first_chunks(True, [(4, 30, "image:z")]) == [4, 16, 16, 4]
 
 
-def test_gemma_ttft_benchmark_smoke(tmp_path, capsys):
+def test_gemma_ttft_benchmark_smoke(tmp_path, capsys, monkeypatch):
     import json
 
     from benchmarks import gemma_ttft
+    from jaxmm.models.gemma3 import LOCAL_KV_ENV
+
+    monkeypatch.setenv(LOCAL_KV_ENV, "0")  # main() sets it: unset again afterwards
 
     argv = ["--config", "small", "--iters", "1", "--device", "cpu", "--decode-tokens", "2", "4"]
     # local layers on rings of window (16) + one step (64) tokens: the VLM runs that way
@@ -388,7 +391,9 @@ def test_gemma_ttft_benchmark_smoke(tmp_path, capsys):
     assert ttft["num_image_tokens"] == 16 and ttft["num_prompt_tokens"] > 16
     for key in ("preprocess_s", "encoder_s", "prefill_s", "e2e_s", "hf_e2e_s"):
         assert ttft[key] > 0, key
-    assert decode["engine_ms_per_token"] > 0 and decode["roofline_ms_per_token"] > 0
+    # a few tokens on a shared CPU: the time per token is noise here, only its presence counts
+    assert isinstance(decode["engine_ms_per_token"], float)
+    assert decode["roofline_ms_per_token"] > 0 and decode["language_weight_bytes"] > 0
     # 6 layers, one global: 5 local layers hold window (16) + one chunk (64) of 256 tokens
     assert ttft["kv_layers_global"] == 1 and ttft["kv_layers_local"] == 5
     per_layer = 2 * 2 * 16 * 2
@@ -397,7 +402,7 @@ def test_gemma_ttft_benchmark_smoke(tmp_path, capsys):
     assert ttft["kv_bytes_per_token_measured"] == ttft["kv_bytes_per_token_windowed"]
 
 
-def test_image_steps_under_a_kernel_backend():
+def test_image_steps_under_a_kernel_backend(monkeypatch):
     """The VLM on a kernel backend (Pallas, interpret mode here; the parity tests run XLA):
     a step with image tokens runs every layer on the XLA path with the mask, a step without
     them on the kernel, one `lax.cond` per step; both agree with the XLA backend's model."""
@@ -409,8 +414,9 @@ def test_image_steps_under_a_kernel_backend():
     from flax import nnx
 
     from jaxmm.layers.attention import AttentionMetadata
-    from jaxmm.models.gemma3 import Gemma3ForConditionalGeneration
+    from jaxmm.models.gemma3 import LOCAL_KV_ENV, Gemma3ForConditionalGeneration
 
+    monkeypatch.setenv(LOCAL_KV_ENV, "0")  # every layer paged
     IMG = 60
 
     class Tok:  # what _text_config reads of a tokenizer
