@@ -316,7 +316,10 @@ class Clients:
 
     def close(self) -> None:
         for c in self.conns:
-            c.send(None)
+            try:
+                c.send(None)
+            except OSError:  # that process already died: its error is being raised
+                pass
         for p in self.procs:
             p.join(10)
             if p.is_alive():
