@@ -189,8 +189,9 @@ class Qwen3_5ForCausalLM(nnx.Module):
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return self.model.embed_tokens(input_ids)
 
-    def __call__(self, input_ids, kv_caches, md: AttentionMetadata, inputs_embeds=None,
-                 seq_inputs=None):  # fmt: skip
+    def __call__(
+        self, input_ids, kv_caches, md: AttentionMetadata, inputs_embeds=None, seq_inputs=None
+    ):
         return self.model(
             input_ids, kv_caches, md, _slots(kv_caches, md, seq_inputs), inputs_embeds
         )
@@ -231,8 +232,15 @@ class Qwen3_5ForConditionalGeneration(Qwen3VLForConditionalGeneration):
         config.vision_config = vision
         super().__init__(config, **kwargs)
 
-    def __call__(self, input_ids, kv_caches, md: AttentionMetadata, inputs_embeds=None,
-                 seq_inputs=None, mm_extra=None):  # fmt: skip
+    def __call__(
+        self,
+        input_ids,
+        kv_caches,
+        md: AttentionMetadata,
+        inputs_embeds=None,
+        seq_inputs=None,
+        mm_extra=None,
+    ):
         del mm_extra  # no DeepStack levels
         return self.model(
             input_ids, kv_caches, md, _slots(kv_caches, md, seq_inputs), inputs_embeds

@@ -36,9 +36,15 @@ def test_reference_matches_transformers_recurrence():
     state = rs.randn(1, N, Hk, Hv) * 0.3
     t = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
     ref_out, ref_state = torch_recurrent_gated_delta_rule(
-        t(q), t(k), t(v), g=t(g), beta=t(beta), initial_state=t(state),
-        output_final_state=True, use_qk_l2norm_in_kernel=True,
-    )  # fmt: skip
+        t(q),
+        t(k),
+        t(v),
+        g=t(g),
+        beta=t(beta),
+        initial_state=t(state),
+        output_final_state=True,
+        use_qk_l2norm_in_kernel=True,
+    )
     rep = lambda x: jnp.repeat(jnp.asarray(x[0], jnp.float32), N // Nk, axis=1)  # noqa: E731
     out, st = reference(
         gd.l2norm(rep(q)) * Hk**-0.5, gd.l2norm(rep(k)), v[0], g[0], beta[0], state[0]
@@ -70,8 +76,8 @@ def test_step_matches_reference():
     ref_out, ref_st = reference(q, k, v, g, beta, s0)
     S = s0[None]
     for t in range(3):
-        o, S = gd.gated_delta_step(q[t : t + 1], k[t : t + 1], v[t : t + 1], g[t : t + 1],
-                                   beta[t : t + 1], S)  # fmt: skip
+        one = [a[t : t + 1] for a in (q, k, v, g, beta)]
+        o, S = gd.gated_delta_step(*one, S)
         np.testing.assert_allclose(o[0], ref_out[t], **TOL)
     np.testing.assert_allclose(S[0], ref_st, **TOL)
 
