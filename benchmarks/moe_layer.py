@@ -14,8 +14,14 @@ experts chosen x 3 D F x dtype bytes) over the time, to set beside the measured 
 bandwidth (a decode-sized T is bandwidth-bound: the ideal is touched bytes / copy
 bandwidth); `TFLOPs`: useful FLOPs (2 T k 3 D F, no padding, no unchosen experts) over the
 time, beside the measured dense bf16 matmul rate. `default` marks what `auto` runs.
+`max_abs_err` is the largest difference from `dense` (the oracle) on the same inputs.
 Implementations whose temporaries would not fit (`gather` materialises T k expert
-matrices) are skipped with the reason. Prints one JSON object.
+matrices) are skipped with the reason.
+
+On a Hopper GPU one more candidate runs, `mosaic_gpu`: the rows sorted as `ragged` sorts
+them, through the Pallas Mosaic GPU grouped GEMM JAX ships
+(jax.experimental.pallas.ops.gpu.ragged_dot_mgpu; benchmark only until measured, its error
+reported as for the others). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -44,6 +50,30 @@ def _temp_bytes(impl: str, T: int, E: int, k: int, D: int, F: int, nbytes: int) 
     if impl == "dense":
         return T * E * max(D, F) * 4  # every expert's output, float32 for the combine
     return T * k * max(D, F) * 4
+
+
+def experts_mosaic_gpu(x, weights, ids, gate, up, down, act):
+    """`ragged` with JAX's Mosaic GPU ragged_dot kernel in place of jax.lax.ragged_dot."""
+    import functools
+
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
+    from jaxmm.layers import moe
+
+    T, k = ids.shape
+    order, inverse, _, sizes = moe._sort_rows(ids, gate.shape[0])
+    dot = functools.partial(
+        ragged_dot_mgpu.ragged_dot,
+        group_sizes=sizes,
+        block_m=64,
+        block_n=128,
+        block_k=64,
+        max_concurrent_steps=4,
+        grid_block_n=1,
+    )
+    xs = x[order // k]
+    h = (act(dot(xs, gate)) * dot(xs, up)).astype(x.dtype)
+    return moe._combine(weights, dot(h, down)[inverse].reshape(T, k, -1), x.dtype)
 
 
 def _time(fn, *args, reps: int) -> float:
@@ -77,7 +107,12 @@ def bench(shape: dict, tokens: list[int], impls: list[str], reps: int) -> list[d
 
     def layer(x, router, gate, up, down, impl):
         weights, ids = moe.route(x @ router, k, True)
+        if impl == "mosaic_gpu":
+            return experts_mosaic_gpu(x, weights, ids, gate, up, down, jax.nn.silu)
         return moe.experts_forward(x, weights, ids, gate, up, down, jax.nn.silu, impl)
+
+    if jax.default_backend() == "gpu" and "mosaic_gpu" not in impls:
+        impls = [*impls, "mosaic_gpu"]
 
     rows = []
     for T in tokens:
@@ -86,6 +121,9 @@ def bench(shape: dict, tokens: list[int], impls: list[str], reps: int) -> list[d
         touched = len(np.unique(np.asarray(ids))) * 3 * D * F * dtype.itemsize
         flops = 2 * T * k * 3 * D * F
         default = moe.default_impl(T, k, E)
+        ref = None
+        if _temp_bytes("dense", T, E, k, D, F, dtype.itemsize) <= TEMP_LIMIT_BYTES:
+            ref = np.asarray(jax.jit(layer, static_argnums=5)(x, router, gate, up, down, "dense"))
         for impl in impls:
             row = dict(T=T, impl=impl, default=impl == default, touched_expert_bytes=touched)
             need = _temp_bytes(impl, T, E, k, D, F, dtype.itemsize)
@@ -94,7 +132,16 @@ def bench(shape: dict, tokens: list[int], impls: list[str], reps: int) -> list[d
                 rows.append(row)
                 continue
             fn = jax.jit(layer, static_argnums=5)
-            s = _time(fn, x, router, gate, up, down, impl, reps=reps)
+            try:
+                out = np.asarray(fn(x, router, gate, up, down, impl))
+                s = _time(fn, x, router, gate, up, down, impl, reps=reps)
+            except Exception as e:  # a candidate kernel that does not run here
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                rows.append(row)
+                continue
+            if ref is not None:
+                diff = np.abs(out.astype(np.float32) - ref.astype(np.float32))
+                row["max_abs_err"] = float(diff.max())
             row.update(
                 ms=round(s * 1e3, 4),
                 touched_GBps=round(touched / s / 1e9, 3),

@@ -23,7 +23,8 @@ the routing, so a token bucket compiles once whatever the router picks:
   bucket count floor(T*k/B) + min(E, T*k) bounds sum_e ceil(n_e/B) for any routing, so no
   row is ever dropped (a static capacity, exact).
 - `gather`: each token's k expert matrices gathered, one batched einsum. Touches only the
-  chosen experts' weights: meant for decode, where T*k is below E.
+  chosen experts' weights, but XLA materialises the gathered copies: meant for few rows on
+  CPU.
 `auto` picks per backend and token count (`default_impl`); GPU choices are provisional until
 benchmarks/moe_layer.py has been run on an H100.
 
@@ -151,17 +152,19 @@ _IMPLS = {
 def default_impl(T: int, k: int, E: int, backend: str | None = None) -> str:
     """The implementation `auto` runs for a bucket of T tokens (static: no recompiles).
 
-    Few rows (T*k <= E, decode): `gather` reads only the chosen experts, where every grouped
-    form reads all E. More rows: `ragged` on GPU/TPU (XLA's grouped GEMM; provisional until
-    the H100 run of benchmarks/moe_layer.py), `capacity` on CPU, where XLA's ragged_dot is
-    slower than even `dense`. Measured on the shared 2-core CPU host (E=32, k=4, D=256,
-    F=128, float32, ms): T=4: gather 1.0, capacity 2.1, ragged 6.7, dense 11.8; T=64:
-    capacity 13.8, dense 26.6, ragged 50.6, gather 180; T=512: capacity 160, dense 439,
-    ragged 1292, gather 4207."""
+    GPU/TPU: `ragged` (XLA's grouped GEMM; provisional until the H100 run of
+    benchmarks/moe_layer.py). Not `gather` even for decode: the smallest token bucket is 16,
+    and gathering 16 x k expert matrices writes and re-reads ~40x the bytes a batch-1
+    token needs, where a grouped GEMM that skips empty groups reads each chosen expert
+    once (padding tokens sit in no group, see `experts_forward`). CPU: `gather` for few
+    rows (T*k <= E), `capacity` beyond; XLA's CPU ragged_dot is slower than even `dense`.
+    Measured on the shared 2-core CPU host (E=32, k=4, D=256, F=128, float32, ms): T=4:
+    gather 1.0, capacity 2.1, ragged 6.7, dense 11.8; T=64: capacity 13.8, dense 26.6,
+    ragged 50.6, gather 180; T=512: capacity 160, dense 439, ragged 1292, gather 4207."""
     backend = backend or jax.default_backend()
-    if T * k <= E:
-        return "gather"
-    return "capacity" if backend == "cpu" else "ragged"
+    if backend != "cpu":
+        return "ragged"
+    return "gather" if T * k <= E else "capacity"
 
 
 def experts_forward(

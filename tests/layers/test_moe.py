@@ -74,8 +74,9 @@ def test_router_matches_transformers():
 
 
 def test_default_impl_is_static_per_bucket():
-    assert moe.default_impl(1, 8, 128, "gpu") == "gather"
+    assert moe.default_impl(16, 8, 128, "gpu") == "ragged"
     assert moe.default_impl(512, 8, 128, "gpu") == "ragged"
+    assert moe.default_impl(4, 8, 128, "cpu") == "gather"
     assert moe.default_impl(512, 8, 128, "cpu") == "capacity"
     with pytest.raises(ValueError):
         moe.SparseMoeBlock(8, 8, 4, 2, "silu", norm_topk_prob=True, impl="nope", rngs=None)
