@@ -190,3 +190,20 @@ def test_expert_and_tensor_parallel_four_fake_devices(ckpt_root, E, sharded):
     outs = json.loads(proc.stdout.strip().splitlines()[-1])
     assert outs["1"]["tokens"] == outs["4"]["tokens"]
     assert outs["4"]["spec"] == sharded
+
+
+def test_routing_compiles_nothing(moe_ckpt):
+    """After warmup, batches whose tokens route to different experts (other prompts, other
+    lengths, other batch sizes) run the warm programs: routing is data, not shape."""
+    from jaxmm.runner.model_runner import backend_compile_count
+
+    llm = LLM(moe_ckpt, dtype="float32", max_model_len=64, max_num_batched_tokens=32, warmup=True)
+    sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": [1, 2, 3]}], sp, use_tqdm=False)
+    runner = llm.llm_engine.runner
+    before = (runner.num_compiled(), backend_compile_count())
+    rng = np.random.default_rng(0)
+    for n, length in ((1, 5), (3, 11), (2, 29)):
+        prompts = [{"prompt_token_ids": rng.integers(1, 200, length).tolist()} for _ in range(n)]
+        llm.generate(prompts, sp, use_tqdm=False)
+    assert (runner.num_compiled(), backend_compile_count()) == before
