@@ -252,14 +252,20 @@ VLM_PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def gemma3_vlm(ckpt_root):
+@pytest.fixture(scope="module", params=["paged", "ring"])
+def gemma3_vlm(request, ckpt_root):
+    """(path, LLM, HF model); "ring": local layers on rings of 48 tokens (window 8 + a step
+    of 32 - 1 = 39 needed), which the two-image prompt and its output wrap."""
     import transformers
 
     from jaxmm import LLM
+    from jaxmm.models.gemma3 import LOCAL_KV_ENV
 
     path = make_gemma3_vlm(ckpt_root)
-    llm = LLM(path, dtype="float32", max_model_len=256, max_num_batched_tokens=BUDGET)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(LOCAL_KV_ENV, "48" if request.param == "ring" else "0")
+        llm = LLM(path, dtype="float32", max_model_len=256, max_num_batched_tokens=BUDGET)
+    assert llm.llm_engine.runner.num_layers == (1 if request.param == "ring" else 4)
     hf = transformers.Gemma3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
     return path, llm, hf.eval()
 
