@@ -132,7 +132,8 @@ def offline_bound_s(cfg, num_prompts, input_len, output_len, batch, flops, bw, n
 
 def _run_part(part: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--part-only", part, "--config", args.config]
-    for name in ("num_prompts", "input_len", "output_len", "hf_num_prompts", "workdir"):
+    names = ("num_prompts", "input_len", "output_len", "hf_num_prompts", "workdir", "max_num_seqs")
+    for name in names:
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     cmd += ["--impl", args.impl, "--hf-experts", args.hf_experts]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -223,7 +224,7 @@ def part_offline(args, cfg) -> dict:
     from jaxmm import SamplingParams
     from jaxmm.runner.model_runner import backend_compile_count
 
-    llm = _llm(args, cfg, args.input_len + args.output_len)
+    llm = _llm(args, cfg, args.input_len + args.output_len, max_num_seqs=args.max_num_seqs)
     runner = llm.llm_engine.runner
     rng = np.random.default_rng(0)
     V = cfg["vocab_size"]
@@ -277,11 +278,14 @@ def part_hf(args, cfg) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     experts = args.hf_experts
     if experts != "eager":
-        from transformers.integrations import moe as hf_moe
+        try:
+            from transformers.integrations import moe as hf_moe
 
-        table = getattr(getattr(hf_moe, "ExpertsInterface", None), "_global_mapping", {})
+            table = getattr(getattr(hf_moe, "ExpertsInterface", None), "_global_mapping", {})
+        except ImportError:  # a transformers without selectable experts implementations
+            table = {}
         if experts not in table:
-            experts = "eager"  # this transformers has no such experts implementation
+            experts = "eager"
     config._experts_implementation = experts
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -345,6 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--hf-num-prompts", type=int, default=128)
+    ap.add_argument("--max-num-seqs", type=int, default=256, help="jaxmm offline batch cap")
     ap.add_argument("--impl", default="auto", help="layers/moe.py implementation for jaxmm")
     ap.add_argument("--hf-experts", default="grouped_mm", help="eager, batched_mm, grouped_mm")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxmm-bench"))
