@@ -96,3 +96,62 @@ def test_padding_tokens_route_nowhere(impl):
     np.testing.assert_allclose(np.asarray(out[:n]), np.asarray(ref), rtol=1e-5, atol=1e-5)
     sizes = moe._sort_rows(jnp.where(valid[:, None], ids, E), E)[3]
     assert int(sizes.sum()) == n * k
+
+
+SHARDED = r"""
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jaxmm.layers import moe
+from jaxmm.layers.linear import partition_spec
+assert len(jax.devices()) == 4
+mesh = Mesh(np.array(jax.devices()).reshape(1, 4), ("data", "model"))
+out = {}
+for E in (8, 6):  # 8: experts split over the devices; 6: each expert's F columns are
+    ks = jax.random.split(jax.random.key(E), 5)
+    T, k, D, F = 24, 2, 16, 8
+    x = jax.random.normal(ks[0], (T, D))
+    w = {"gate_proj": jax.random.normal(ks[1], (E, D, F)),
+         "up_proj": jax.random.normal(ks[2], (E, D, F)),
+         "down_proj": jax.random.normal(ks[3], (E, F, D))}
+    weights, ids = moe.route(jax.random.normal(ks[4], (T, E)), k, True)
+    valid = jnp.arange(T) < 19
+    placed = {}
+    for name, a in w.items():
+        spec = partition_spec(("mlp", "experts", name), 3, a.shape, {"model": 4})
+        placed[name] = jax.device_put(a, NamedSharding(mesh, spec))
+    for impl in moe.IMPLEMENTATIONS:
+        f = jax.jit(moe.experts_forward, static_argnums=(6, 7))
+        one = f(x, weights, ids, w["gate_proj"], w["up_proj"], w["down_proj"], jax.nn.silu,
+                impl, valid)
+        four = f(x, weights, ids, placed["gate_proj"], placed["up_proj"],
+                 placed["down_proj"], jax.nn.silu, impl, valid)
+        spec = repr(tuple(placed["gate_proj"].sharding.spec))
+        out[f"{E}-{impl}"] = [float(jnp.abs(one - four).max()), spec]
+print(json.dumps(out))
+"""
+
+
+def test_sharded_experts_match_one_device():
+    """Every implementation on 4 faked CPU devices, experts placed as the loader places them
+    (E over the devices when it divides, else F), equals the one-device result."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, cwd=root
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(out) == 2 * len(moe.IMPLEMENTATIONS)
+    for key, (err, spec) in out.items():
+        assert err < 1e-4, key
+        assert spec == (
+            "('model', None, None)" if key.startswith("8-") else "(None, None, 'model')"
+        ), key
