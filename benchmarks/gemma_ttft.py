@@ -123,7 +123,10 @@ def write_checkpoint(name: str, path: str):
     base.add_special_tokens({"additional_special_tokens": [BOI, EOI, SOFT]})
     base.save_pretrained(path)
     named = {"boi_token": BOI, "eoi_token": EOI, "image_token": SOFT}
-    tok = transformers.PreTrainedTokenizerFast.from_pretrained(path, extra_special_tokens=named)
+    try:  # the names Gemma3Processor reads (tokenizer.boi_token, ...)
+        tok = transformers.PreTrainedTokenizerFast.from_pretrained(path, extra_special_tokens=named)
+    except (TypeError, ValueError):  # an older transformers: without them
+        tok = base
     shape = CONFIGS[name]
     if len(tok) > shape["text"]["vocab_size"]:
         raise ValueError(f"the tokenizer has {len(tok)} tokens, more than the vocab")
@@ -143,12 +146,17 @@ def write_checkpoint(name: str, path: str):
     cfg.dtype = "bfloat16"
     cfg.save_pretrained(path)
     side = shape["vision"]["image_size"]
-    processor = transformers.Gemma3Processor(
-        image_processor=image_processor_class()(size={"height": side, "width": side}),
-        tokenizer=tok,
-        image_seq_length=shape["mm_tokens_per_image"],
-    )
-    processor.save_pretrained(path)
+    image_processor = image_processor_class()(size={"height": side, "width": side})
+    try:
+        transformers.Gemma3Processor(
+            image_processor=image_processor,
+            tokenizer=tok,
+            image_seq_length=shape["mm_tokens_per_image"],
+        ).save_pretrained(path)
+    except (AttributeError, TypeError, ValueError) as e:  # an older transformers' processor
+        # jaxmm needs only the image processor's config; transformers' side reports this
+        print(f"Gemma3Processor unavailable ({type(e).__name__}: {e})", file=sys.stderr)
+        image_processor.save_pretrained(path)
     return cfg, tok
 
 
@@ -389,7 +397,8 @@ def main(argv=None) -> list[dict]:
         try:
             model = build_hf(cfg, device)
             processor = transformers.AutoProcessor.from_pretrained(path)
-        except (AttributeError, ImportError) as e:  # an older transformers
+        except (AttributeError, ImportError, OSError, TypeError, ValueError) as e:
+            # an older transformers without a class or a processor this script uses
             hf_error = f"transformers {transformers.__version__}: {type(e).__name__}: {e}"
             model = None
 
