@@ -30,7 +30,11 @@ benchmarks/moe_layer.py has been run on an H100.
 
 Sharding: the stacked expert weights shard over the mesh's "model" axis along E when E
 divides it (expert parallelism), else along F (tensor parallelism inside each expert);
-layers/linear.py `partition_spec` decides, the loader places.
+layers/linear.py `partition_spec` decides, the loader places. Under jit, GSPMD keeps each
+device's experts local for every implementation (tokens are replicated; the HLO on 4
+faked CPU devices gathers no expert weights, it all-reduces the (T, D) output), so no
+shard_map is needed for correctness; whether an all-to-all token dispatch pays off is a
+multi-GPU measurement still to make.
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ def test_padding_tokens_route_nowhere(impl):
 
 
 SHARDED = r"""
-import json
+import json, re
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jaxmm.layers import moe
@@ -127,7 +127,11 @@ for E in (8, 6):  # 8: experts split over the devices; 6: each expert's F column
         four = f(x, weights, ids, placed["gate_proj"], placed["up_proj"],
                  placed["down_proj"], jax.nn.silu, impl, valid)
         spec = repr(tuple(placed["gate_proj"].sharding.spec))
-        out[f"{E}-{impl}"] = [float(jnp.abs(one - four).max()), spec]
+        hlo = f.lower(x, weights, ids, placed["gate_proj"], placed["up_proj"],
+                      placed["down_proj"], jax.nn.silu, impl, valid).compile().as_text()
+        # float arrays gathered across devices (expert weights would be): none expected
+        gathered = re.findall(r"= (f32\[[^]]*\])\S* all-gather", hlo)
+        out[f"{E}-{impl}"] = [float(jnp.abs(one - four).max()), spec, gathered]
 print(json.dumps(out))
 """
 
@@ -150,8 +154,11 @@ def test_sharded_experts_match_one_device():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(out) == 2 * len(moe.IMPLEMENTATIONS)
-    for key, (err, spec) in out.items():
+    for key, (err, spec, gathered) in out.items():
         assert err < 1e-4, key
+        # expert parallelism keeps each device's experts local: GSPMD sums the outputs
+        # (an all-reduce of (T, D)) instead of gathering weights
+        assert not (key.startswith("8-") and gathered), (key, gathered)
         assert spec == (
             "('model', None, None)" if key.startswith("8-") else "(None, None, 'model')"
         ), key
