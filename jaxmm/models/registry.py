@@ -41,6 +41,14 @@ _MODELS: dict[str, tuple[str, str]] = {
         "Qwen2AudioForConditionalGeneration",
     ),
     "VoxtralForConditionalGeneration": ("jaxmm.models.voxtral", "VoxtralForConditionalGeneration"),
+    "Qwen2_5OmniThinkerForConditionalGeneration": (
+        "jaxmm.models.qwen2_5_omni",
+        "Qwen2_5OmniThinkerForConditionalGeneration",
+    ),
+    "Qwen2_5OmniForConditionalGeneration": (
+        "jaxmm.models.qwen2_5_omni",
+        "Qwen2_5OmniForConditionalGeneration",
+    ),
     # encoder-only pooling (embedding) models: served by the PoolingRunner, not the LLMEngine
     "BertModel": ("jaxmm.models.bert", "BertModel"),
     "RobertaModel": ("jaxmm.models.bert", "RobertaModel"),

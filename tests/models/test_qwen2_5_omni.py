@@ -1,0 +1,205 @@
+"""Qwen2.5-Omni thinker parity with transformers on a tiny random checkpoint (float32).
+
+The checkpoint carries its own `Qwen2_5OmniProcessor` (saved with `save_pretrained`, a
+locally trained tokenizer with Omni's special tokens), so the HF side expands the
+placeholders with HF's own processor. Text and image prompts must give `generate`'s greedy
+tokens and last-token logits within 1e-4; a full `Qwen2_5OmniForConditionalGeneration`
+checkpoint (thinker + talker + token2wav) must serve the same tokens through its thinker.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import make_processor, make_tokenizer, qwen2_vl_video_processor
+from tests.models.test_vlm_parity import IMAGES, _chunk_rows, _encode_items, _randomize
+
+NEW_TOKENS = 10
+IMG = "<|vision_bos|><|IMAGE|><|vision_eos|>"
+NAMES = dict(
+    image_token="<|IMAGE|>",
+    audio_token="<|AUDIO|>",
+    video_token="<|VIDEO|>",
+    vision_bos_token="<|vision_bos|>",
+    vision_eos_token="<|vision_eos|>",
+    audio_bos_token="<|audio_bos|>",
+    audio_eos_token="<|audio_eos|>",
+)
+PROMPTS = [
+    {"prompt": "Once upon a time there was"},
+    {"prompt": f"{IMG}Describe the image.", "multi_modal_data": {"image": IMAGES[0]}},
+    {
+        "prompt": f"Hello {IMG} and {IMG} what",
+        "multi_modal_data": {"image": [IMAGES[1], IMAGES[2]]},
+    },
+]
+
+
+def _thinker_config(tok):
+    import transformers
+
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in NAMES.items()}
+    return transformers.Qwen2_5OmniThinkerConfig(
+        audio_config=dict(
+            num_mel_bins=16,
+            encoder_layers=2,
+            encoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            d_model=32,
+            output_dim=64,
+            n_window=20,
+            max_source_positions=100,
+        ),
+        vision_config=dict(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=48,
+            out_hidden_size=64,
+            num_heads=4,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=16,  # 2x2 merged patches per window
+            fullatt_block_indexes=[1],
+        ),
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 3, 3],
+            },
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        ),
+        audio_token_index=ids["audio_token"],
+        image_token_index=ids["image_token"],
+        video_token_index=ids["video_token"],
+        audio_start_token_id=ids["audio_bos_token"],
+        audio_end_token_id=ids["audio_eos_token"],
+        vision_start_token_id=ids["vision_bos_token"],
+        vision_end_token_id=ids["vision_eos_token"],
+    )
+
+
+def _save_processor(path: str):
+    """Tokenizer with Omni's named special tokens + `Qwen2_5OmniProcessor`, saved to path."""
+    import transformers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    tok = make_tokenizer(path)
+    tok.add_special_tokens({"additional_special_tokens": list(NAMES.values())})
+    tok.save_pretrained(path)
+    # the processor reads the tokens by name (tok.image_token, ...)
+    tok = PreTrainedTokenizerFast.from_pretrained(path, extra_special_tokens=NAMES)
+    pixels = dict(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=64)
+    processor = make_processor(
+        transformers.Qwen2_5OmniProcessor,
+        image_processor=Qwen2VLImageProcessorPil(**pixels, max_pixels=48 * 48),
+        video_processor=qwen2_vl_video_processor(**pixels, max_pixels=48 * 48),
+        feature_extractor=transformers.WhisperFeatureExtractor(feature_size=16, chunk_length=2),
+        tokenizer=tok,
+    )
+    processor.save_pretrained(path)
+    return tok, processor
+
+
+@pytest.fixture(scope="module")
+def omni(tmp_path_factory):
+    """(thinker checkpoint path, root of the others, HF thinker, HF processor); the
+    processor is the one saved (loading it back needs torchvision for its video part)."""
+    import transformers
+
+    root = tmp_path_factory.mktemp("omni")
+    path = str(root / "thinker")
+    tok, processor = _save_processor(path)
+    cfg = _thinker_config(tok)
+    cfg.architectures = ["Qwen2_5OmniThinkerForConditionalGeneration"]
+    model = transformers.Qwen2_5OmniThinkerForConditionalGeneration(cfg).eval()
+    _randomize(model, 2)  # a seed whose greedy text varies
+    model.save_pretrained(path)
+    return path, str(root), model, processor
+
+
+def _hf_inputs(processor, prompt: dict) -> dict:
+    images = (prompt.get("multi_modal_data") or {}).get("image")
+    if images is not None and not isinstance(images, list):
+        images = [images]
+    return dict(processor(text=prompt["prompt"], images=images, return_tensors="pt"))
+
+
+def _hf_generate(model, inputs: dict) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def _params():
+    from jaxmm import SamplingParams
+
+    return SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+
+
+def _llm(path: str):
+    from jaxmm import LLM
+
+    return LLM(path, dtype="float32", max_model_len=256, max_num_batched_tokens=64)
+
+
+def _last_logits(llm, prompt: dict) -> np.ndarray:
+    """Last-token logits of one prompt, prefilled in chunks of 24 tokens so image spans
+    straddle steps (scratch pages at the top of the pool; the engine is idle)."""
+    from jaxmm.multimodal.inputs import prepare_multimodal_prompt
+    from jaxmm.runner.model_runner import SeqStep
+
+    engine = llm.llm_engine
+    runner = engine.runner
+    if "multi_modal_data" in prompt:
+        _, ids, mm = prepare_multimodal_prompt(engine, prompt)
+    else:
+        ids, mm = llm.get_tokenizer()(prompt["prompt"]).input_ids, None
+    n = math.ceil(len(ids) / runner.block_size)
+    pages = list(range(runner.num_pages - n, runner.num_pages))
+    rows_of = _encode_items(engine, mm)
+    for start in range(0, len(ids), 24):
+        chunk = ids[start : start + 24]
+        step = SeqStep(chunk, start, pages, sample=start + len(chunk) == len(ids))
+        if mm is not None:
+            mm.fill_step(step, None, start, len(chunk))
+            step.mm_rows = _chunk_rows(mm, rows_of, start, len(chunk))
+        last = runner.logits([step])[0]
+    return np.asarray(last)
+
+
+def test_thinker_text_and_images_match_transformers(omni):
+    path, _, hf, processor = omni
+    llm = _llm(path)
+    outs = llm.generate(PROMPTS, _params(), use_tqdm=False)
+    image_token = hf.config.image_token_id
+    for prompt, out in zip(PROMPTS, outs):
+        inputs = _hf_inputs(processor, prompt)
+        ids = inputs["input_ids"][0]
+        if "multi_modal_data" in prompt:
+            assert int((ids == image_token).sum()) > 3  # HF's processor expanded the images
+        assert out.prompt_token_ids == ids.tolist()
+        assert out.outputs[0].token_ids == _hf_generate(hf, inputs)
+        with torch.no_grad():
+            ref = hf(**inputs).logits[0, -1].numpy()
+        np.testing.assert_allclose(_last_logits(llm, prompt), ref, atol=1e-4, rtol=0)
+    assert any(len(set(o.outputs[0].token_ids)) > 2 for o in outs)  # not a degenerate model
