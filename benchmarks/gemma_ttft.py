@@ -367,7 +367,7 @@ def main(argv=None) -> list[dict]:
     )
     engine = llm.llm_engine
     runner = engine.runner
-    engine.scheduler.whole_mm_items = True  # the model's mm_whole_items (see models/gemma3.py)
+    assert engine.scheduler.whole_mm_items  # the model's mm_whole_items (models/gemma3.py)
     sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     ring = args.local_kv_tokens or cfg.text_config.sliding_window + runner.max_num_batched_tokens
     kv = kv_bytes_per_token(cfg, args.context, ring)

@@ -111,6 +111,9 @@ class LLMEngine:
             self.block_manager,
             encoder_cache=self.encoder_cache,
             state_slots=StateSlots(lim.num_state_slots) if lim.num_state_slots else None,
+            # models whose items attend within themselves (Gemma 3's bidirectional image
+            # tokens) prefill each item in one chunk
+            whole_mm_items=bool(getattr(self.runner.model_obj, "mm_whole_items", False)),
         )
         # hybrid models: state snapshots at cached prefixes (engine/state_cache.py)
         self.state_snapshots = None

@@ -303,7 +303,7 @@ def test_vlm_greedy_and_logits_match_transformers(gemma3_vlm):
     engine = llm.llm_engine
     assert engine.runner.model_obj.mm_whole_items
     # the engine hands the model's flag to its scheduler (llm_engine.py)
-    engine.scheduler.whole_mm_items = True
+    assert engine.scheduler.whole_mm_items
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outs = llm.generate(VLM_PROMPTS, params, use_tqdm=False)
     hf_inputs = [_hf_inputs(path, p) for p in VLM_PROMPTS]
