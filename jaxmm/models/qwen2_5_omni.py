@@ -51,11 +51,7 @@ class Qwen2_5OmniThinkerForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
 
     def __init__(self, config, **kwargs):
         thinker = getattr(config, "thinker_config", None)
-        if thinker is not None:  # Qwen2_5OmniForConditionalGeneration: serve its thinker
-            log.info(
-                "Qwen2.5-Omni: serving the thinker (text output); the talker and token2wav "
-                "(speech output) weights are skipped"
-            )
+        if thinker is not None:  # a full Omni config (`load_config` hands over the thinker's)
             config = thinker
         # the thinker's own flag decides (transformers ties by the top-level config; the
         # nested text config defaults to True and is not consulted)
@@ -92,4 +88,13 @@ class Qwen2_5OmniThinkerForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
 
 
 class Qwen2_5OmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGeneration):
-    """A full Omni checkpoint (thinker + talker + token2wav), served through its thinker."""
+    """A full Omni checkpoint (thinker + talker + token2wav), served through its thinker:
+    its config is the thinker's (`weights.hf_config.served_config`), its `thinker.*`
+    weights are this model's (`hf_key_rules`), the talker's and token2wav's are skipped."""
+
+    def __init__(self, config, **kwargs):
+        log.info(
+            "Qwen2.5-Omni: serving the thinker (text output); the talker and token2wav "
+            "(speech output) weights are skipped"
+        )
+        super().__init__(config, **kwargs)

@@ -136,7 +136,18 @@ def load_config(model_dir: str):
     if config is None:
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        return served_config(AutoConfig.from_pretrained(model_dir, local_files_only=True))
+    return config
+
+
+def served_config(config):
+    """The config of the part of a checkpoint that jaxmm serves: a full Qwen2.5-Omni
+    (thinker + talker + token2wav) is served as its thinker (text out), so the engine sees
+    the thinker's config, under the full model's `architectures` (its registry entry)."""
+    thinker = getattr(config, "thinker_config", None)
+    if getattr(config, "model_type", None) == "qwen2_5_omni" and thinker is not None:
+        thinker.architectures = list(getattr(config, "architectures", None) or [])
+        return thinker
     return config
 
 

@@ -9,7 +9,10 @@ checkpoint (thinker + talker + token2wav) must serve the same tokens through its
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -203,3 +206,83 @@ def test_thinker_text_and_images_match_transformers(omni):
             ref = hf(**inputs).logits[0, -1].numpy()
         np.testing.assert_allclose(_last_logits(llm, prompt), ref, atol=1e-4, rtol=0)
     assert any(len(set(o.outputs[0].token_ids)) > 2 for o in outs)  # not a degenerate model
+
+
+def _save_full_checkpoint(path: str, thinker_path: str, thinker) -> None:
+    """A full `Qwen2_5OmniForConditionalGeneration` (tiny talker and token2wav) holding
+    `thinker`'s weights, with the thinker checkpoint's tokenizer and processor files."""
+    import transformers
+
+    tc = thinker.config
+    ids = {k: getattr(tc, k) for k in ("vision_start_token_id", "vision_end_token_id")}
+    ids.update(
+        audio_start_token_id=tc.audio_start_token_id, audio_end_token_id=tc.audio_end_token_id
+    )
+    talker = dict(
+        ids,
+        vocab_size=64,
+        embedding_size=64,  # the thinker's hidden size
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]},
+        audio_token_index=tc.audio_token_id,
+        image_token_index=tc.image_token_id,
+        video_token_index=tc.video_token_id,
+        tts_text_start_token_id=1,
+        tts_text_end_token_id=2,
+        tts_text_pad_token_id=3,
+    )
+    dit = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        head_dim=16,
+        emb_dim=16,
+        num_embeds=64,
+        mel_dim=8,
+        enc_emb_dim=8,
+        enc_dim=8,
+        enc_channels=[16, 16, 16, 16, 48],
+        enc_attention_channels=8,
+        enc_se_channels=8,
+        look_ahead_layers=[1],
+        look_backward_layers=[0],
+    )
+    bigvgan = dict(
+        mel_dim=8,
+        upsample_initial_channel=16,
+        upsample_rates=[2, 2],
+        upsample_kernel_sizes=[4, 4],
+        resblock_kernel_sizes=[3],
+        resblock_dilation_sizes=[[1, 3, 5]],
+    )
+    cfg = transformers.Qwen2_5OmniConfig(
+        thinker_config=tc.to_dict(),
+        talker_config=talker,
+        token2wav_config=dict(dit_config=dit, bigvgan_config=bigvgan),
+    )
+    cfg.architectures = ["Qwen2_5OmniForConditionalGeneration"]
+    full = transformers.Qwen2_5OmniForConditionalGeneration(cfg).eval()
+    full.thinker.load_state_dict(thinker.state_dict())
+    full.save_pretrained(path)
+    for name in os.listdir(thinker_path):
+        if name.startswith(("tokenizer", "processor", "chat_template")):
+            shutil.copy(os.path.join(thinker_path, name), path)
+
+
+def test_full_omni_checkpoint_serves_its_thinker(omni, caplog):
+    path, root, hf, processor = omni
+    full = os.path.join(root, "full")
+    _save_full_checkpoint(full, path, hf)
+    with caplog.at_level(logging.INFO, logger="jaxmm.models.qwen2_5_omni"):
+        llm = _llm(full)
+    skipped = [r for r in caplog.records if "talker and token2wav" in r.getMessage()]
+    assert len(skipped) == 1
+    prompts = PROMPTS[:2]
+    outs = llm.generate(prompts, _params(), use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == _hf_generate(hf, _hf_inputs(processor, prompt))
