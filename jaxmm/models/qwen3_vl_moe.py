@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxmm.layers.moe import SparseMoeBlock, is_sparse_layer, num_experts
 from jaxmm.models.qwen3 import Qwen3DecoderLayer
+from jaxmm.models.qwen3_moe import Qwen3MoeDecoderLayer
 from jaxmm.models.qwen3_vl import Qwen3VLForConditionalGeneration, Qwen3VLTextModel
 
 _GATE_UP = re.compile(r"mlp\.experts\.gate_up_proj$")
@@ -44,6 +45,9 @@ class Qwen3VLMoeDecoderLayer(Qwen3DecoderLayer):
                 dtype=dtype,
                 rngs=rngs,
             )
+
+    # the bucket's padding tokens route nowhere, as in Qwen3-MoE
+    __call__ = Qwen3MoeDecoderLayer.__call__
 
 
 class Qwen3VLMoeTextModel(Qwen3VLTextModel):
