@@ -11,10 +11,14 @@ tokens get (0, row, col) past the text before it, and the text after resumes at 
 largest position + 1 (`max(h, w) / m` past the image's start), which is what
 `Qwen2VLForConditionalGeneration.mrope_positions` computes.
 
-Served modalities: images. The audio tower's weights are read past (audio and video,
-with TMRoPE's time-interleaving, are not served yet). A full `Qwen2_5OmniForConditionalGeneration`
-checkpoint is served through its thinker: `thinker.*` keys are this model's, the talker
-and token2wav weights are skipped with one log line.
+Audio: Whisper's stem and layers on chunks of `2 * n_window` mel frames (attention and
+positions restart per chunk), then pairs of rows averaged, `ln_post`, `proj` to the text
+width; its tokens take plain sequential positions (TMRoPE gives audio alone no grid).
+Served modalities: images, audio (one modality per prompt: audio prompts go through the
+audio front end). Video and `use_audio_in_video` (TMRoPE's time-interleaving) are not.
+A full `Qwen2_5OmniForConditionalGeneration` checkpoint is served through its thinker:
+`thinker.*` keys are this model's, the talker and token2wav weights are skipped with one
+log line.
 """
 
 from __future__ import annotations
@@ -23,9 +27,18 @@ import copy
 import logging
 import re
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from jaxmm.layers.linear import Linear
+from jaxmm.layers.mlp import activation
+from jaxmm.models.device_rows import DeviceRows
+from jaxmm.models.encoders.clip import LayerNorm
+from jaxmm.models.qwen2_audio import audio_output_lengths
 from jaxmm.models.qwen2_vl import Qwen2_5_VLForConditionalGeneration
+from jaxmm.models.whisper import Conv1d, WhisperEncoderLayer, next_pow2
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +46,75 @@ log = logging.getLogger(__name__)
 _VISION_QKV = re.compile(r"^(visual\.blocks\.\d+\.attn)\.(q|k|v)\.(weight|bias)$")
 
 
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
+    """(length, channels) float32 [sin | cos] position table, as transformers computes it
+    (float32 timescales); not a weight of the checkpoint."""
+    increment = np.log(max_timescale) / (channels // 2 - 1)
+    inv = np.exp(np.float32(-increment) * np.arange(channels // 2, dtype=np.float32))
+    scaled = np.arange(length, dtype=np.float32)[:, None] * inv[None, :].astype(np.float32)
+    return np.concatenate([np.sin(scaled), np.cos(scaled)], axis=1).astype(np.float32)
+
+
+class Qwen2_5OmniAudioEncoder(nnx.Module):
+    """The thinker's audio tower: Whisper's stem and layers run on chunks of `2 * n_window`
+    mel frames, each chunk on its own (attention and positions restart per chunk), then the
+    item's rows back to back are averaged in pairs, normed and projected to the text width.
+
+    A call takes chunks (N, mel, 2W) zero-padded past each chunk's frames and their lengths
+    (N,); `pairs` (2, M) index the rows (N * W) averaged into each output row.
+    """
+
+    def __init__(self, config, *, dtype, rngs):
+        D = config.d_model
+        self.conv1 = Conv1d(config.num_mel_bins, D, 3, 1, dtype=dtype)
+        self.conv2 = Conv1d(D, D, 3, 2, dtype=dtype)
+        self.layers = nnx.List(
+            [
+                WhisperEncoderLayer(config, dtype=dtype, rngs=rngs)
+                for _ in range(config.encoder_layers)
+            ]
+        )
+        self.ln_post = LayerNorm(D, dtype=dtype)
+        self.proj = Linear(D, config.output_dim, bias=True, dtype=dtype, rngs=rngs)
+        self.window = int(config.n_window)
+        self.positions = tuple(map(tuple, sinusoids(self.window, D).tolist()))
+
+    def __call__(self, chunks: jax.Array, lengths: jax.Array, pairs: jax.Array) -> jax.Array:
+        """chunks (N, mel, 2W), lengths (N,) frames, pairs (2, M) -> (M, D_out)."""
+        gelu = activation("gelu")
+        frames = chunks.shape[-1]
+        real = (jnp.arange(frames)[None, :] < lengths[:, None])[:, None, :]  # (N, 1, 2W)
+        # the stem sees zeros past a chunk's frames, after conv1 too (transformers masks there)
+        x = gelu(self.conv1(chunks)) * real.astype(chunks.dtype)
+        x = gelu(self.conv2(x)).transpose(0, 2, 1)  # (N, W, D)
+        N, W, D = x.shape
+        x = x + jnp.asarray(np.array(self.positions, np.float32), x.dtype)[None, :W]
+        keep = jnp.arange(W)[None, :] < ((lengths - 1) // 2 + 1)[:, None]  # (N, W)
+        bias = jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, bias)
+        rows = x.reshape(N * W, D)
+        pooled = (rows[pairs[0]] + rows[pairs[1]]) / 2  # AvgPool1d(2, 2) over an item's rows
+        return self.proj(self.ln_post(pooled))
+
+
+def audio_chunks(features: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """One item's valid log-mel frames (mel, L) -> chunks (n, mel, 2W) zero-padded, and
+    each chunk's frame count (n,)."""
+    mel, L = features.shape
+    size = 2 * window
+    n = max(1, -(-L // size))
+    out = np.zeros((n, mel, size), np.float32)
+    lengths = np.zeros(n, np.int32)
+    for i in range(n):
+        part = features[:, i * size : (i + 1) * size]
+        out[i, :, : part.shape[1]] = part
+        lengths[i] = part.shape[1]
+    return out, lengths
+
+
 class Qwen2_5OmniThinkerForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
-    mm_modalities = ("image",)
+    mm_modalities = ("image", "audio")
     hf_key_rules = (
         (r"^thinker\.", ""),  # a full Omni checkpoint: the thinker's weights
         (r"^model\.language_model\.", "model."),
@@ -43,8 +123,7 @@ class Qwen2_5OmniThinkerForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
     ignored_hf_keys = (
         r"rotary_emb\.inv_freq",
         r"position_ids$",
-        r"^audio_tower\.",  # audio is not served yet: its tower is not built
-        r"^thinker\.audio_tower\.",
+        r"audio_tower\.audio_bos_eos_token\.",  # not used by the thinker's forward
         r"^talker\.",  # speech output (text out only)
         r"^token2wav\.",
     )
@@ -59,6 +138,84 @@ class Qwen2_5OmniThinkerForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
         config.text_config = copy.copy(config.text_config)
         config.text_config.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         super().__init__(config, **kwargs)
+        dtype = kwargs.get("dtype", jnp.float32)
+        rngs = kwargs["rngs"]
+        self.audio_tower = Qwen2_5OmniAudioEncoder(config.audio_config, dtype=dtype, rngs=rngs)
+
+    def mm_placeholder_text(self, modality: str) -> str:
+        """The placeholder a chat part or prompt puts where an item goes (Omni's tokens)."""
+        if modality == "audio":
+            return "<|audio_bos|><|AUDIO|><|audio_eos|>"
+        return "<|vision_bos|><|IMAGE|><|vision_eos|>"
+
+    def mm_num_tokens(self, modality: str, item: dict) -> int:
+        if modality != "audio":
+            return super().mm_num_tokens(modality, item)
+        frames = int(np.asarray(item["feature_attention_mask"]).sum())
+        return int(audio_output_lengths(frames)[1])
+
+    def mm_check_embeds(self, modality: str, embeds: np.ndarray, meta: dict) -> dict:
+        """Precomputed audio embeddings (one item's audio tower output) must be
+        (n, hidden_size); image embeddings as Qwen2.5-VL's (with their grid)."""
+        if modality != "audio":
+            return super().mm_check_embeds(modality, embeds, meta)
+        D = self.config.hidden_size
+        if embeds.ndim != 2 or embeds.shape[1] != D or embeds.shape[0] < 1:
+            raise ValueError(
+                f"audio embeddings must have shape (num_audio_tokens, hidden_size) = (n, {D}) "
+                f"for this model (the audio tower output of one item); got {tuple(embeds.shape)}"
+            )
+        return {}
+
+    def mm_encoder(self, graphdef):
+        """Images through the Qwen2.5-VL tower (`Qwen2VLForConditionalGeneration`), audio
+        through `audio_encoder`."""
+        images, audio = super().mm_encoder(graphdef), self.audio_encoder(graphdef)
+
+        def encode(params, modality: str, items: list[dict]) -> list[DeviceRows]:
+            return (audio if modality == "audio" else images)(params, modality, items)
+
+        return encode
+
+    def audio_encoder(self, graphdef):
+        """Items hold `input_features` (mel, frames) and `feature_attention_mask` (frames,);
+        their valid frames are cut in chunks, the chunks of all items run in one call padded
+        to a power of two (so are the output rows), each item's rows left on the device."""
+        window = int(self.hf_config.audio_config.n_window)
+
+        @jax.jit
+        def run(params, chunks, lengths, pairs):
+            return nnx.merge(graphdef, params).audio_tower(chunks, lengths, pairs)
+
+        def encode(params, modality: str, items: list[dict]) -> list[DeviceRows]:
+            del modality
+            chunks, lengths, pairs, counts, base = [], [], [], [], 0
+            for it in items:
+                mask = np.asarray(it["feature_attention_mask"]).astype(bool)
+                c, n = audio_chunks(np.asarray(it["input_features"], np.float32)[:, mask], window)
+                # the item's rows after the stem, back to back, as flat indices into (N * W)
+                rows = np.concatenate(
+                    [base + i * window + np.arange((k - 1) // 2 + 1) for i, k in enumerate(n)]
+                )
+                m = len(rows) // 2
+                pairs.append(np.stack([rows[0 : 2 * m : 2], rows[1 : 2 * m : 2]]))
+                chunks.append(c)
+                lengths.append(n)
+                counts.append(m)
+                base += len(c) * window
+            chunks, lengths, pairs = map(np.concatenate, (chunks, lengths, [p.T for p in pairs]))
+            N, M = len(chunks), len(pairs)
+            padded = np.zeros((next_pow2(N), *chunks.shape[1:]), np.float32)
+            padded[:N] = chunks
+            padded_n = np.ones(len(padded), np.int32)  # padding chunks: one frame, ignored
+            padded_n[:N] = lengths
+            padded_pairs = np.zeros((2, next_pow2(M)), np.int32)
+            padded_pairs[:, :M] = pairs.T
+            out = run(params, padded, padded_n, padded_pairs)  # (M', D_text)
+            starts = np.cumsum(counts) - counts
+            return [DeviceRows(out, int(s), int(s) + n) for s, n in zip(starts, counts)]
+
+        return encode
 
     def mm_token_id(self, modality: str) -> int:
         c = self.hf_config

@@ -32,6 +32,24 @@ NAMES = dict(
     audio_bos_token="<|audio_bos|>",
     audio_eos_token="<|audio_eos|>",
 )
+SR = 16000
+AUD = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+
+
+def _tone(seconds: float, f0: float, seed: int) -> np.ndarray:
+    t = np.arange(int(seconds * SR)) / SR
+    noise = np.random.default_rng(seed).standard_normal(len(t))
+    return (0.3 * np.sin(2 * np.pi * f0 * t * (1 + t)) + 0.05 * noise).astype(np.float32)
+
+
+# n_window 20: a 1.9 s clip (190 frames) is 5 chunks of 40 frames, the last one short
+AUDIO_PROMPTS = [
+    {"prompt": f"{AUD}What is it?", "multi_modal_data": {"audio": (_tone(0.7, 300, 0), SR)}},
+    {
+        "prompt": f"First {AUD} then {AUD} compare",
+        "multi_modal_data": {"audio": [(_tone(1.9, 900, 1), SR), (_tone(1.2, 500, 2), SR)]},
+    },
+]
 PROMPTS = [
     {"prompt": "Once upon a time there was"},
     {"prompt": f"{IMG}Describe the image.", "multi_modal_data": {"image": IMAGES[0]}},
@@ -139,10 +157,13 @@ def omni(tmp_path_factory):
 
 
 def _hf_inputs(processor, prompt: dict) -> dict:
-    images = (prompt.get("multi_modal_data") or {}).get("image")
+    data = prompt.get("multi_modal_data") or {}
+    images, audio = data.get("image"), data.get("audio")
     if images is not None and not isinstance(images, list):
         images = [images]
-    return dict(processor(text=prompt["prompt"], images=images, return_tensors="pt"))
+    if audio is not None:
+        audio = [a for a, _ in (audio if isinstance(audio, list) else [audio])]
+    return dict(processor(text=prompt["prompt"], images=images, audio=audio, return_tensors="pt"))
 
 
 def _hf_generate(model, inputs: dict) -> list[int]:
@@ -162,7 +183,9 @@ def _params():
 def _llm(path: str):
     from jaxmm import LLM
 
-    return LLM(path, dtype="float32", max_model_len=256, max_num_batched_tokens=64)
+    return LLM(
+        path, dtype="float32", max_model_len=256, max_num_batched_tokens=64, enable_mm_embeds=True
+    )
 
 
 def _last_logits(llm, prompt: dict) -> np.ndarray:
@@ -206,6 +229,49 @@ def test_thinker_text_and_images_match_transformers(omni):
             ref = hf(**inputs).logits[0, -1].numpy()
         np.testing.assert_allclose(_last_logits(llm, prompt), ref, atol=1e-4, rtol=0)
     assert any(len(set(o.outputs[0].token_ids)) > 2 for o in outs)  # not a degenerate model
+
+
+def test_thinker_audio_matches_transformers(omni):
+    from jaxmm.multimodal.inputs import prepare_multimodal_prompt
+
+    path, _, hf, processor = omni
+    llm = _llm(path)
+    engine = llm.llm_engine
+    outs = llm.generate(AUDIO_PROMPTS, _params(), use_tqdm=False)
+    audio_token = hf.config.audio_token_id
+    feats0 = None
+    for prompt, out in zip(AUDIO_PROMPTS, outs):
+        inputs = _hf_inputs(processor, prompt)
+        ids = inputs["input_ids"][0]
+        assert int((ids == audio_token).sum()) > 3  # HF's processor expanded the audio
+        assert out.prompt_token_ids == ids.tolist()
+        assert out.outputs[0].token_ids == _hf_generate(hf, inputs)
+        with torch.no_grad():
+            ref = hf(**inputs).logits[0, -1].numpy()
+            feats = hf.get_audio_features(
+                inputs["input_features"], inputs["feature_attention_mask"]
+            ).pooler_output.numpy()
+        np.testing.assert_allclose(_last_logits(llm, prompt), ref, atol=1e-4, rtol=0)
+        feats0 = feats if prompt is AUDIO_PROMPTS[0] else feats0
+        # the spliced rows are HF's audio features, items back to back
+        _, _, mm = prepare_multimodal_prompt(engine, prompt)
+        rows = _encode_items(engine, mm)
+        ours = np.concatenate(
+            [np.asarray(engine.runner.encoder_cache)[rows[it.cache_key]] for it in mm.items]
+        )
+        np.testing.assert_allclose(ours, feats, atol=1e-4, rtol=0)
+    assert any(len(set(o.outputs[0].token_ids)) > 2 for o in outs)
+    # HF's audio features as precomputed embeddings: the audio's tokens
+    embeds = {
+        "prompt": AUDIO_PROMPTS[0]["prompt"],
+        "multi_modal_data": {"audio": {"audio_embeds": feats0}},
+    }
+    assert llm.generate([embeds], _params(), use_tqdm=False)[0].outputs[0].token_ids == (
+        outs[0].outputs[0].token_ids
+    )
+    with pytest.raises(ValueError, match="audio embeddings must have shape"):
+        bad = {"audio_embeds": feats0[:, :-1]}
+        llm.generate([{**embeds, "multi_modal_data": {"audio": bad}}], _params(), use_tqdm=False)
 
 
 def _save_full_checkpoint(path: str, thinker_path: str, thinker) -> None:
