@@ -6,7 +6,7 @@ load), the same Qwen2 decoder with M-RoPE positions (`Qwen2VLTextModel`). Its co
 `text_config` / `vision_config` / `audio_config` and spells the placeholders
 `<|vision_bos|><|IMAGE|><|vision_eos|>`.
 
-TMRoPE for images equals Qwen2-VL's M-RoPE: an image has one temporal patch (t = 0), its
+TMRoPE for images gives Qwen2-VL's M-RoPE positions: an image has one temporal patch (t = 0), its
 tokens get (0, row, col) past the text before it, and the text after resumes at the
 largest position + 1 (`max(h, w) / m` past the image's start), which is what
 `Qwen2VLForConditionalGeneration.mrope_positions` computes.
@@ -14,8 +14,9 @@ largest position + 1 (`max(h, w) / m` past the image's start), which is what
 Audio: Whisper's stem and layers on chunks of `2 * n_window` mel frames (attention and
 positions restart per chunk), then pairs of rows averaged, `ln_post`, `proj` to the text
 width; its tokens take plain sequential positions (TMRoPE gives audio alone no grid).
-Served modalities: images, audio (one modality per prompt: audio prompts go through the
-audio front end). Video and `use_audio_in_video` (TMRoPE's time-interleaving) are not.
+Video: the vision tower as for images; TMRoPE time in `position_id_per_seconds` units
+(`mrope_positions`). Audio prompts go through the audio front end, so a prompt holds audio
+or vision items, not both; `use_audio_in_video` (TMRoPE's time-interleaving) is not served.
 A full `Qwen2_5OmniForConditionalGeneration` checkpoint is served through its thinker:
 `thinker.*` keys are this model's, the talker and token2wav weights are skipped with one
 log line.
@@ -114,7 +115,7 @@ def audio_chunks(features: np.ndarray, window: int) -> tuple[np.ndarray, np.ndar
 
 
 class Qwen2_5OmniThinkerForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
-    mm_modalities = ("image", "audio")
+    mm_modalities = ("image", "video", "audio")
     hf_key_rules = (
         (r"^thinker\.", ""),  # a full Omni checkpoint: the thinker's weights
         (r"^model\.language_model\.", "model."),
@@ -146,7 +147,39 @@ class Qwen2_5OmniThinkerForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
         """The placeholder a chat part or prompt puts where an item goes (Omni's tokens)."""
         if modality == "audio":
             return "<|audio_bos|><|AUDIO|><|audio_eos|>"
+        if modality == "video":
+            return "<|vision_bos|><|VIDEO|><|vision_eos|>"
         return "<|vision_bos|><|IMAGE|><|vision_eos|>"
+
+    def mrope_positions(self, num_tokens: int, spans: list) -> tuple[np.ndarray, int]:
+        """TMRoPE prompt positions (3, L) and the decode delta (transformers' thinker
+        `get_rope_index`): an image or video's tokens get (time, row, col) past the text
+        before it, time in `position_id_per_seconds` units (a video's temporal patch lasts
+        `second_per_grid_t` s), and what follows resumes at the item's largest position + 1;
+        audio tokens run on like text."""
+        m = self._merge()
+        per_second = np.float32(self.hf_config.position_id_per_seconds)
+        pos = np.empty((3, num_tokens), np.int64)
+        cursor, current = 0, 0  # next prompt index, next position
+        for start, end, modality, meta in spans:
+            pos[:, cursor:start] = np.arange(start - cursor) + current
+            current += start - cursor
+            if modality == "audio":
+                pos[:, start:end] = np.arange(end - start) + current
+                current += end - start
+                cursor = end
+                continue
+            t, h, w = meta["grid_thw"]
+            seconds = np.float32(meta.get("second_per_grid_t", 1.0) if modality == "video" else 1)
+            # float32 like transformers' tensors, then truncated by .long()
+            tpos = (np.arange(t).astype(np.float32) * seconds * per_second).astype(np.int64)
+            grid = np.stack(np.meshgrid(tpos, np.arange(h // m), np.arange(w // m), indexing="ij"))
+            pos[:, start:end] = grid.reshape(3, -1) + current
+            current += int(grid.max()) + 1
+            cursor = end
+        pos[:, cursor:] = np.arange(num_tokens - cursor) + current
+        delta = int(pos.max()) + 1 - num_tokens if num_tokens else 0
+        return pos, delta
 
     def mm_num_tokens(self, modality: str, item: dict) -> int:
         if modality != "audio":

@@ -19,7 +19,14 @@ import pytest
 import torch
 
 from tests.helpers import make_processor, make_tokenizer, qwen2_vl_video_processor
-from tests.models.test_vlm_parity import IMAGES, _chunk_rows, _encode_items, _randomize
+from tests.models.test_vlm_parity import (
+    IMAGES,
+    VIDEO,
+    VIDEO_FPS,
+    _chunk_rows,
+    _encode_items,
+    _randomize,
+)
 
 NEW_TOKENS = 10
 IMG = "<|vision_bos|><|IMAGE|><|vision_eos|>"
@@ -32,6 +39,18 @@ NAMES = dict(
     audio_bos_token="<|audio_bos|>",
     audio_eos_token="<|audio_eos|>",
 )
+VID = "<|vision_bos|><|VIDEO|><|vision_eos|>"
+# 2 s per temporal patch at 1 fps: TMRoPE time 0 and 50 (25 positions a second)
+VIDEO_PROMPTS = [
+    {
+        "prompt": f"Video: {VID} what happens",
+        "multi_modal_data": {"video": (VIDEO, {"fps": VIDEO_FPS})},
+    },
+    {
+        "prompt": f"{IMG} and {VID} then",
+        "multi_modal_data": {"image": IMAGES[3], "video": (VIDEO, {"fps": VIDEO_FPS})},
+    },
+]
 SR = 16000
 AUD = "<|audio_bos|><|AUDIO|><|audio_eos|>"
 
@@ -166,6 +185,37 @@ def _hf_inputs(processor, prompt: dict) -> dict:
     return dict(processor(text=prompt["prompt"], images=images, audio=audio, return_tensors="pt"))
 
 
+def _hf_video_inputs(processor, prompt: dict) -> dict:
+    """HF inputs for a prompt with a video, the video's patches and placeholder built here
+    as `Qwen2_5OmniProcessor` does (its video processor needs torchvision): each frame
+    through the image processor, one of its two temporal copies kept, frames paired."""
+    data = prompt["multi_modal_data"]
+    frames, meta = data["video"]
+    ip = processor.image_processor
+    per_frame = ip(images=list(frames), return_tensors="np")
+    _, gh, gw = per_frame["image_grid_thw"][0]
+    px = per_frame["pixel_values"].reshape(len(frames), gh * gw, 3, 2, 4, 4)[:, :, :, 0]
+    t = len(frames) // 2
+    px = px.reshape(t, 2, gh * gw, 3, 4, 4).transpose(0, 2, 3, 1, 4, 5).reshape(t * gh * gw, -1)
+    tok = processor.tokenizer
+    text = prompt["prompt"].replace(tok.video_token, tok.video_token * (t * gh * gw // 4))
+    inputs = dict(
+        pixel_values_videos=torch.tensor(px),
+        video_grid_thw=torch.tensor([[t, gh, gw]]),
+        video_second_per_grid=torch.tensor([2 / meta["fps"]]),
+    )
+    if "image" in data:  # the processor refuses video tokens without videos: expanded here
+        out = ip(images=[data["image"]], return_tensors="np")
+        inputs.update(
+            pixel_values=torch.tensor(out["pixel_values"]),
+            image_grid_thw=torch.tensor(out["image_grid_thw"]),
+        )
+        n = int(np.prod(out["image_grid_thw"][0])) // 4
+        text = text.replace(tok.image_token, tok.image_token * n)
+    ids = torch.tensor([tok(text).input_ids])
+    return dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
 def _hf_generate(model, inputs: dict) -> list[int]:
     with torch.no_grad():
         out = model.generate(
@@ -272,6 +322,19 @@ def test_thinker_audio_matches_transformers(omni):
     with pytest.raises(ValueError, match="audio embeddings must have shape"):
         bad = {"audio_embeds": feats0[:, :-1]}
         llm.generate([{**embeds, "multi_modal_data": {"audio": bad}}], _params(), use_tqdm=False)
+
+
+def test_thinker_video_matches_transformers(omni):
+    path, _, hf, processor = omni
+    llm = _llm(path)
+    outs = llm.generate(VIDEO_PROMPTS, _params(), use_tqdm=False)
+    for prompt, out in zip(VIDEO_PROMPTS, outs):
+        inputs = _hf_video_inputs(processor, prompt)
+        assert out.prompt_token_ids == inputs["input_ids"][0].tolist()
+        assert out.outputs[0].token_ids == _hf_generate(hf, inputs)
+        with torch.no_grad():
+            ref = hf(**inputs).logits[0, -1].numpy()
+        np.testing.assert_allclose(_last_logits(llm, prompt), ref, atol=1e-4, rtol=0)
 
 
 def _save_full_checkpoint(path: str, thinker_path: str, thinker) -> None:
