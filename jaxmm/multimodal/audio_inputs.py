@@ -83,7 +83,10 @@ def _audio_items(data) -> list:
         raise ValueError("multi_modal_data must be a non-empty dict {modality: item(s)}")
     unknown = sorted(set(data) - {"audio", "audio_embeds"})
     if unknown:
-        raise ValueError(f"this model takes audio only; got multi_modal_data keys {unknown}")
+        raise ValueError(
+            "a prompt with audio takes audio items only (audio and images or video in one "
+            f"prompt are not supported); got multi_modal_data keys {unknown}"
+        )
     if len(data) > 1:
         raise ValueError("give audio items under one key: 'audio' (audio or its embeddings)")
     name, items = next(iter(data.items()))

@@ -319,6 +319,9 @@ def test_thinker_audio_matches_transformers(omni):
     assert llm.generate([embeds], _params(), use_tqdm=False)[0].outputs[0].token_ids == (
         outs[0].outputs[0].token_ids
     )
+    with pytest.raises(ValueError, match="audio items only"):  # one front end per prompt
+        mixed = {"image": IMAGES[0], "audio": AUDIO_PROMPTS[0]["multi_modal_data"]["audio"]}
+        llm.generate([{"prompt": f"{IMG}{AUD}", "multi_modal_data": mixed}], _params())
     with pytest.raises(ValueError, match="audio embeddings must have shape"):
         bad = {"audio_embeds": feats0[:, :-1]}
         llm.generate([{**embeds, "multi_modal_data": {"audio": bad}}], _params(), use_tqdm=False)
