@@ -180,60 +180,16 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def jaxmm_run(llm, img, sp) -> dict:
-    """One image: the pieces timed apart (the end-to-end call is `jaxmm_e2e`)."""
-    from jaxmm.multimodal.inputs import prepare_multimodal_prompt
+    """One image: the pieces timed apart (`vlm_ttft.jaxmm_run`), and its tile count."""
 
-    engine = llm.llm_engine
-    runner = engine.runner
-    fe = engine.mm_frontend()
-    if runner._mm_encode is None:
-        runner._mm_encode = runner.model_obj.mm_encoder(runner.graphdef)
-    t0 = time.perf_counter()
-    processed = fe.processor.image(img, {})
-    t1 = time.perf_counter()
-    feats = runner._mm_encode(runner.params, "image", [processed])
-    vlm_ttft._sync(feats)
-    t2 = time.perf_counter()
-    n = fe.model.mm_num_tokens("image", processed)
-    assert feats[0].shape[0] == n
-    text, ids, mm = prepare_multimodal_prompt(
-        engine, {"prompt": PROMPT, "multi_modal_data": {"image": img}}
-    )
-    engine.reset_mm_cache()
-    for it in mm.items:  # its encoder run is not prefill: done ahead
-        entry = engine.encoder_cache.allocate(it.cache_key, it.end - it.start, "bench")
-        runner.encode([(it.modality, it.data, entry.rows)])
-        entry.ready = True
-        engine.encoder_cache.release(it.cache_key, "bench")
-    vlm_ttft._sync([runner.encoder_cache])
-    rid = engine.next_request_id()
-    engine.add_request(rid, text, sp, prompt_ids=ids, mm=mm)
-    t3 = time.perf_counter()
-    first = None
-    while first is None:
-        for out in engine.step():
-            if out.request_id == rid and out.outputs[0].token_ids:
-                first = out
-    t4 = time.perf_counter()
-    while engine.has_unfinished_requests():  # max_tokens=1: already done
-        engine.step()
-    return {
-        "preprocess_s": t1 - t0,
-        "encoder_s": t2 - t1,
-        "prefill_s": t4 - t3,
-        "num_prompt_tokens": len(ids),
-        "num_image_tokens": n,
-        "num_tiles": len(processed["pixel_values"]),
-    }
+    def tiles(processed) -> dict:
+        return {"num_tiles": len(processed["pixel_values"])}
+
+    return vlm_ttft.jaxmm_run(llm, img, sp, PROMPT, describe=tiles)
 
 
 def jaxmm_e2e(llm, img, sp) -> float:
-    prompt = {"prompt": PROMPT, "multi_modal_data": {"image": img}}
-    t0 = time.perf_counter()
-    outs = llm.generate([prompt], sp, use_tqdm=False)
-    t1 = time.perf_counter()
-    assert len(outs[0].outputs[0].token_ids) == 1
-    return t1 - t0
+    return vlm_ttft.jaxmm_e2e(llm, img, sp, PROMPT)
 
 
 # ---------------------------------------------------------------------------------------

@@ -238,8 +238,10 @@ def _sync(rows) -> None:
     jax.block_until_ready([getattr(r, "array", r) for r in rows])
 
 
-def jaxmm_run(llm, img, sp) -> dict:
-    """One image: the pieces timed apart, then one llm.generate timed end to end."""
+def jaxmm_run(llm, img, sp, prompt: str = PROMPT, describe=None) -> dict:
+    """One image: the pieces timed apart (the end-to-end call is `jaxmm_e2e`). Shared by the
+    other TTFT benchmarks: `prompt` holds the model's image placeholder; `describe(processed)`
+    adds fields about the processed image to the result."""
     from jaxmm.multimodal.inputs import prepare_multimodal_prompt
 
     engine = llm.llm_engine
@@ -257,8 +259,8 @@ def jaxmm_run(llm, img, sp) -> dict:
     t2 = time.perf_counter()
     assert feats[0].shape[0] == fe.model.mm_num_tokens("image", processed)
     # 3. prefill to the first token, from a prepared request (its prep is not timed)
-    prompt = {"prompt": PROMPT, "multi_modal_data": {"image": img}}
-    text, ids, mm = prepare_multimodal_prompt(engine, prompt)
+    request = {"prompt": prompt, "multi_modal_data": {"image": img}}
+    text, ids, mm = prepare_multimodal_prompt(engine, request)
     engine.reset_mm_cache()
     for it in getattr(mm, "items", ()):  # its encoder run is not prefill: done ahead
         entry = engine.encoder_cache.allocate(it.cache_key, it.end - it.start, "bench")
@@ -277,20 +279,24 @@ def jaxmm_run(llm, img, sp) -> dict:
     t4 = time.perf_counter()
     while engine.has_unfinished_requests():  # max_tokens=1: already done
         engine.step()
-    return {
+    out = {
         "preprocess_s": t1 - t0,
         "encoder_s": t2 - t1,
         "prefill_s": t4 - t3,
         "num_prompt_tokens": len(ids),
         "num_image_tokens": int(feats[0].shape[0]),
-        "grid_thw": list(processed["grid_thw"]),
     }
+    if processed.get("grid_thw") is not None:  # Qwen-VL towers: the patch grid
+        out["grid_thw"] = [int(x) for x in processed["grid_thw"]]
+    if describe is not None:
+        out.update(describe(processed))
+    return out
 
 
-def jaxmm_e2e(llm, img, sp) -> float:
-    prompt = {"prompt": PROMPT, "multi_modal_data": {"image": img}}
+def jaxmm_e2e(llm, img, sp, prompt: str = PROMPT) -> float:
+    request = {"prompt": prompt, "multi_modal_data": {"image": img}}
     t0 = time.perf_counter()
-    outs = llm.generate([prompt], sp, use_tqdm=False)
+    outs = llm.generate([request], sp, use_tqdm=False)
     t1 = time.perf_counter()
     assert len(outs[0].outputs[0].token_ids) == 1
     return t1 - t0
