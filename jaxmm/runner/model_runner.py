@@ -23,19 +23,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import os
 import time
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxmm import progress
 from jaxmm.config import EngineConfig
@@ -43,13 +41,48 @@ from jaxmm.layers.attention import AttentionMetadata, replicated_kv_heads, resol
 from jaxmm.layers.logits_processors import MAX_LOGIT_BIAS, LogitsExtras, prompt_logprobs
 from jaxmm.layers.sampler import MAX_LOGPROBS, SamplingTensors, sample
 from jaxmm.models.registry import model_class
+from jaxmm.runner.batch import (
+    InFlight,
+    ResolvedLimits,
+    SeqStep,
+    StepArrays,
+    StepOutput,
+    next_pow2,
+)
 from jaxmm.runner.checkpoint import Checkpoint
 from jaxmm.runner.saved_programs import SavedPrograms
+from jaxmm.runner.setup import (
+    FIRST_DEVICE_ENV,
+    MIN_BUCKET,
+    SHARD_MAP_ENV,
+    backend_compile_count,
+    enable_compilation_cache,
+    make_mesh,
+    token_buckets,
+)
 from jaxmm.weights.loader import cast_dtype, load_params, random_params
 
 logger = logging.getLogger(__name__)
 
-MIN_BUCKET = 16
+# the step's types and the set-up helpers are imported from here by the engine, tests and
+# benchmarks as well
+__all__ = [
+    "FIRST_DEVICE_ENV",
+    "MIN_BUCKET",
+    "SHARD_MAP_ENV",
+    "InFlight",
+    "ModelRunner",
+    "ResolvedLimits",
+    "SeqStep",
+    "StepArrays",
+    "StepOutput",
+    "backend_compile_count",
+    "enable_compilation_cache",
+    "make_mesh",
+    "next_pow2",
+    "token_buckets",
+]
+
 # encoder cache rows at least (4x max_num_batched_tokens otherwise): 2-B-scale models keep
 # ~100 MB there, a dozen 1344^2 images' features
 _MIN_ENCODER_CACHE_ROWS = 16384
@@ -57,156 +90,6 @@ _MIN_ENCODER_CACHE_ROWS = 16384
 # (padded to a power of two by the model)
 MAX_CROSS_BATCH = 8
 _CPU_DEFAULT_KV_BYTES = 1 << 30
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(1, n))))
-
-
-@dataclasses.dataclass
-class SeqStep:
-    """One sequence's share of a step, as the engine hands it to the runner."""
-
-    token_ids: list[int]  # this step's new tokens
-    start: int  # position of the first of them
-    block_table: list[int]
-    sample: bool  # whether this step completes the sequence's context (sample a token)
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    seed: int = 0
-    output_pos: int = 0
-    presence: float = 0.0
-    frequency: float = 0.0
-    repetition: float = 1.0
-    prompt_ids: list[int] | None = None  # penalties only
-    output_ids: list[int] | None = None
-    num_logprobs: int | None = None
-    banned_ids: list[int] | None = None  # e.g. EOS/stop ids while min_tokens is not reached
-    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
-    # prompt logprobs: per new token, the prompt token that follows it (-1: none wanted)
-    prompt_targets: list[int] | None = None
-    # multimodal: (offset in token_ids, (n,) rows of the encoder cache) to splice over
-    # placeholder tokens
-    mm_rows: list | None = None
-    mrope_positions: np.ndarray | None = None  # (3, n) for M-RoPE models
-    # without mrope_positions, token i sits at start + i + position_offset (on every M-RoPE
-    # axis): M-RoPE text after the prompt, without building a (3, n) array per token
-    position_offset: int = 0
-    # model-specific per-sequence inputs (name -> array), stacked to (S, ...) for the step,
-    # e.g. an encoder-decoder's cross-attention slot
-    seq_inputs: dict | None = None
-    state_slot: int | None = None  # hybrid models: the sequence's state slot
-
-
-class StepArrays(NamedTuple):
-    """One step's device inputs, padded to its bucket (the jitted step's arguments)."""
-
-    input_ids: np.ndarray  # (T,)
-    md: AttentionMetadata
-    mm_rows: np.ndarray | None  # (T,) encoder cache row per token, -1: none (multimodal)
-    seq_inputs: dict | None  # model-specific (S, ...) arrays
-
-
-@dataclasses.dataclass
-class InFlight:
-    """A dispatched step whose results are still on device (see `dispatch`)."""
-
-    tokens: jax.Array  # (R,) sampled token per row, padded to the largest row count
-    rows: np.ndarray  # rows of the steps that sample, in order
-    logprobs: tuple | None = None
-    top: tuple | None = None
-    # prompt logprobs of the step's tokens: (lp (T,), rank (T,), top ids, top lps (T, 20))
-    prompt: tuple | None = None
-
-
-@dataclasses.dataclass
-class StepOutput:
-    tokens: np.ndarray  # (num sampled,) in the order of sampled steps
-    logprobs: np.ndarray | None
-    ranks: np.ndarray | None
-    top_ids: np.ndarray | None
-    top_logprobs: np.ndarray | None
-    prompt: tuple | None = None  # InFlight.prompt on the host
-
-
-_BACKEND_COMPILES = [0]
-
-
-def _on_event(event: str, *args, **kwargs) -> None:
-    if event == "/jax/core/compile/backend_compile_duration":
-        _BACKEND_COMPILES[0] += 1
-
-
-jax.monitoring.register_event_duration_secs_listener(_on_event)
-
-
-def backend_compile_count() -> int:
-    """XLA compilations in this process so far (the compile guard's counter)."""
-    return _BACKEND_COMPILES[0]
-
-
-# data-parallel replicas that share a host's devices use those from this index on (set by
-# `jaxmm.engine.data_parallel` for each replica's engine process)
-FIRST_DEVICE_ENV = "JAXMM_FIRST_DEVICE"
-# "0": run attention without the shard_map wrapper at tensor-parallel size 1 (benchmarks
-# measure what the wrapper costs; larger sizes always need it)
-SHARD_MAP_ENV = "JAXMM_ATTENTION_SHARD_MAP"
-
-
-def make_mesh(tensor_parallel_size: int) -> Mesh:
-    """A (1, tp) mesh with axes ("data", "model") over tp visible devices: the first ones, or
-    those from $JAXMM_FIRST_DEVICE on. Under `jax.distributed` the devices are every
-    process's, in process order, so a mesh may span hosts."""
-    first = int(os.environ.get(FIRST_DEVICE_ENV, "0") or 0)
-    devices = jax.devices()
-    if first + tensor_parallel_size > len(devices):
-        raise ValueError(
-            f"tensor_parallel_size={tensor_parallel_size} from device {first} on, but only "
-            f"{len(devices)} devices are visible"
-        )
-    picked = np.array(devices[first : first + tensor_parallel_size])
-    return Mesh(picked.reshape(1, tensor_parallel_size), ("data", "model"))
-
-
-def enable_compilation_cache(path: str | None) -> None:
-    path = path or os.environ.get("JAXMM_CACHE_DIR")
-    if not path:
-        return
-    os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-def token_buckets(max_num_batched_tokens: int) -> list[int]:
-    """Padded step sizes: 16, 32, ... 1024, then 1536, 2048, 3072, 4096, ... up to the first
-    that holds max_num_batched_tokens. Above 1,024 tokens a step is compute-bound, so padding
-    costs in proportion: 1.5x steps cap it at 33% instead of 50% (a 2,334-token prompt runs
-    in 3,072, not 4,096) for one more program per octave."""
-    buckets = [MIN_BUCKET]
-    while buckets[-1] < max_num_batched_tokens:
-        b = buckets[-1]
-        buckets.append(b * 3 // 2 if b >= 1024 and b & (b - 1) == 0 else next_pow2(b + 1))
-    return buckets
-
-
-@dataclasses.dataclass(frozen=True)
-class ResolvedLimits:
-    """What the runner made of the engine's configs on this device and model: the limits
-    the engine sizes its scheduler, block manager and caches by (nothing else is read back
-    from the runner for that)."""
-
-    max_model_len: int
-    max_num_seqs: int  # lowered to the cross-attention slots of an encoder-decoder model
-    max_num_batched_tokens: int
-    num_pages: int  # KV pages that fit the memory budget
-    block_size: int
-    encoder_cache_rows: int  # 0: the model has no encoder cache
-    num_state_slots: int  # hybrid models: per-sequence state slots (0: none)
-    num_snapshot_slots: int  # hybrid models: prefix-cache state snapshots
-    cross_slots: int  # encoder-decoder models: cross-attention K/V slots
 
 
 class ModelRunner:
