@@ -56,6 +56,7 @@ from jaxmm.layers.rope import apply_rotary, cos_sin, inv_frequencies
 from jaxmm.models.device_rows import DeviceRows
 from jaxmm.models.encoders import siglip
 from jaxmm.models.encoders.siglip import SiglipVisionModel
+from jaxmm.models.image_tokens import FixedImageTokens
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 LOCAL_KV_ENV = "JAXMM_GEMMA3_LOCAL_KV_TOKENS"  # > 0: local layers keep a ring of that many
@@ -368,7 +369,8 @@ def language_config(config):
     return text_config
 
 
-class Gemma3ForConditionalGeneration(nnx.Module):
+class Gemma3ForConditionalGeneration(FixedImageTokens, nnx.Module):
+    pixel_shape_hint = "pan-and-scan crops are not supported"
     is_multimodal = True
     mm_modalities = ("image",)
     uses_mrope = False
@@ -464,26 +466,6 @@ class Gemma3ForConditionalGeneration(nnx.Module):
 
     def _tokens_per_image(self) -> int:
         return int(self.hf_config.mm_tokens_per_image)
-
-    def mm_num_tokens(self, modality: str, item: dict) -> int:
-        vc = self.hf_config.vision_config
-        want = (vc.num_channels, vc.image_size, vc.image_size)
-        got = tuple(np.shape(item["pixel_values"]))
-        if got != want:
-            raise ValueError(
-                f"the image processor produced pixel values of shape {got}; this model's vision "
-                f"tower takes {want} (pan-and-scan crops are not supported)"
-            )
-        return self._tokens_per_image()
-
-    def mm_check_embeds(self, modality: str, embeds: np.ndarray, meta: dict) -> dict:
-        want = (self._tokens_per_image(), self.config.hidden_size)
-        if embeds.ndim != 2 or tuple(embeds.shape) != want:
-            raise ValueError(
-                f"image embeddings must have shape (num_tokens, hidden_size) = {want} for this "
-                f"model; got {tuple(embeds.shape)}"
-            )
-        return {}
 
     def mm_encoder(self, graphdef):
         """A host function (params, modality, items) -> [features (n, D_text) per item], left

@@ -33,6 +33,7 @@ from jaxmm.layers.linear import Linear
 from jaxmm.layers.mlp import activation
 from jaxmm.models.device_rows import DeviceRows
 from jaxmm.models.encoders.clip import CLIPVisionModel
+from jaxmm.models.image_tokens import FixedImageTokens
 
 # text model_type -> (module, class) of the language model
 TEXT_MODELS = {
@@ -82,7 +83,7 @@ def language_config(config):
     return text_config
 
 
-class LlavaForConditionalGeneration(nnx.Module):
+class LlavaForConditionalGeneration(FixedImageTokens, nnx.Module):
     is_multimodal = True
     mm_modalities = ("image",)
     uses_mrope = False
@@ -147,26 +148,6 @@ class LlavaForConditionalGeneration(nnx.Module):
         vc = self.hf_config.vision_config
         n = (vc.image_size // vc.patch_size) ** 2
         return n if self.hf_config.vision_feature_select_strategy == "default" else n + 1
-
-    def mm_num_tokens(self, modality: str, item: dict) -> int:
-        vc = self.hf_config.vision_config
-        want = (vc.num_channels, vc.image_size, vc.image_size)
-        got = tuple(np.shape(item["pixel_values"]))
-        if got != want:
-            raise ValueError(
-                f"the image processor produced pixel values of shape {got}; this model's vision "
-                f"tower takes {want} (check the checkpoint's preprocessor_config.json)"
-            )
-        return self._tokens_per_image()
-
-    def mm_check_embeds(self, modality: str, embeds: np.ndarray, meta: dict) -> dict:
-        want = (self._tokens_per_image(), self.config.hidden_size)
-        if embeds.ndim != 2 or tuple(embeds.shape) != want:
-            raise ValueError(
-                f"image embeddings must have shape (num_tokens, hidden_size) = {want} for this "
-                f"model; got {tuple(embeds.shape)}"
-            )
-        return {}
 
     def mm_encoder(self, graphdef):
         """A host function (params, modality, items) -> [features (n, D_text) per item], left
