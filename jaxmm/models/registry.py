@@ -41,6 +41,7 @@ _MODELS: dict[str, tuple[str, str]] = {
         "Qwen2AudioForConditionalGeneration",
     ),
     "VoxtralForConditionalGeneration": ("jaxmm.models.voxtral", "VoxtralForConditionalGeneration"),
+    "Phi4MultimodalForCausalLM": ("jaxmm.models.phi4_multimodal", "Phi4MultimodalForCausalLM"),
     "Qwen2_5OmniThinkerForConditionalGeneration": (
         "jaxmm.models.qwen2_5_omni",
         "Qwen2_5OmniThinkerForConditionalGeneration",

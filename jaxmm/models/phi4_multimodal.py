@@ -1,0 +1,297 @@
+"""Phi-4-multimodal (`Phi4MultimodalForCausalLM`): a Phi-3-style decoder with an audio tower.
+
+Text: Phi-3's decoder (Llama's blocks) with q/k/v fused in `qkv_proj` and gate/up in
+`gate_up_proj` (split on load into the column-parallel projections every decoder here
+has), rotary on the first `partial_rotary_factor` of each head, and LongRoPE
+(`rope_type` "longrope", Phi's "su"): inverse frequencies divided by `short_factor`, cos and
+sin scaled by `attention_factor` (default sqrt(1 + ln(max / original) / ln(original))).
+transformers switches every position to `long_factor` once a sequence is longer than
+`original_max_position_embeddings`; here a position at or past it takes `long_factor`
+(vLLM's choice), so prompts shorter than that are exact.
+
+Audio (`embed_tokens_extend.audio_embed`): the conformer of `encoders/phi4mm_audio.py` over
+the checkpoint's own feature extractor's log-mel frames (`Phi4MultimodalFeatureExtractor`,
+which needs torch), then `up_proj_for_speech` -> GELU -> `down_proj_for_speech`, one row per
+`<|audio|>` token (`audio_embed_sizes` of them; the front end expands each placeholder).
+transformers projects audio with the `*_for_vision_speech` pair instead when the prompt
+also has images.
+
+Not here yet: images (the SigLIP tower with its HD crops, `embed_tokens_extend.image_embed`):
+transformers' image processor for this model needs torchvision, so an image prompt is
+refused with an error that says so; its weights are skipped on load.
+
+Weights: transformers saves `model.*` and `lm_head.*`; the module tree mirrors it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxmm.layers.attention import AttentionMetadata, paged_attention
+from jaxmm.layers.linear import Embed, Linear
+from jaxmm.layers.norm import RMSNorm
+from jaxmm.layers.rope import apply_rotary, rope_parameters
+from jaxmm.models.device_rows import DeviceRows
+from jaxmm.models.encoders.phi4mm_audio import Phi4MultimodalAudioModel
+from jaxmm.models.llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaModel,
+    head_dim,
+)
+
+_FUSED = re.compile(r"^(.*)\.(self_attn\.qkv_proj|mlp\.gate_up_proj)\.weight$")
+
+
+def rotary_dim(config) -> int:
+    factor = rope_parameters(config).get("partial_rotary_factor", 1.0)
+    return int(head_dim(config) * factor)
+
+
+def rope_tables(config) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """(short inv_freq (R/2,), long inv_freq (R/2,), cos/sin scale, original length) in
+    float32 as transformers computes them; default RoPE gives equal tables and scale 1."""
+    params = rope_parameters(config)
+    R = rotary_dim(config)
+    base = float(params["rope_theta"])
+    inv = 1.0 / (base ** (np.arange(0, R, 2, dtype=np.int64).astype(np.float32) / R))
+    rope_type = params.get("rope_type", "default")
+    if rope_type in ("su", "yarn"):  # Phi's older names, read as longrope by transformers
+        rope_type = "longrope"
+    if rope_type == "default":
+        return inv, inv, 1.0, 1 << 62
+    if rope_type != "longrope":
+        raise ValueError(
+            f"Phi-4-multimodal with rope_type {rope_type!r} is not supported (default, longrope)"
+        )
+    original = params.get("original_max_position_embeddings") or getattr(
+        config, "original_max_position_embeddings", None
+    )
+    original = int(original or config.max_position_embeddings)
+    factor = params.get("factor") or config.max_position_embeddings / original
+    scale = params.get("attention_factor")
+    if scale is None:
+        scale = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    powers = base ** (np.arange(0, R, 2, dtype=np.int64).astype(np.float32) / R)
+    short = 1.0 / (np.asarray(params["short_factor"], np.float32) * powers)
+    long = 1.0 / (np.asarray(params["long_factor"], np.float32) * powers)
+    return short.astype(np.float32), long.astype(np.float32), float(scale), original
+
+
+class Phi4MultimodalAttention(LlamaAttention):
+    def __init__(self, config, layer_idx: int, *, dtype, attention_backend: str, rngs):
+        super().__init__(
+            config, layer_idx, dtype=dtype, attention_backend=attention_backend, rngs=rngs
+        )
+        self.R = rotary_dim(config)
+
+    def _rotate(self, x, cos, sin):
+        if self.R == self.H:
+            return apply_rotary(x, cos, sin)
+        return jnp.concatenate([apply_rotary(x[..., : self.R], cos, sin), x[..., self.R :]], -1)
+
+    def __call__(self, x, cos, sin, kv_pages, md: AttentionMetadata):
+        T = x.shape[0]
+        q = self.q_proj(x).reshape(T, self.N, self.H)  # (T, N, H)
+        k = self.k_proj(x).reshape(T, self.K, self.H)  # (T, K, H)
+        v = self.v_proj(x).reshape(T, self.K, self.H)
+        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        out, kv_pages = paged_attention(
+            q,
+            k,
+            v,
+            kv_pages,
+            md,
+            sm_scale=self.scale,
+            backend=self.backend,
+            sliding_window=self.sliding_window,
+        )
+        return self.o_proj(out.reshape(T, self.N * self.H)), kv_pages
+
+
+class Phi4MultimodalDecoderLayer(LlamaDecoderLayer):
+    attention_cls = Phi4MultimodalAttention
+
+
+class Phi4MultimodalAudioEmbedding(nnx.Module):
+    def __init__(self, config, *, dtype, rngs):
+        ac, Dt = config.audio_config, config.hidden_size
+        Da = ac.hidden_size * ac.downsample_rate
+        self.encoder = Phi4MultimodalAudioModel(ac, dtype=dtype, rngs=rngs)
+        self.up_proj_for_speech = Linear(Da, Dt, bias=True, dtype=dtype, rngs=rngs)
+        self.down_proj_for_speech = Linear(Dt, Dt, bias=True, dtype=dtype, rngs=rngs)
+        self.up_proj_for_vision_speech = Linear(Da, Dt, bias=True, dtype=dtype, rngs=rngs)
+        self.down_proj_for_vision_speech = Linear(Dt, Dt, bias=True, dtype=dtype, rngs=rngs)
+
+    def __call__(self, features: jax.Array) -> jax.Array:
+        """features (B, T, F) -> (B, C, D_text) in speech mode (no image in the prompt)."""
+        x = self.up_proj_for_speech(self.encoder(features))
+        return self.down_proj_for_speech(jax.nn.gelu(x, approximate=False))
+
+
+class Phi4MultimodalFeatureEmbedding(nnx.Module):
+    def __init__(self, config, *, dtype, rngs):
+        self.audio_embed = Phi4MultimodalAudioEmbedding(config, dtype=dtype, rngs=rngs)
+
+
+class Phi4MultimodalModel(LlamaModel):
+    layer_cls = Phi4MultimodalDecoderLayer
+
+    def __init__(self, config, *, dtype, attention_backend: str, rngs):
+        # not LlamaModel.__init__: its rotary table knows no longrope
+        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List(
+            [
+                self.layer_cls(
+                    config, i, dtype=dtype, attention_backend=attention_backend, rngs=rngs
+                )
+                for i in range(config.num_hidden_layers)
+            ]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        short, long, scale, original = rope_tables(config)
+        self.short_freq = tuple(float(f) for f in short)
+        self.long_freq = tuple(float(f) for f in long)
+        self.rope_scale, self.original_positions = scale, original
+        if getattr(config, "audio_config", None) is not None:
+            self.embed_tokens_extend = Phi4MultimodalFeatureEmbedding(
+                config, dtype=dtype, rngs=rngs
+            )
+
+    def rotary(self, positions):
+        """positions (T,) -> cos, sin (T, R): LongRoPE's short table below the original
+        length, the long one from it on; both scaled like transformers' cos / sin."""
+        short = jnp.asarray(np.array(self.short_freq, np.float32))
+        long = jnp.asarray(np.array(self.long_freq, np.float32))
+        inv = jnp.where((positions >= self.original_positions)[:, None], long[None], short[None])
+        freqs = positions.astype(jnp.float32)[:, None] * inv  # (T, R/2)
+        emb = jnp.concatenate([freqs, freqs], axis=-1)
+        return jnp.cos(emb) * self.rope_scale, jnp.sin(emb) * self.rope_scale
+
+
+class Phi4MultimodalForCausalLM(LlamaForCausalLM):
+    model_cls = Phi4MultimodalModel
+    is_multimodal = True
+    mm_modalities = ("audio",)
+    uses_mrope = False
+    hf_key_rules = ((r"(audio_embed\.encoder\.embed\.conv)\.(\d+)\.", r"\1_\2."),)
+    ignored_hf_keys = (
+        r"rotary_emb\.inv_freq",
+        r"position_ids$",
+        r"^model\.embed_tokens_extend\.image_embed\.",  # images: not served yet
+    )
+
+    def __init__(self, config, *, dtype=jnp.float32, attention_backend: str = "reference", rngs):
+        super().__init__(config, dtype=dtype, attention_backend=attention_backend, rngs=rngs)
+        self.hf_config = config
+        self.has_audio = getattr(config, "audio_config", None) is not None
+        if not self.has_audio:
+            self.mm_modalities = ()
+            self.is_multimodal = False
+
+    def convert_hf_tensor(self, key: str, array: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        """Splits `qkv_proj` into q / k / v and `gate_up_proj` into gate / up (rows, in
+        that order), so the projections shard column-wise like every decoder's."""
+        m = _FUSED.match(key)
+        if m is None:
+            return [(key, array)]
+        prefix, name = m.groups()
+        if name == "mlp.gate_up_proj":
+            gate, up = np.split(np.asarray(array), 2, axis=0)
+            return [(f"{prefix}.mlp.gate_proj.weight", gate), (f"{prefix}.mlp.up_proj.weight", up)]
+        c = self.config
+        q_rows = c.num_attention_heads * head_dim(c)
+        kv_rows = c.num_key_value_heads * head_dim(c)
+        q, k, v = np.split(np.asarray(array), [q_rows, q_rows + kv_rows], axis=0)
+        return [
+            (f"{prefix}.self_attn.q_proj.weight", q),
+            (f"{prefix}.self_attn.k_proj.weight", k),
+            (f"{prefix}.self_attn.v_proj.weight", v),
+        ]
+
+    # -- the multimodal contract (plain Python; see models/llava.py) -------------------------
+    def mm_token_id(self, modality: str) -> int:
+        if modality == "image":
+            return int(self.hf_config.vision_config.image_token_id)
+        return int(self.hf_config.audio_config.audio_token_id)
+
+    def mm_prompt_placeholder(self, modality: str) -> list[int]:
+        return [self.mm_token_id(modality)]
+
+    def mm_placeholder_text(self, modality: str) -> str:
+        """The tokens transformers' Phi-4-multimodal tokenizer names `image_token` and
+        `audio_token`."""
+        return "<|image|>" if modality == "image" else "<|audio|>"
+
+    def mm_audio_features(self, feature_extractor, audio: np.ndarray, sampling_rate: int, kwargs):
+        """One clip -> what the encoder takes: its log-mel frames (T, F) and its number of
+        audio tokens, from the checkpoint's own feature extractor."""
+        out = feature_extractor(
+            audio, sampling_rate=sampling_rate, return_tensors="np", **(kwargs or {})
+        )
+        return {
+            "audio_input_features": np.asarray(out["audio_input_features"][0], np.float32),
+            "audio_embed_size": int(np.asarray(out["audio_embed_sizes"]).reshape(-1)[0]),
+        }
+
+    def mm_num_tokens(self, modality: str, item: dict) -> int:
+        if modality != "audio":
+            raise ValueError(f"{type(self).__name__} takes audio only here, not {modality!r}")
+        frames, mel = np.shape(item["audio_input_features"])
+        if mel != self.hf_config.audio_config.input_size:
+            raise ValueError(
+                f"audio features have {mel} mel bins; this model's encoder takes "
+                f"{self.hf_config.audio_config.input_size}"
+            )
+        n = int(item["audio_embed_size"])
+        if not 1 <= n <= self._encoder_frames(frames):
+            raise ValueError(f"{n} audio tokens for {frames} mel frames: more than the encoder")
+        return n
+
+    def _encoder_frames(self, frames: int) -> int:
+        return -(-int(frames) // int(self.hf_config.audio_config.time_reduction))
+
+    def mm_check_embeds(self, modality: str, embeds: np.ndarray, meta: dict) -> dict:
+        """Precomputed audio embeddings (the encoder + speech projection's rows of one clip)
+        must be (n, hidden_size)."""
+        del modality, meta
+        D = self.config.hidden_size
+        if embeds.ndim != 2 or embeds.shape[1] != D or not embeds.shape[0]:
+            raise ValueError(
+                "audio embeddings must have shape (num_audio_tokens, hidden_size) = "
+                f"(n, {D}) for this model; got {tuple(embeds.shape)}"
+            )
+        return {}
+
+    def get_audio_features(self, features: jax.Array) -> jax.Array:
+        """features (1, T, F) -> (1, C, D_text)."""
+        return self.model.embed_tokens_extend.audio_embed(features)
+
+    def mm_encoder(self, graphdef):
+        """A host function (params, modality, items) -> [rows (n, D_text) per item], left on
+        the device (`DeviceRows`). One clip per call: the encoder's frame count is the
+        clip's own, its mel frames padded to a power of two would change the output (the
+        convolutions and attention see every frame, as in transformers)."""
+
+        @jax.jit
+        def run(params, features):
+            return nnx.merge(graphdef, params).get_audio_features(features)
+
+        def encode(params, modality: str, items: list[dict]) -> list[DeviceRows]:
+            if modality != "audio":
+                raise ValueError(f"{type(self).__name__} encodes audio only, not {modality!r}")
+            out = []
+            for it in items:
+                feats = np.asarray(it["audio_input_features"], np.float32)[None]  # (1, T, F)
+                rows = run(params, feats)[0]  # (C, D_text)
+                out.append(DeviceRows(rows, 0, int(it["audio_embed_size"])))
+            return out
+
+        return encode

@@ -1,0 +1,148 @@
+"""Phi-4-multimodal parity with transformers on a tiny random checkpoint (float32).
+
+The checkpoint is `Phi4MultimodalForCausalLM` as transformers saves it (fused qkv /
+gate_up, LongRoPE with partial rotary, the audio conformer and the image tower), with a
+locally trained tokenizer holding `<|image|>` / `<|audio|>` and the model's own
+`Phi4MultimodalFeatureExtractor` (saved with its `save_pretrained`; the full processor
+cannot be built here: its image processor needs torchvision, so the HF side expands the
+audio placeholders as `Phi4MultimodalProcessor.replace_audio_token` does, from the feature
+extractor's `audio_embed_sizes`). Text and audio prompts must give `generate`'s greedy
+tokens, last-token logits within 1e-4, and the spliced audio rows must equal HF's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import make_tokenizer
+
+NEW_TOKENS = 10
+SR = 16000
+AUD = "<|audio|>"
+
+
+def _tone(seconds: float, f0: float, seed: int) -> np.ndarray:
+    t = np.arange(int(seconds * SR)) / SR
+    noise = np.random.default_rng(seed).standard_normal(len(t))
+    return (0.3 * np.sin(2 * np.pi * f0 * t * (1 + t)) + 0.05 * noise).astype(np.float32)
+
+
+def _config(tok):
+    import transformers
+
+    rng = np.random.default_rng(0)
+    R = 12  # rotary dims: head_dim 16 * partial_rotary_factor 0.75
+    return transformers.Phi4MultimodalConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        original_max_position_embeddings=256,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.75,
+            "short_factor": [float(x) for x in 1 + rng.random(R // 2)],
+            "long_factor": [float(x) for x in 2 + rng.random(R // 2)],
+            "original_max_position_embeddings": 256,
+        },
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=28,
+            patch_size=14,
+            crop_size=28,
+            image_token_id=tok.convert_tokens_to_ids("<|image|>"),
+        ),
+        audio_config=dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_blocks=2,
+            num_attention_heads=4,
+            ext_pw_out_channel=32,
+            depthwise_separable_out_channel=32,
+            nemo_conv_channels=16,
+            chunk_size=4,  # a streaming mask of 4-frame chunks, 2 chunks back
+            left_chunk=2,
+            bias_max_distance=40,
+            audio_token_id=tok.convert_tokens_to_ids("<|audio|>"),
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def phi4mm(tmp_path_factory):
+    from transformers import Phi4MultimodalFeatureExtractor, Phi4MultimodalForCausalLM
+
+    path = str(tmp_path_factory.mktemp("phi4mm"))
+    tok = make_tokenizer(path)
+    tok.add_special_tokens({"additional_special_tokens": ["<|image|>", "<|audio|>"]})
+    tok.save_pretrained(path)
+    Phi4MultimodalFeatureExtractor().save_pretrained(path)
+    config = _config(tok)
+    config.architectures = ["Phi4MultimodalForCausalLM"]
+    torch.manual_seed(0)
+    model = Phi4MultimodalForCausalLM(config)
+    with torch.no_grad():  # larger-than-default init so greedy paths are not ties
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+            elif "norm" not in name:
+                p.normal_(0, 0.05)
+        enc = model.model.embed_tokens_extend.audio_embed.encoder.encoder_embedding
+        enc.global_mean.normal_(0, 1.0)  # a buffer, saved with the weights
+        enc.global_invstd.uniform_(0.05, 0.2)
+    model.eval().save_pretrained(path)
+    return path, model, tok
+
+
+def _hf(model, input_ids, **extra):
+    """HF's greedy tokens and last prompt-token logits for one prompt."""
+    x = torch.tensor([input_ids])
+    with torch.no_grad():
+        out = model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            **extra,
+        )
+        logits = model(input_ids=x, **extra).logits[0, -1].numpy()
+    return out[0, len(input_ids) :].tolist(), logits
+
+
+def _check(path, prompts, refs):
+    from jaxmm import LLM, SamplingParams
+    from tests.models.test_qwen2_5_omni import _last_logits
+
+    llm = LLM(path, dtype="float32", max_model_len=256, max_num_batched_tokens=64)
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for out, (ids, tokens, _) in zip(outs, refs):
+        assert out.prompt_token_ids == ids
+        assert out.outputs[0].token_ids == tokens
+    assert any(len(set(o.outputs[0].token_ids)) > 2 for o in outs)  # not a degenerate model
+    for prompt, (_, _, logits) in zip(prompts, refs):
+        np.testing.assert_allclose(_last_logits(llm, prompt), logits, atol=1e-4, rtol=0)
+    return llm
+
+
+def test_phi4mm_text_matches_transformers(phi4mm):
+    path, model, tok = phi4mm
+    prompts = [{"prompt": "Hello, my name is"}, {"prompt": "The capital of France is Paris. The"}]
+    refs = []
+    for p in prompts:
+        ids = tok(p["prompt"]).input_ids
+        refs.append((ids, *_hf(model, ids)))
+    _check(path, prompts, refs)
