@@ -95,9 +95,7 @@ class Qwen3_5DecoderLayer(nnx.Module):
             self.self_attn = Qwen3_5Attention(
                 config, dtype=dtype, attention_backend=attention_backend, rngs=rngs
             )
-        self.mlp = GatedMLP(
-            config.hidden_size, config.intermediate_size, config.hidden_act, dtype=dtype, rngs=rngs
-        )
+        self.mlp = self.make_mlp(config, dtype=dtype, rngs=rngs)
         self.input_layernorm = _norm(config.hidden_size, config, dtype)
         self.post_attention_layernorm = _norm(config.hidden_size, config, dtype)
 
@@ -109,16 +107,27 @@ class Qwen3_5DecoderLayer(nnx.Module):
             h, kv_pages = self.self_attn(h, cos, sin, caches[0], md)
             caches = [kv_pages]
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.feed_forward(self.post_attention_layernorm(x), md)
         return x, tuple(caches)
+
+    # feed-forward hooks: Qwen3.5-MoE (qwen3_5_moe.py) puts its MoE block here
+    def make_mlp(self, config, *, dtype, rngs) -> nnx.Module:
+        D, F = config.hidden_size, config.intermediate_size
+        return GatedMLP(D, F, config.hidden_act, dtype=dtype, rngs=rngs)
+
+    def feed_forward(self, h: jax.Array, md: AttentionMetadata) -> jax.Array:
+        del md
+        return self.mlp(h)
 
 
 class Qwen3_5TextModel(nnx.Module):
+    layer_cls = Qwen3_5DecoderLayer
+
     def __init__(self, config, *, dtype, attention_backend: str, rngs):
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = nnx.List(
             [
-                Qwen3_5DecoderLayer(
+                self.layer_cls(
                     config, i, dtype=dtype, attention_backend=attention_backend, rngs=rngs
                 )
                 for i in range(config.num_hidden_layers)
@@ -174,9 +183,11 @@ def _slots(kv_caches, md: AttentionMetadata, seq_inputs) -> jax.Array:
 
 
 class Qwen3_5ForCausalLM(nnx.Module):
+    model_cls = Qwen3_5TextModel
+
     def __init__(self, config, *, dtype=jnp.float32, attention_backend: str = "reference", rngs):
         self.config = config
-        self.model = Qwen3_5TextModel(
+        self.model = self.model_cls(
             config, dtype=dtype, attention_backend=attention_backend, rngs=rngs
         )
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))

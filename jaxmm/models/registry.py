@@ -17,6 +17,11 @@ _MODELS: dict[str, tuple[str, str]] = {
         "jaxmm.models.qwen3_5",
         "Qwen3_5ForConditionalGeneration",
     ),
+    "Qwen3_5MoeForCausalLM": ("jaxmm.models.qwen3_5_moe", "Qwen3_5MoeForCausalLM"),
+    "Qwen3_5MoeForConditionalGeneration": (
+        "jaxmm.models.qwen3_5_moe",
+        "Qwen3_5MoeForConditionalGeneration",
+    ),
     "MistralForCausalLM": ("jaxmm.models.mistral", "MistralForCausalLM"),
     "LlavaForConditionalGeneration": ("jaxmm.models.llava", "LlavaForConditionalGeneration"),
     "LlavaOnevisionForConditionalGeneration": (
@@ -35,6 +40,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     ),
     "Gemma3ForCausalLM": ("jaxmm.models.gemma3", "Gemma3ForCausalLM"),
     "Gemma3ForConditionalGeneration": ("jaxmm.models.gemma3", "Gemma3ForConditionalGeneration"),
+    "Gemma4ForCausalLM": ("jaxmm.models.gemma4", "Gemma4ForCausalLM"),
+    "Gemma4ForConditionalGeneration": ("jaxmm.models.gemma4", "Gemma4ForConditionalGeneration"),
     "WhisperForConditionalGeneration": ("jaxmm.models.whisper", "WhisperForConditionalGeneration"),
     "Qwen2AudioForConditionalGeneration": (
         "jaxmm.models.qwen2_audio",
@@ -49,6 +56,18 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen2_5OmniForConditionalGeneration": (
         "jaxmm.models.qwen2_5_omni",
         "Qwen2_5OmniForConditionalGeneration",
+    ),
+    "MiniCPMV4_6ForConditionalGeneration": (
+        "jaxmm.models.minicpmv",
+        "MiniCPMV4_6ForConditionalGeneration",
+    ),
+    "Qwen3OmniMoeThinkerForConditionalGeneration": (
+        "jaxmm.models.qwen3_omni_moe",
+        "Qwen3OmniMoeThinkerForConditionalGeneration",
+    ),
+    "Qwen3OmniMoeForConditionalGeneration": (
+        "jaxmm.models.qwen3_omni_moe",
+        "Qwen3OmniMoeForConditionalGeneration",
     ),
     # encoder-only pooling (embedding) models: served by the PoolingRunner, not the LLMEngine
     "BertModel": ("jaxmm.models.bert", "BertModel"),
