@@ -131,3 +131,79 @@ def test_gemma4_audio_tower_matches_transformers(right):
         assert len(r) == n == int(ref_mask[b].sum())
         got = np.asarray(r.array)[r.start : r.stop]
         np.testing.assert_allclose(got, ref_rows[b, :n], atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------
+# The host side: features and placeholder counts as Gemma4Processor makes them
+
+SPECIAL_TOKENS = dict(
+    image_token="<|image|>",
+    boi_token="<|image>",
+    eoi_token="<image|>",
+    audio_token="<|audio|>",
+    boa_token="<|audio>",
+    eoa_token="<audio|>",
+)
+
+
+def gemma4_processor(path: str, feature_size: int = 16):
+    """A Gemma4Processor with a locally trained tokenizer carrying Gemma 4's named
+    multimodal tokens (the video processor is a stand-in where torchvision is missing)."""
+    import transformers
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    from tests.helpers import make_processor, make_tokenizer
+
+    make_tokenizer(path)
+    tok = transformers.PreTrainedTokenizerFast.from_pretrained(
+        path, extra_special_tokens=SPECIAL_TOKENS
+    )
+    try:
+        from transformers import Gemma4VideoProcessor
+
+        video = Gemma4VideoProcessor()
+    except ImportError:
+        video = BaseVideoProcessor()
+    return make_processor(
+        transformers.Gemma4Processor,
+        feature_extractor=transformers.Gemma4AudioFeatureExtractor(feature_size=feature_size),
+        image_processor=Gemma4ImageProcessorPil(),
+        tokenizer=tok,
+        video_processor=video,
+    )
+
+
+def test_gemma4_audio_features_and_counts_match_processor(tmp_path):
+    from jaxmm.models.encoders.gemma4_audio import audio_item_features, audio_num_tokens
+    from jaxmm.multimodal.audio import load_audio_item
+
+    proc = gemma4_processor(str(tmp_path))
+    tok = proc.tokenizer
+    # a stereo 44.1 kHz clip (channels last) and a mono 16 kHz one, as the front end loads them
+    # (48000 samples: 1.09 s at 44.1 kHz)
+    stereo = np.stack([_tone(3.0, 300, 2), _tone(3.0, 500, 3)], axis=1)
+    long = load_audio_item((stereo, 44100), SR)
+    short = load_audio_item((_tone(0.41, 800, 4), SR), SR)
+    x = proc(text="a <|audio|> b <|audio|>", audio=[long, short], return_tensors="np")
+    ids = x["input_ids"][0].tolist()
+    audio_id, boa, eoa = (
+        tok.convert_tokens_to_ids(SPECIAL_TOKENS[k])
+        for k in ("audio_token", "boa_token", "eoa_token")
+    )
+    # HF's expansion: <boa> + n x audio token + <eoa> per clip
+    starts = [i for i, t in enumerate(ids) if t == boa]
+    counts = [ids.index(eoa, s) - s - 1 for s in starts]
+    assert all(set(ids[s + 1 : s + 1 + n]) == {audio_id} for s, n in zip(starts, counts))
+    for b, clip in enumerate([long, short]):
+        item = audio_item_features(proc.feature_extractor, clip, SR, {})
+        mask = item["input_features_mask"]
+        assert audio_num_tokens(mask) == counts[b]
+        n = int(mask.sum())
+        assert n == int(x["input_features_mask"][b].sum())
+        np.testing.assert_allclose(
+            item["input_features"][:n], x["input_features"][b, :n], atol=1e-5, rtol=0
+        )
+    assert counts[0] > counts[1] > 0
+    with pytest.raises(ValueError, match="too short"):
+        audio_item_features(proc.feature_extractor, np.zeros(100, np.float32), SR, {})

@@ -387,7 +387,31 @@ class Gemma4MultimodalEmbedder(nnx.Module):
 
 
 # ---------------------------------------------------------------------------------------
-# The encoder stage's host side
+# The front end's and the encoder stage's host side
+
+
+def audio_item_features(feature_extractor, audio: np.ndarray, sampling_rate: int, kwargs) -> dict:
+    """One mono clip at the extractor's rate -> what Gemma4Processor hands the tower for it:
+    `input_features` (Cm, M) float32 and `input_features_mask` (Cm,) of real frames.
+
+    The clip is not padded to the 30 s window (HF pads a prompt's clips to the longest of
+    them, which changes none of a clip's real frames); `kwargs` are the request's
+    `mm_processor_kwargs`. Fits the audio front end's `mm_audio_features` hook.
+    """
+    opts = {"padding": "longest", **dict(kwargs or {})}
+    # a batch of one: Gemma4AudioFeatureExtractor mis-reads a bare 1-D array
+    out = feature_extractor([audio], sampling_rate=sampling_rate, return_tensors="np", **opts)
+    mask = np.asarray(out["input_features_mask"][0]).astype(bool)
+    if not mask.any():
+        raise ValueError(
+            f"audio of {audio.shape[-1]} samples is too short for one mel frame "
+            f"({feature_extractor.frame_length + 1 - feature_extractor.frame_length // 2} "
+            "samples at least)"
+        )
+    return {
+        "input_features": np.asarray(out["input_features"][0], np.float32),
+        "input_features_mask": mask,
+    }
 
 
 def encode_audio_items(
