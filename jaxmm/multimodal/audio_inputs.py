@@ -497,7 +497,10 @@ class AudioFrontend:
                 )
             audio = self.load(item)
             seconds = audio.shape[-1] / self.sampling_rate
-            windows = getattr(self.model, "audio_windows", False)  # split, not refused
+            # split in windows (Voxtral) or taken whole (Qwen3-Omni, no truncation): not refused
+            windows = getattr(self.model, "audio_windows", False) or (
+                self._feature_kwargs().get("truncation") is False
+            )
             if seconds > self.max_seconds + 1e-6 and not windows:
                 raise ValueError(
                     f"audio item {i} is {seconds:.2f} s long; this model hears at most "
@@ -540,6 +543,12 @@ class AudioFrontend:
         self.cache.put(key, output)
         return key, output
 
+    def _feature_kwargs(self) -> dict:
+        """The feature extractor's padding options as the model's HF processor sets them:
+        padded to the extractor's window unless the model says otherwise
+        (`audio_feature_kwargs`, e.g. Qwen3-Omni: its own length, never truncated)."""
+        return {"padding": "max_length", **(getattr(self.model, "audio_feature_kwargs", {}))}
+
     def _features(self, audio: np.ndarray, kwargs: dict) -> dict:
         """What the HF processor hands the audio tower: padded log-mel + the valid frames,
         or, for models that split audio into encoder windows (Voxtral), the log-mel of the
@@ -562,9 +571,8 @@ class AudioFrontend:
             audio,
             sampling_rate=self.sampling_rate,
             return_attention_mask=True,
-            padding="max_length",
             return_tensors="np",
-            **kwargs,
+            **{**self._feature_kwargs(), **kwargs},
         )
         return {
             "input_features": out["input_features"][0],
