@@ -136,6 +136,14 @@ class ModelRunner:
         abstract = nnx.eval_shape(build)
         self.init_times["build"] = round(time.perf_counter() - t0, 3)
         self.num_layers, self.num_kv_heads, self.head_dim = abstract.kv_cache_spec()
+        # (K, H) of each paged layer: models whose layers differ in KV heads or head size
+        # (Gemma 4's global layers) list them, each layer gets a page pool of its own shape
+        layer_shapes = getattr(abstract, "kv_cache_layer_shapes", None)
+        self.kv_layer_shapes = (
+            [(int(k), int(h)) for k, h in layer_shapes()]
+            if layer_shapes is not None
+            else [(self.num_kv_heads, self.head_dim)] * self.num_layers
+        )
         # tensor parallelism, checked before any weight is read: q heads split over the model
         # axis, KV heads too, each stored once per device that reads it when there are fewer
         # of them than devices
@@ -146,6 +154,9 @@ class ModelRunner:
         )
         if tp > 1:
             self.num_kv_heads = replicated_kv_heads(num_heads, self.num_kv_heads, tp)
+            self.kv_layer_shapes = [
+                (replicated_kv_heads(num_heads, k, tp), h) for k, h in self.kv_layer_shapes
+            ]
         self.shard_attention = tp > 1 or os.environ.get(SHARD_MAP_ENV, "1") != "0"
         t0 = time.perf_counter()
         self.graphdef, abstract_state = nnx.split(abstract)
@@ -180,10 +191,8 @@ class ModelRunner:
 
         bytes_per_page = (  # on one device: the budget is one device's memory
             2
-            * self.num_layers
-            * (self.num_kv_heads // tp)
+            * sum((k // tp) * h for k, h in self.kv_layer_shapes)
             * block_size
-            * self.head_dim
             * jnp.dtype(self.dtype).itemsize
         )
         # hybrid models: per-sequence state slots (conv and recurrent state of each linear
@@ -230,12 +239,13 @@ class ModelRunner:
                 "lower max_model_len"
             )
         self.num_pages = int(num_pages)
-        kv_shape = (2, self.num_kv_heads, self.num_pages, block_size, self.head_dim)
         kv_sharding = NamedSharding(self.mesh, PartitionSpec(None, "model", None, None, None))
         self.kv_sharding = kv_sharding
         self.kv_caches = [
-            jax.device_put(jnp.zeros(kv_shape, self.dtype), kv_sharding)
-            for _ in range(self.num_layers)
+            jax.device_put(
+                jnp.zeros((2, k, self.num_pages, block_size, h), self.dtype), kv_sharding
+            )
+            for k, h in self.kv_layer_shapes
         ]
         # models with extra per-request device state (e.g. encoder-decoder cross-attention
         # K/V slabs) append their own arrays; they travel, donated, with the KV pages
