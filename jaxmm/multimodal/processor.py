@@ -180,7 +180,12 @@ class MultimodalProcessor:
         if not isinstance(pixels, fast_image.PatchBytes):
             pixels = np.asarray(pixels, np.float32)
         if not self.patches:
-            return {"pixel_values": pixels[0], "grid_thw": None}
+            item = {"pixel_values": pixels[0], "grid_thw": None}
+            # NaViT-packed sub-images (MiniCPM-V): each one's patch grid, and the slice grid
+            for key in ("target_sizes", "grids"):
+                if key in out:
+                    item[key] = np.asarray(out[key])
+            return item
         grid = tuple(int(g) for g in np.asarray(out["image_grid_thw"])[0])
         return {"pixel_values": pixels, "grid_thw": grid}
 

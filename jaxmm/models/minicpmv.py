@@ -1,0 +1,245 @@
+"""MiniCPM-V 4.6 (`MiniCPMV4_6ForConditionalGeneration`): a SigLIP-style tower over sliced
+images, a window merger inside it and a 2x2 merger after it, then Qwen3.5's hybrid decoder.
+
+1. Slicing is the HF image processor's (`MiniCPMV4_6ImageProcessorPil`): an image becomes
+   a source view resized to about `scale_resolution`^2 and, when larger than that, a grid
+   of slices; all of them NaViT-packed into one `pixel_values` (3, p, patches * p) with each
+   sub-image's patch grid in `target_sizes` and the slice grid in `grids` (the front end
+   keeps both, `multimodal/processor.py`).
+2. The tower (`encoders/minicpmv_vision.py`) runs each sub-image on its own; sub-images of
+   one size (the slices of an image, and any item's of that size) share a call. Each gives
+   h * w / 16 rows ("16x") or h * w / 4 ("4x", no window merger).
+3. Placeholders: the prompt holds one image token per image; its span is the processor's
+   text, `<image>` + the source's tokens + `</image>`, then per slice row (rows joined by
+   "\\n") `<slice>` + tokens + `</slice>` per slice (`mm_span_ids`). The span's encoder rows
+   are the tower's at image tokens and the text's own embeddings elsewhere, so the runner
+   splices the whole span. Before each image the processor writes `<image_id>i</image_id>`
+   (i counts the prompt's images): that depends on the prompt, not the image, so it is
+   text, written into the prompt before tokenizing (`mm_expand_prompt_text`); HF's default
+   `use_image_id=True` is assumed (a processor saved with False is not followed).
+4. Text: Qwen3.5 (`qwen3_5.py`, the checkpoint's `text_config`, plain 1-D positions:
+   transformers gives the text model no M-RoPE positions here), with its state slots.
+
+Weights: transformers saves `model.vision_tower.*`, `model.merger.*`,
+`model.language_model.*`, `lm_head.*`; `hf_key_rules` fold them onto this tree.
+Precomputed image embeddings are refused (the span holds text rows too). Videos: not yet.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxmm.layers.attention import AttentionMetadata
+from jaxmm.models.device_rows import DeviceRows
+from jaxmm.models.encoders.minicpmv_vision import MiniCPMVMerger, MiniCPMVVisionModel
+from jaxmm.models.llava import language_config, next_pow2
+from jaxmm.models.qwen3_5 import Qwen3_5ForCausalLM
+
+# the tokens of the processor's image text (MiniCPM-V's tokenizer names them so)
+IMAGE_START, IMAGE_END = "<image>", "</image>"
+SLICE_START, SLICE_END = "<slice>", "</slice>"
+ID_START, ID_END = "<image_id>", "</image_id>"
+
+
+class MiniCPMV4_6ForConditionalGeneration(nnx.Module):
+    is_multimodal = True
+    mm_modalities = ("image",)
+    uses_mrope = False
+    hf_key_rules = (
+        (r"^model\.language_model\.", "language_model.model."),
+        (r"^model\.vision_tower\.", "vision_tower."),
+        (r"^model\.merger\.", "merger."),
+        (r"^lm_head\.", "language_model.lm_head."),
+    )
+
+    def __init__(self, config, *, dtype=jnp.float32, attention_backend: str = "reference", rngs):
+        self.hf_config = config
+        self.config = text_config = language_config(config)
+        if getattr(text_config, "model_type", None) != "qwen3_5_text":
+            raise ValueError(
+                "MiniCPM-V 4.6 is supported with its Qwen3.5 text model (text_config "
+                f"model_type 'qwen3_5_text'); got {getattr(text_config, 'model_type', None)!r}"
+            )
+        self.language_model = Qwen3_5ForCausalLM(
+            text_config, dtype=dtype, attention_backend=attention_backend, rngs=rngs
+        )
+        self.vision_tower = MiniCPMVVisionModel(config.vision_config, dtype=dtype, rngs=rngs)
+        self.merger = MiniCPMVMerger(config, text_config.hidden_size, dtype=dtype, rngs=rngs)
+        self.use_vit_merger = config.downsample_mode != "4x"
+        # patches per row: the window merger's 2x2 ("16x" only), then the merger's rounds
+        self.divisor = (4 if self.use_vit_merger else 1) * 4 ** int(config.merger_times)
+        ignored = [r"^mtp\.", r"rotary_emb\.inv_freq"]
+        if text_config.tie_word_embeddings:
+            ignored.append(r"^language_model\.lm_head\.weight$")
+        self.ignored_hf_keys = tuple(ignored)
+        self.dtype = dtype
+
+    # -- the text path (what the runner's step calls) ----------------------------------------
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return self.language_model.embed(input_ids)
+
+    def __call__(
+        self, input_ids, kv_caches, md: AttentionMetadata, inputs_embeds=None, seq_inputs=None
+    ):
+        return self.language_model(input_ids, kv_caches, md, inputs_embeds, seq_inputs)
+
+    def compute_logits(self, hidden: jax.Array) -> jax.Array:
+        return self.language_model.compute_logits(hidden)
+
+    def kv_cache_spec(self) -> tuple[int, int, int]:
+        return self.language_model.kv_cache_spec()
+
+    def state_cache_spec(self, dtype) -> list[tuple[tuple[int, ...], jnp.dtype]]:
+        return self.language_model.state_cache_spec(dtype)
+
+    # -- features ------------------------------------------------------------------------------
+    def sub_image_features(self, patches: jax.Array, h: int, w: int) -> jax.Array:
+        """patches (B, h * w, 3 * p * p) of sub-images of (h, w) patches -> (B, n, E)."""
+        x = self.vision_tower(patches.astype(self.dtype), h, w, self.use_vit_merger)
+        if self.use_vit_merger:
+            h, w = h // 2, w // 2
+        return self.merger(x, h, w)
+
+    # -- the multimodal contract (plain Python; see llava.py) -------------------------------
+    def mm_token_id(self, modality: str) -> int:
+        return int(self.hf_config.image_token_id)
+
+    def mm_prompt_placeholder(self, modality: str) -> list[int]:
+        return [self.mm_token_id(modality)]
+
+    def mm_expand_prompt_text(self, text: str, tokenizer) -> str:
+        """`<image_id>i</image_id>` before the prompt's i-th image placeholder, as the HF
+        processor writes it (`_prepend_local_ids`)."""
+        token = tokenizer.convert_ids_to_tokens(self.mm_token_id("image"))
+        parts = text.split(token)
+        out = [parts[0]]
+        for i, part in enumerate(parts[1:]):
+            out.append(f"{ID_START}{i}{ID_END}{token}{part}")
+        return "".join(out)
+
+    def _sizes(self, item: dict) -> np.ndarray:
+        sizes = np.asarray(item.get("target_sizes"), np.int64).reshape(-1, 2)
+        if item.get("target_sizes") is None or len(sizes) == 0:
+            raise ValueError(
+                "MiniCPM-V images need the processor's target_sizes (a MiniCPM-V image processor)"
+            )
+        step = int(round(self.divisor**0.5))  # each 2x2 merge halves both sides
+        if (sizes % step).any():
+            raise ValueError(f"sub-image patch grids {sizes.tolist()} must be multiples of {step}")
+        return sizes
+
+    def _tokens(self, sizes: np.ndarray) -> list[int]:
+        return [int(h * w) // self.divisor for h, w in sizes]
+
+    def mm_span_ids(self, modality: str, item: dict, encode_text) -> list[int]:
+        """The image's text: source view, then its slices row by row (see the module doc)."""
+
+        def one(text: str) -> int:
+            ids = encode_text(text)
+            if len(ids) != 1:
+                raise ValueError(f"the tokenizer must have {text!r} as one token; got {ids}")
+            return ids[0]
+
+        token = self.mm_token_id("image")
+        counts = self._tokens(self._sizes(item))
+        rows, cols = (int(g) for g in np.asarray(item.get("grids", (0, 0))).reshape(-1)[:2])
+        span = [one(IMAGE_START), *[token] * counts[0], one(IMAGE_END)]
+        if rows > 0 and cols > 0:
+            if len(counts) != 1 + rows * cols:
+                raise ValueError(f"{len(counts) - 1} slices for a {rows}x{cols} grid of slices")
+            for r in range(rows):
+                if r:
+                    span += encode_text("\n")
+                for n in counts[1 + r * cols : 1 + (r + 1) * cols]:
+                    span += [one(SLICE_START), *[token] * n, one(SLICE_END)]
+        elif len(counts) != 1:
+            raise ValueError(f"{len(counts)} sub-images for an image without slices")
+        return span
+
+    def mm_num_tokens(self, modality: str, item: dict) -> int:
+        sizes = self._sizes(item)
+        vc = self.hf_config.vision_config
+        p = int(vc.patch_size)
+        want = (int(vc.num_channels), p, int((sizes[:, 0] * sizes[:, 1]).sum()) * p)
+        got = tuple(np.shape(item["pixel_values"]))
+        if got != want:
+            raise ValueError(
+                f"the image processor produced pixel values of shape {got}; for sub-images of "
+                f"{sizes.tolist()} patches this tower takes {want} (NaViT-packed)"
+            )
+        return len(item["span_ids"])
+
+    def mm_check_embeds(self, modality: str, embeds: np.ndarray, meta: dict) -> dict:
+        raise ValueError(
+            "MiniCPM-V takes no precomputed image embeddings in jaxmm: an image's span holds "
+            "its slice layout as text, which embeddings do not carry; send the image"
+        )
+
+    def mm_encoder(self, graphdef):
+        """A host function (params, modality, items) -> [span rows per item] on the device.
+
+        Every item's sub-images are grouped by patch grid; a group runs in one tower call,
+        padded to a power of two of sub-images (one program per grid and count). An item's
+        span rows then come from one small program: the tower's rows at its image tokens,
+        the text's embeddings elsewhere, padded to a power of two of rows."""
+        vc = self.hf_config.vision_config
+        p, C = int(vc.patch_size), int(vc.num_channels)
+        token = self.mm_token_id("image")
+
+        @functools.partial(jax.jit, static_argnums=(2, 3))
+        def tower(params, patches, h: int, w: int):
+            return nnx.merge(graphdef, params).sub_image_features(patches, h, w)
+
+        @jax.jit
+        def spread(params, groups, src, text_ids, is_image):
+            rows = jnp.concatenate([g.reshape(-1, g.shape[-1]) for g in groups])  # (M, E)
+            text = nnx.merge(graphdef, params).embed(text_ids).astype(rows.dtype)  # (L, E)
+            return jnp.where(is_image[:, None], rows[src], text)
+
+        def encode(params, modality: str, items: list[dict]) -> list[DeviceRows]:
+            # (item, sub-image) -> patches; sub-images grouped by grid across items
+            groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+            patches: dict[tuple[int, int], np.ndarray] = {}
+            for i, it in enumerate(items):
+                px = np.asarray(it["pixel_values"], np.float32)  # (C, p, patches * p)
+                flat = px.reshape(C, p, -1, p).transpose(2, 0, 1, 3).reshape(-1, C * p * p)
+                start = 0
+                for j, (h, w) in enumerate(self._sizes(it)):
+                    groups.setdefault((int(h), int(w)), []).append((i, j))
+                    patches[(i, j)] = flat[start : start + h * w]
+                    start += h * w
+            outs, where = [], {}  # where: (item, sub-image) -> its first row in the concat
+            base = 0
+            for (h, w), members in groups.items():
+                batch = np.zeros((next_pow2(len(members)), h * w, C * p * p), np.float32)
+                for k, key in enumerate(members):
+                    batch[k] = patches[key]
+                out = tower(params, batch, h, w)  # (B, n, E)
+                n = out.shape[1]
+                for k, key in enumerate(members):
+                    where[key] = base + k * n
+                base += out.shape[0] * n
+                outs.append(out)
+            result = []
+            for i, it in enumerate(items):
+                span = it["span_ids"]
+                L = max(next_pow2(len(span)), 16)
+                ids = np.zeros(L, np.int32)
+                ids[: len(span)] = span
+                is_image = ids == token
+                is_image[len(span) :] = False
+                src = np.zeros(L, np.int32)
+                counts = self._tokens(self._sizes(it))
+                src[is_image] = np.concatenate(
+                    [where[(i, j)] + np.arange(n) for j, n in enumerate(counts)]
+                )
+                arr = spread(params, tuple(outs), src, np.where(is_image, 0, ids), is_image)
+                result.append(DeviceRows(arr, 0, len(span)))
+            return result
+
+        return encode
