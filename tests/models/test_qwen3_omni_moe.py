@@ -2,7 +2,8 @@
 
 The checkpoint carries its own `Qwen3OmniMoeProcessor` (saved with `save_pretrained`, a
 locally trained tokenizer with the released checkpoint's special tokens), so the HF side
-expands the placeholders with HF's own processor. Text, image and audio prompts must give
+expands the placeholders with HF's own processor (videos by hand: `_hf_video_inputs`, as
+its video processor needs torchvision). Text, image, audio and video prompts must give
 `generate`'s greedy tokens and last-token logits within 1e-4 (prefilled in chunks, so items
 straddle steps). The tiny model has DeepStack after decoder layers 0 and 1, a dense layer
 between MoE ones, un-normalised top-k routing, and an audio tower whose attention windows
@@ -16,8 +17,15 @@ import pytest
 import torch
 
 from tests.helpers import make_processor, make_tokenizer, qwen2_vl_video_processor
-from tests.models.test_qwen2_5_omni import SR, _hf_generate, _last_logits, _params, _tone
-from tests.models.test_vlm_parity import IMAGES, _encode_items, _randomize
+from tests.models.test_qwen2_5_omni import (
+    SR,
+    _hf_generate,
+    _hf_video_inputs,
+    _last_logits,
+    _params,
+    _tone,
+)
+from tests.models.test_vlm_parity import IMAGES, VIDEO, VIDEO_FPS, _encode_items, _randomize
 
 NAMES = dict(
     image_token="<|image_pad|>",
@@ -210,3 +218,26 @@ def test_thinker_audio_matches_transformers(omni):
         np.testing.assert_allclose(ours[:, :D], feats, atol=1e-4, rtol=0)
         assert not ours[:, D:].any()
     assert outs[1].outputs[0].token_ids != outs[0].outputs[0].token_ids
+
+
+def test_thinker_video_matches_transformers(omni):
+    """Videos are plain `<|video_pad|>` runs; 2 s per temporal patch at 1 fps puts their
+    TMRoPE times at 0 and 26 (13 positions a second)."""
+    _, hf, processor, llm = omni
+    vid = "<|vision_start|><|video_pad|><|vision_end|>"
+    video = (VIDEO, {"fps": VIDEO_FPS})
+    prompts = [
+        {"prompt": f"Video: {vid} what happens", "multi_modal_data": {"video": video}},
+        {
+            "prompt": f"{IMG} and {vid} then",
+            "multi_modal_data": {"image": IMAGES[3], "video": video},
+        },
+    ]
+    outs = llm.generate(prompts, _params(), use_tqdm=False)
+    for prompt, out in zip(prompts, outs, strict=True):
+        inputs = _hf_video_inputs(processor, prompt)
+        assert out.prompt_token_ids == inputs["input_ids"][0].tolist()
+        assert out.outputs[0].token_ids == _hf_generate(hf, inputs)
+        with torch.no_grad():
+            ref = hf(**inputs).logits[0, -1].numpy()
+        np.testing.assert_allclose(_last_logits(llm, prompt), ref, atol=1e-4, rtol=0)
