@@ -297,6 +297,12 @@ class MultimodalConfig:
     mm_processor_kwargs: dict = arg(
         help="options for the HF processor as JSON", default_factory=dict
     )
+    mm_processor_workers: int | None = arg(
+        None,
+        help="worker processes that decode, hash and process images and videos off the "
+        "engine's GIL (0: in the engine process; default: a quarter of the cores, at most 4, "
+        "none on hosts with fewer than 8)",
+    )
     mm_warmup_image_sizes: tuple[str, ...] | None = arg(
         None,
         help="image sizes (WxH) whose vision-encoder programs warmup compiles, for every "
@@ -308,6 +314,9 @@ class MultimodalConfig:
     def __post_init__(self) -> None:
         for name in ("limit_mm_per_prompt", "media_io_kwargs", "mm_processor_kwargs"):
             _set(self, name, dict(getattr(self, name) or {}))
+        workers = self.mm_processor_workers
+        if workers is not None and (isinstance(workers, bool) or int(workers) < 0):
+            raise ValueError(f"mm_processor_workers must be >= 0 or None, got {workers!r}")
         sizes = self.mm_warmup_image_sizes
         if isinstance(sizes, str):
             sizes = [sizes]

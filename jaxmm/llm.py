@@ -120,7 +120,7 @@ class LLM:
             return self._run_data_parallel(prompts, params)
         engine = self._generative_engine()
         # validate every prompt before queueing any, so a bad one leaves nothing half-done
-        prepared = [self._prepare(p) for p in prompts]
+        prepared = self._prepare_all(prompts)
         for (_, ids, _), sp in zip(prepared, params):
             engine.validate(ids, sp)
         order = []
@@ -171,6 +171,25 @@ class LLM:
             requests.append(front.tokenize(p))
         ids = [str(next(self._dp_ids)) for _ in requests]
         return run_to_completion(self.dp_engine, ids, requests, params)
+
+    def _prepare_all(self, prompts: list) -> list:
+        """`_prepare` of each prompt; the media of image/video prompts are prepared together
+        (in parallel, where the front end has worker processes)."""
+        from jaxmm.multimodal.audio_inputs import is_audio_prompt
+
+        def media(p) -> bool:
+            return (
+                isinstance(p, dict) and bool(p.get("multi_modal_data")) and not is_audio_prompt(p)
+            )
+
+        if sum(map(media, prompts)) < 2:
+            return [self._prepare(p) for p in prompts]
+        fe = self._generative_engine().mm_frontend()
+        started = {i: fe.start(p) for i, p in enumerate(prompts) if media(p)}
+        return [
+            fe.finish(started[i]) if i in started else self._prepare(p)
+            for i, p in enumerate(prompts)
+        ]
 
     def _prepare(self, prompt):
         engine = self._generative_engine()

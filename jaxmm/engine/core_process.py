@@ -633,8 +633,12 @@ class _CoreLoop:
         # multimodal prompts being prepared by the front end, on threads beside the loop
         self.preparing: set[str] = set()
         self.prepared: queue.SimpleQueue = queue.SimpleQueue()
+        # with media worker processes, a thread waits on each: enough to keep them busy
+        from jaxmm.multimodal.workers import num_workers
+
+        threads = max(PREPARE_THREADS, 2 * num_workers(engine.config.multimodal))
         self.pool = concurrent.futures.ThreadPoolExecutor(
-            PREPARE_THREADS, thread_name_prefix="jaxmm-prepare"
+            threads, thread_name_prefix="jaxmm-prepare"
         )
 
     def run(self) -> None:

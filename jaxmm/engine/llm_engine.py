@@ -310,6 +310,7 @@ class LLMEngine:
         from PIL import Image
 
         fe = self.mm_frontend()
+        fe.workers  # noqa: B018 - start the media worker processes while the encoder compiles
         if sizes is None:
             sizes = self.config.multimodal.mm_warmup_image_sizes
         if sizes is None:

@@ -36,6 +36,7 @@ import base64
 import binascii
 import io
 import threading
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,7 +44,8 @@ from PIL import Image
 
 from .cache import EncoderCache, EncoderOutput
 from .hashing import content_hash, content_hash_soon
-from .media import MediaPolicy, load_image, load_video_with_metadata
+from .media import MediaPolicy, load_image
+from .workers import MediaWorkers, load_video_item, num_workers
 
 MODALITIES = ("image", "video")
 _EMBED_ALIASES = {"image_embeds": "image", "video_embeds": "video"}
@@ -140,6 +142,8 @@ class _Item:
     meta: dict = field(default_factory=dict)
     key: str | None = None
     output: EncoderOutput | None = None
+    source: tuple | None = None  # (media, options) for a worker to load (mm_processor_workers)
+    pending: Future | None = None  # the worker's (key, processed, processor error)
 
 
 def to_numpy(x) -> np.ndarray:
@@ -353,6 +357,7 @@ class MultimodalFrontend:
         self.media_io_kwargs = _check_media_io_kwargs(self.config.media_io_kwargs)
         self.cache = EncoderCache()  # prepared items (host), for uuids sent again as None
         self._processor = None
+        self._workers: MediaWorkers | None | bool = False  # False: not decided yet
         # the server prepares prompts on worker threads: one at a time through the caches
         self._lock = threading.Lock()
 
@@ -493,32 +498,15 @@ class MultimodalFrontend:
                     )
                 value = Image.fromarray(value)
             background = opts.get("rgba_background_color", (255, 255, 255))
+            if self.workers is not None:  # decoded and processed in a worker
+                item.source = (value, background)
+                return
             item.media = load_image(value, self.policy, rgba_background_color=background)
             return
-        source_fps = None  # the rate of the frames as given
-        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict):
-            value, meta = value
-            source_fps = meta.get("fps")
-            indices, clip = meta.get("frames_indices"), meta.get("total_num_frames")
-            if source_fps and indices is not None and clip:
-                # frames already sampled from `clip` frames (vLLM's / HF's video metadata):
-                # their own rate, as HF's `VideoMetadata.sampled_fps`
-                source_fps = source_fps * len(indices) / clip
-        frames, metadata = load_video_with_metadata(
-            value,
-            self.policy,
-            num_frames=opts.get("num_frames"),
-            frame_recovery=bool(opts.get("frame_recovery", False)),
-        )
-        source_fps = source_fps or metadata.fps
-        # an explicit rate of the kept frames wins; no rate at all is left to the processor
-        # (HF's 24 fps)
-        fps = opts.get("fps")
-        if fps is None and source_fps:
-            # frames sampled over the whole clip: their own, lower rate
-            total = metadata.total_num_frames or len(frames)
-            fps = source_fps * len(frames) / max(total, len(frames))
-        item.media = (frames, fps)
+        if self.workers is not None:  # loaded and processed in a worker
+            item.source = (value, opts)
+            return
+        item.media = load_video_item(value, self.policy, opts)
 
     # -- 2-4. key, look up, encode -----------------------------------------------------------
     def _process(self, item: _Item, proc_kwargs: dict) -> dict:
@@ -554,7 +542,16 @@ class MultimodalFrontend:
                         "itself again"
                     )
             processed = failure = None
-            if item.uuid is not None:
+            if item.pending is None and item.source is not None:  # its cached copy went
+                value, opts = item.source
+                item.pending = self.workers.submit(
+                    item.modality, value, self.policy, opts, proc_kwargs
+                )
+            if item.pending is not None:  # prepared by a worker
+                key, processed, failure = item.pending.result()
+                item.pending = None
+                item.key = item.uuid if item.uuid is not None else key
+            elif item.uuid is not None:
                 item.key = item.uuid
             else:
                 if item.modality == "image":
@@ -661,10 +658,72 @@ class MultimodalFrontend:
 
     # -- the whole path ----------------------------------------------------------------------
     def prepare(self, prompt: dict):
-        with self._lock:
-            return self._prepare(prompt)
+        return self.finish(self.start(prompt))
 
-    def _prepare(self, prompt: dict):
+    def prepare_many(self, prompts: list[dict]) -> list:
+        """`prepare` of each prompt, their media prepared in parallel by the workers."""
+        return [self.finish(started) for started in [self.start(p) for p in prompts]]
+
+    def start(self, prompt: dict) -> tuple:
+        """Parse a prompt and hand its media to the workers (when there are any): -> what
+        `finish` takes. Raises for a malformed prompt."""
+        with self._lock:
+            started = self._start(prompt)
+        items = started[1]
+        try:
+            for item in items:
+                if item.source is None:
+                    continue
+                if item.uuid is not None and self.cache.get(item.uuid) is not None:
+                    continue  # served from the cache: nothing to prepare
+                value, opts = item.source
+                item.pending = self.workers.submit(
+                    item.modality, value, self.policy, opts, started[2]
+                )
+        except BaseException:
+            for item in items:
+                if item.pending is not None:
+                    item.pending.cancel()
+            raise
+        return started
+
+    def finish(self, started: tuple):
+        """-> (text, prompt token ids, `MultimodalRequest`), once the workers are done."""
+        for item in started[1]:
+            if item.pending is not None:
+                try:
+                    item.pending.exception()  # wait here, not inside the lock
+                except CancelledError:
+                    pass
+        with self._lock:
+            return self._finish(*started)
+
+    @property
+    def workers(self) -> MediaWorkers | None:
+        """The worker processes (`mm_processor_workers`), started on first use; None: media
+        are prepared in this process."""
+        if self._workers is False:
+            n = num_workers(self.config)
+            if n <= 0 or self.processor_path is None:
+                self._workers = None
+            else:
+                self._workers = MediaWorkers(
+                    n,
+                    (
+                        self.processor_path,
+                        dict(getattr(self.config, "mm_processor_kwargs", {}) or {}),
+                        bool(getattr(self.model, "mm_patch_bytes", False)),
+                    ),
+                )
+        return self._workers
+
+    def close(self) -> None:
+        """Stop the worker processes, if any were started."""
+        if self._workers:
+            self._workers.close()
+        self._workers = None
+
+    def _start(self, prompt: dict) -> tuple:
         if not isinstance(prompt, dict):
             raise TypeError(f"a multimodal prompt is a dict, got {type(prompt).__name__}")
         check_prompt_keys(prompt)
@@ -678,7 +737,9 @@ class MultimodalFrontend:
         context = getattr(self.model, "mm_prompt_processor_kwargs", None)
         if context is not None:
             proc_kwargs = {**context([it.modality for it in items]), **proc_kwargs}
+        return prompt, items, proc_kwargs
 
+    def _finish(self, prompt: dict, items: list[_Item], proc_kwargs: dict):
         if "prompt_token_ids" in prompt:
             ids = prompt["prompt_token_ids"]
             if not isinstance(ids, (list, tuple)) or not all(
