@@ -557,6 +557,12 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--hf-batch", type=int, default=16)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--device", default=None, help="torch device for transformers")
+    ap.add_argument(
+        "--mm-processor-workers",
+        type=int,
+        default=None,
+        help="media worker processes (engine default)",
+    )
     ap.add_argument("--out", default=None, help="append the JSON lines to this file")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxmm-bench"))
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -589,6 +595,7 @@ def main(argv=None) -> list[dict]:
         kv_cache_memory_bytes=args.kv_cache_memory_bytes,
         load_format="dummy",
         warmup=args.warmup,
+        mm_processor_workers=args.mm_processor_workers,
         mm_warmup_image_sizes=[f"{s}x{s}" for s in args.sizes] if args.warmup else None,
     )
     log("starting the engine")
@@ -685,7 +692,7 @@ def main(argv=None) -> list[dict]:
         "limits": {
             "saturation": "the engine: max_num_seqs sequences and max_num_batched_tokens "
             "tokens per step, the encoder budget per step, and media preparation on the "
-            "core's prepare threads (the offline run prepares on as many)",
+            "core's prepare threads and the media worker processes (mm_processor_workers)",
             "low_load_ttft": "one image's decode, processing, encoder and prefill; HTTP adds "
             "the request's JSON and base64 transfer, chat rendering, the hop to the core "
             "and SSE",
@@ -706,6 +713,10 @@ def main(argv=None) -> list[dict]:
         summary["torch_version"] = torch.__version__
     except ImportError:
         pass
+    from jaxmm.multimodal.workers import default_num_workers
+
+    w = args.mm_processor_workers
+    summary["mm_processor_workers"] = default_num_workers() if w is None else w
     lines.append(summary)
     emit(summary, args.out)
     return lines

@@ -164,6 +164,12 @@ def main(argv=None) -> list[dict]:
         "--no-mm-warmup", action="store_true", help="no vision-encoder warmup for --sizes"
     )
     ap.add_argument("--device", default=None, help="torch device for transformers")
+    ap.add_argument(
+        "--mm-processor-workers",
+        type=int,
+        default=None,
+        help="media worker processes (engine default)",
+    )
     ap.add_argument("--out", default=None, help="append the JSON lines to this file")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxmm-bench"))
     args = ap.parse_args(argv)
@@ -182,6 +188,8 @@ def main(argv=None) -> list[dict]:
     longest = max((s // patch) ** 2 // merge**2 for s in args.sizes) + 64 + args.output_len
     max_len = max(1024, -(-longest // 1024) * 1024)
     t0 = time.perf_counter()
+    from jaxmm.multimodal.workers import num_workers
+
     llm = LLM(
         path,
         dtype="bfloat16",
@@ -191,6 +199,7 @@ def main(argv=None) -> list[dict]:
         enable_prefix_caching=False,
         load_format="dummy",
         warmup=True,
+        mm_processor_workers=args.mm_processor_workers,
         # the encoder programs for every batch of these sizes compile at start too
         mm_warmup_image_sizes=None if args.no_mm_warmup else [f"{s}x{s}" for s in args.sizes],
     )
@@ -248,6 +257,7 @@ def main(argv=None) -> list[dict]:
                 "transformers_version": transformers.__version__,
                 "torch_version": torch.__version__,
                 "python": platform.python_version(),
+                "mm_processor_workers": num_workers(llm.llm_engine.config.multimodal),
             }
         )
         results.append(r)
