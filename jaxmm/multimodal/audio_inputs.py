@@ -65,7 +65,7 @@ def wants_mono(feature_extractor) -> bool:
     channels = getattr(feature_extractor, "audio_channels", None)
     if channels is None:
         names = getattr(feature_extractor, "model_input_names", None) or ["input_features"]
-        if names[0] == "input_features":
+        if names[0].endswith("input_features"):  # Phi-4-multimodal: audio_input_features
             return True
         channels = getattr(feature_extractor, "feature_size", 1)
     return int(channels) == 1
@@ -552,7 +552,11 @@ class AudioFrontend:
     def _features(self, audio: np.ndarray, kwargs: dict) -> dict:
         """What the HF processor hands the audio tower: padded log-mel + the valid frames,
         or, for models that split audio into encoder windows (Voxtral), the log-mel of the
-        clip padded to whole windows, cut into (windows, mel, frames)."""
+        clip padded to whole windows, cut into (windows, mel, frames). A model whose
+        extractor's outputs are its own (Phi-4-multimodal) reads them (`mm_audio_features`)."""
+        own = getattr(self.model, "mm_audio_features", None)
+        if own is not None:
+            return own(self.feature_extractor, audio, self.sampling_rate, kwargs)
         if getattr(self.model, "audio_windows", False):
             window = int(self.max_seconds * self.sampling_rate)
             out = self.feature_extractor(

@@ -126,13 +126,16 @@ def _check(path, prompts, refs):
     from jaxmm import LLM, SamplingParams
     from tests.models.test_qwen2_5_omni import _last_logits
 
-    llm = LLM(path, dtype="float32", max_model_len=256, max_num_batched_tokens=64)
+    llm = LLM(
+        path, dtype="float32", max_model_len=256, max_num_batched_tokens=64, enable_mm_embeds=True
+    )
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outs = llm.generate(prompts, params, use_tqdm=False)
     for out, (ids, tokens, _) in zip(outs, refs):
         assert out.prompt_token_ids == ids
         assert out.outputs[0].token_ids == tokens
-    assert any(len(set(o.outputs[0].token_ids)) > 2 for o in outs)  # not a degenerate model
+    # the prompts lead to different tokens: not a degenerate model
+    assert len({tuple(o.outputs[0].token_ids) for o in outs}) == len(outs)
     for prompt, (_, _, logits) in zip(prompts, refs):
         np.testing.assert_allclose(_last_logits(llm, prompt), logits, atol=1e-4, rtol=0)
     return llm
@@ -146,3 +149,73 @@ def test_phi4mm_text_matches_transformers(phi4mm):
         ids = tok(p["prompt"]).input_ids
         refs.append((ids, *_hf(model, ids)))
     _check(path, prompts, refs)
+
+
+def _hf_audio_inputs(path, tok, text: str, clips: list[np.ndarray]) -> tuple[list[int], dict]:
+    """Prompt ids with each `<|audio|>` expanded to its clip's `audio_embed_sizes` (as
+    `Phi4MultimodalProcessor.replace_audio_token` does) + the feature extractor's tensors."""
+    from transformers import AutoFeatureExtractor
+
+    fe = AutoFeatureExtractor.from_pretrained(path)
+    feats = fe(clips, sampling_rate=SR, return_tensors="pt")
+    sizes = feats["audio_embed_sizes"].tolist()
+    audio = tok.convert_tokens_to_ids(AUD)
+    ids, i = [], 0
+    for t in tok(text).input_ids:
+        ids.extend([audio] * sizes[i] if t == audio else [t])
+        i += t == audio
+    return ids, dict(feats)
+
+
+def test_phi4mm_audio_matches_transformers(phi4mm):
+    """A 2.5 s clip (32 encoder frames over 8 chunks of the streaming mask) and two clips
+    of one length in a prompt (HF pads nothing then): tokens, logits and audio rows."""
+    path, model, tok = phi4mm
+    prompts = [
+        {"prompt": f"{AUD}What is it?", "multi_modal_data": {"audio": (_tone(2.5, 300, 0), SR)}},
+        {
+            "prompt": f"First {AUD} then {AUD} compare",
+            "multi_modal_data": {"audio": [(_tone(1.2, 900, 1), SR), (_tone(1.2, 500, 2), SR)]},
+        },
+    ]
+    refs, rows = [], []
+    for p in prompts:
+        clips = p["multi_modal_data"]["audio"]
+        clips = [c[0] for c in (clips if isinstance(clips, list) else [clips])]
+        ids, feats = _hf_audio_inputs(path, tok, p["prompt"], clips)
+        refs.append((ids, *_hf(model, ids, **feats)))
+        embed = model.model.embed_tokens_extend.audio_embed
+        with torch.no_grad():
+            h = embed.encoder(feats["audio_input_features"], feats.get("audio_attention_mask"))
+            h = embed.down_proj_for_speech(torch.nn.functional.gelu(embed.up_proj_for_speech(h)))
+        rows.append([h[i, :n].numpy() for i, n in enumerate(feats["audio_embed_sizes"])])
+    llm = _check(path, prompts, refs)
+
+    from jaxmm.multimodal.inputs import prepare_multimodal_prompt
+
+    engine = llm.llm_engine
+    for p, ref_rows in zip(prompts, rows):
+        _, _, mm = prepare_multimodal_prompt(engine, p)
+        assert [it.end - it.start for it in mm.items] == [len(r) for r in ref_rows]
+        for item, ref in zip(mm.items, ref_rows):
+            scratch = np.arange(len(ref), dtype=np.int32)
+            engine.runner.encode([("audio", item.data, scratch)])
+            ours = np.asarray(engine.runner.encoder_cache)[scratch]
+            np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+    # HF's rows given as precomputed embeddings: the same tokens as the audio itself
+    from jaxmm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    embeds = [
+        {"prompt": p["prompt"], "multi_modal_data": {"audio": [{"audio_embeds": r} for r in rr]}}
+        for p, rr in zip(prompts, rows)
+    ]
+    outs = llm.generate(embeds, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [r[1] for r in refs]
+    with pytest.raises(ValueError, match="hidden_size"):
+        llm.generate(
+            {"prompt": AUD, "multi_modal_data": {"audio": {"audio_embeds": rows[0][0][:, :8]}}},
+            params,
+            use_tqdm=False,
+        )
