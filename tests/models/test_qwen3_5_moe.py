@@ -88,8 +88,6 @@ def test_saved_checkpoint_holds_per_expert_weights_and_a_gated_shared_expert(pat
 
 
 def test_greedy_and_logits_match_transformers(path):
-    from transformers import AutoModelForCausalLM
-
     llm = LLM(path, dtype="float32", max_model_len=256, max_num_batched_tokens=512)
     ids = _ids(llm.get_tokenizer())
     assert len(ids[-1]) > 64  # longer than one chunk of the WY form
@@ -97,6 +95,13 @@ def test_greedy_and_logits_match_transformers(path):
     assert [o[0] for o in _generate(llm, ids)] == ref
     assert any(len(set(r)) > 2 for r in ref)  # not a degenerate model
 
+    np.testing.assert_allclose(
+        _last_logits(llm, ids), _hf_last_logits(path, ids), atol=1e-4, rtol=0
+    )
+
+
+def _last_logits(llm, ids: list[list[int]]) -> np.ndarray:
+    """Each prompt's last-token logits from one prefill step of them all."""
     runner = llm.llm_engine.runner
     G, page, steps = runner.block_size, runner.num_pages - 1, []
     for i in ids:  # scratch pages from the top of the pool; the engine is idle
@@ -104,11 +109,56 @@ def test_greedy_and_logits_match_transformers(path):
         table = list(range(page - n + 1, page + 1))
         steps.append(SeqStep(token_ids=i, start=0, block_table=table, sample=True))
         page -= n
-    logits = runner.logits(steps)
+    return runner.logits(steps)
+
+
+def _hf_last_logits(path: str, ids: list[list[int]]) -> np.ndarray:
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
-        want = np.stack([model(torch.tensor([i])).logits[0, -1].numpy() for i in ids])
-    np.testing.assert_allclose(logits, want, atol=1e-4, rtol=0)
+        return np.stack([model(torch.tensor([i])).logits[0, -1].numpy() for i in ids])
+
+
+def _fuse_experts(src: str, dst: str) -> None:
+    """dst: src's checkpoint with each layer's experts as transformers keeps them in memory,
+    gate_up_proj (E, 2F, D) (gate first) and down_proj (E, D, F), the other layout the
+    loader takes."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    with safe_open(os.path.join(src, "model.safetensors"), "np") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    out, E = {}, MOE["num_experts"]
+    for key, value in tensors.items():
+        if ".mlp.experts." not in key:
+            out[key] = value
+            continue
+        stem = key.split(".mlp.experts.")[0] + ".mlp.experts"
+        if stem + ".down_proj" in out:
+            continue
+
+        def stack(proj, stem=stem):
+            return np.stack([tensors[f"{stem}.{e}.{proj}.weight"] for e in range(E)])
+
+        out[stem + ".gate_up_proj"] = np.concatenate([stack("gate_proj"), stack("up_proj")], 1)
+        out[stem + ".down_proj"] = stack("down_proj")
+    os.makedirs(dst)
+    save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    for name in os.listdir(src):
+        if not name.endswith(".safetensors"):
+            os.symlink(os.path.join(src, name), os.path.join(dst, name))
+
+
+def test_fused_expert_layout_matches_transformers(path, tmp_path):
+    """The fused layout (released checkpoints may hold it) gives transformers' logits."""
+    fused = str(tmp_path / "fused")
+    _fuse_experts(path, fused)
+    llm = LLM(fused, dtype="float32", max_model_len=64, max_num_batched_tokens=128)
+    ids = _ids(llm.get_tokenizer())[:3]
+    np.testing.assert_allclose(
+        _last_logits(llm, ids), _hf_last_logits(path, ids), atol=1e-4, rtol=0
+    )
 
 
 def test_chunked_preempted_n2_and_prefix_cache_without_recompiles(path):
