@@ -33,6 +33,13 @@ pad token (HF does the same). Where the config asks for it (`use_bidirectional_a
 == "vision"`), an image's tokens attend to each other both ways on the sliding layers only
 (global layers stay causal, as in HF), and the scheduler keeps an image in one prefill chunk
 (`mm_whole_items`); other configs are causal throughout, so a chunk may end inside an image.
+
+Audio (checkpoints with an `audio_config`): the conformer tower (`encoders/gemma4_audio.py`)
+-> `embed_audio` (the same embedder), one row per 40 ms of real audio. The front end makes
+each clip's log-mel with the checkpoint's Gemma4AudioFeatureExtractor, unpadded
+(`mm_audio_features`); a prompt holds the audio token once where a clip goes, which becomes
+`<boa>` + n x audio token + `<eoa>` as in Gemma4Processor. Audio tokens are causal and, like
+image tokens, enter the per-layer inputs as the pad token.
 """
 
 from __future__ import annotations
@@ -50,6 +57,12 @@ from jaxmm.layers.mlp import GatedMLP, activation
 from jaxmm.layers.moe import MoeExperts, experts_forward
 from jaxmm.layers.rope import apply_rotary, cos_sin, inv_frequencies
 from jaxmm.models.device_rows import DeviceRows
+from jaxmm.models.encoders.gemma4_audio import (
+    Gemma4AudioModel,
+    audio_item_features,
+    audio_num_tokens,
+    encode_audio_items,
+)
 from jaxmm.models.encoders.gemma4_vision import Gemma4RMSNorm, Gemma4VisionModel
 from jaxmm.models.gemma3 import FULL, SLIDING, attention, image_causal_end
 from jaxmm.models.qwen3_moe import moe_impl
@@ -416,6 +429,8 @@ class Gemma4ForConditionalGeneration(nnx.Module):
         (r"^model\.language_model\.", "language_model.model."),
         (r"^model\.vision_tower\.", "vision_tower."),
         (r"^model\.embed_vision\.", "embed_vision."),
+        (r"^model\.audio_tower\.", "audio_tower."),
+        (r"^model\.embed_audio\.", "embed_audio."),
         (r"^lm_head\.", "language_model.lm_head."),
     )
 
@@ -429,13 +444,15 @@ class Gemma4ForConditionalGeneration(nnx.Module):
         self.language_model = Gemma4ForCausalLM(
             text_config, dtype=dtype, attention_backend=attention_backend, rngs=rngs
         )
-        # the audio tower's weights until it is served (encoders/gemma4_audio.py)
-        ignored = [
-            r"rotary_emb\.",
-            r"embed_scale$",
-            r"^model\.audio_tower\.",
-            r"^model\.embed_audio\.",
-        ]
+        ignored = [r"rotary_emb\.", r"embed_scale$"]
+        self.audio_token_id = -1  # no audio: matches no token
+        if getattr(config, "audio_config", None) is not None:
+            self.mm_modalities = ("image", "audio")
+            self.audio_tower = Gemma4AudioModel(config.audio_config, dtype=dtype, rngs=rngs)
+            self.embed_audio = Gemma4MultimodalEmbedder(
+                config.audio_config, text_config, dtype=dtype, rngs=rngs
+            )
+            self.audio_token_id = int(config.audio_token_id)
         if text_config.tie_word_embeddings:
             ignored.append(r"^language_model\.lm_head\.weight$")
         self.ignored_hf_keys = tuple(ignored)
@@ -454,7 +471,8 @@ class Gemma4ForConditionalGeneration(nnx.Module):
     def _text_ids(self, input_ids: jax.Array) -> jax.Array:
         """Multimodal placeholders -> the pad token, as HF embeds them (and looks up their
         per-layer inputs)."""
-        return jnp.where(input_ids == self.image_token_id, self.pad_token_id, input_ids)
+        mm = (input_ids == self.image_token_id) | (input_ids == self.audio_token_id)
+        return jnp.where(mm, self.pad_token_id, input_ids)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return self.language_model.embed(self._text_ids(input_ids))
@@ -496,7 +514,11 @@ class Gemma4ForConditionalGeneration(nnx.Module):
 
     # -- the multimodal contract (plain Python; see llava.py's docstring) ---------------------
     def mm_token_id(self, modality: str) -> int:
-        return self.image_token_id
+        return self.audio_token_id if modality == "audio" else self.image_token_id
+
+    def mm_placeholder_text(self, modality: str) -> str:
+        """The placeholder as Gemma 4's tokenizer spells it (a prompt holds it once per item)."""
+        return "<|audio|>" if modality == "audio" else "<|image|>"
 
     def mm_prompt_placeholder(self, modality: str) -> list[int]:
         """What a prompt holds where an image goes: the image token, once."""
@@ -508,12 +530,22 @@ class Gemma4ForConditionalGeneration(nnx.Module):
         boi = tokenizer.convert_ids_to_tokens(int(self.hf_config.boi_token_id))
         eoi = tokenizer.convert_ids_to_tokens(int(self.hf_config.eoi_token_id))
         image = tokenizer.convert_ids_to_tokens(self.image_token_id)
-        return text.replace(image, f"{boi}{image}{eoi}")
+        text = text.replace(image, f"{boi}{image}{eoi}")
+        if self.audio_token_id < 0:
+            return text
+        # and each audio token -> <boa> audio token <eoa>
+        c = self.hf_config
+        boa = tokenizer.convert_ids_to_tokens(int(c.boa_token_id))
+        eoa = tokenizer.convert_ids_to_tokens(int(getattr(c, "eoa_token_id", c.eoa_token_index)))
+        audio = tokenizer.convert_ids_to_tokens(self.audio_token_id)
+        return text.replace(audio, f"{boa}{audio}{eoa}")
 
     def _pooling(self) -> int:
         return int(self.hf_config.vision_config.pooling_kernel_size)
 
     def mm_num_tokens(self, modality: str, item: dict) -> int:
+        if modality == "audio":  # one row per real frame after the 4x subsampling
+            return audio_num_tokens(item["input_features_mask"])
         vc = self.hf_config.vision_config
         pixels, pos = np.shape(item["pixel_values"]), item.get("image_position_ids")
         width = 3 * vc.patch_size**2
@@ -528,10 +560,13 @@ class Gemma4ForConditionalGeneration(nnx.Module):
             raise ValueError(f"{pixels[0]} patches do not pool by {k2}")
         return int(np.all(np.asarray(pos) >= 0, axis=-1).sum()) // k2
 
+    # the audio front end's hook: a clip's unpadded log-mel and real-frame mask
+    mm_audio_features = staticmethod(audio_item_features)
+
     def mm_check_embeds(self, modality: str, embeds: np.ndarray, meta: dict) -> dict:
         if embeds.ndim != 2 or embeds.shape[1] != self.config.hidden_size or not len(embeds):
             raise ValueError(
-                "image embeddings must have shape (num_tokens, hidden_size="
+                f"{modality} embeddings must have shape (num_tokens, hidden_size="
                 f"{self.config.hidden_size}); got {tuple(embeds.shape)}"
             )
         return {}
@@ -545,7 +580,14 @@ class Gemma4ForConditionalGeneration(nnx.Module):
         def run(params, pixel_values, positions):
             return nnx.merge(graphdef, params).get_image_features(pixel_values, positions)
 
+        @encoder_jit
+        def run_audio(params, features, mask):
+            model = nnx.merge(graphdef, params)
+            return model.embed_audio(model.audio_tower(features, mask)[0])
+
         def encode(params, modality: str, items: list[dict]) -> list[DeviceRows]:
+            if modality == "audio":
+                return encode_audio_items(run_audio, params, items)
             out = []
             for i in range(0, len(items), MAX_IMAGES_PER_CALL):
                 chunk = items[i : i + MAX_IMAGES_PER_CALL]

@@ -429,8 +429,11 @@ class AudioFrontend:
             ids = _check_ids(prompt["prompt_token_ids"])
         elif isinstance(text, str):
             # as the HF processor tokenizes (special tokens added): each added audio token
-            # splits the text, so expanding after tokenizing gives the same ids
-            ids = [int(t) for t in self.tokenizer(text).input_ids]
+            # splits the text, so expanding after tokenizing gives the same ids; models whose
+            # processor wraps the placeholder first (Gemma 4: <boa> ... <eoa>) rewrite it
+            rewrite = getattr(self.model, "mm_expand_prompt_text", None)
+            tokens = rewrite(text, self.tokenizer) if rewrite else text
+            ids = [int(t) for t in self.tokenizer(tokens).input_ids]
         else:
             raise ValueError(
                 "an audio prompt for this model needs 'prompt' text (or 'prompt_token_ids') "

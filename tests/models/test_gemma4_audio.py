@@ -207,3 +207,170 @@ def test_gemma4_audio_features_and_counts_match_processor(tmp_path):
     assert counts[0] > counts[1] > 0
     with pytest.raises(ValueError, match="too short"):
         audio_item_features(proc.feature_extractor, np.zeros(100, np.float32), SR, {})
+
+
+# ---------------------------------------------------------------------------------------
+# Gemma4ForConditionalGeneration with audio
+
+NEW_TOKENS = 8
+BUDGET = 24  # tokens per step: audio spans straddle prefill chunks
+S, F = "sliding_attention", "full_attention"
+
+
+def make_gemma4_audio_ckpt(path: str):
+    """A tiny Gemma 4 with vision and audio towers and its processor, saved as transformers
+    writes them; returns (path, the HF model, the processor)."""
+    import transformers
+
+    proc = gemma4_processor(path)
+    tok = proc.tokenizer
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in SPECIAL_TOKENS.items()}
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        layer_types=[S, F, S],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        global_head_dim=32,
+        sliding_window=8,
+        final_logit_softcapping=5.0,
+        hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=len(tok),
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        rope_parameters={
+            S: {"rope_type": "default", "rope_theta": 10_000.0},
+            F: {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 1e4},
+        },
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        patch_size=4,
+        pooling_kernel_size=2,
+        position_embedding_size=64,
+    )
+    cfg = transformers.Gemma4Config(
+        text_config=text,
+        vision_config=vision,
+        audio_config=audio_config(attention_context_right=1).to_dict(),
+        image_token_id=ids["image_token"],
+        boi_token_id=ids["boi_token"],
+        eoi_token_id=ids["eoi_token"],
+        audio_token_id=ids["audio_token"],
+        boa_token_id=ids["boa_token"],
+        eoa_token_index=ids["eoa_token"],
+        video_token_id=tok.convert_tokens_to_ids("<|video|>"),
+    )
+    cfg.architectures = ["Gemma4ForConditionalGeneration"]
+    model = transformers.Gemma4ForConditionalGeneration(cfg).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # larger-than-default weights so greedy paths are not ties
+        for name, p in model.named_parameters():
+            if "audio_tower" in name or "embed_audio" in name:
+                continue
+            p.normal_(0, 0.08 if p.dim() > 1 else 0.5)
+            if p.dim() == 1 and "norm" in name and name.endswith("weight"):
+                p.abs_().add_(0.5)
+    _randomize(model.model.audio_tower, 1)
+    _randomize(model.model.embed_audio, 2)
+    model.save_pretrained(path)
+    proc.save_pretrained(path)
+    return path, model, proc
+
+
+@pytest.fixture(scope="module")
+def gemma4(tmp_path_factory):
+    from jaxmm import LLM
+
+    path, hf, proc = make_gemma4_audio_ckpt(str(tmp_path_factory.mktemp("gemma4_audio")))
+    llm = LLM(path, dtype="float32", max_model_len=320, max_num_batched_tokens=BUDGET)
+    return llm, hf, proc
+
+
+def _last_logits(llm, prompt: dict) -> np.ndarray:
+    """Last-token logits of one prompt, prefilled in BUDGET-token chunks (scratch pages at
+    the top of the pool; the engine is idle)."""
+    from jaxmm.multimodal.inputs import prepare_multimodal_prompt
+    from jaxmm.runner.model_runner import SeqStep
+    from tests.models.test_vlm_parity import _chunk_rows, _encode_items
+
+    engine = llm.llm_engine
+    runner = engine.runner
+    _, ids, mm = prepare_multimodal_prompt(engine, prompt)
+    pages = list(range(runner.num_pages - -(-len(ids) // runner.block_size), runner.num_pages))
+    rows_of = _encode_items(engine, mm)
+    for start in range(0, len(ids), BUDGET):
+        chunk = ids[start : start + BUDGET]
+        step = SeqStep(chunk, start, pages, sample=start + len(chunk) == len(ids))
+        step.mm_rows = _chunk_rows(mm, rows_of, start, len(chunk))
+        last = runner.logits([step])[0]
+    return np.asarray(last)
+
+
+def _check(llm, hf, proc, prompts: list, hf_audio: list) -> list:
+    """Prompt ids, greedy tokens and last-token logits against transformers' own processor
+    and `generate` (hf_audio: the clips as HF is given them, mono at 16 kHz)."""
+    from jaxmm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, audio, out in zip(prompts, hf_audio, outs, strict=True):
+        image = prompt["multi_modal_data"].get("image")
+        images = None if image is None else [image]
+        x = proc(text=prompt["prompt"], audio=audio, images=images, return_tensors="pt")
+        ids = x["input_ids"][0]
+        assert int((ids == hf.config.audio_token_id).sum()) > len(audio)  # expanded
+        assert out.prompt_token_ids == ids.tolist()
+        with torch.no_grad():
+            ref = hf.generate(**x, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
+            logits = hf(**x).logits[0, -1].numpy()
+        assert out.outputs[0].token_ids == ref[0, len(ids) :].tolist()
+        np.testing.assert_allclose(_last_logits(llm, prompt), logits, atol=1e-4, rtol=0)
+    assert any(len(set(o.outputs[0].token_ids)) > 2 for o in outs)  # not a degenerate model
+    return outs
+
+
+def test_gemma4_audio_prompts_match_transformers(gemma4):
+    from jaxmm.multimodal.audio import load_audio_item
+    from jaxmm.multimodal.audio_inputs import prepare_audio_prompt
+
+    llm, hf, proc = gemma4
+    audio = "<|audio|>"
+    # a stereo 44.1 kHz clip, channels last: folded and resampled by the front end (HF gets
+    # the clip as the front end hands it on); then two mono clips of different lengths
+    stereo = np.stack([_tone(2.0, 300, 5), _tone(2.0, 450, 6)], axis=1)  # 0.73 s
+    one, two = _tone(0.9, 500, 7), _tone(0.33, 900, 8)
+    prompts = [
+        {"prompt": f"Listen {audio} and tell", "multi_modal_data": {"audio": (stereo, 44100)}},
+        {
+            "prompt": f"First {audio} then {audio} compare",
+            "multi_modal_data": {"audio": [(one, SR), (two, SR)]},
+        },
+    ]
+    hf_audio = [[load_audio_item((stereo, 44100), SR)], [one, two]]
+    _check(llm, hf, proc, prompts, hf_audio)
+
+    # the spliced rows are HF's audio features (real frames only), items back to back
+    from tests.models.test_vlm_parity import _encode_items
+
+    engine = llm.llm_engine
+    _, _, mm = prepare_audio_prompt(engine, prompts[1])
+    rows = _encode_items(engine, mm)
+    ours = np.concatenate(
+        [np.asarray(engine.runner.encoder_cache)[rows[it.cache_key]] for it in mm.items]
+    )
+    x = proc(text=prompts[1]["prompt"], audio=[one, two], return_tensors="pt")
+    with torch.no_grad():
+        out = hf.model.get_audio_features(x["input_features"], x["input_features_mask"])
+    ref = out.pooler_output[out.attention_mask].numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
