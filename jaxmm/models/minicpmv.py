@@ -22,7 +22,8 @@ images, a window merger inside it and a 2x2 merger after it, then Qwen3.5's hybr
 
 Weights: transformers saves `model.vision_tower.*`, `model.merger.*`,
 `model.language_model.*`, `lm_head.*`; `hf_key_rules` fold them onto this tree.
-Precomputed image embeddings are refused (the span holds text rows too). Videos: not yet.
+Precomputed image embeddings come with the image's size (vLLM's `image_sizes`, (width,
+height)), which sets the span; their rows are spread over it like the tower's. Videos: not yet.
 """
 
 from __future__ import annotations
@@ -175,10 +176,21 @@ class MiniCPMV4_6ForConditionalGeneration(nnx.Module):
         return len(item["span_ids"])
 
     def mm_check_embeds(self, modality: str, embeds: np.ndarray, meta: dict) -> dict:
-        raise ValueError(
-            "MiniCPM-V takes no precomputed image embeddings in jaxmm: an image's span holds "
-            "its slice layout as text, which embeddings do not carry; send the image"
-        )
+        """Precomputed rows (the merger's output, source view then slices) need the image's
+        size, which sets its slice layout: the front end lays out a blank image of that size
+        and checks the row count (`MultimodalFrontend._embeds_span`)."""
+        E = self.config.hidden_size
+        if meta.get("image_size") is None:
+            raise ValueError(
+                "MiniCPM-V image embeddings need the image's size, which sets its slices: pass "
+                f"{{'image_embeds': (n, {E}) array, 'image_sizes': (width, height)}}"
+            )
+        if embeds.ndim != 2 or embeds.shape[1] != E:
+            raise ValueError(
+                f"image embeddings must have shape (num_tokens, hidden_size={E}) for this "
+                f"model: every sub-image's rows, one after another; got {tuple(embeds.shape)}"
+            )
+        return dict(meta)
 
     def mm_encoder(self, graphdef):
         """A host function (params, modality, items) -> [span rows per item] on the device.
@@ -206,6 +218,8 @@ class MiniCPMV4_6ForConditionalGeneration(nnx.Module):
             groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
             patches: dict[tuple[int, int], np.ndarray] = {}
             for i, it in enumerate(items):
+                if "image_embeds" in it:  # precomputed rows: spread over the span only
+                    continue
                 px = np.asarray(it["pixel_values"], np.float32)  # (C, p, patches * p)
                 flat = px.reshape(C, p, -1, p).transpose(2, 0, 1, 3).reshape(-1, C * p * p)
                 start = 0
@@ -225,6 +239,14 @@ class MiniCPMV4_6ForConditionalGeneration(nnx.Module):
                     where[key] = base + k * n
                 base += out.shape[0] * n
                 outs.append(out)
+            for i, it in enumerate(items):
+                if "image_embeds" in it:
+                    rows = np.asarray(it["image_embeds"])
+                    padded = np.zeros((1, next_pow2(len(rows)), rows.shape[1]), self.dtype)
+                    padded[0, : len(rows)] = rows
+                    where[(i, 0)] = base
+                    base += padded.shape[1]
+                    outs.append(jnp.asarray(padded))
             result = []
             for i, it in enumerate(items):
                 span = it["span_ids"]
@@ -234,10 +256,13 @@ class MiniCPMV4_6ForConditionalGeneration(nnx.Module):
                 is_image = ids == token
                 is_image[len(span) :] = False
                 src = np.zeros(L, np.int32)
-                counts = self._tokens(self._sizes(it))
-                src[is_image] = np.concatenate(
-                    [where[(i, j)] + np.arange(n) for j, n in enumerate(counts)]
-                )
+                if "image_embeds" in it:
+                    src[is_image] = where[(i, 0)] + np.arange(int(is_image.sum()))
+                else:
+                    counts = self._tokens(self._sizes(it))
+                    src[is_image] = np.concatenate(
+                        [where[(i, j)] + np.arange(n) for j, n in enumerate(counts)]
+                    )
                 arr = spread(params, tuple(outs), src, np.where(is_image, 0, ids), is_image)
                 result.append(DeviceRows(arr, 0, len(span)))
             return result

@@ -479,6 +479,15 @@ class MultimodalFrontend:
             seconds = value.get("second_per_grid_t", value.get("second_per_grid_ts"))
             if seconds is not None:  # one per item: vLLM's name is second_per_grid_ts
                 meta["second_per_grid_t"] = float(to_numpy(seconds).reshape(-1)[0])
+            size = value.get(f"{item.modality}_sizes")
+            if size is not None:  # vLLM's MiniCPM-V form: the image's (width, height)
+                size = _grid_array(size).reshape(-1)
+                if size.size != 2:
+                    raise ValueError(
+                        f"{item.modality}_sizes must hold one image's (width, height); "
+                        f"got {size.size} numbers"
+                    )
+                meta["image_size"] = (int(size[0]), int(size[1]))
             value = value[key]
         if isinstance(value, str):
             value = decode_embeds_payload(value)
@@ -522,7 +531,13 @@ class MultimodalFrontend:
                 item.key = item.uuid or content_hash(
                     item.modality, "embeds", item.embeds, item.meta
                 )
-                item.output = EncoderOutput(item.modality, item.embeds, len(item.embeds), item.meta)
+                data, rows = item.embeds, len(item.embeds)
+                span = self._embeds_span(item, proc_kwargs)
+                if span is not None:  # rows of the span's text too: the model's encoder adds them
+                    data = {f"{item.modality}_embeds": item.embeds, "span_ids": span}
+                    rows = len(span)
+                    item.meta = {**item.meta, "span_ids": span}
+                item.output = EncoderOutput(item.modality, data, rows, item.meta)
                 self.cache.put(item.key, item.output)
                 continue
             if item.uuid is not None:
@@ -601,6 +616,26 @@ class MultimodalFrontend:
             for same in duplicates[item.key]:
                 same.output = output
             self.cache.put(item.key, output)
+
+    def _embeds_span(self, item: _Item, proc_kwargs: dict) -> list[int] | None:
+        """The span of precomputed image embeddings whose placeholder text depends on the
+        image's size (MiniCPM-V's slices), or None: the layout of a blank image of the given
+        `image_sizes` through the processor, its image tokens one per embedding row."""
+        size = item.meta.get("image_size")
+        spread = getattr(self.model, "mm_span_ids", None)
+        if size is None or spread is None or item.modality != "image":
+            return None
+        layout = self.processor.image(Image.new("RGB", size), proc_kwargs)
+        span = spread(item.modality, layout, self._encode_text)
+        if span is None:
+            return None
+        n = sum(t == self.model.mm_token_id(item.modality) for t in span)
+        if n != len(item.embeds):
+            raise ValueError(
+                f"an image of size {size} (width, height) takes {n} embedding rows with this "
+                f"checkpoint's processor; got {len(item.embeds)}"
+            )
+        return span
 
     def _encode_text(self, text: str) -> list[int]:
         """Token ids of text inside an item's span (no special tokens added)."""

@@ -166,6 +166,7 @@ def minicpmv(ckpt_root):
         dtype="float32",
         max_model_len=256,
         max_num_batched_tokens=32,
+        enable_mm_embeds=True,
         limit_mm_per_prompt={"image": 2},
     )
     hf = transformers.MiniCPMV4_6ForConditionalGeneration.from_pretrained(
@@ -193,3 +194,39 @@ def test_greedy_and_logits_match_transformers(minicpmv):
     with torch.no_grad():
         ref = np.stack([hf(**inp).logits[0, -1].numpy() for inp in inputs])
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_precomputed_embeddings_with_image_sizes_give_the_same_tokens(minicpmv):
+    """vLLM's MiniCPM-V embeddings form: HF's merger rows (source view, then slices) with the
+    image's (width, height); the slice layout comes from the size. Wrong row counts and a
+    missing size are refused with the reason."""
+    from jaxmm import SamplingParams
+
+    path, llm, hf = minicpmv
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    inputs = _hf_inputs(path, PROMPTS[1])
+    with torch.no_grad():
+        feats = hf.model.get_image_features(inputs["pixel_values"], inputs["target_sizes"])
+    rows = torch.cat(feats.pooler_output).numpy()
+    assert len(rows) == 3 + 4 + 4  # source view 4x12 patches, two 8x8 slices
+    prompt = {"prompt": PROMPTS[1]["prompt"]}
+    out = llm.generate(
+        {**prompt, "multi_modal_data": {"image": {"image_embeds": rows, "image_sizes": WIDE.size}}},
+        params,
+        use_tqdm=False,
+    )[0]
+    assert out.prompt_token_ids == inputs["input_ids"][0].tolist()
+    assert out.outputs[0].token_ids == _hf_generate(hf, inputs)
+    with pytest.raises(ValueError, match="takes 11 embedding rows"):
+        llm.generate(
+            {
+                **prompt,
+                "multi_modal_data": {
+                    "image": {"image_embeds": rows[:-1], "image_sizes": WIDE.size}
+                },
+            },
+            params,
+            use_tqdm=False,
+        )
+    with pytest.raises(ValueError, match="image_sizes"):
+        llm.generate({**prompt, "multi_modal_data": {"image": rows}}, params, use_tqdm=False)
