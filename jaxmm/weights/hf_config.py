@@ -141,11 +141,13 @@ def load_config(model_dir: str):
 
 
 def served_config(config):
-    """The config of the part of a checkpoint that jaxmm serves: a full Qwen2.5-Omni
-    (thinker + talker + token2wav) is served as its thinker (text out), so the engine sees
-    the thinker's config, under the full model's `architectures` (its registry entry)."""
+    """The config of the part of a checkpoint that jaxmm serves: a full Qwen2.5-Omni or
+    Qwen3-Omni-MoE (thinker + speech output) is served as its thinker (text out), so the
+    engine sees the thinker's config, under the full model's `architectures` (its registry
+    entry)."""
     thinker = getattr(config, "thinker_config", None)
-    if getattr(config, "model_type", None) == "qwen2_5_omni" and thinker is not None:
+    omni = ("qwen2_5_omni", "qwen3_omni_moe")
+    if getattr(config, "model_type", None) in omni and thinker is not None:
         thinker.architectures = list(getattr(config, "architectures", None) or [])
         return thinker
     return config

@@ -8,9 +8,15 @@ its video processor needs torchvision). Text, image, audio and video prompts mus
 straddle steps). The tiny model has DeepStack after decoder layers 0 and 1, a dense layer
 between MoE ones, un-normalised top-k routing, and an audio tower whose attention windows
 hold two chunks (n_window_infer 200), so a 2.3 s clip is windows of 26 + 4 rows.
+A full `Qwen3OmniMoeForConditionalGeneration` checkpoint (thinker + talker + code2wav)
+must serve the same tokens through its thinker.
 """
 
 from __future__ import annotations
+
+import logging
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -241,3 +247,71 @@ def test_thinker_video_matches_transformers(omni):
         with torch.no_grad():
             ref = hf(**inputs).logits[0, -1].numpy()
         np.testing.assert_allclose(_last_logits(llm, prompt), ref, atol=1e-4, rtol=0)
+
+
+def _save_full_checkpoint(path: str, thinker_path: str, thinker) -> None:
+    """A full `Qwen3OmniMoeForConditionalGeneration` (tiny talker and code2wav) holding
+    `thinker`'s weights, with the thinker checkpoint's tokenizer and processor files."""
+    import transformers
+
+    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, head_dim=16)
+    talker = dict(
+        text_config=dict(
+            small,
+            vocab_size=64,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=16,
+            rope_parameters=dict(rope, interleaved=True),
+        ),
+        code_predictor_config=dict(
+            small, vocab_size=64, num_attention_heads=2, num_key_value_heads=1, num_code_groups=2
+        ),
+        num_code_groups=2,
+        thinker_hidden_size=thinker.config.text_config.hidden_size,
+        accept_hidden_layer=1,
+        spatial_merge_size=2,  # read by the talker's __init__, absent from its config class
+    )
+    code2wav = dict(
+        codebook_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        num_quantizers=2,
+        upsample_rates=(2, 2),
+        upsampling_ratios=(2,),
+        decoder_dim=16,
+        sliding_window=8,
+    )
+    cfg = transformers.Qwen3OmniMoeConfig(
+        thinker_config=thinker.config.to_dict(), talker_config=talker, code2wav_config=code2wav
+    )
+    cfg.architectures = ["Qwen3OmniMoeForConditionalGeneration"]
+    full = transformers.Qwen3OmniMoeForConditionalGeneration(cfg).eval()
+    full.thinker.load_state_dict(thinker.state_dict())
+    full.save_pretrained(path)
+    for name in os.listdir(thinker_path):
+        if name.startswith(("tokenizer", "processor", "chat_template")):
+            shutil.copy(os.path.join(thinker_path, name), path)
+
+
+def test_full_omni_checkpoint_serves_its_thinker(omni, tmp_path, caplog):
+    from jaxmm import LLM
+
+    path, hf, processor, _ = omni
+    full = str(tmp_path / "full")
+    _save_full_checkpoint(full, path, hf)
+    with caplog.at_level(logging.INFO, logger="jaxmm.models.qwen3_omni_moe"):
+        llm = LLM(full, dtype="float32", max_model_len=256, max_num_batched_tokens=64)
+    skipped = [r for r in caplog.records if "talker and code2wav" in r.getMessage()]
+    assert len(skipped) == 1
+    prompts = [PROMPTS[1], AUDIO_PROMPTS[0]]
+    outs = llm.generate(prompts, _params(), use_tqdm=False)
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.outputs[0].token_ids == _hf_generate(hf, _hf_inputs(processor, prompt))
