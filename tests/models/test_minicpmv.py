@@ -230,3 +230,28 @@ def test_precomputed_embeddings_with_image_sizes_give_the_same_tokens(minicpmv):
         )
     with pytest.raises(ValueError, match="image_sizes"):
         llm.generate({**prompt, "multi_modal_data": {"image": rows}}, params, use_tqdm=False)
+
+
+def test_tower_rows_match_transformers_in_both_downsample_modes(minicpmv):
+    """Each sub-image's merger rows against transformers' `get_image_features`: "16x" (window
+    merger inside the tower) and "4x" (no window merger, 4x the rows)."""
+    from flax import nnx
+
+    path, llm, hf = minicpmv
+    runner = llm.llm_engine.runner
+    model = nnx.merge(runner.graphdef, runner.params)
+    inputs = _hf_inputs(path, PROMPTS[2])  # sub-images of three sizes
+    px, sizes = inputs["pixel_values"], inputs["target_sizes"]
+    C, p = px.shape[1], px.shape[2]
+    flat = px[0].numpy().reshape(C, p, -1, p).transpose(2, 0, 1, 3).reshape(-1, C * p * p)
+    for mode, vit in (("16x", True), ("4x", False)):
+        with torch.no_grad():
+            ref = hf.model.get_image_features(px, sizes, downsample_mode=mode).pooler_output
+        start = 0
+        for (h, w), want in zip(sizes.tolist(), ref):
+            x = model.vision_tower(flat[None, start : start + h * w], h, w, vit)
+            hh, ww = (h // 2, w // 2) if vit else (h, w)
+            got = np.asarray(model.merger(x, hh, ww))[0]
+            assert got.shape == (h * w // (16 if vit else 4), want.shape[-1])
+            np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=0)
+            start += h * w
