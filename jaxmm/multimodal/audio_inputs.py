@@ -541,6 +541,9 @@ class AudioFrontend:
         if check is None:
             raise ValueError(f"{type(self.model).__name__} takes no audio embeddings")
         check("audio", rows, {})
+        width = int(getattr(self.model, "mm_row_width", 0) or rows.shape[1])
+        if rows.shape[1] < width:  # cached rows carry more: Qwen3-Omni's DeepStack columns,
+            rows = np.pad(rows, ((0, 0), (0, width - rows.shape[1])))  # zero at audio tokens
         key = uuid or content_hash("audio", "embeds", rows)
         output = EncoderOutput("audio", rows, len(rows))
         self.cache.put(key, output)

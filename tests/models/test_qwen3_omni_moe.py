@@ -210,6 +210,7 @@ def test_thinker_audio_matches_transformers(omni):
     engine = llm.llm_engine
     outs = _check(llm, hf, processor, AUDIO_PROMPTS, hf.config.audio_token_id)
     D = hf.config.text_config.hidden_size
+    feats1 = None
     for prompt in AUDIO_PROMPTS:
         inputs = _hf_inputs(processor, prompt)
         with torch.no_grad():
@@ -223,7 +224,17 @@ def test_thinker_audio_matches_transformers(omni):
         ours = np.concatenate([cache[rows[it.cache_key]] for it in mm.items])
         np.testing.assert_allclose(ours[:, :D], feats, atol=1e-4, rtol=0)
         assert not ours[:, D:].any()
+        if prompt is AUDIO_PROMPTS[1]:
+            feats1 = feats
     assert outs[1].outputs[0].token_ids != outs[0].outputs[0].token_ids
+    # HF's audio features as precomputed embeddings: the audio's tokens
+    embeds = {"prompt": AUDIO_PROMPTS[1]["prompt"], "multi_modal_data": {"audio": {}}}
+    embeds["multi_modal_data"]["audio"]["audio_embeds"] = feats1
+    got = llm.generate([embeds], _params(), use_tqdm=False)[0].outputs[0].token_ids
+    assert got == outs[1].outputs[0].token_ids
+    with pytest.raises(ValueError, match="audio embeddings must have shape"):
+        bad = {"audio_embeds": feats1[:, :-1]}
+        llm.generate([{**embeds, "multi_modal_data": {"audio": bad}}], _params(), use_tqdm=False)
 
 
 def test_thinker_video_matches_transformers(omni):
