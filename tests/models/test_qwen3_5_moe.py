@@ -267,3 +267,24 @@ def test_vl_images_match_transformers(ckpt_root):
     with torch.no_grad():
         ref = np.stack([hf(**inp).logits[0, -1].numpy() for inp in inputs])
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_decode_benchmark_smoke(tmp_path, capsys):
+    """benchmarks/qwen3_5_moe_decode.py at its tiny shape on CPU (smoke, not timings)."""
+    import json
+
+    from benchmarks import qwen3_5_moe_decode as bench
+
+    argv = ["--config", "tiny", "--parts", "jaxmm", "--in-process", "--workdir", str(tmp_path)]
+    result = bench.main(argv)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    cfg = bench.hf_config("tiny")
+    L, D, E, k = 4, cfg["hidden_size"], cfg["num_experts"], cfg["num_experts_per_tok"]
+    routed = L * 3 * E * D * cfg["moe_intermediate_size"] * 4  # float32 expert stacks
+    assert result["active_weight_bytes"] == result["total_weight_bytes"] - routed * (E - k) // E
+    # 3 of 4 layers are linear: conv state (kernel - 1 columns) + float32 recurrent state
+    conv, rec = 3 * (2 * 2 * 16 + 4 * 16) * 4, 4 * 16 * 16 * 4
+    assert result["state_bytes_per_sequence"] == 3 * (conv + rec)
+    # engine time per token is a difference of two timings: noise on a busy CPU
+    assert result["roofline_ms_per_token"] > 0 and result["device_step_ms"] > 0
+    assert isinstance(result["engine_ms_per_token"], float) and result["jax_version"]
