@@ -471,7 +471,12 @@ class Gemma4ForConditionalGeneration(nnx.Module):
     def _text_ids(self, input_ids: jax.Array) -> jax.Array:
         """Multimodal placeholders -> the pad token, as HF embeds them (and looks up their
         per-layer inputs)."""
-        mm = (input_ids == self.image_token_id) | (input_ids == self.audio_token_id)
+        # HF masks every placeholder its config names (video and audio too, even in a model
+        # without that tower: a generated one is embedded as the pad token)
+        c = self.hf_config
+        names = ("image_token_id", "video_token_id", "audio_token_id")
+        ids = [int(t) for t in (getattr(c, n, None) for n in names) if t is not None]
+        mm = jnp.isin(input_ids, jnp.asarray(ids, jnp.int32))
         return jnp.where(mm, self.pad_token_id, input_ids)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:

@@ -185,6 +185,8 @@ class MultimodalProcessor:
             for key in ("target_sizes", "grids"):
                 if key in out:
                     item[key] = np.asarray(out[key])
+            if "image_position_ids" in out:  # Gemma 4: each patch's (x, y), -1 on padding
+                item["image_position_ids"] = np.asarray(out["image_position_ids"])[0]
             return item
         grid = tuple(int(g) for g in np.asarray(out["image_grid_thw"])[0])
         return {"pixel_values": pixels, "grid_thw": grid}

@@ -146,3 +146,227 @@ def test_text_greedy_and_logits_match_transformers(ckpt_root, variant):
         with torch.no_grad():
             want.append(hf(torch.tensor([i])).logits[0, -1].numpy())
     np.testing.assert_allclose(np.concatenate(got), np.stack(want), atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Gemma4ForConditionalGeneration
+
+SPECIALS = {  # the names Gemma4Processor reads off its tokenizer
+    "image_token": "<|image|>",
+    "boi_token": "<|image>",
+    "eoi_token": "<image|>",
+    "audio_token": "<|audio|>",
+    "boa_token": "<|audio>",
+    "eoa_token": "<audio|>",
+}
+MAX_SOFT_TOKENS = 70  # the smallest budget the image processor takes: <= 70 tokens an image
+
+
+def _video_processor():
+    """Gemma4VideoProcessor needs torchvision to import; without it a stand-in of the same
+    name on transformers' base class (no video is processed here)."""
+    try:
+        from transformers.models.gemma4.video_processing_gemma4 import Gemma4VideoProcessor
+
+        return Gemma4VideoProcessor(patch_size=4, pooling_kernel_size=3)
+    except (ImportError, NameError):  # NameError: 5.24's module fails on a torchvision name
+        pass
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    class Gemma4VideoProcessor(BaseVideoProcessor):
+        model_input_names = ["pixel_values_videos", "video_position_ids"]
+
+    return Gemma4VideoProcessor()
+
+
+def make_gemma4_processor(path: str):
+    """Gemma4Processor (tokenizer with Gemma 4's special tokens, PIL image processor at
+    patch 4, pooling 3, 70 soft tokens), saved with `save_pretrained`; returns it."""
+    import transformers
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    from tests.helpers import make_processor, make_tokenizer
+
+    specials = list(SPECIALS.values())
+    make_tokenizer(path).add_special_tokens({"additional_special_tokens": specials})
+    base = transformers.PreTrainedTokenizerFast.from_pretrained(path)
+    base.add_special_tokens({"additional_special_tokens": specials})
+    base.save_pretrained(path)
+    tok = transformers.PreTrainedTokenizerFast.from_pretrained(path, extra_special_tokens=SPECIALS)
+    ip = Gemma4ImageProcessorPil(patch_size=4, pooling_kernel_size=3, max_soft_tokens=70)
+    proc = make_processor(
+        transformers.Gemma4Processor,
+        feature_extractor=Gemma4AudioFeatureExtractor(),
+        image_processor=ip,
+        tokenizer=tok,
+        video_processor=_video_processor(),
+        image_seq_length=MAX_SOFT_TOKENS,
+    )
+    proc.save_pretrained(path)
+    return proc
+
+
+def _vision_config():
+    import transformers
+
+    return transformers.Gemma4VisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        patch_size=4,
+        pooling_kernel_size=3,
+        position_embedding_size=64,
+        use_clipped_linears=True,
+        standardize=True,
+    )
+
+
+def make_gemma4_vlm(root: str, bidirectional: bool) -> str:
+    import os
+
+    import transformers
+
+    path = os.path.join(root, f"gemma4_vlm_{'bidir' if bidirectional else 'causal'}")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    proc = make_gemma4_processor(path)
+    tok = proc.tokenizer
+    text = _text_config(tok, "shared") | dict(vocab_size=len(tok))
+    if bidirectional:
+        text["use_bidirectional_attention"] = "vision"
+    cfg = transformers.Gemma4Config(
+        text_config=text,
+        vision_config=_vision_config().to_dict(),
+        boi_token_id=tok.convert_tokens_to_ids(SPECIALS["boi_token"]),
+        eoi_token_id=tok.convert_tokens_to_ids(SPECIALS["eoi_token"]),
+        image_token_id=tok.convert_tokens_to_ids(SPECIALS["image_token"]),
+        video_token_id=tok.convert_tokens_to_ids("<|video|>"),
+        boa_token_id=tok.convert_tokens_to_ids(SPECIALS["boa_token"]),
+        eoa_token_index=tok.convert_tokens_to_ids(SPECIALS["eoa_token"]),
+        audio_token_id=tok.convert_tokens_to_ids(SPECIALS["audio_token"]),
+    )
+    model = transformers.Gemma4ForConditionalGeneration(cfg).eval()
+    _randomize(model, 1)
+    with torch.no_grad():  # buffers: bounds that clip some activations, a standardisation
+        tower = model.model.vision_tower
+        tower.std_bias.normal_(0, 0.5)
+        tower.std_scale.uniform_(0.5, 1.5)
+        for layer in tower.encoder.layers:
+            layer.self_attn.q_proj.input_min.fill_(-1.5)
+            layer.self_attn.q_proj.output_max.fill_(1.0)
+            layer.mlp.down_proj.output_min.fill_(-0.5)
+        for i, layer in enumerate(model.model.language_model.layers):
+            layer.layer_scalar.fill_(0.8 + 0.1 * i)
+    model.save_pretrained(path)
+    return path
+
+
+def _image(h: int, w: int, seed: int):
+    from tests.models.test_gemma3 import _image as blocky
+
+    return blocky(h, w, seed)
+
+
+IMAGE = SPECIALS["image_token"]
+IMAGES = [_image(40, 50, 0), _image(56, 56, 1), _image(30, 64, 2)]
+VLM_PROMPTS = [
+    {"prompt": "Once upon a time there was"},
+    {"prompt": f"{IMAGE}Describe the image.", "multi_modal_data": {"image": IMAGES[0]}},
+    {
+        "prompt": f"Hello {IMAGE} and {IMAGE} what is this",
+        "multi_modal_data": {"image": [IMAGES[1], IMAGES[2]]},
+    },
+]
+
+
+def _chunks(n: int, items, budget: int, whole: bool) -> list[tuple[int, int]]:
+    """Prefill chunks of at most `budget` tokens, as the scheduler cuts them (with `whole`
+    never ending inside an item)."""
+    out, start = [], 0
+    while start < n:
+        end = min(start + budget, n)
+        for it in items if whole else ():
+            if it.start < end < it.end:
+                end = it.start
+        out.append((start, end))
+        start = end
+    return out
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidir"])
+def test_vlm_greedy_and_logits_match_transformers(ckpt_root, bidirectional):
+    import transformers
+
+    from jaxmm import LLM, SamplingParams
+    from jaxmm.multimodal.inputs import prepare_multimodal_prompt
+    from jaxmm.runner.model_runner import SeqStep
+
+    path = make_gemma4_vlm(ckpt_root, bidirectional)
+    # causal: 24-token steps end inside images; bidirectional: an image (<= 70 tokens) fits a
+    # step and the scheduler keeps each in one
+    budget = 80 if bidirectional else 24
+    llm = LLM(path, dtype="float32", max_model_len=384, max_num_batched_tokens=budget)
+    engine = llm.llm_engine
+    assert engine.scheduler.whole_mm_items == bidirectional
+    hf = transformers.Gemma4ForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    hf = hf.eval()
+    proc = make_gemma4_processor(path + "_processor")  # the saved one, rebuilt in memory
+
+    def hf_inputs(prompt: dict) -> dict:
+        images = prompt.get("multi_modal_data", {}).get("image")
+        if images is None:
+            return dict(proc.tokenizer(prompt["prompt"], return_tensors="pt"))
+        images = images if isinstance(images, list) else [images]
+        return dict(proc(text=prompt["prompt"], images=images, return_tensors="pt"))
+
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    outs = llm.generate(VLM_PROMPTS, params, use_tqdm=False)
+    inputs = [hf_inputs(p) for p in VLM_PROMPTS]
+    for out, inp in zip(outs, inputs):
+        assert out.prompt_token_ids == inp["input_ids"][0].tolist()
+        with torch.no_grad():
+            ref = hf.generate(**inp, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
+        assert out.outputs[0].token_ids == ref[0, inp["input_ids"].shape[1] :].tolist()
+    assert any(len(set(o.outputs[0].token_ids)) > 2 for o in outs)
+    # three sizes of image, each its own number of tokens
+    image_id = hf.config.image_token_id
+    counts = [int((i["input_ids"] == image_id).sum()) for i in inputs]
+    assert counts[1] < MAX_SOFT_TOKENS and counts[2] > counts[1]
+
+    # last-token logits, prefilled in chunks as the scheduler cuts them (scratch pages)
+    runner, rows = engine.runner, []
+    for p in VLM_PROMPTS:
+        if "multi_modal_data" in p:
+            _, ids, mm = prepare_multimodal_prompt(engine, p)
+        else:
+            ids, mm = llm.get_tokenizer()(p["prompt"]).input_ids, None
+        items = mm.items if mm is not None else []
+        rows_of = {}
+        for it in items:
+            entry = engine.encoder_cache.get(it.cache_key) or engine.encoder_cache.allocate(
+                it.cache_key, it.end - it.start, "t"
+            )
+            rows_of[it.cache_key] = entry.rows
+            runner.encode([(it.modality, it.data, entry.rows)])
+        n = -(-len(ids) // runner.block_size)
+        pages = list(range(runner.num_pages - n, runner.num_pages))
+        chunks = _chunks(len(ids), items, budget, bidirectional)
+        if not bidirectional and items:  # some chunk ends inside an image
+            assert any(it.start < end < it.end for _, end in chunks for it in items)
+        for start, end in chunks:
+            step = SeqStep(ids[start:end], start, pages, sample=end == len(ids))
+            step.mm_rows = [
+                (max(it.start, start) - start, rows_of[it.cache_key][a - it.start : b - it.start])
+                for it in items
+                for a, b in [(max(it.start, start), min(it.end, end))]
+                if a < b
+            ]
+            last = runner.logits([step])[0]
+        rows.append(last)
+    with torch.no_grad():
+        ref = np.stack([hf(**i).logits[0, -1].numpy() for i in inputs])
+    np.testing.assert_allclose(np.stack(rows), ref, atol=1e-4, rtol=0)
