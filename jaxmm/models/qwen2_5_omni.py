@@ -15,8 +15,19 @@ Audio: Whisper's stem and layers on chunks of `2 * n_window` mel frames (attenti
 positions restart per chunk), then pairs of rows averaged, `ln_post`, `proj` to the text
 width; its tokens take plain sequential positions (TMRoPE gives audio alone no grid).
 Video: the vision tower as for images; TMRoPE time in `position_id_per_seconds` units
-(`mrope_positions`). Audio prompts go through the audio front end, so a prompt holds audio
-or vision items, not both; `use_audio_in_video` (TMRoPE's time-interleaving) is not served.
+(`mrope_positions`). A prompt may mix audio with images and videos (the image front end
+places them all, the audio front end prepares the audio).
+
+Video with its own audio track (`mm_processor_kwargs={"use_audio_in_video": True}`, each
+video paired with one audio item, in order): the video's placeholder becomes
+`<|audio_bos|>` + the video's and the audio's tokens interleaved in chunks of
+`seconds_per_chunk` s of TMRoPE time + `<|audio_eos|>` (`Qwen2_5OmniProcessor.
+replace_video_with_audio_token`; `mm_span_ids`). The item's encoder rows cover that span:
+tower rows at the video tokens, audio-tower rows at the audio tokens, the two markers' own
+embeddings (`mm_encoder`). Positions as the thinker's `get_rope_index`: both start markers
+share one position, the video's (time, row, col) and the audio's sequential positions start
+after it and are laid out chunk by chunk, both end markers take the last chunk's largest
+position + 1 (`mrope_positions`).
 A full `Qwen2_5OmniForConditionalGeneration` checkpoint is served through its thinker:
 `thinker.*` keys are this model's, the talker and token2wav weights are skipped with one
 log line.
@@ -114,6 +125,37 @@ def audio_chunks(features: np.ndarray, window: int) -> tuple[np.ndarray, np.ndar
     return out, lengths
 
 
+def chunk_bounds(times: np.ndarray, per_chunk: int) -> list[tuple[int, int]]:
+    """[start, end) runs of rising times, cut before each time that reaches the next
+    multiple of `per_chunk` (transformers' `get_chunked_index`). Each token cuts at most
+    once, so a jump over several multiples leaves one-token chunks after it until the
+    multiples catch up: chunk j of one kind need not cover chunk j's time of the other."""
+    bounds, start, k = [], 0, 1
+    for i, t in enumerate(times):
+        if t >= k * per_chunk:
+            bounds.append((start, i))
+            start, k = i, k + 1
+    bounds.append((start, len(times)))
+    return bounds
+
+
+def interleaved_chunks(
+    video_times: np.ndarray, num_audio: int, per_chunk: int
+) -> list[tuple[str, int, int]]:
+    """("video" | "audio", start, end) runs of a video's tokens (their TMRoPE times, in
+    token order) and its audio's tokens (time = index), alternating chunk by chunk, video
+    first; the kind with more chunks runs on alone."""
+    video = chunk_bounds(video_times, per_chunk)
+    audio = chunk_bounds(np.arange(num_audio), per_chunk)
+    out = []
+    for j in range(max(len(video), len(audio))):
+        if j < len(video):
+            out.append(("video", *video[j]))
+        if j < len(audio):
+            out.append(("audio", *audio[j]))
+    return out
+
+
 class Qwen2_5OmniThinkerForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     mm_modalities = ("image", "video", "audio")
     hf_key_rules = (
@@ -151,6 +193,66 @@ class Qwen2_5OmniThinkerForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
             return "<|vision_bos|><|VIDEO|><|vision_eos|>"
         return "<|vision_bos|><|IMAGE|><|vision_eos|>"
 
+    # a video may carry its audio track (the front end pairs them under use_audio_in_video)
+    mm_audio_in_video = True
+
+    def _chunk_tokens(self) -> int:
+        c = self.hf_config
+        return int(c.position_id_per_seconds * c.seconds_per_chunk)
+
+    def mm_span_ids(self, modality: str, item: dict, encode_text) -> list[int] | None:
+        """A video with its audio track (`item["audio"]`): `<|audio_bos|>`, the video's and
+        the audio's tokens interleaved by time, `<|audio_eos|>`, as the processor writes
+        them (times in float64 there, not truncated). None for other items."""
+        del encode_text
+        if modality != "video" or "audio" not in item:
+            return None
+        c = self.hf_config
+        t, h, w = item["grid_thw"]
+        seconds = float(item.get("second_per_grid_t", 1.0))
+        times = np.arange(t) * seconds * float(c.position_id_per_seconds)
+        times = np.repeat(times, h * w // self._merge() ** 2)
+        n_audio = self.mm_num_tokens("audio", item["audio"])
+        ids = [int(c.audio_start_token_id)]
+        for kind, a, b in interleaved_chunks(times, n_audio, self._chunk_tokens()):
+            ids += [self.mm_token_id(kind)] * (b - a)
+        return ids + [int(c.audio_end_token_id)]
+
+    def _audio_in_video_positions(
+        self, pos: np.ndarray, start: int, end: int, meta: dict, current: int
+    ) -> int:
+        """Fill pos[:, start:end] for a video with its audio track (span from `<|audio_bos|>`
+        to `<|audio_eos|>`); returns the position of the text after it (the `<|vision_eos|>`
+        shares the `<|audio_eos|>`'s)."""
+        m = self._merge()
+        per_second = np.float32(self.hf_config.position_id_per_seconds)
+        bos = max(current - 1, 0)  # shared with the <|vision_bos|> before the span
+        pos[:, start] = bos
+        st = bos + 1
+        t, h, w = meta["grid_thw"]
+        seconds = np.float32(meta.get("second_per_grid_t", 1.0))
+        tpos = (np.arange(t).astype(np.float32) * seconds * per_second).astype(np.int64)
+        grid = np.stack(np.meshgrid(tpos, np.arange(h // m), np.arange(w // m), indexing="ij"))
+        video = grid.reshape(3, -1) + st
+        n_audio = int(np.sum(np.asarray(meta["span_ids"]) == self.mm_token_id("audio")))
+        audio = np.broadcast_to(np.arange(n_audio) + st, (3, n_audio))
+        # the model chunks the truncated times (the processor the float ones): positions are
+        # laid out in the model's chunk order, whatever the tokens' order
+        pieces = [
+            (video if kind == "video" else audio)[:, a:b]
+            for kind, a, b in interleaved_chunks(video[0] - st, n_audio, self._chunk_tokens())
+        ]
+        middle = np.concatenate(pieces, axis=1)
+        if middle.shape[1] != end - start - 2:
+            raise ValueError(
+                f"a video with its audio spans {end - start} tokens; its grid {(t, h, w)} and "
+                f"{n_audio} audio tokens take {middle.shape[1] + 2}"
+            )
+        pos[:, start + 1 : end - 1] = middle
+        eos = int(pieces[-1].max()) + 1  # after the last chunk laid out, as transformers
+        pos[:, end - 1] = eos
+        return eos
+
     def mrope_positions(self, num_tokens: int, spans: list) -> tuple[np.ndarray, int]:
         """TMRoPE prompt positions (3, L) and the decode delta (transformers' thinker
         `get_rope_index`): an image or video's tokens get (time, row, col) past the text
@@ -169,6 +271,10 @@ class Qwen2_5OmniThinkerForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
                 current += end - start
                 cursor = end
                 continue
+            if meta.get("span_ids") is not None:  # a video with its audio track
+                current = self._audio_in_video_positions(pos, start, end, meta, current)
+                cursor = end
+                continue
             t, h, w = meta["grid_thw"]
             seconds = np.float32(meta.get("second_per_grid_t", 1.0) if modality == "video" else 1)
             # float32 like transformers' tensors, then truncated by .long()
@@ -183,7 +289,8 @@ class Qwen2_5OmniThinkerForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
 
     def mm_num_tokens(self, modality: str, item: dict) -> int:
         if modality != "audio":
-            return super().mm_num_tokens(modality, item)
+            n = super().mm_num_tokens(modality, item)  # checks the pixels' shape
+            return len(item["span_ids"]) if "audio" in item else n
         frames = int(np.asarray(item["feature_attention_mask"]).sum())
         return int(audio_output_lengths(frames)[1])
 
@@ -202,11 +309,41 @@ class Qwen2_5OmniThinkerForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
 
     def mm_encoder(self, graphdef):
         """Images through the Qwen2.5-VL tower (`Qwen2VLForConditionalGeneration`), audio
-        through `audio_encoder`."""
+        through `audio_encoder`; a video with its audio track through both, its rows then
+        woven over its span (tower rows, audio rows, the markers' embeddings)."""
         images, audio = super().mm_encoder(graphdef), self.audio_encoder(graphdef)
+        video_id, audio_id = self.mm_token_id("video"), self.mm_token_id("audio")
+
+        @jax.jit
+        def weave(params, vision, sound, ids, src, kind):
+            text = nnx.merge(graphdef, params).embed(ids).astype(vision.dtype)  # (L, D)
+            rows = jnp.where((kind == 1)[:, None], vision[src], text)
+            return jnp.where((kind == 2)[:, None], sound[src], rows)
+
+        def woven(params, vision: DeviceRows, sound: DeviceRows, span: list[int]) -> DeviceRows:
+            L = max(next_pow2(len(span)), 16)  # a power-of-two bucket
+            ids = np.zeros(L, np.int32)
+            ids[: len(span)] = span
+            kind = np.where(ids == video_id, 1, np.where(ids == audio_id, 2, 0)).astype(np.int32)
+            kind[len(span) :] = 0
+            src = np.zeros(L, np.int32)
+            src[kind == 1] = vision.start + np.arange(int((kind == 1).sum()))
+            src[kind == 2] = sound.start + np.arange(int((kind == 2).sum()))
+            text_ids = np.where(kind == 0, ids, 0)
+            return DeviceRows(
+                weave(params, vision.array, sound.array, text_ids, src, kind), 0, len(span)
+            )
 
         def encode(params, modality: str, items: list[dict]) -> list[DeviceRows]:
-            return (audio if modality == "audio" else images)(params, modality, items)
+            if modality == "audio":
+                return audio(params, modality, items)
+            rows = images(params, modality, items)
+            joint = [i for i, it in enumerate(items) if "audio" in it]
+            if joint:
+                tracks = audio(params, "audio", [items[i]["audio"] for i in joint])
+                for i, track in zip(joint, tracks, strict=True):
+                    rows[i] = woven(params, rows[i], track, items[i]["span_ids"])
+            return rows
 
         return encode
 

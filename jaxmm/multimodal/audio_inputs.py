@@ -381,6 +381,16 @@ class AudioFrontend:
             return self._prepare_whisper(prompt, items)
         return self._prepare_embeds(prompt, items)
 
+    def resolve_items(self, data: dict, uuids: dict | None, kwargs: dict) -> list:
+        """(key, prepared item) per audio item of a prompt that also holds images or video
+        (the image front end places them all; `audio_in_video.split_audio`). `data` and
+        `uuids` hold the prompt's audio entries only."""
+        items = _audio_items(data)
+        self._check_limit(len(items))
+        uuids = _audio_uuids(uuids, len(items))
+        with self._lock:
+            return self._resolve(items, uuids, kwargs)
+
     def _check_limit(self, num_items: int) -> None:
         from .inputs import _limit
 

@@ -84,6 +84,7 @@ def conversation_to_prompt(engine, conversation: list[dict], **kwargs) -> dict:
         from .chat_parts import conversation_to_mm_prompt
 
         return conversation_to_mm_prompt(engine, conversation, **kwargs)
+    kwargs.pop("mm_processor_kwargs", None)  # no media: nothing to process
     text = render_chat(engine.tokenizer, _text_only(conversation), **kwargs)
     # the template already holds BOS and friends
     ids = engine.tokenizer(text, add_special_tokens=False).input_ids

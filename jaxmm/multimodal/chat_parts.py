@@ -104,6 +104,23 @@ def _placeholder_text(fe: MultimodalFrontend, modality: str) -> str:
     return fe.placeholder_text(modality)
 
 
+def _audio_in_video(fe, mm_processor_kwargs: dict | None) -> bool:
+    """use_audio_in_video of the request, else of the engine (its mm_processor_kwargs)."""
+    value = (mm_processor_kwargs or {}).get("use_audio_in_video")
+    if value is None:
+        value = (getattr(fe.config, "mm_processor_kwargs", None) or {}).get("use_audio_in_video")
+    return bool(value)
+
+
+def _has_video(conversation: list[dict]) -> bool:
+    return any(
+        isinstance(part, dict) and _PART_MODALITY.get(part.get("type")) == "video"
+        for msg in conversation
+        if isinstance(msg, dict) and isinstance(msg.get("content"), list)
+        for part in msg["content"]
+    )
+
+
 def conversation_to_mm_prompt(engine, conversation: list[dict], **kwargs) -> dict:
     """OpenAI-style messages with media parts -> a multimodal prompt dict.
 
@@ -136,6 +153,9 @@ def conversation_to_mm_prompt(engine, conversation: list[dict], **kwargs) -> dic
     }
     template = render_kwargs.get("chat_template") or getattr(fe.tokenizer, "chat_template", None)
     as_parts = _takes_parts(template if isinstance(template, str) else None)
+    # use_audio_in_video: an audio part is the track of a video of the conversation, and
+    # takes no placeholder of its own (vLLM's rule)
+    tracks = _audio_in_video(fe, mm_processor_kwargs) and _has_video(conversation)
     data: dict[str, list] = {}
     uuids: dict[str, list] = {}
     audio_kinds: list[str] = []  # the part type of each audio item, to load it after the limits
@@ -180,6 +200,8 @@ def conversation_to_mm_prompt(engine, conversation: list[dict], **kwargs) -> dic
                 uuids.setdefault(modality, []).append(part.get("uuid"))
                 if modality == "audio":
                     audio_kinds.append(kind)
+                    if tracks:
+                        continue
                 rendered_parts.append({"type": modality})
                 texts.append(_placeholder_text(fe, modality))
         content = rendered_parts if as_parts else "\n".join(texts)

@@ -386,6 +386,8 @@ class MultimodalFrontend:
         return tok
 
     def placeholder_text(self, modality: str) -> str:
+        if modality == "audio":  # audio models name their placeholder as text
+            return self.model.mm_placeholder_text(modality)
         ids = self.model.mm_prompt_placeholder(modality)
         return "".join(self.tokenizer.convert_ids_to_tokens(ids))
 
@@ -692,18 +694,20 @@ class MultimodalFrontend:
         return out, placed
 
     # -- the whole path ----------------------------------------------------------------------
-    def prepare(self, prompt: dict):
-        return self.finish(self.start(prompt))
+    def prepare(self, prompt: dict, audio=None):
+        """`audio`: the engine's audio front end, for a prompt whose audio sits beside
+        images or video (`audio_in_video.py`)."""
+        return self.finish(self.start(prompt, audio))
 
     def prepare_many(self, prompts: list[dict]) -> list:
         """`prepare` of each prompt, their media prepared in parallel by the workers."""
         return [self.finish(started) for started in [self.start(p) for p in prompts]]
 
-    def start(self, prompt: dict) -> tuple:
+    def start(self, prompt: dict, audio=None) -> tuple:
         """Parse a prompt and hand its media to the workers (when there are any): -> what
         `finish` takes. Raises for a malformed prompt."""
         with self._lock:
-            started = self._start(prompt)
+            started = self._start(prompt, audio)
         items = started[1]
         try:
             for item in items:
@@ -758,13 +762,19 @@ class MultimodalFrontend:
             self._workers.close()
         self._workers = None
 
-    def _start(self, prompt: dict) -> tuple:
+    def _start(self, prompt: dict, audio=None) -> tuple:
+        from .audio_in_video import pop_option, split_audio
+
         if not isinstance(prompt, dict):
             raise TypeError(f"a multimodal prompt is a dict, got {type(prompt).__name__}")
         check_prompt_keys(prompt)
         io_kwargs = _check_media_io_kwargs(prompt.get("media_io_kwargs"))
         io = {m: {**self.media_io_kwargs.get(m, {}), **io_kwargs.get(m, {})} for m in MODALITIES}
         proc_kwargs = dict(prompt.get("mm_processor_kwargs") or {})
+        engine_kwargs = getattr(self.config, "mm_processor_kwargs", None) or {}
+        in_video = pop_option(proc_kwargs, engine_kwargs.get("use_audio_in_video", False))
+        # audio items (Qwen2.5-Omni), prepared by the audio front end, placed here
+        prompt, tracks = split_audio(prompt, audio, proc_kwargs, self._audio_item)
         items = self.parse(prompt, io)
         # options that depend on the prompt's other items (LLaVA-OneVision tiles an image
         # only when it is the prompt's one image); the prompt's own options win; they key
@@ -772,9 +782,19 @@ class MultimodalFrontend:
         context = getattr(self.model, "mm_prompt_processor_kwargs", None)
         if context is not None:
             proc_kwargs = {**context([it.modality for it in items]), **proc_kwargs}
-        return prompt, items, proc_kwargs
+        return prompt, items, proc_kwargs, tracks, in_video
 
-    def _finish(self, prompt: dict, items: list[_Item], proc_kwargs: dict):
+    def _audio_item(self, index: int, uuid, key: str, output: EncoderOutput) -> _Item:
+        return _Item("audio", index, uuid, "resolved", key=key, output=output)
+
+    def _finish(
+        self,
+        prompt: dict,
+        items: list[_Item],
+        proc_kwargs: dict,
+        tracks: list[_Item] = (),
+        in_video: bool = False,
+    ):
         if "prompt_token_ids" in prompt:
             ids = prompt["prompt_token_ids"]
             if not isinstance(ids, (list, tuple)) or not all(
@@ -794,6 +814,12 @@ class MultimodalFrontend:
             raise ValueError("a multimodal prompt needs 'prompt' or 'prompt_token_ids'")
 
         self.resolve(items, proc_kwargs)
+        if in_video:  # each video with its audio track: one item over the interleaved span
+            from .audio_in_video import join_audio_in_video
+
+            items = join_audio_in_video(self.model, items, list(tracks), self._encode_text)
+        else:
+            items = items + list(tracks)
         ids, placed = self.expand(ids, items)
         mm = MultimodalRequest(placed, len(ids), cache_salt=prompt.get("cache_salt"))
         if getattr(self.model, "uses_mrope", False):
@@ -816,12 +842,19 @@ def prepare_multimodal_prompt(engine, prompt: dict):
     """A prompt dict with `multi_modal_data` -> (text, prompt token ids, request's items).
 
     `engine` is whatever owns the front ends (`LLMEngine.mm_frontend()` /
-    `audio_frontend()`). Audio prompts (Whisper, Qwen2-Audio) go to the audio front end.
+    `audio_frontend()`). Audio prompts (Whisper, Qwen2-Audio) go to the audio front end;
+    audio beside images or video, for a model that takes both (Qwen2.5-Omni), to this
+    front end with the audio front end's help (`audio_in_video.py`).
     """
+    from .audio_in_video import has_vision_items
     from .audio_inputs import is_audio_prompt, prepare_audio_prompt
 
     if is_audio_prompt(prompt):
-        return prepare_audio_prompt(engine, prompt)
+        audio = engine.audio_frontend()
+        takes = set(getattr(audio.model, "mm_modalities", ())) - {"audio"}
+        if not (takes and has_vision_items(prompt)):
+            return prepare_audio_prompt(engine, prompt)
+        return engine.mm_frontend().prepare(prompt, audio)
     return engine.mm_frontend().prepare(prompt)
 
 

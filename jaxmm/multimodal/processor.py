@@ -161,6 +161,7 @@ class MultimodalProcessor:
                 size["longest_edge"] = int(hi)
             kw["size"] = size
         kw.pop("fps", None)  # a video sampling option, not the image processor's
+        kw.pop("use_audio_in_video", None)  # shapes the prompt (Qwen2.5-Omni), not the pixels
         return kw
 
     def image(self, image: Image.Image, overrides: dict | None = None) -> dict:

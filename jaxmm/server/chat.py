@@ -81,6 +81,7 @@ def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> Prompt:
         continue_final_message=req.continue_final_message,
         chat_template_kwargs=req.chat_template_kwargs,
         tools=req.tools,
+        mm_processor_kwargs=req.mm_processor_kwargs,
     )
     if prompt.get("multi_modal_data"):
         return prepare_prompt(engine, prompt)

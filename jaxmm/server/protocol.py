@@ -79,6 +79,7 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    mm_processor_kwargs: dict[str, Any] | None = None  # e.g. {"use_audio_in_video": true}
 
 
 class CompletionRequest(_SamplingFields):

@@ -25,6 +25,7 @@ from tests.models.test_vlm_parity import (
     VIDEO_FPS,
     _chunk_rows,
     _encode_items,
+    _image,
     _randomize,
 )
 
@@ -69,6 +70,56 @@ AUDIO_PROMPTS = [
         "multi_modal_data": {"audio": [(_tone(1.9, 900, 1), SR), (_tone(1.2, 500, 2), SR)]},
     },
 ]
+# audio beside an image, and beside a video (separate items)
+MIXED_PROMPTS = [
+    {
+        "prompt": f"{IMG} look, {AUD} listen",
+        "multi_modal_data": {"image": IMAGES[0], "audio": (_tone(0.7, 300, 0), SR)},
+    },
+    {
+        "prompt": f"{AUD} and {VID} then",
+        "multi_modal_data": {
+            "audio": (_tone(1.2, 500, 2), SR),
+            "video": (VIDEO, {"fps": VIDEO_FPS}),
+        },
+    },
+]
+VIDEO8 = np.stack([np.asarray(_image(24, 40, 30 + i)) for i in range(8)])
+AV = {"use_audio_in_video": True}
+# a video with its audio track (vLLM's form: frames + (samples, rate), use_audio_in_video)
+AV_PROMPTS = [
+    # 2 s a temporal patch (times 0, 50), 47 audio tokens (25 a chunk): the jump from 0 to
+    # 50 cuts twice (a one-token chunk), so video, audio, video, audio, video
+    {
+        "prompt": f"Video: {VID} what is said",
+        "multi_modal_data": {
+            "video": (VIDEO, {"fps": VIDEO_FPS}),
+            "audio": (_tone(1.9, 900, 1), SR),
+        },
+        "mm_processor_kwargs": AV,
+    },
+    # 1 s a temporal patch (times 0, 25): video, audio, video, audio; the end markers
+    # follow the audio's last position
+    {
+        "prompt": f"Video: {VID} what is said",
+        "multi_modal_data": {
+            "video": (VIDEO, {"fps": 2.0}),
+            "audio": (_tone(1.9, 900, 1), SR),
+        },
+        "mm_processor_kwargs": AV,
+    },
+    # 1 s a temporal patch (times 0, 25, 50, 75), 10 audio tokens: the video's last three
+    # chunks run on alone, the end markers follow the video's; an image before it
+    {
+        "prompt": f"{IMG} and {VID} then",
+        "multi_modal_data": {
+            "image": IMAGES[3],
+            "video": (VIDEO8, {"fps": 2.0}),
+            "audio": (_tone(0.4, 700, 3), SR),
+        },
+        "mm_processor_kwargs": AV,
+    },
+]
 PROMPTS = [
     {"prompt": "Once upon a time there was"},
     {"prompt": f"{IMG}Describe the image.", "multi_modal_data": {"image": IMAGES[0]}},
@@ -77,6 +128,10 @@ PROMPTS = [
         "multi_modal_data": {"image": [IMAGES[1], IMAGES[2]]},
     },
 ]
+
+
+# the thinker's TMRoPE timing, as the processor is handed it (the config's values)
+_THINKER_TIMING = dict(position_id_per_seconds=25, seconds_per_chunk=1)
 
 
 def _thinker_config(tok):
@@ -130,6 +185,8 @@ def _thinker_config(tok):
         audio_end_token_id=ids["audio_eos_token"],
         vision_start_token_id=ids["vision_bos_token"],
         vision_end_token_id=ids["vision_eos_token"],
+        # 25 TMRoPE positions a chunk: a 1.9 s clip's 47 tokens make two chunks
+        **_THINKER_TIMING,
     )
 
 
@@ -188,8 +245,16 @@ def _hf_inputs(processor, prompt: dict) -> dict:
 def _hf_video_inputs(processor, prompt: dict) -> dict:
     """HF inputs for a prompt with a video, the video's patches and placeholder built here
     as `Qwen2_5OmniProcessor` does (its video processor needs torchvision): each frame
-    through the image processor, one of its two temporal copies kept, frames paired."""
+    through the image processor, one of its two temporal copies kept, frames paired. An
+    audio item goes through the processor's feature extractor; under use_audio_in_video it
+    is the video's track, and the video's placeholder is the processor's own
+    (`replace_video_with_audio_token`)."""
+    from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import (
+        _get_feat_extract_output_lengths,
+    )
+
     data = prompt["multi_modal_data"]
+    in_video = bool((prompt.get("mm_processor_kwargs") or {}).get("use_audio_in_video"))
     frames, meta = data["video"]
     ip = processor.image_processor
     per_frame = ip(images=list(frames), return_tensors="np")
@@ -198,12 +263,42 @@ def _hf_video_inputs(processor, prompt: dict) -> dict:
     t = len(frames) // 2
     px = px.reshape(t, 2, gh * gw, 3, 4, 4).transpose(0, 2, 3, 1, 4, 5).reshape(t * gh * gw, -1)
     tok = processor.tokenizer
-    text = prompt["prompt"].replace(tok.video_token, tok.video_token * (t * gh * gw // 4))
+    text = prompt["prompt"]
     inputs = dict(
         pixel_values_videos=torch.tensor(px),
         video_grid_thw=torch.tensor([[t, gh, gw]]),
         video_second_per_grid=torch.tensor([2 / meta["fps"]]),
     )
+    video_text = tok.video_token * (t * gh * gw // 4)
+    if "audio" in data:
+        feats = processor.feature_extractor(
+            [data["audio"][0]],
+            sampling_rate=SR,
+            return_attention_mask=True,
+            padding="max_length",
+            return_tensors="np",
+        )
+        n_audio = int(_get_feat_extract_output_lengths(feats["attention_mask"].sum(-1))[0])
+        inputs.update(
+            input_features=torch.tensor(feats["input_features"]),
+            feature_attention_mask=torch.tensor(feats["attention_mask"]),
+        )
+        if in_video:
+            cfg = _THINKER_TIMING
+            video_text = processor.replace_video_with_audio_token(
+                {
+                    "video_grid_thw": np.array([[t, gh, gw]]),
+                    "video_second_per_grid": [2 / meta["fps"]],
+                },
+                0,
+                {"num_audio_tokens": [n_audio]},
+                0,
+                **cfg,
+            )
+            inputs["use_audio_in_video"] = True
+        else:
+            text = text.replace(tok.audio_token, tok.audio_token * n_audio)
+    text = text.replace(tok.video_token, video_text)
     if "image" in data:  # the processor refuses video tokens without videos: expanded here
         out = ip(images=[data["image"]], return_tensors="np")
         inputs.update(
@@ -319,9 +414,6 @@ def test_thinker_audio_matches_transformers(omni):
     assert llm.generate([embeds], _params(), use_tqdm=False)[0].outputs[0].token_ids == (
         outs[0].outputs[0].token_ids
     )
-    with pytest.raises(ValueError, match="audio items only"):  # one front end per prompt
-        mixed = {"image": IMAGES[0], "audio": AUDIO_PROMPTS[0]["multi_modal_data"]["audio"]}
-        llm.generate([{"prompt": f"{IMG}{AUD}", "multi_modal_data": mixed}], _params())
     with pytest.raises(ValueError, match="audio embeddings must have shape"):
         bad = {"audio_embeds": feats0[:, :-1]}
         llm.generate([{**embeds, "multi_modal_data": {"audio": bad}}], _params(), use_tqdm=False)
@@ -338,6 +430,57 @@ def test_thinker_video_matches_transformers(omni):
         with torch.no_grad():
             ref = hf(**inputs).logits[0, -1].numpy()
         np.testing.assert_allclose(_last_logits(llm, prompt), ref, atol=1e-4, rtol=0)
+
+
+def _check_against_transformers(llm, hf, processor, prompts: list) -> list:
+    """jaxmm's prompt ids, greedy tokens and last-token logits against transformers'."""
+    outs = llm.generate(prompts, _params(), use_tqdm=False)
+    for prompt, out in zip(prompts, outs, strict=True):
+        data = prompt["multi_modal_data"]
+        make = _hf_video_inputs if "video" in data else _hf_inputs
+        inputs = make(processor, prompt)
+        assert out.prompt_token_ids == inputs["input_ids"][0].tolist()
+        assert out.outputs[0].token_ids == _hf_generate(hf, inputs)
+        with torch.no_grad():
+            ref = hf(**inputs).logits[0, -1].numpy()
+        np.testing.assert_allclose(_last_logits(llm, prompt), ref, atol=1e-4, rtol=0)
+    assert any(len(set(o.outputs[0].token_ids)) > 2 for o in outs)
+    return outs
+
+
+def _runs_of(ids: list[int], token: int) -> int:
+    """How many separate runs of `token` the ids hold."""
+    return sum(1 for i, t in enumerate(ids) if t == token and (i == 0 or ids[i - 1] != token))
+
+
+def test_thinker_audio_beside_images_and_video_matches_transformers(omni):
+    path, _, hf, processor = omni
+    outs = _check_against_transformers(_llm(path), hf, processor, MIXED_PROMPTS)
+    c = hf.config
+    for out, vision in zip(outs, (c.image_token_id, c.video_token_id), strict=True):
+        ids = out.prompt_token_ids
+        assert ids.count(c.audio_token_id) > 3 and ids.count(vision) > 3
+
+
+def test_thinker_video_with_its_audio_track_matches_transformers(omni):
+    """use_audio_in_video: the video's and the audio's tokens interleave by TMRoPE time
+    (the processor's layout), positions as the thinker's get_rope_index."""
+    path, _, hf, processor = omni
+    llm = _llm(path)
+    outs = _check_against_transformers(llm, hf, processor, AV_PROMPTS)
+    c = hf.config
+    runs = [
+        (
+            _runs_of(o.prompt_token_ids, c.video_token_id),
+            _runs_of(o.prompt_token_ids, c.audio_token_id),
+        )
+        for o in outs
+    ]
+    assert runs == [(3, 2), (2, 2), (2, 1)]
+    with pytest.raises(ValueError, match="one audio per video"):
+        two = dict(AV_PROMPTS[0]["multi_modal_data"])
+        two["audio"] = [two["audio"], two["audio"]]
+        llm.generate([{**AV_PROMPTS[0], "multi_modal_data": two}], _params(), use_tqdm=False)
 
 
 def test_chat_parts_render_omni_placeholders(omni):
@@ -450,3 +593,92 @@ def test_full_omni_checkpoint_serves_its_thinker(omni, caplog):
     outs = llm.generate(prompts, _params(), use_tqdm=False)
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == _hf_generate(hf, _hf_inputs(processor, prompt))
+
+
+def _avi(frames: np.ndarray, fps: float) -> bytes:
+    """An MJPG AVI of RGB frames (OpenCV), as a client would upload a video file."""
+    import tempfile
+
+    import cv2
+
+    h, w = frames.shape[1:3]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "v.avi")
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+        assert writer.isOpened()
+        for frame in frames:
+            writer.write(np.ascontiguousarray(frame[..., ::-1]))  # BGR
+        writer.release()
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def test_server_chat_takes_a_video_with_its_audio_track(omni):
+    """/v1/chat/completions with the openai client: a video_url part, an input_audio part
+    and mm_processor_kwargs use_audio_in_video give one interleaved span (the audio part
+    adds no placeholder of its own) and the offline engine's tokens for the same media."""
+    import base64
+    import io
+
+    import openai
+    import soundfile as sf
+
+    from jaxmm.engine.async_engine import AsyncEngine
+    from jaxmm.server.app import build_app
+    from tests.server.util import running_server
+
+    path = omni[0]
+    llm = _llm(path)
+    tok = llm.get_tokenizer()
+    video = _avi(VIDEO, fps=1.0)
+    audio = _tone(1.9, 900, 1)
+    buf = io.BytesIO()
+    sf.write(buf, audio, SR, format="WAV", subtype="FLOAT")
+    wav = base64.b64encode(buf.getvalue()).decode()
+    text = f"<|user|>{VID}\nWhat?<|end|><|assistant|>"
+    offline = llm.generate(
+        [
+            {
+                "prompt_token_ids": tok(text, add_special_tokens=False).input_ids,
+                "multi_modal_data": {"video": video, "audio": (audio, SR)},
+                "mm_processor_kwargs": AV,
+            }
+        ],
+        _params(),
+        use_tqdm=False,
+    )[0]
+    c = llm.llm_engine.hf_config
+    assert _runs_of(offline.prompt_token_ids, c.audio_token_id) == 2  # interleaved
+    client = AsyncEngine(llm.llm_engine)
+    app = build_app(client, served_model_names=["omni"], model_path=path, api_keys="sk-test")
+    content = [
+        {
+            "type": "video_url",
+            "video_url": {"url": "data:video/x-msvideo;base64," + base64.b64encode(video).decode()},
+        },
+        {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}},
+        {"type": "text", "text": "What?"},
+    ]
+    try:
+        with running_server(app) as url:
+            oai = openai.OpenAI(base_url=url + "/v1", api_key="sk-test", max_retries=0, timeout=120)
+            r = oai.chat.completions.create(
+                model="omni",
+                messages=[{"role": "user", "content": content}],
+                max_tokens=NEW_TOKENS,
+                temperature=0,
+                extra_body={"ignore_eos": True, "mm_processor_kwargs": AV},
+            )
+            assert r.usage.prompt_tokens == len(offline.prompt_token_ids)
+            assert r.choices[0].message.content == offline.outputs[0].text
+            # without the option the audio is an item of its own, with its own placeholder
+            r = oai.chat.completions.create(
+                model="omni",
+                messages=[{"role": "user", "content": content}],
+                max_tokens=1,
+                extra_body={"ignore_eos": True},
+            )
+            # the same tokens, markers outside the video's span, and one more "\n" part break
+            assert r.usage.prompt_tokens == len(offline.prompt_token_ids) + 1
+    finally:
+        client.shutdown()
