@@ -236,7 +236,7 @@ def make_qwen3_5_moe_vl(root: str) -> str:
 def test_vl_images_match_transformers(ckpt_root):
     """Text-only and image prompts (one, two of different sizes), generated at an odd 29-token
     budget and prefilled in 13-token steps that cut through the image tokens: greedy tokens
-    and last-token logits."""
+    and last-token logits; a repeated image prompt hits the prefix cache."""
     import transformers
 
     from tests.models.test_qwen3_vl import PROMPTS as VL_PROMPTS
@@ -250,6 +250,7 @@ def test_vl_images_match_transformers(ckpt_root):
         max_model_len=256,
         max_num_batched_tokens=29,
         limit_mm_per_prompt={"image": 2},
+        enable_prefix_caching=True,
     )
     assert type(llm.llm_engine.runner.model_obj).__name__ == "Qwen3_5MoeForConditionalGeneration"
     hf = transformers.Qwen3_5MoeForConditionalGeneration.from_pretrained(
@@ -263,6 +264,15 @@ def test_vl_images_match_transformers(ckpt_root):
         assert out.prompt_token_ids == inp["input_ids"][0].tolist()
         assert out.outputs[0].token_ids == _hf_generate(hf, inp)[:10]
     assert any(len(set(o.outputs[0].token_ids)) > 2 for o in outs)  # not a degenerate model
+
+    # prefix cache hit: the two-image prompt again starts at its last page boundary's state
+    # snapshot, its image tokens' pages reused
+    again = llm.generate([VL_PROMPTS[2]], params, use_tqdm=False)[0]
+    G = llm.llm_engine.runner.block_size
+    assert again.num_cached_tokens == (len(again.prompt_token_ids) - 1) // G * G > 0
+    assert again.outputs[0].token_ids == outs[2].outputs[0].token_ids
+
+    # last (scratch pages at the top of the pool would spoil cached ones)
     ours = np.stack([_chunked_last_logits(llm, p, chunk=13) for p in VL_PROMPTS])
     with torch.no_grad():
         ref = np.stack([hf(**inp).logits[0, -1].numpy() for inp in inputs])
