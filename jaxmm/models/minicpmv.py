@@ -14,9 +14,10 @@ images, a window merger inside it and a 2x2 merger after it, then Qwen3.5's hybr
    "\\n") `<slice>` + tokens + `</slice>` per slice (`mm_span_ids`). The span's encoder rows
    are the tower's at image tokens and the text's own embeddings elsewhere, so the runner
    splices the whole span. Before each image the processor writes `<image_id>i</image_id>`
-   (i counts the prompt's images): that depends on the prompt, not the image, so it is
-   text, written into the prompt before tokenizing (`mm_expand_prompt_text`); HF's default
-   `use_image_id=True` is assumed (a processor saved with False is not followed).
+   (i counts the prompt's images): that depends on the prompt, not the image, so it goes
+   into the prompt's ids before each placeholder (`mm_mark_items`), text and token-id
+   prompts alike; HF's default `use_image_id=True` is assumed (a processor saved with
+   False is not followed).
 4. Text: Qwen3.5 (`qwen3_5.py`, the checkpoint's `text_config`, plain 1-D positions:
    transformers gives the text model no M-RoPE positions here), with its state slots.
 
@@ -45,6 +46,13 @@ from jaxmm.models.qwen3_5 import Qwen3_5ForCausalLM
 IMAGE_START, IMAGE_END = "<image>", "</image>"
 SLICE_START, SLICE_END = "<slice>", "</slice>"
 ID_START, ID_END = "<image_id>", "</image_id>"
+
+
+def _one_token(encode_text, text: str) -> int:
+    ids = encode_text(text)
+    if len(ids) != 1:
+        raise ValueError(f"the tokenizer must have {text!r} as one token; got {ids}")
+    return ids[0]
 
 
 class MiniCPMV4_6ForConditionalGeneration(nnx.Module):
@@ -113,15 +121,20 @@ class MiniCPMV4_6ForConditionalGeneration(nnx.Module):
     def mm_prompt_placeholder(self, modality: str) -> list[int]:
         return [self.mm_token_id(modality)]
 
-    def mm_expand_prompt_text(self, text: str, tokenizer) -> str:
+    def mm_mark_items(self, ids: list[int], encode_text) -> list[int]:
         """`<image_id>i</image_id>` before the prompt's i-th image placeholder, as the HF
-        processor writes it (`_prepend_local_ids`)."""
-        token = tokenizer.convert_ids_to_tokens(self.mm_token_id("image"))
-        parts = text.split(token)
-        out = [parts[0]]
-        for i, part in enumerate(parts[1:]):
-            out.append(f"{ID_START}{i}{ID_END}{token}{part}")
-        return "".join(out)
+        processor writes it (`_prepend_local_ids`); a placeholder marked already is kept."""
+        token = self.mm_token_id("image")
+        start, end = _one_token(encode_text, ID_START), _one_token(encode_text, ID_END)
+        out: list[int] = []
+        index = 0
+        for t in ids:
+            if t == token and (not out or out[-1] != token):  # a placeholder (or run) starts
+                if not out or out[-1] != end:
+                    out += [start, *encode_text(str(index)), end]
+                index += 1
+            out.append(t)
+        return out
 
     def _sizes(self, item: dict) -> np.ndarray:
         sizes = np.asarray(item.get("target_sizes"), np.int64).reshape(-1, 2)
@@ -140,15 +153,13 @@ class MiniCPMV4_6ForConditionalGeneration(nnx.Module):
     def mm_span_ids(self, modality: str, item: dict, encode_text) -> list[int]:
         """The image's text: source view, then its slices row by row (see the module doc)."""
 
-        def one(text: str) -> int:
-            ids = encode_text(text)
-            if len(ids) != 1:
-                raise ValueError(f"the tokenizer must have {text!r} as one token; got {ids}")
-            return ids[0]
-
         token = self.mm_token_id("image")
         counts = self._tokens(self._sizes(item))
         rows, cols = (int(g) for g in np.asarray(item.get("grids", (0, 0))).reshape(-1)[:2])
+
+        def one(text: str) -> int:
+            return _one_token(encode_text, text)
+
         span = [one(IMAGE_START), *[token] * counts[0], one(IMAGE_END)]
         if rows > 0 and cols > 0:
             if len(counts) != 1 + rows * cols:

@@ -812,6 +812,10 @@ class MultimodalFrontend:
             ids = ids.input_ids
         else:
             raise ValueError("a multimodal prompt needs 'prompt' or 'prompt_token_ids'")
+        # models whose processor writes text of its own before each item (MiniCPM-V's ids)
+        mark = getattr(self.model, "mm_mark_items", None)
+        if mark is not None and items:
+            ids = mark(ids, self._encode_text)
 
         self.resolve(items, proc_kwargs)
         if in_video:  # each video with its audio track: one item over the interleaved span

@@ -255,3 +255,45 @@ def test_tower_rows_match_transformers_in_both_downsample_modes(minicpmv):
             assert got.shape == (h * w // (16 if vit else 4), want.shape[-1])
             np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=0)
             start += h * w
+
+
+def test_chat_and_token_id_prompts_get_the_image_ids(minicpmv):
+    """The processor's `<image_id>i</image_id>` before each image also for prompts given as
+    token ids, and so through `LLM.chat` (which hands the engine its rendered ids): the HF
+    processor's ids on the rendered text, and its tokens."""
+    from jaxmm import SamplingParams
+
+    path, llm, hf = minicpmv
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_pil", "image_pil": WIDE},
+                {"type": "text", "text": "What is this?"},
+                {"type": "image_pil", "image_pil": SMALL},
+            ],
+        }
+    ]
+    chat = llm.chat(messages, params, use_tqdm=False)[0]
+    text = "<|user|><|image_pad|>\nWhat is this?\n<|image_pad|><|end|><|assistant|>"
+    tok = llm.get_tokenizer()
+    inputs = _processor(tok)(
+        text=[text], images=[[WIDE, SMALL]], add_special_tokens=False, return_tensors="pt"
+    )
+    inputs = dict(inputs)
+    want = inputs["input_ids"][0].tolist()
+    assert chat.prompt_token_ids == want
+    assert want.count(tok.convert_tokens_to_ids("<image_id>")) == 2
+    assert chat.outputs[0].token_ids == _hf_generate(hf, inputs)
+    ids = tok(text, add_special_tokens=False).input_ids
+    data = {"image": [WIDE, SMALL]}
+    direct = llm.generate(
+        [{"prompt_token_ids": ids, "multi_modal_data": data}], params, use_tqdm=False
+    )[0]
+    assert direct.prompt_token_ids == want
+    # a prompt with the ids written already keeps them once
+    marked = text.replace("<|image_pad|>\n", "<image_id>0</image_id><|image_pad|>\n", 1)
+    marked = marked.replace("\n<|image_pad|>", "\n<image_id>1</image_id><|image_pad|>")
+    out = llm.generate([{"prompt": marked, "multi_modal_data": data}], params, use_tqdm=False)
+    assert out[0].prompt_token_ids == [tok.bos_token_id] + want
