@@ -184,7 +184,8 @@ class MiniCPMV4_6ForConditionalGeneration(nnx.Module):
                 f"the image processor produced pixel values of shape {got}; for sub-images of "
                 f"{sizes.tolist()} patches this tower takes {want} (NaViT-packed)"
             )
-        return len(item["span_ids"])
+        # an item prepared outside the front end has no span: the tower's rows alone
+        return len(item["span_ids"]) if "span_ids" in item else sum(self._tokens(sizes))
 
     def mm_check_embeds(self, modality: str, embeds: np.ndarray, meta: dict) -> dict:
         """Precomputed rows (the merger's output, source view then slices) need the image's
@@ -260,7 +261,7 @@ class MiniCPMV4_6ForConditionalGeneration(nnx.Module):
                     outs.append(jnp.asarray(padded))
             result = []
             for i, it in enumerate(items):
-                span = it["span_ids"]
+                span = it.get("span_ids") or [token] * sum(self._tokens(self._sizes(it)))
                 L = max(next_pow2(len(span)), 16)
                 ids = np.zeros(L, np.int32)
                 ids[: len(span)] = span
