@@ -12,7 +12,10 @@ GGML type, offset) followed by the aligned tensor data. Loading one goes:
    transformers' GGUF tokenizer converter; the chat template is `tokenizer.chat_template`.
 3. `GGUFCheckpoint.tensors` streams `(hf_key, array)` one tensor at a time: rename by the key
    map below, dequantize (`dequant.py`), and undo the rotary row permutation llama.cpp's
-   converter applies to llama's q/k projections, so every array is in HF layout.
+   converter applies to llama's q/k projections, so every array is in HF layout. A MoE
+   layer's stacked experts (`ffn_{gate,up,down}_exps`, (E, out, in)) come out as the
+   per-expert tensors `save_pretrained` writes (`mlp.experts.{e}.gate_proj.weight`), which
+   the model's expert hook (experts.py) stacks again in jaxmm's layout.
 
 Orientation: GGUF lists dims fastest-first (`ne`), so a weight of HF shape `(out, in)` is stored
 with `ne = [in, out]` and rows of `in` values -- reversing `ne` gives the HF shape directly.
@@ -149,7 +152,12 @@ _ARCHS = {
     "mistral": ("llama", "LlamaConfig", "LlamaForCausalLM"),
     "qwen2": ("qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3Config", "Qwen3ForCausalLM"),
+    "qwen3moe": ("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
 }
+# Mixture-of-experts architectures, with whether llama.cpp's graph renormalises the top-k
+# router weights (HF `norm_topk_prob`; qwen3moe.cpp passes norm_w=true) where the file has no
+# `{arch}.expert_weights_norm`.
+_MOE_ARCHS = {"qwen3moe": True}
 # llama.cpp permutes the q/k rows of these into its rotary layout; `_unpermute` undoes it.
 _PERMUTED_QK = {"llama", "mistral"}
 
@@ -165,6 +173,12 @@ _CONFIG_KEYS = {
     "attention.key_length": "head_dim",
     "rope.freq_base": "rope_theta",
     "vocab_size": "vocab_size",
+}
+# and the MoE ones
+_MOE_CONFIG_KEYS = {
+    "expert_count": "num_experts",
+    "expert_used_count": "num_experts_per_tok",
+    "expert_feed_forward_length": "moe_intermediate_size",
 }
 
 # GGUF tensor name -> HF key: `blk.{i}.<module>.{weight,bias}` and a few top-level tensors
@@ -185,7 +199,10 @@ _LAYER = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",  # the MoE router, (E, D)
 }
+# stacked experts (E, out, in) -> the per-expert HF projection
+_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 # tensors with no HF counterpart; `rope_freqs` is folded into the config (`_llama3_rope`)
 _SKIPPED = {"rope_freqs.weight"}
 _NAME = re.compile(r"(?:blk\.(?P<layer>\d+)\.)?(?P<module>\w+)\.(?P<param>weight|bias)")
@@ -201,6 +218,20 @@ def _hf_name(gguf_name: str) -> str | None:
     if module not in _LAYER:
         return None
     return f"model.layers.{m['layer']}.{_LAYER[module]}.{param}"
+
+
+def _is_expert_stack(name: str) -> bool:
+    m = _NAME.fullmatch(name)
+    return m is not None and m["layer"] is not None and m["module"] in _EXPERTS
+
+
+def _hf_keys(info: _TensorInfo) -> list[str | None]:
+    """The HF keys one GGUF tensor becomes: one, or E for a stack of experts."""
+    if _is_expert_stack(info.name):
+        m = _NAME.fullmatch(info.name)
+        prefix, proj = f"model.layers.{m['layer']}.mlp.experts", _EXPERTS[m["module"]]
+        return [f"{prefix}.{e}.{proj}.{m['param']}" for e in range(info.shape[0])]
+    return [_hf_name(info.name)]
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -287,6 +318,21 @@ def _config_kwargs(
     kwargs["tie_word_embeddings"] = "output.weight" not in infos
     if arch in ("llama", "mistral"):
         kwargs["attention_bias"] = "blk.0.attn_q.bias" in infos
+    if arch in _MOE_ARCHS:
+        for key, field in _MOE_CONFIG_KEYS.items():
+            if f"{arch}.{key}" in metadata:
+                kwargs[field] = metadata[f"{arch}.{key}"]
+        kwargs["norm_topk_prob"] = bool(
+            metadata.get(f"{arch}.expert_weights_norm", _MOE_ARCHS[arch])
+        )
+        # llama.cpp's graphs make every layer sparse; a layer without a router is a dense MLP
+        # (HF `mlp_only_layers`), whatever wrote the file
+        kwargs["decoder_sparse_step"] = 1
+        kwargs["mlp_only_layers"] = [
+            i
+            for i in range(kwargs["num_hidden_layers"])
+            if f"blk.{i}.ffn_gate_inp.weight" not in infos
+        ]
 
     theta = float(kwargs.get("rope_theta", 10000.0))
     head_dim = kwargs.get("head_dim") or kwargs["hidden_size"] // kwargs["num_attention_heads"]
@@ -398,13 +444,14 @@ class GGUFCheckpoint:
 
     def keys(self) -> list[str]:
         """The HF keys `tensors` yields, in file order."""
-        return [_hf_name(info.name) for info in self._infos if info.name not in _SKIPPED]
+        return [key for info in self._infos if info.name not in _SKIPPED for key in _hf_keys(info)]
 
     def tensors(self, dtype: Any = np.float32) -> Iterator[tuple[str, np.ndarray]]:
         """Stream (HF key, array) pairs in HF names and orientation, e.g.
         `model.layers.0.self_attn.q_proj.weight` of shape (out, in): each tensor is dequantized
-        to float32, un-permuted where llama.cpp permuted it, then cast to `dtype`. Only one
-        tensor's float32 copy is alive at a time."""
+        to float32, un-permuted where llama.cpp permuted it, then cast to `dtype`; a stack of
+        experts yields one (out, in) array per expert. Only one tensor's float32 copy is alive
+        at a time."""
         cfg = self.hf_config
         unpermute = self.architecture in _PERMUTED_QK
         for info in self._infos:
@@ -416,7 +463,11 @@ class GGUFCheckpoint:
                 w = _unpermute(w, cfg.num_attention_heads)
             elif unpermute and ".attn_k." in info.name:
                 w = _unpermute(w, cfg.num_key_value_heads)
-            yield _hf_name(info.name), w.astype(dtype, copy=False)
+            if _is_expert_stack(info.name):  # (E, out, in): one (out, in) per expert
+                for key, expert in zip(_hf_keys(info), w, strict=True):
+                    yield key, expert.astype(dtype, copy=False)
+            else:
+                yield _hf_name(info.name), w.astype(dtype, copy=False)
 
 
 def find_gguf(path: str | os.PathLike) -> str | None:
@@ -442,11 +493,16 @@ def load_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
         raise FileNotFoundError(f"no .gguf file at {os.fspath(path)}")
     metadata, infos, data = _read_header(file)
     arch = metadata.get("general.architecture")
-    if arch not in _ARCHS:
+    experts = [i.name for i in infos if _is_expert_stack(i.name)]
+    if arch not in _ARCHS or (experts and arch not in _MOE_ARCHS):
+        # a MoE file of an architecture jaxmm reads dense: Mixtral, which llama.cpp converts
+        # as `llama` with experts
+        moe = f" with mixture-of-experts tensors ({experts[0]}, ...)" if experts else ""
         raise ValueError(
-            f"GGUF architecture {arch!r} is not supported by jaxmm; supported: {sorted(_ARCHS)}"
+            f"GGUF architecture {arch!r}{moe} is not supported by jaxmm; supported: "
+            f"{sorted(_ARCHS)}, of them mixture-of-experts: {sorted(_MOE_ARCHS)}"
         )
-    unknown = [i.name for i in infos if i.name not in _SKIPPED and _hf_name(i.name) is None]
+    unknown = [i.name for i in infos if i.name not in _SKIPPED and None in _hf_keys(i)]
     if unknown:
         raise ValueError(f"GGUF tensors with no HF counterpart in {arch}: {unknown}")
     for info in infos:
