@@ -12,6 +12,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen2ForCausalLM": ("jaxmm.models.qwen2", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("jaxmm.models.qwen3", "Qwen3ForCausalLM"),
     "Qwen3MoeForCausalLM": ("jaxmm.models.qwen3_moe", "Qwen3MoeForCausalLM"),
+    "Qwen2MoeForCausalLM": ("jaxmm.models.qwen2_moe", "Qwen2MoeForCausalLM"),
     "Qwen3_5ForCausalLM": ("jaxmm.models.qwen3_5", "Qwen3_5ForCausalLM"),
     "Qwen3_5ForConditionalGeneration": (
         "jaxmm.models.qwen3_5",
