@@ -196,6 +196,13 @@ class Qwen2_5OmniThinkerForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
     # a video may carry its audio track (the front end pairs them under use_audio_in_video)
     mm_audio_in_video = True
 
+    def mm_prompt_processor_kwargs(self, modalities: list[str]) -> dict:
+        """Frames that come without a rate are taken at 2 fps, as `Qwen2_5OmniProcessor`
+        takes every video whose fps it is not told (a video's temporal patch then lasts
+        1 s of TMRoPE time)."""
+        del modalities
+        return {"unknown_video_fps": 2.0}
+
     def _chunk_tokens(self) -> int:
         c = self.hf_config
         return int(c.position_id_per_seconds * c.seconds_per_chunk)

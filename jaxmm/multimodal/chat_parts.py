@@ -108,7 +108,8 @@ def _audio_in_video(fe, mm_processor_kwargs: dict | None) -> bool:
     """use_audio_in_video of the request, else of the engine (its mm_processor_kwargs)."""
     value = (mm_processor_kwargs or {}).get("use_audio_in_video")
     if value is None:
-        value = (getattr(fe.config, "mm_processor_kwargs", None) or {}).get("use_audio_in_video")
+        config = getattr(fe, "config", None)
+        value = (getattr(config, "mm_processor_kwargs", None) or {}).get("use_audio_in_video")
     return bool(value)
 
 
@@ -155,7 +156,7 @@ def conversation_to_mm_prompt(engine, conversation: list[dict], **kwargs) -> dic
     as_parts = _takes_parts(template if isinstance(template, str) else None)
     # use_audio_in_video: an audio part is the track of a video of the conversation, and
     # takes no placeholder of its own (vLLM's rule)
-    tracks = _audio_in_video(fe, mm_processor_kwargs) and _has_video(conversation)
+    tracks = _has_video(conversation) and _audio_in_video(fe, mm_processor_kwargs)
     data: dict[str, list] = {}
     uuids: dict[str, list] = {}
     audio_kinds: list[str] = []  # the part type of each audio item, to load it after the limits

@@ -162,6 +162,7 @@ class MultimodalProcessor:
             kw["size"] = size
         kw.pop("fps", None)  # a video sampling option, not the image processor's
         kw.pop("use_audio_in_video", None)  # shapes the prompt (Qwen2.5-Omni), not the pixels
+        kw.pop("unknown_video_fps", None)  # a video's rate when it comes without one
         return kw
 
     def image(self, image: Image.Image, overrides: dict | None = None) -> dict:
@@ -212,7 +213,9 @@ class MultimodalProcessor:
             self._video_config(), {**self.kwargs, **(overrides or {})}
         )
         pixels, grid = video_pixels.preprocess(np.asarray(frames), settings)
-        fps = float(fps) if fps else UNKNOWN_VIDEO_FPS
+        # a model whose processor assumes its own rate says so (Qwen2.5-Omni: 2 fps)
+        unknown = {**self.kwargs, **(overrides or {})}.get("unknown_video_fps")
+        fps = float(fps) if fps else float(unknown or UNKNOWN_VIDEO_FPS)
         tp = settings.temporal_patch_size
         return {"pixel_values": pixels, "grid_thw": grid, "second_per_grid_t": tp / fps}
 

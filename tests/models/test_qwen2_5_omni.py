@@ -477,6 +477,14 @@ def test_thinker_video_with_its_audio_track_matches_transformers(omni):
         for o in outs
     ]
     assert runs == [(3, 2), (2, 2), (2, 1)]
+    # frames without a rate: 2 fps, as the Omni processor takes them (at 24 fps every
+    # video token would fall in the first chunk)
+    bare = dict(
+        AV_PROMPTS[1], multi_modal_data={**AV_PROMPTS[1]["multi_modal_data"], "video": VIDEO}
+    )
+    same = llm.generate([bare], _params(), use_tqdm=False)[0]
+    assert same.prompt_token_ids == outs[1].prompt_token_ids
+    assert same.outputs[0].token_ids == outs[1].outputs[0].token_ids
     with pytest.raises(ValueError, match="one audio per video"):
         two = dict(AV_PROMPTS[0]["multi_modal_data"])
         two["audio"] = [two["audio"], two["audio"]]
