@@ -38,8 +38,10 @@ Audio (checkpoints with an `audio_config`): the conformer tower (`encoders/gemma
 -> `embed_audio` (the same embedder), one row per 40 ms of real audio. The front end makes
 each clip's log-mel with the checkpoint's Gemma4AudioFeatureExtractor, unpadded
 (`mm_audio_features`); a prompt holds the audio token once where a clip goes, which becomes
-`<boa>` + n x audio token + `<eoa>` as in Gemma4Processor. Audio tokens are causal and, like
-image tokens, enter the per-layer inputs as the pad token.
+`<boa>` + n x audio token + `<eoa>` as in Gemma4Processor (`mm_mark_items`, on token ids, so
+chat prompts get it too). Audio tokens are causal and, like image tokens, enter the per-layer
+inputs as the pad token. /v1/audio/transcriptions asks for a transcription in one user turn
+through the checkpoint's chat template (`transcription_chat`).
 """
 
 from __future__ import annotations
@@ -535,15 +537,35 @@ class Gemma4ForConditionalGeneration(nnx.Module):
         boi = tokenizer.convert_ids_to_tokens(int(self.hf_config.boi_token_id))
         eoi = tokenizer.convert_ids_to_tokens(int(self.hf_config.eoi_token_id))
         image = tokenizer.convert_ids_to_tokens(self.image_token_id)
-        text = text.replace(image, f"{boi}{image}{eoi}")
+        return text.replace(image, f"{boi}{image}{eoi}")
+
+    def mm_mark_items(self, ids: list[int], encode_text=None) -> list[int]:
+        """Each audio placeholder, a token or an expanded run, between `<boa>` and `<eoa>` as
+        Gemma4Processor writes it (text and token-id prompts alike), unless already there."""
         if self.audio_token_id < 0:
-            return text
-        # and each audio token -> <boa> audio token <eoa>
+            return ids
         c = self.hf_config
-        boa = tokenizer.convert_ids_to_tokens(int(c.boa_token_id))
-        eoa = tokenizer.convert_ids_to_tokens(int(getattr(c, "eoa_token_id", c.eoa_token_index)))
-        audio = tokenizer.convert_ids_to_tokens(self.audio_token_id)
-        return text.replace(audio, f"{boa}{audio}{eoa}")
+        boa, eoa = int(c.boa_token_id), int(getattr(c, "eoa_token_id", c.eoa_token_index))
+        out: list[int] = []
+        for i, t in enumerate(ids):
+            run_starts = t == self.audio_token_id and (i == 0 or ids[i - 1] != t)
+            if run_starts and (i == 0 or ids[i - 1] != boa):
+                out.append(boa)
+            out.append(t)
+            run_ends = t == self.audio_token_id and (i + 1 == len(ids) or ids[i + 1] != t)
+            if run_ends and (i + 1 == len(ids) or ids[i + 1] != eoa):
+                out.append(eoa)
+        return out
+
+    def transcription_chat(self, language: str | None) -> list[dict]:
+        """/v1/audio/transcriptions: the request as one user turn (rendered by the checkpoint's
+        chat template), the audio after the instruction."""
+        into = ""
+        if language:
+            from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+            into = f" into {LANGUAGES.get(language.lower(), language).title()}"
+        return [{"role": "user", "content": f"Transcribe this audio{into}: <|audio|>"}]
 
     def _pooling(self) -> int:
         return int(self.hf_config.vision_config.pooling_kernel_size)

@@ -358,11 +358,21 @@ class AudioFrontend:
     ) -> tuple[str | None, list[int], WhisperRequest]:
         if not self.encoder_decoder:
             make = getattr(self.model, "transcription_prompt_text", None)
-            if make is None or task != "transcribe":
+            chat = getattr(self.model, "transcription_chat", None)
+            if (make is None and chat is None) or task != "transcribe":
                 raise ValueError(f"{type(self.model).__name__} does not {task} audio")
-            # an audio-in-LLM model's own request format (Voxtral); `prompt` (earlier text)
+            # an audio-in-LLM model's own request format (Voxtral), or its request as a user
+            # turn through the checkpoint's chat template (Gemma 4); `prompt` (earlier text)
             # has no place in it
-            request = {"prompt": make(language), "multi_modal_data": {"audio": [audio_item]}}
+            request = {"multi_modal_data": {"audio": [audio_item]}}
+            if chat is not None:
+                from .chat import render_chat
+
+                text = render_chat(self.tokenizer, chat(language))
+                ids = self.tokenizer(text, add_special_tokens=False).input_ids  # BOS: template's
+                request |= {"prompt": text, "prompt_token_ids": ids}
+            else:
+                request["prompt"] = make(language)
             return self._prepare_embeds(request, [audio_item])
         audio = self.load(audio_item)
         ids = self.decoder_prompt(language, task, prompt)
@@ -439,17 +449,17 @@ class AudioFrontend:
             ids = _check_ids(prompt["prompt_token_ids"])
         elif isinstance(text, str):
             # as the HF processor tokenizes (special tokens added): each added audio token
-            # splits the text, so expanding after tokenizing gives the same ids; models whose
-            # processor wraps the placeholder first (Gemma 4: <boa> ... <eoa>) rewrite it
-            rewrite = getattr(self.model, "mm_expand_prompt_text", None)
-            tokens = rewrite(text, self.tokenizer) if rewrite else text
-            ids = [int(t) for t in self.tokenizer(tokens).input_ids]
+            # splits the text, so expanding after tokenizing gives the same ids
+            ids = [int(t) for t in self.tokenizer(text).input_ids]
         else:
             raise ValueError(
                 "an audio prompt for this model needs 'prompt' text (or 'prompt_token_ids') "
                 f"with one audio placeholder ({self.model.mm_placeholder_text('audio')!r}) "
                 "per item"
             )
+        mark = getattr(self.model, "mm_mark_items", None)
+        if mark is not None:  # what the processor writes around each item (Gemma 4's <boa>)
+            ids = mark(ids, lambda s: self.tokenizer.encode(s, add_special_tokens=False))
         uuids = _audio_uuids(prompt.get("multi_modal_uuids"), len(items))
         kwargs = dict(prompt.get("mm_processor_kwargs") or {})
         with self._lock:

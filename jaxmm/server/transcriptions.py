@@ -35,9 +35,10 @@ _FORMATS = ("json", "text", "verbose_json")
 
 
 def supports_transcription(hf_config) -> bool:
-    return any(
-        a in TRANSCRIPTION_ARCHITECTURES for a in getattr(hf_config, "architectures", None) or []
-    )
+    archs = getattr(hf_config, "architectures", None) or []
+    if "Gemma4ForConditionalGeneration" in archs:  # the sizes with an audio tower
+        return getattr(hf_config, "audio_config", None) is not None
+    return any(a in TRANSCRIPTION_ARCHITECTURES for a in archs)
 
 
 def _transcription_prompts(

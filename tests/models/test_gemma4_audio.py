@@ -168,7 +168,10 @@ def gemma4_processor(path: str, feature_size: int = 16):
     return make_processor(
         transformers.Gemma4Processor,
         feature_extractor=transformers.Gemma4AudioFeatureExtractor(feature_size=feature_size),
-        image_processor=Gemma4ImageProcessorPil(),
+        # the tiny vision tower's patches (4 px), pooling (2) and the smallest token budget
+        image_processor=Gemma4ImageProcessorPil(
+            patch_size=4, pooling_kernel_size=2, max_soft_tokens=70
+        ),
         tokenizer=tok,
         video_processor=video,
     )
@@ -230,7 +233,7 @@ def make_gemma4_audio_ckpt(path: str):
         hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=3,
-        layer_types=[S, F, S],
+        layer_types=[S, S, F],
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
@@ -293,7 +296,7 @@ def gemma4(tmp_path_factory):
     from jaxmm import LLM
 
     path, hf, proc = make_gemma4_audio_ckpt(str(tmp_path_factory.mktemp("gemma4_audio")))
-    llm = LLM(path, dtype="float32", max_model_len=320, max_num_batched_tokens=BUDGET)
+    llm = LLM(path, dtype="float32", max_model_len=160, max_num_batched_tokens=BUDGET)
     return llm, hf, proc
 
 
@@ -374,3 +377,80 @@ def test_gemma4_audio_prompts_match_transformers(gemma4):
         out = hf.model.get_audio_features(x["input_features"], x["input_features_mask"])
     ref = out.pooler_output[out.attention_mask].numpy()
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_gemma4_image_and_audio_in_one_prompt(gemma4):
+    from tests.models.test_gemma3 import _image
+
+    llm, hf, proc = gemma4
+    clip = _tone(0.6, 350, 9)
+    prompt = {
+        "prompt": "See <|image|> and hear <|audio|> then say",
+        "multi_modal_data": {"image": _image(24, 32, 0), "audio": [(clip, SR)]},
+    }
+    _check(llm, hf, proc, [prompt], [[clip]])
+
+
+def _wav(clip: np.ndarray) -> bytes:
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, clip, SR, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+def test_gemma4_audio_chat_and_transcriptions(gemma4):
+    import base64
+
+    from openai import OpenAI
+
+    from jaxmm import SamplingParams
+    from tests.server.live_util import KEY, NAME, live_server
+
+    llm, hf, proc = gemma4
+    tok = proc.tokenizer
+    clip = _tone(0.8, 420, 10)
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+
+    # chat with an input_audio part (a wav file, base64): HF renders the same template and
+    # its processor wraps and expands the placeholder
+    wav = base64.b64encode(_wav(clip)).decode()
+    parts = [
+        {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}},
+        {"type": "text", "text": "What is it?"},
+    ]
+    [chat] = llm.chat([{"role": "user", "content": parts}], params, use_tqdm=False)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "<|audio|>\nWhat is it?"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    x = proc(text=text, audio=[clip], add_special_tokens=False, return_tensors="pt")
+    assert chat.prompt_token_ids == x["input_ids"][0].tolist()
+    with torch.no_grad():
+        ref = hf.generate(**x, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
+    assert chat.outputs[0].token_ids == ref[0, x["input_ids"].shape[1] :].tolist()
+
+    # /v1/audio/transcriptions: the request is a user turn through the chat template; the
+    # server takes the whole answer (no max_tokens), a random model runs to max_model_len
+    request = [{"role": "user", "content": "Transcribe this audio into English: <|audio|>"}]
+    text = tok.apply_chat_template(request, add_generation_prompt=True, tokenize=False)
+    ids = tok(text, add_special_tokens=False).input_ids
+    [want] = llm.generate(
+        {"prompt_token_ids": ids, "multi_modal_data": {"audio": (clip, SR)}},
+        SamplingParams(temperature=0, max_tokens=None),
+        use_tqdm=False,
+    )
+    x = proc(text=text, audio=[clip], add_special_tokens=False, return_tensors="pt")
+    assert want.prompt_token_ids == x["input_ids"][0].tolist()
+    assert want.outputs[0].text.strip()
+    kw = dict(dtype="float32", max_model_len=160, max_num_batched_tokens=BUDGET)
+    path = llm.llm_engine.config.model.model
+    with live_server(path, **kw) as (_, url):  # the engine in its own process
+        client = OpenAI(base_url=f"{url}/v1", api_key=KEY)
+        got = client.audio.transcriptions.create(
+            model=NAME, file=("a.wav", _wav(clip), "audio/wav"), language="en"
+        )
+    assert got.text == want.outputs[0].text.strip()
