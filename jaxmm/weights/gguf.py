@@ -152,12 +152,13 @@ _ARCHS = {
     "mistral": ("llama", "LlamaConfig", "LlamaForCausalLM"),
     "qwen2": ("qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3Config", "Qwen3ForCausalLM"),
+    "qwen2moe": ("qwen2_moe", "Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
     "qwen3moe": ("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
 }
 # Mixture-of-experts architectures, with whether llama.cpp's graph renormalises the top-k
-# router weights (HF `norm_topk_prob`; qwen3moe.cpp passes norm_w=true) where the file has no
-# `{arch}.expert_weights_norm`.
-_MOE_ARCHS = {"qwen3moe": True}
+# router weights (HF `norm_topk_prob`; qwen3moe.cpp passes norm_w=true, qwen2moe.cpp false)
+# where the file has no `{arch}.expert_weights_norm`.
+_MOE_ARCHS = {"qwen2moe": False, "qwen3moe": True}
 # llama.cpp permutes the q/k rows of these into its rotary layout; `_unpermute` undoes it.
 _PERMUTED_QK = {"llama", "mistral"}
 
@@ -179,6 +180,7 @@ _MOE_CONFIG_KEYS = {
     "expert_count": "num_experts",
     "expert_used_count": "num_experts_per_tok",
     "expert_feed_forward_length": "moe_intermediate_size",
+    "expert_shared_feed_forward_length": "shared_expert_intermediate_size",  # qwen2moe
 }
 
 # GGUF tensor name -> HF key: `blk.{i}.<module>.{weight,bias}` and a few top-level tensors
@@ -200,6 +202,11 @@ _LAYER = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
     "ffn_gate_inp": "mlp.gate",  # the MoE router, (E, D)
+    # qwen2moe's shared expert and its gate, (1, D) in HF
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 # stacked experts (E, out, in) -> the per-expert HF projection
 _EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
@@ -318,6 +325,8 @@ def _config_kwargs(
     kwargs["tie_word_embeddings"] = "output.weight" not in infos
     if arch in ("llama", "mistral"):
         kwargs["attention_bias"] = "blk.0.attn_q.bias" in infos
+    if arch == "qwen2moe":  # Qwen2MoeConfig's name for the q/k/v bias
+        kwargs["qkv_bias"] = "blk.0.attn_q.bias" in infos
     if arch in _MOE_ARCHS:
         for key, field in _MOE_CONFIG_KEYS.items():
             if f"{arch}.{key}" in metadata:
@@ -466,6 +475,9 @@ class GGUFCheckpoint:
             if _is_expert_stack(info.name):  # (E, out, in): one (out, in) per expert
                 for key, expert in zip(_hf_keys(info), w, strict=True):
                     yield key, expert.astype(dtype, copy=False)
+            elif info.name.endswith(".ffn_gate_inp_shexp.weight"):
+                # HF's Linear(D, 1) weight; llama.cpp reads it as a vector, files hold (D,)
+                yield _hf_name(info.name), w.reshape(1, -1).astype(dtype, copy=False)
             else:
                 yield _hf_name(info.name), w.astype(dtype, copy=False)
 

@@ -1,11 +1,12 @@
-"""GGUF mixture-of-experts files (llama.cpp's `qwen3moe`) against transformers.
+"""GGUF mixture-of-experts files (llama.cpp's `qwen3moe`, `qwen2moe`) against transformers.
 
-A tiny random Qwen3-MoE, saved by transformers, is written as llama.cpp's converter lays it
-out: router `ffn_gate_inp` (E, D), experts stacked per projection as `ffn_{gate,up,down}_exps`
-(E, out, in), q/k norms, `{arch}.expert_*` metadata and the locally trained tokenizer as
-`tokenizer.ggml.*`. jaxmm.LLM on that file gives transformers' greedy tokens and logits on the
-weights transformers' own GGUF reader dequantizes from the same file (experts in F32, F16,
-Q8_0 and Q4_0)."""
+A tiny random Qwen3-MoE or Qwen2-MoE, saved by transformers, is written as llama.cpp's
+converter lays it out: router `ffn_gate_inp` (E, D), experts stacked per projection as
+`ffn_{gate,up,down}_exps` (E, out, in), q/k norms (qwen3moe), the shared expert `ffn_*_shexp`
+and its gate as a (D,) vector (qwen2moe), `{arch}.expert_*` metadata and the locally trained
+tokenizer as `tokenizer.ggml.*`. jaxmm.LLM on that file gives transformers' greedy tokens
+and logits on the weights transformers' own GGUF reader dequantizes from the same file
+(experts in F32, F16, Q8_0 and Q4_0)."""
 
 import json
 import os
@@ -22,6 +23,7 @@ from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 from jaxmm import LLM
 from jaxmm.weights.gguf import load_gguf
 from tests.helpers import CHAT_TEMPLATE, hf_greedy, make_tokenizer
+from tests.models.test_qwen2_moe import make_qwen2_moe_checkpoint
 from tests.models.test_qwen3_moe import (
     NEW_TOKENS,
     PROMPTS,
@@ -30,7 +32,7 @@ from tests.models.test_qwen3_moe import (
     make_moe_checkpoint,
 )
 
-# HF module -> llama.cpp's tensor name (gguf-py's tensor map for qwen3moe), per layer
+# HF module -> llama.cpp's tensor name (gguf-py's tensor maps for qwen3moe, qwen2moe), per layer
 LAYER_NAMES = {
     "input_layernorm": "attn_norm",
     "self_attn.q_proj": "attn_q",
@@ -44,6 +46,10 @@ LAYER_NAMES = {
     "mlp.gate_proj": "ffn_gate",  # a dense layer (mlp_only_layers)
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
 }
 TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 EXPERT_NAMES = {
@@ -71,6 +77,8 @@ def _gguf_tensors(hf: dict[str, np.ndarray], E: int) -> dict[str, np.ndarray]:
                 ]
                 out[f"blk.{layer}.{EXPERT_NAMES[proj]}.{param}"] = np.stack(stack)
             continue
+        if rest == "mlp.shared_expert_gate":
+            value = value[0]  # (1, D): llama.cpp's converter stores the vector
         out[f"blk.{layer}.{LAYER_NAMES[rest]}.{param}"] = value
     return out
 
@@ -99,27 +107,31 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir: str) -> None:
 
 
 def write_moe_gguf(hf_dir: str, path: str, qtypes: dict[str, QT]) -> dict[str, np.ndarray]:
-    """Write the HF checkpoint `hf_dir` as a `qwen3moe` GGUF; tensors in F32 unless `qtypes`
-    names another type. Returns the HF tensors."""
+    """Write the HF checkpoint `hf_dir` (Qwen3-MoE or Qwen2-MoE) as a `qwen3moe` / `qwen2moe`
+    GGUF; tensors in F32 unless `qtypes` names another type. Returns the HF tensors."""
     with open(os.path.join(hf_dir, "config.json")) as f:
         cfg = json.load(f)
     hf = load_file(os.path.join(hf_dir, "model.safetensors"))
     E = cfg.get("num_experts") or cfg["num_local_experts"]  # the name transformers 5.24 saves
-    writer = gguf.GGUFWriter(path, "qwen3moe")
-    writer.add_name("tiny qwen3moe")
+    arch = cfg["model_type"].replace("_", "")
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_name(f"tiny {arch}")
     writer.add_block_count(cfg["num_hidden_layers"])
     writer.add_context_length(cfg["max_position_embeddings"])
     writer.add_embedding_length(cfg["hidden_size"])
     writer.add_feed_forward_length(cfg["intermediate_size"])
     writer.add_head_count(cfg["num_attention_heads"])
     writer.add_head_count_kv(cfg["num_key_value_heads"])
-    writer.add_key_length(cfg["head_dim"])
-    writer.add_value_length(cfg["head_dim"])
+    if "head_dim" in cfg:  # Qwen3's; Qwen2's is hidden / heads
+        writer.add_key_length(cfg["head_dim"])
+        writer.add_value_length(cfg["head_dim"])
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     writer.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
     writer.add_expert_count(E)
     writer.add_expert_used_count(cfg["num_experts_per_tok"])
     writer.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    if cfg.get("shared_expert_intermediate_size"):
+        writer.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
     writer.add_vocab_size(cfg["vocab_size"])
     _add_tokenizer(writer, hf_dir)
     for name, w in _gguf_tensors(hf, E).items():
@@ -144,33 +156,38 @@ QTYPES = {
     "blk.0.attn_k.weight": QT.Q8_0,
     "blk.2.attn_q.weight": QT.F16,
     "token_embd.weight": QT.Q8_0,
+    "blk.0.ffn_up_shexp.weight": QT.Q8_0,  # qwen2moe
+    "blk.2.ffn_gate_shexp.weight": QT.F16,
 }
 
 
 VOCAB = 300  # the local tokenizer trained past its 262 byte and special tokens: it has merges
 
 
-def _checkpoint(root: str, name: str, **overrides) -> str:
-    """test_qwen3_moe's tiny Qwen3-MoE with a tokenizer that has BPE merges, as real files do."""
-    path = make_moe_checkpoint(root, name, vocab_size=VOCAB, **overrides)
+MAKERS = {"qwen3moe": make_moe_checkpoint, "qwen2moe": make_qwen2_moe_checkpoint}
+
+
+def _checkpoint(root: str, arch: str, name: str, **overrides) -> str:
+    """test_qwen3_moe's / test_qwen2_moe's tiny model with a tokenizer that has BPE merges, as
+    real files do."""
+    path = MAKERS[arch](root, name, vocab_size=VOCAB, **overrides)
     assert len(make_tokenizer(path, VOCAB)) == VOCAB
     return path
 
 
-@pytest.fixture(scope="module")
-def all_sparse(ckpt_root):
-    """Every layer MoE, as llama.cpp's qwen3moe graph has it; expert width 32 (quantized rows
-    are whole 32-value blocks)."""
-    return _checkpoint(ckpt_root, "qwen3_moe_gguf", mlp_only_layers=[], moe_intermediate_size=32)
-
-
-def test_qwen3moe_gguf_matches_transformers(all_sparse, tmp_path):
-    path = str(tmp_path / "tiny-qwen3moe.gguf")
-    write_moe_gguf(all_sparse, path, QTYPES)
-    hf_config = transformers.AutoConfig.from_pretrained(all_sparse)
+@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe"])
+def test_gguf_matches_transformers(ckpt_root, tmp_path, arch):
+    # every layer MoE, as llama.cpp's graphs have it; expert width 32 (quantized rows are
+    # whole 32-value blocks)
+    hf_dir = _checkpoint(
+        ckpt_root, arch, f"{arch}_gguf", mlp_only_layers=[], moe_intermediate_size=32
+    )
+    path = str(tmp_path / f"tiny-{arch}.gguf")
+    write_moe_gguf(hf_dir, path, QTYPES)
+    hf_config = transformers.AutoConfig.from_pretrained(hf_dir)
 
     # transformers' own GGUF reader dequantizes the same file: the reference weights
-    model = transformers.Qwen3MoeForCausalLM(hf_config)
+    model = getattr(transformers, hf_config.architectures[0])(hf_config)
     ref = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
     assert set(ref) == set(model.state_dict())
     model.load_state_dict(ref, strict=True)
@@ -179,11 +196,13 @@ def test_qwen3moe_gguf_matches_transformers(all_sparse, tmp_path):
 
     ckpt = load_gguf(path)
     cfg = ckpt.hf_config
-    assert cfg.architectures == ["Qwen3MoeForCausalLM"]
+    assert cfg.architectures == hf_config.architectures
     for field in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "head_dim",
+                  "shared_expert_intermediate_size", "norm_topk_prob", "qkv_bias",
                   "num_key_value_heads", "intermediate_size", "tie_word_embeddings"):  # fmt: skip
-        assert getattr(cfg, field) == getattr(hf_config, field), field
-    assert cfg.norm_topk_prob and cfg.mlp_only_layers == [] and cfg.decoder_sparse_step == 1
+        assert getattr(cfg, field, None) == getattr(hf_config, field, None), field
+    assert cfg.norm_topk_prob == (arch == "qwen3moe")  # as llama.cpp's graphs route
+    assert cfg.mlp_only_layers == [] and cfg.decoder_sparse_step == 1
     ours = dict(ckpt.tensors())
     assert list(ours) == ckpt.keys()
     assert "model.layers.0.mlp.experts.3.down_proj.weight" in ours
@@ -201,7 +220,7 @@ def test_qwen3moe_gguf_matches_transformers(all_sparse, tmp_path):
 
     llm = LLM(path, dtype="float32", max_model_len=256, max_num_batched_tokens=256)
     tok = llm.get_tokenizer()
-    local = transformers.AutoTokenizer.from_pretrained(all_sparse)
+    local = transformers.AutoTokenizer.from_pretrained(hf_dir)
     ids = [tok(p).input_ids for p in PROMPTS]
     assert ids == [local(p).input_ids for p in PROMPTS]  # the file's tokenizer is the local one
     assert _generate(llm, ids) == hf_greedy(ref_dir, ids, NEW_TOKENS)
@@ -213,7 +232,7 @@ def test_qwen3moe_gguf_matches_transformers(all_sparse, tmp_path):
 def test_dense_layers_and_per_expert_tensors(ckpt_root, tmp_path):
     """A layer without a router is a dense MLP (`mlp_only_layers`); F32 tensors come back as
     exactly the per-expert tensors save_pretrained wrote."""
-    hf_dir = _checkpoint(ckpt_root, "qwen3_moe_gguf_dense")  # layer 1 dense
+    hf_dir = _checkpoint(ckpt_root, "qwen3moe", "qwen3moe_gguf_dense")  # layer 1 dense
     path = str(tmp_path / "dense-layer.gguf")
     hf = write_moe_gguf(hf_dir, path, {})
     ckpt = load_gguf(path)
@@ -247,5 +266,5 @@ def test_unsupported_moe_architecture(tmp_path, arch):
     _expert_file(path, arch)
     with pytest.raises(ValueError, match=f"GGUF architecture '{arch}'") as err:
         load_gguf(path)
-    assert "mixture-of-experts: ['qwen3moe']" in str(err.value)
+    assert "mixture-of-experts: ['qwen2moe', 'qwen3moe']" in str(err.value)
     assert "mixture-of-experts tensors (blk.0.ffn_gate_exps.weight" in str(err.value)
