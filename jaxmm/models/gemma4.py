@@ -21,7 +21,10 @@ Gemma 3 (`gemma3.py`, whose mask and attention helpers this file reuses):
 - a `layer_scalar` multiplying each layer's output; an optional MoE block beside the dense
   MLP (`enable_moe_block`: router with its own norm and per-expert scales, experts from
   layers/moe.py); a double-wide MLP on shared layers (`use_double_wide_mlp`);
-- final logit soft cap on both classes.
+- final logit soft cap on both classes;
+- local layers optionally on rings of N tokens per sequence instead of pages, as in Gemma 3
+  and by its switch ($JAXMM_GEMMA3_LOCAL_KV_TOKENS): shared local layers read their
+  producer's ring (docs/gemma4.md has the KV bytes per token of each layout).
 
 Images (the VLM): the Gemma 4 vision tower (`encoders/gemma4_vision.py`: variable-size images
 as patches, 2-D RoPE, pooled k x k by patch position) -> RMSNorm without scale -> one matmul
@@ -66,7 +69,18 @@ from jaxmm.models.encoders.gemma4_audio import (
     encode_audio_items,
 )
 from jaxmm.models.encoders.gemma4_vision import Gemma4RMSNorm, Gemma4VisionModel
-from jaxmm.models.gemma3 import FULL, SLIDING, attention, image_causal_end
+from jaxmm.models.gemma3 import (
+    FULL,
+    LOCAL_KV_ENV,
+    RING_PAGE,
+    SLIDING,
+    attention,
+    image_causal_end,
+    local_ring_pages,
+    pages_as_ring,
+    ring_as_pages,
+    ring_metadata,
+)
 from jaxmm.models.qwen3_moe import moe_impl
 from jaxmm.weights.experts import ExpertStacker
 
@@ -285,13 +299,20 @@ class Gemma4TextModel(nnx.Module):
         self.D, self.L = D, L
         self.kinds = tuple(layer_types(config))
         self.producer = tuple(kv_sharing(config))
-        # cached layers, in layer order: each shared layer uses its producer's slot
-        slots, n = [], 0
-        for p in self.producer:
-            slots.append(n if p is None else slots[p])
-            n += p is None
-        self.slot = tuple(slots)
-        self.num_cached = n
+        # local layers on rings ($JAXMM_GEMMA3_LOCAL_KV_TOKENS, as in gemma3.py): the paged
+        # caches are then the global layers', the rings follow them
+        self.ring_pages = local_ring_pages(config)
+        self.window = config.sliding_window
+        # each layer's cache: the layers computing K/V in layer order (paged global layers
+        # first when local ones are on rings); a shared layer uses its producer's
+        own = [i for i, p in enumerate(self.producer) if p is None]
+        if self.ring_pages:
+            own.sort(key=lambda i: self.kinds[i] != FULL)
+        index = {layer: n for n, layer in enumerate(own)}
+        self.slot = tuple(index[i if p is None else p] for i, p in enumerate(self.producer))
+        self.cached_layers = tuple(own)
+        self.num_cached = len(own)
+        self.num_paged = sum(self.kinds[i] == FULL for i in own) if self.ring_pages else len(own)
         self.inv_freq = {
             kind: tuple(float(f) for f in rope_inv_freq(config, kind))
             for kind in sorted(set(self.kinds))
@@ -311,7 +332,10 @@ class Gemma4TextModel(nnx.Module):
         ctx = self.per_layer_projection_norm(ctx.reshape(T, self.L, self.Dp))
         return (ctx + tok) * jnp.asarray(2.0**-0.5, x.dtype)
 
-    def __call__(self, input_ids, kv_caches, md, inputs_embeds=None, causal_end=None, ple_ids=None):
+    def __call__(
+        self, input_ids, kv_caches, md, inputs_embeds=None, causal_end=None, ple_ids=None,
+        slots=None,
+    ):  # fmt: skip
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (T, D)
         ple = None
         if self.Dp:
@@ -321,6 +345,20 @@ class Gemma4TextModel(nnx.Module):
             for kind, f in self.inv_freq.items()
         }
         caches = list(kv_caches)
+        local_md = md
+        if self.ring_pages:  # rings read as page pools through a page table of their own
+            R, T = self.ring_pages, x.shape[0]
+            if R * RING_PAGE < self.window + T - 1:
+                raise ValueError(
+                    f"{LOCAL_KV_ENV}={R * RING_PAGE} holds fewer tokens than the sliding window "
+                    f"({self.window}) plus a step of {T} tokens needs: set it to at least "
+                    f"sliding_window + max_num_batched_tokens - 1 = {self.window + T - 1}"
+                )
+            G = caches[0].shape[3]
+            local_md = ring_metadata(md, slots, R, -(-md.page_indices.shape[1] * G // RING_PAGE))
+            Z = caches[self.num_paged].shape[0] if self.num_cached > self.num_paged else 0
+            for n in range(self.num_paged, self.num_cached):
+                caches[n] = ring_as_pages(caches[n])
         step_kv = {}  # producer layer -> its K/V of this step, for the layers sharing them
         for i, layer in enumerate(self.layers):
             kind, p = self.kinds[i], self.producer[i]
@@ -331,12 +369,15 @@ class Gemma4TextModel(nnx.Module):
                 x,
                 *rotary[kind],
                 caches[s],
-                md,
+                local_md if kind == SLIDING else md,
                 None if ple is None else ple[:, i],
                 end,
                 None if p is None else step_kv[p],
             )
             step_kv[i] = kv
+        if self.ring_pages:
+            for n in range(self.num_paged, self.num_cached):
+                caches[n] = pages_as_ring(caches[n], Z)
         return self.norm(x), caches
 
 
@@ -372,7 +413,13 @@ class Gemma4ForCausalLM(nnx.Module):
         self, input_ids, kv_caches, md: AttentionMetadata, inputs_embeds=None, seq_inputs=None,
         causal_end=None, ple_ids=None,
     ):  # fmt: skip
-        return self.model(input_ids, kv_caches, md, inputs_embeds, causal_end, ple_ids)
+        slots = None
+        if self.model.ring_pages:  # each running sequence's ring slot (as gemma3.py)
+            if seq_inputs is not None and "state_slot" in seq_inputs:
+                slots = seq_inputs["state_slot"]
+            else:  # no request in the step: every row uses the scratch slot
+                slots = jnp.full(md.kv_lens.shape, kv_caches[-1].shape[0] - 1, jnp.int32)
+        return self.model(input_ids, kv_caches, md, inputs_embeds, causal_end, ple_ids, slots)
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden (S, D) -> logits (S, V) in float32, soft-capped where the config says."""
@@ -386,14 +433,23 @@ class Gemma4ForCausalLM(nnx.Module):
         return logits
 
     def kv_cache_layer_shapes(self) -> list[tuple[int, int]]:
-        """(K, H) of each cached layer's page pool, in layer order: shared layers have none."""
-        c = self.config
-        return [layer_shape(c, i) for i, p in enumerate(self.model.producer) if p is None]
+        """(K, H) of each paged layer's page pool (layer order; global layers only when the
+        local ones keep rings): shared layers have none."""
+        m = self.model
+        return [layer_shape(self.config, i) for i in m.cached_layers[: m.num_paged]]
 
     def kv_cache_spec(self) -> tuple[int, int, int]:
-        """(cached layers L, K, H) of the first cached layer; `kv_cache_layer_shapes` has
+        """(paged layers L, K, H) of the first paged layer; `kv_cache_layer_shapes` has
         every layer's."""
-        return (self.model.num_cached, *self.kv_cache_layer_shapes()[0])
+        return (self.model.num_paged, *self.kv_cache_layer_shapes()[0])
+
+    def state_cache_spec(self, dtype) -> list[tuple[tuple[int, ...], jnp.dtype]]:
+        """Per-slot (shape, dtype) of each local layer's ring (none when off)."""
+        m = self.model
+        if not m.ring_pages:
+            return []
+        shapes = [layer_shape(self.config, i) for i in m.cached_layers[m.num_paged :]]
+        return [((2, K, m.ring_pages, RING_PAGE, H), dtype) for K, H in shapes]
 
 
 # ---------------------------------------------------------------------------------------
@@ -493,7 +549,7 @@ class Gemma4ForConditionalGeneration(nnx.Module):
         lm = self.language_model
 
         def run(caches, causal_end=None):
-            return lm(input_ids, caches, md, inputs_embeds, None, causal_end, ple_ids)
+            return lm(input_ids, caches, md, inputs_embeds, seq_inputs, causal_end, ple_ids)
 
         if not self.bidirectional:
             return run(kv_caches)
@@ -511,6 +567,9 @@ class Gemma4ForConditionalGeneration(nnx.Module):
 
     def kv_cache_spec(self) -> tuple[int, int, int]:
         return self.language_model.kv_cache_spec()
+
+    def state_cache_spec(self, dtype) -> list[tuple[tuple[int, ...], jnp.dtype]]:
+        return self.language_model.state_cache_spec(dtype)
 
     # -- images --------------------------------------------------------------------------------
     def get_image_features(self, pixel_values: jax.Array, positions: jax.Array) -> jax.Array:

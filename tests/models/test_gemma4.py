@@ -101,27 +101,43 @@ TEXT_PROMPTS = [
 ]
 
 
-@pytest.mark.parametrize("variant", ["shared", "moe"])
-def test_text_greedy_and_logits_match_transformers(ckpt_root, variant):
+RING_TOKENS = 32  # >= window + step budget - 1 = 23; the long prompts wrap the ring
+
+
+@pytest.mark.parametrize(
+    "variant,local_kv", [("shared", "paged"), ("shared", "ring"), ("moe", "paged")]
+)
+def test_text_greedy_and_logits_match_transformers(ckpt_root, variant, local_kv, monkeypatch):
     import math
 
     import transformers
 
     from jaxmm import LLM, SamplingParams
+    from jaxmm.models.gemma3 import LOCAL_KV_ENV
     from jaxmm.runner.model_runner import SeqStep
     from tests.helpers import hf_greedy
 
     path = make_gemma4_text(ckpt_root, variant)
+    monkeypatch.setenv(LOCAL_KV_ENV, str(RING_TOKENS) if local_kv == "ring" else "0")
     llm = LLM(path, dtype="float32", max_model_len=256, max_num_batched_tokens=BUDGET)
     tok = llm.get_tokenizer()
     ids = [tok(p).input_ids for p in TEXT_PROMPTS]
     ids.append(ids[2] + ids[1])
     assert max(len(i) for i in ids) > WINDOW + BUDGET
     runner = llm.llm_engine.runner
-    if variant == "shared":
+    if local_kv == "ring":
+        assert max(len(i) for i in ids) > RING_TOKENS + BUDGET  # wraps the ring
+        # pages for the one global layer computing K/V (layer 4 reads layer 1's); the two
+        # local ones (0 and 2; layer 3 reads layer 0's) a fixed ring per sequence, whatever
+        # the context: KV per token stops growing for local layers
+        assert runner.num_layers == 1 and runner.num_state_slots == runner.max_num_seqs
+        assert runner.kv_caches[0].shape[1::3] == (1, 32)
+        rings = runner.kv_caches[1:]
+        assert [r.shape[1:] for r in rings] == [(2, 2, RING_TOKENS // 16, 16, 16)] * 2
+    elif variant == "shared":
         # layers 3 and 4 read layers 0 and 1's pages: three page pools, each its own shape
         # (global layers: one KV head of 32, local ones two of 16)
-        assert runner.num_layers == 3
+        assert runner.num_layers == 3 and runner.num_state_slots == 0
         shapes = [tuple(c.shape[i] for i in (1, 4)) for c in runner.kv_caches[:3]]
         assert shapes == [(2, 16), (1, 32), (2, 16)]
     else:
@@ -297,21 +313,25 @@ def _chunks(n: int, items, budget: int, whole: bool) -> list[tuple[int, int]]:
     return out
 
 
-@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidir"])
-def test_vlm_greedy_and_logits_match_transformers(ckpt_root, bidirectional):
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidir_ring"])
+def test_vlm_greedy_and_logits_match_transformers(ckpt_root, bidirectional, monkeypatch):
     import transformers
 
     from jaxmm import LLM, SamplingParams
+    from jaxmm.models.gemma3 import LOCAL_KV_ENV
     from jaxmm.multimodal.inputs import prepare_multimodal_prompt
     from jaxmm.runner.model_runner import SeqStep
 
     path = make_gemma4_vlm(ckpt_root, bidirectional)
     # causal: 24-token steps end inside images; bidirectional: an image (<= 70 tokens) fits a
-    # step and the scheduler keeps each in one
+    # step and the scheduler keeps each in one; its local layers on rings of 144 tokens
+    # (window 8 + a step bucket of 128 - 1 = 135 needed), which the two-image prompt wraps
     budget = 80 if bidirectional else 24
+    monkeypatch.setenv(LOCAL_KV_ENV, "144" if bidirectional else "0")
     llm = LLM(path, dtype="float32", max_model_len=384, max_num_batched_tokens=budget)
     engine = llm.llm_engine
     assert engine.scheduler.whole_mm_items == bidirectional
+    assert engine.runner.num_layers == (1 if bidirectional else 3)
     hf = transformers.Gemma4ForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
     hf = hf.eval()
     proc = make_gemma4_processor(path + "_processor")  # the saved one, rebuilt in memory
@@ -332,6 +352,7 @@ def test_vlm_greedy_and_logits_match_transformers(ckpt_root, bidirectional):
             ref = hf.generate(**inp, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
         assert out.outputs[0].token_ids == ref[0, inp["input_ids"].shape[1] :].tolist()
     assert any(len(set(o.outputs[0].token_ids)) > 2 for o in outs)
+    assert len(outs[2].prompt_token_ids) + NEW_TOKENS > 144  # wraps the rings
     # three sizes of image, each its own number of tokens
     image_id = hf.config.image_token_id
     counts = [int((i["input_ids"] == image_id).sum()) for i in inputs]
@@ -370,3 +391,31 @@ def test_vlm_greedy_and_logits_match_transformers(ckpt_root, bidirectional):
     with torch.no_grad():
         ref = np.stack([hf(**i).logits[0, -1].numpy() for i in inputs])
     np.testing.assert_allclose(np.stack(rows), ref, atol=1e-4, rtol=0)
+
+
+def test_gemma4_ttft_benchmark_smoke(tmp_path, capsys, monkeypatch):
+    import json
+
+    from benchmarks import gemma4_ttft
+    from jaxmm.models.gemma3 import LOCAL_KV_ENV
+
+    monkeypatch.setenv(LOCAL_KV_ENV, "0")  # main() sets it: unset again afterwards
+    argv = ["--config", "small", "--iters", "1", "--device", "cpu", "--decode-tokens", "2", "4"]
+    # local layers on rings of window (16) + one step bucket (128) - 1 tokens, rounded up
+    argv += ["--max-num-batched-tokens", "128", "--context", "256", "--local-kv-tokens", "144"]
+    results = gemma4_ttft.main(argv + ["--workdir", str(tmp_path)])
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()[-2:]]
+    assert lines == results
+    ttft, decode = results
+    assert ttft["num_image_tokens"] == 64 and ttft["num_prompt_tokens"] > 64  # 96² -> 24² patches
+    for key in ("preprocess_s", "encoder_s", "prefill_s", "e2e_s", "hf_e2e_s"):
+        assert ttft[key] > 0, key
+    assert isinstance(decode["engine_ms_per_token"], float) and decode["roofline_ms_per_token"] > 0
+    # 6 layers, the last 3 reading layers 1 (local) and 2 (global): two local pools of one KV
+    # head of 16, one global of 32; 2 bytes each of K and V
+    local, glob = 2 * 16 * 2, 2 * 32 * 2
+    assert ttft["kv_bytes_per_token_padded"] == 6 * glob
+    assert ttft["kv_bytes_per_token_full_layout"] == 4 * local + 2 * glob
+    assert ttft["kv_bytes_per_token_shared"] == 2 * local + glob
+    assert ttft["kv_bytes_per_token_windowed"] == round(glob + 2 * local * 144 / 256)
+    assert ttft["kv_bytes_per_token_measured"] == ttft["kv_bytes_per_token_windowed"]
