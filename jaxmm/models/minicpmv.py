@@ -6,8 +6,9 @@ images, a window merger inside it and a 2x2 merger after it, then Qwen3.5's hybr
    of slices; all of them NaViT-packed into one `pixel_values` (3, p, patches * p) with each
    sub-image's patch grid in `target_sizes` and the slice grid in `grids` (the front end
    keeps both, `multimodal/processor.py`).
-2. The tower (`encoders/minicpmv_vision.py`) runs each sub-image on its own; sub-images of
-   one size (the slices of an image, and any item's of that size) share a call. Each gives
+2. The tower (`encoders/minicpmv_vision.py`) runs each sub-image on its own (attention
+   inside it only); sub-images of any size share a call, padded to a patch-count bucket,
+   their patches in block-major order so that no program depends on the grid. Each gives
    h * w / 16 rows ("16x") or h * w / 4 ("4x", no window merger).
 3. Placeholders: the prompt holds one image token per image; its span is the processor's
    text, `<image>` + the source's tokens + `</image>`, then per slice row (rows joined by
@@ -29,8 +30,6 @@ height)), which sets the span; their rows are spread over it like the tower's. V
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,7 +37,12 @@ from flax import nnx
 
 from jaxmm.layers.attention import AttentionMetadata
 from jaxmm.models.device_rows import DeviceRows
-from jaxmm.models.encoders.minicpmv_vision import MiniCPMVMerger, MiniCPMVVisionModel
+from jaxmm.models.encoders.minicpmv_vision import (
+    MiniCPMVMerger,
+    MiniCPMVVisionModel,
+    block_order,
+    position_ids,
+)
 from jaxmm.models.llava import language_config, next_pow2
 from jaxmm.models.qwen3_5 import Qwen3_5ForCausalLM
 
@@ -107,12 +111,22 @@ class MiniCPMV4_6ForConditionalGeneration(nnx.Module):
         return self.language_model.state_cache_spec(dtype)
 
     # -- features ------------------------------------------------------------------------------
-    def sub_image_features(self, patches: jax.Array, h: int, w: int) -> jax.Array:
-        """patches (B, h * w, 3 * p * p) of sub-images of (h, w) patches -> (B, n, E)."""
-        x = self.vision_tower(patches.astype(self.dtype), h, w, self.use_vit_merger)
-        if self.use_vit_merger:
-            h, w = h // 2, w // 2
-        return self.merger(x, h, w)
+    @property
+    def merge_levels(self) -> int:
+        """2x2 merges from patches to rows: the window merger's ("16x") and the merger's."""
+        return int(self.use_vit_merger) + int(self.hf_config.merger_times)
+
+    def sub_image_inputs(self, patches: np.ndarray, h: int, w: int) -> tuple[np.ndarray, ...]:
+        """One sub-image's row-major patches (h * w, K) -> the tower's inputs: the patches
+        and their position-table rows (h * w,), both in block-major order."""
+        order = block_order(h, w, self.merge_levels)
+        side = self.vision_tower.embeddings.side
+        return patches[order], position_ids(h, w, side)[order]
+
+    def sub_image_features(self, patches: jax.Array, pos: jax.Array, lens: jax.Array):
+        """patches (B, C, K) block-major, pos (B, C), lens (B,) -> rows (B, C / divisor, E)."""
+        x = self.vision_tower(patches.astype(self.dtype), pos, lens, self.use_vit_merger)
+        return self.merger(x)
 
     # -- the multimodal contract (plain Python; see llava.py) -------------------------------
     def mm_token_id(self, modality: str) -> int:
@@ -204,20 +218,28 @@ class MiniCPMV4_6ForConditionalGeneration(nnx.Module):
             )
         return dict(meta)
 
+    def patch_bucket(self, n: int) -> int:
+        """Patches per sub-image in a tower call: powers of two and 1.5x them, multiples of
+        the rows' patch count (16, 32, 48, 64, 96, ... for "16x")."""
+        p = max(next_pow2(n), self.divisor)
+        return 3 * p // 4 if p >= 4 * self.divisor and 3 * p // 4 >= n else p
+
     def mm_encoder(self, graphdef):
         """A host function (params, modality, items) -> [span rows per item] on the device.
 
-        Every item's sub-images are grouped by patch grid; a group runs in one tower call,
-        padded to a power of two of sub-images (one program per grid and count). An item's
-        span rows then come from one small program: the tower's rows at its image tokens,
-        the text's embeddings elsewhere, padded to a power of two of rows."""
+        Every item's sub-images go to the tower by patch-count bucket (`patch_bucket`), any
+        sizes together, a call padded to a power of two of sub-images: one program per
+        (count, bucket). An item's span rows then come from one small program: the tower's
+        rows at its image tokens, the text's embeddings elsewhere, padded to a power of two
+        of rows. Precomputed rows (`image_embeds`) skip the tower."""
         vc = self.hf_config.vision_config
         p, C = int(vc.patch_size), int(vc.num_channels)
         token = self.mm_token_id("image")
+        div = self.divisor
 
-        @functools.partial(jax.jit, static_argnums=(2, 3))
-        def tower(params, patches, h: int, w: int):
-            return nnx.merge(graphdef, params).sub_image_features(patches, h, w)
+        @jax.jit
+        def tower(params, patches, pos, lens):
+            return nnx.merge(graphdef, params).sub_image_features(patches, pos, lens)
 
         @jax.jit
         def spread(params, groups, src, text_ids, is_image):
@@ -226,9 +248,9 @@ class MiniCPMV4_6ForConditionalGeneration(nnx.Module):
             return jnp.where(is_image[:, None], rows[src], text)
 
         def encode(params, modality: str, items: list[dict]) -> list[DeviceRows]:
-            # (item, sub-image) -> patches; sub-images grouped by grid across items
-            groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
-            patches: dict[tuple[int, int], np.ndarray] = {}
+            # (item, sub-image) -> (patches, pos); sub-images grouped by bucket across items
+            groups: dict[int, list[tuple[int, int]]] = {}
+            inputs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
             for i, it in enumerate(items):
                 if "image_embeds" in it:  # precomputed rows: spread over the span only
                     continue
@@ -236,21 +258,24 @@ class MiniCPMV4_6ForConditionalGeneration(nnx.Module):
                 flat = px.reshape(C, p, -1, p).transpose(2, 0, 1, 3).reshape(-1, C * p * p)
                 start = 0
                 for j, (h, w) in enumerate(self._sizes(it)):
-                    groups.setdefault((int(h), int(w)), []).append((i, j))
-                    patches[(i, j)] = flat[start : start + h * w]
+                    h, w = int(h), int(w)
+                    inputs[(i, j)] = self.sub_image_inputs(flat[start : start + h * w], h, w)
+                    groups.setdefault(self.patch_bucket(h * w), []).append((i, j))
                     start += h * w
             outs, where = [], {}  # where: (item, sub-image) -> its first row in the concat
             base = 0
-            for (h, w), members in groups.items():
-                batch = np.zeros((next_pow2(len(members)), h * w, C * p * p), np.float32)
+            for bucket, members in groups.items():
+                B = next_pow2(len(members))
+                patches = np.zeros((B, bucket, C * p * p), np.float32)
+                pos = np.zeros((B, bucket), np.int32)
+                lens = np.full((B,), bucket, np.int32)  # padding sub-images: no masked rows
                 for k, key in enumerate(members):
-                    batch[k] = patches[key]
-                out = tower(params, batch, h, w)  # (B, n, E)
-                n = out.shape[1]
-                for k, key in enumerate(members):
-                    where[key] = base + k * n
-                base += out.shape[0] * n
-                outs.append(out)
+                    n = len(inputs[key][1])
+                    patches[k, :n], pos[k, :n] = inputs[key]
+                    lens[k] = n
+                    where[key] = base + k * (bucket // div)
+                outs.append(tower(params, patches, pos, lens))  # (B, bucket / div, E)
+                base += B * (bucket // div)
             for i, it in enumerate(items):
                 if "image_embeds" in it:
                     rows = np.asarray(it["image_embeds"])
@@ -261,6 +286,7 @@ class MiniCPMV4_6ForConditionalGeneration(nnx.Module):
                     outs.append(jnp.asarray(padded))
             result = []
             for i, it in enumerate(items):
+                # an item prepared outside the front end has no span: the tower's rows alone
                 span = it.get("span_ids") or [token] * sum(self._tokens(self._sizes(it)))
                 L = max(next_pow2(len(span)), 16)
                 ids = np.zeros(L, np.int32)

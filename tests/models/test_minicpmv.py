@@ -234,27 +234,36 @@ def test_precomputed_embeddings_with_image_sizes_give_the_same_tokens(minicpmv):
 
 def test_tower_rows_match_transformers_in_both_downsample_modes(minicpmv):
     """Each sub-image's merger rows against transformers' `get_image_features`: "16x" (window
-    merger inside the tower) and "4x" (no window merger, 4x the rows)."""
+    merger inside the tower) and "4x" (no window merger, 4x the rows), sub-images of two
+    sizes in one call padded to one patch count (their padding masked)."""
+    import copy
+
     from flax import nnx
 
     path, llm, hf = minicpmv
     runner = llm.llm_engine.runner
-    model = nnx.merge(runner.graphdef, runner.params)
-    inputs = _hf_inputs(path, PROMPTS[2])  # sub-images of three sizes
+    inputs = _hf_inputs(path, PROMPTS[2])
     px, sizes = inputs["pixel_values"], inputs["target_sizes"]
+    assert {(h, w) for h, w in sizes.tolist()} == {(12, 4), (8, 8)}  # 48 patches padded to 64
     C, p = px.shape[1], px.shape[2]
     flat = px[0].numpy().reshape(C, p, -1, p).transpose(2, 0, 1, 3).reshape(-1, C * p * p)
-    for mode, vit in (("16x", True), ("4x", False)):
+    for mode in ("16x", "4x"):
+        model = copy.copy(nnx.merge(runner.graphdef, runner.params))
+        model.use_vit_merger = mode == "16x"
+        model.divisor = 16 if mode == "16x" else 4
         with torch.no_grad():
             ref = hf.model.get_image_features(px, sizes, downsample_mode=mode).pooler_output
-        start = 0
-        for (h, w), want in zip(sizes.tolist(), ref):
-            x = model.vision_tower(flat[None, start : start + h * w], h, w, vit)
-            hh, ww = (h // 2, w // 2) if vit else (h, w)
-            got = np.asarray(model.merger(x, hh, ww))[0]
-            assert got.shape == (h * w // (16 if vit else 4), want.shape[-1])
-            np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=0)
-            start += h * w
+        n = [h * w for h, w in sizes.tolist()]
+        patches = np.zeros((len(n), max(n), flat.shape[1]), np.float32)
+        pos = np.zeros((len(n), max(n)), np.int32)
+        for k, (start, (h, w)) in enumerate(zip(np.cumsum(n) - n, sizes.tolist())):
+            patches[k, : n[k]], pos[k, : n[k]] = model.sub_image_inputs(
+                flat[start : start + n[k]], h, w
+            )
+        rows = np.asarray(model.sub_image_features(patches, pos, np.array(n, np.int32)))
+        for k, want in enumerate(ref):
+            assert n[k] // model.divisor == len(want)
+            np.testing.assert_allclose(rows[k, : len(want)], want.numpy(), atol=1e-5, rtol=0)
 
 
 def test_chat_and_token_id_prompts_get_the_image_ids(minicpmv):
