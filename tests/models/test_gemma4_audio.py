@@ -454,3 +454,18 @@ def test_gemma4_audio_chat_and_transcriptions(gemma4):
             model=NAME, file=("a.wav", _wav(clip), "audio/wav"), language="en"
         )
     assert got.text == want.outputs[0].text.strip()
+
+
+def test_gemma4_audio_ttft_benchmark_smoke(tmp_path, capsys):
+    import json
+
+    from benchmarks import gemma4_audio_ttft
+
+    argv = ["--config", "small", "--iters", "1", "--device", "cpu", "--seconds", "2"]
+    results = gemma4_audio_ttft.main(argv + ["--workdir", str(tmp_path)])
+    assert [json.loads(capsys.readouterr().out.strip().splitlines()[-1])] == results
+    [r] = results
+    assert r["num_audio_tokens"] == 50  # 2 s: 199 mel frames of 10 ms, subsampled 4x
+    assert r["num_prompt_tokens"] > 50
+    for key in ("preprocess_s", "encoder_s", "prefill_s", "e2e_s", "hf_e2e_s"):
+        assert r[key] > 0, key
