@@ -162,8 +162,8 @@ class Qwen3OmniMoeThinkerForConditionalGeneration(Qwen3VLForConditionalGeneratio
         width = self.mm_row_width
 
         @jax.jit
-        def run(params, chunks, pad_to, rows, windows):
-            out = nnx.merge(graphdef, params).audio_tower(chunks, pad_to, rows, windows)
+        def run(params, chunks, pad_to, rows, valid, order):
+            out = nnx.merge(graphdef, params).audio_tower(chunks, pad_to, rows, valid, order)
             return jnp.pad(out, ((0, 0), (0, width - out.shape[1])))
 
         def encode(params, modality: str, items: list[dict]) -> list[DeviceRows]:
@@ -173,7 +173,7 @@ class Qwen3OmniMoeThinkerForConditionalGeneration(Qwen3VLForConditionalGeneratio
                 mask = np.asarray(it["feature_attention_mask"]).astype(bool)
                 feats.append(np.asarray(it["input_features"], np.float32)[:, mask])
             b = pack_audio(feats, int(ac.n_window), int(ac.n_window_infer))
-            out = run(params, b["chunks"], b["pad_to"], b["rows"], b["windows"])
+            out = run(params, b["chunks"], b["pad_to"], b["rows"], b["valid"], b["order"])
             counts = b["counts"]
             starts = np.cumsum(counts) - counts
             return [DeviceRows(out, int(s), int(s) + n) for s, n in zip(starts, counts)]

@@ -16,7 +16,8 @@ would give zeros. jaxmm computes each item as transformers computes it alone: it
 padded to `min(L, 2 * n_window)` frames (`pad_to`), the positions past that zeroed after
 every conv as the zero padding of a shorter input would be, whatever else shares the call.
 
-Shape letters: N chunks, M mel bins, W chunk frames, C conv channels, R rows, D width.
+Shape letters: N chunks, M mel bins, W chunk frames, C conv channels, R rows, B attention
+windows, L rows a window, D width.
 """
 
 from __future__ import annotations
@@ -83,10 +84,11 @@ class Qwen3OmniMoeAudioEncoder(nnx.Module):
         rows = conv_rows(2 * int(config.n_window))
         self.positions = tuple(map(tuple, sinusoids(rows, D).tolist()))
 
-    def __call__(self, chunks, pad_to, rows, windows) -> jax.Array:
+    def __call__(self, chunks, pad_to, rows, valid, order) -> jax.Array:
         """chunks (N, M, W) zero past each chunk's frames; pad_to (N,) frames each chunk is
-        padded to (its item's); rows (R,) flat indices into (N * W/8) of the rows kept, in
-        item order; windows (R,) attention window of each row -> (R, D_out)."""
+        padded to (its item's); rows (B, L) flat indices into (N * W/8) of each attention
+        window's rows, valid (B, L) which are real; order (R,) flat indices into (B * L) of
+        the rows in item order -> (R, D_out)."""
         gelu = activation("gelu")
         x = chunks[:, None].astype(self.conv2d1.weight.dtype)  # (N, 1, M, W)
         length = pad_to
@@ -99,56 +101,59 @@ class Qwen3OmniMoeAudioEncoder(nnx.Module):
         N, C, F, T = x.shape
         x = self.conv_out(x.transpose(0, 3, 1, 2).reshape(N, T, C * F))  # (N, T, D)
         x = x + jnp.asarray(np.array(self.positions, np.float32), x.dtype)[None, :T]
-        x = x.reshape(N * T, -1)[rows][None]  # (1, R, D)
-        same = windows[:, None] == windows[None, :]
-        bias = jnp.where(same, 0.0, jnp.finfo(jnp.float32).min)[None, None]  # (1, 1, R, R)
+        x = x.reshape(N * T, -1)[rows]  # (B, L, D): one attention window a row
+        bias = jnp.where(valid, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
         for layer in self.layers:
             x = layer(x, bias)
-        x = self.proj1(self.ln_post(x[0]))
+        x = x.reshape(-1, x.shape[-1])[order]  # (R, D), items back to back
+        x = self.proj1(self.ln_post(x))
         return self.proj2(activation(self.act)(x))
 
 
 def pack_audio(items: list[np.ndarray], n_window: int, n_window_infer: int) -> dict:
-    """Items' valid log-mel frames [(M, L)] -> one call's host inputs (bucketed to powers of
-    two of chunks and rows) and each item's row count.
-
-    Padding chunks take one frame and no rows; padding rows read row 0 in a window of
-    their own.
+    """Items' valid log-mel frames [(M, L)] -> one call's host inputs and each item's row
+    count. Chunks, windows and rows are padded to powers of two; a window holds at most
+    `conv_rows(2 * n_window) * n_window_infer / (2 * n_window)` rows (L), so attention costs
+    R * L, not R^2. Padding chunks take one frame and no rows; padding window slots read
+    row 0, masked.
     """
     size = 2 * n_window
     ratio = n_window_infer // size
     T = conv_rows(size)
-    chunks, pad_to, rows, windows, counts = [], [], [], [], []
-    n_chunks, n_windows = 0, 0
+    L = T * ratio  # the longest window
+    chunks, pad_to, windows, counts = [], [], [], []
+    n_chunks = 0
     for feats in items:
-        M, L = feats.shape
-        n = max(1, -(-L // size))
-        item_pad = min(L, size)
-        window = conv_rows(item_pad) * ratio
-        item_rows = []
+        M, frames = feats.shape
+        n = max(1, -(-frames // size))
+        item_pad = min(frames, size)
+        rows = []
         for i in range(n):
             part = feats[:, i * size : (i + 1) * size]
             c = np.zeros((M, size), np.float32)
             c[:, : part.shape[1]] = part
             chunks.append(c)
             pad_to.append(item_pad)
-            item_rows.append((n_chunks + i) * T + np.arange(conv_rows(part.shape[1])))
-        item_rows = np.concatenate(item_rows)
-        rows.append(item_rows)
-        windows.append(n_windows + np.arange(len(item_rows)) // window)
-        n_windows = int(windows[-1][-1]) + 1
-        counts.append(len(item_rows))
+            rows.append((n_chunks + i) * T + np.arange(conv_rows(part.shape[1])))
+        rows = np.concatenate(rows)
+        window = conv_rows(item_pad) * ratio  # transformers' window for this item alone
+        windows += [rows[i : i + window] for i in range(0, len(rows), window)]
+        counts.append(len(rows))
         n_chunks += n
-    N, R = next_pow2(n_chunks), next_pow2(sum(counts))
-    M = items[0].shape[0]
-    out_chunks = np.zeros((N, M, size), np.float32)
+    N, B, R = next_pow2(n_chunks), next_pow2(len(windows)), next_pow2(sum(counts))
+    out_chunks = np.zeros((N, items[0].shape[0], size), np.float32)
     out_chunks[:n_chunks] = np.stack(chunks)
     out_pad = np.ones(N, np.int32)
     out_pad[:n_chunks] = pad_to
-    out_rows = np.zeros(R, np.int32)
-    out_rows[: sum(counts)] = np.concatenate(rows)
-    out_windows = np.arange(R, dtype=np.int32) + n_windows  # padding: one window each
-    out_windows[: sum(counts)] = np.concatenate(windows)
+    src = np.zeros((B, L), np.int32)
+    valid = np.zeros((B, L), bool)
+    order = np.zeros(R, np.int32)
+    k = 0
+    for b, w in enumerate(windows):
+        src[b, : len(w)] = w
+        valid[b, : len(w)] = True
+        order[k : k + len(w)] = b * L + np.arange(len(w))
+        k += len(w)
     return dict(
-        chunks=out_chunks, pad_to=out_pad, rows=out_rows, windows=out_windows, counts=counts
+        chunks=out_chunks, pad_to=out_pad, rows=src, valid=valid, order=order, counts=counts
     )
