@@ -419,3 +419,79 @@ def test_gemma4_ttft_benchmark_smoke(tmp_path, capsys, monkeypatch):
     assert ttft["kv_bytes_per_token_shared"] == 2 * local + glob
     assert ttft["kv_bytes_per_token_windowed"] == round(glob + 2 * local * 144 / 256)
     assert ttft["kv_bytes_per_token_measured"] == ttft["kv_bytes_per_token_windowed"]
+
+
+def test_steps_under_a_kernel_backend(monkeypatch):
+    """The VLM on a kernel backend (Pallas, interpret mode here; the parity tests run XLA):
+    pools of two shapes, a shared layer handing the kernel its producer's K/V, and image
+    steps on the XLA path with the mask (one `lax.cond` per step) agree with the XLA model."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import transformers
+    from flax import nnx
+
+    from jaxmm.layers.attention import AttentionMetadata
+    from jaxmm.models.gemma3 import LOCAL_KV_ENV
+    from jaxmm.models.gemma4 import Gemma4ForConditionalGeneration
+
+    monkeypatch.setenv(LOCAL_KV_ENV, "0")
+    IMG = 60
+
+    class Tok:  # what _text_config reads of a tokenizer
+        bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+        def __len__(self):
+            return 64
+
+    text = _text_config(Tok(), "shared") | dict(
+        num_hidden_layers=3,
+        layer_types=[S, F, F],
+        num_kv_shared_layers=1,  # layer 2 reads layer 1's pages
+        use_bidirectional_attention="vision",
+    )
+    cfg = transformers.Gemma4Config(
+        text_config=text,
+        vision_config=_vision_config().to_dict() | {"num_hidden_layers": 1},
+        image_token_id=IMG,
+        boi_token_id=61,
+        eoi_token_id=62,
+        video_token_id=63,
+        audio_token_id=59,
+    )
+    models = {
+        b: Gemma4ForConditionalGeneration(cfg, attention_backend=b, rngs=nnx.Rngs(0))
+        for b in ("xla", "pallas")
+    }
+    graphdefs = {b: nnx.split(m)[0] for b, m in models.items()}
+    state = nnx.split(models["xla"])[1]
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    leaves = [0.3 * jax.random.normal(kk, x.shape, x.dtype) for kk, x in zip(keys, leaves)]
+    state = jax.tree_util.tree_unflatten(treedef, leaves)
+    shapes = models["xla"].kv_cache_layer_shapes()
+    assert shapes == [(2, 16), (1, 32)]
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(backend, ids, pages, md):
+        model = nnx.merge(graphdefs[backend], state)
+        hidden, _ = model(ids, pages, md)
+        return hidden
+
+    T, G = 16, 4
+    md = AttentionMetadata(
+        positions=jnp.arange(T, dtype=jnp.int32),
+        kv_lens=jnp.array([T], jnp.int32),
+        page_indices=jnp.arange(4, dtype=jnp.int32)[None],
+        cu_q_lens=jnp.array([0, T], jnp.int32),
+        num_seqs=jnp.array([1], jnp.int32),
+        logits_indices=jnp.array([T - 1], jnp.int32),
+    )
+    pages = [jnp.zeros((2, K, 5, G, H), jnp.float32) for K, H in shapes]
+    text_ids = jnp.arange(3, 3 + T, dtype=jnp.int32)
+    image_ids = text_ids.at[5:9].set(IMG)  # one image of 4 tokens in the prefill
+    for ids in (text_ids, image_ids):
+        want = run("xla", ids, pages, md)
+        got = run("pallas", ids, pages, md)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4)
