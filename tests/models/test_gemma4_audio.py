@@ -296,7 +296,13 @@ def gemma4(tmp_path_factory):
     from jaxmm import LLM
 
     path, hf, proc = make_gemma4_audio_ckpt(str(tmp_path_factory.mktemp("gemma4_audio")))
-    llm = LLM(path, dtype="float32", max_model_len=160, max_num_batched_tokens=BUDGET)
+    llm = LLM(
+        path,
+        dtype="float32",
+        max_model_len=160,
+        max_num_batched_tokens=BUDGET,
+        enable_mm_embeds=True,
+    )
     return llm, hf, proc
 
 
@@ -361,7 +367,7 @@ def test_gemma4_audio_prompts_match_transformers(gemma4):
         },
     ]
     hf_audio = [[load_audio_item((stereo, 44100), SR)], [one, two]]
-    _check(llm, hf, proc, prompts, hf_audio)
+    outs = _check(llm, hf, proc, prompts, hf_audio)
 
     # the spliced rows are HF's audio features (real frames only), items back to back
     from tests.models.test_vlm_parity import _encode_items
@@ -377,6 +383,19 @@ def test_gemma4_audio_prompts_match_transformers(gemma4):
         out = hf.model.get_audio_features(x["input_features"], x["input_features_mask"])
     ref = out.pooler_output[out.attention_mask].numpy()
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+    # HF's rows as precomputed audio embeddings (one (n, D) array per clip): the same tokens
+    from jaxmm import SamplingParams
+
+    n = int(out.attention_mask[0].sum())
+    embeds = [{"audio_embeds": ref[:n]}, {"audio_embeds": ref[n:]}]
+    prompt = {**prompts[1], "multi_modal_data": {"audio": embeds}}
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    [got] = llm.generate([prompt], params, use_tqdm=False)
+    assert got.outputs[0].token_ids == outs[1].outputs[0].token_ids
+    with pytest.raises(ValueError, match="audio embeddings must have shape"):
+        bad = {**prompt, "multi_modal_data": {"audio": {"audio_embeds": ref[:n, :-1]}}}
+        llm.generate([bad], params, use_tqdm=False)
 
 
 def test_gemma4_image_and_audio_in_one_prompt(gemma4):
