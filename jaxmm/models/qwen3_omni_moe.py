@@ -21,9 +21,10 @@ The thinker is assembled from pieces jaxmm has:
 
 Placeholders are the released tokenizer's: `<|vision_start|><|image_pad|><|vision_end|>`,
 `<|vision_start|><|video_pad|><|vision_end|>`, `<|audio_start|><|audio_pad|><|audio_end|>`.
-Not served: `use_audio_in_video` (a video's own audio track interleaved with its frames),
-and videos whose temporal positions fall between integers (transformers keeps them as
-floats; jaxmm's positions are integers).
+Not served: `use_audio_in_video` (a video's own audio track interleaved with its frames).
+Video times that fall between integers (a rate that does not divide `temporal_patch_size *
+position_id_per_seconds`) are truncated: transformers keeps them as float positions, jaxmm's
+positions are integers.
 
 A full `Qwen3OmniMoeForConditionalGeneration` checkpoint is served through its thinker:
 `thinker.*` keys are this model's, the talker and code2wav weights are skipped with one
