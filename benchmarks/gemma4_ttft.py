@@ -138,17 +138,30 @@ CONFIGS = {
 def write_checkpoint(name: str, path: str):
     """config.json + the processor's configs + tokenizer; returns (config, processor or None)."""
     import transformers
-    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    try:
+        from transformers.models.gemma4.image_processing_pil_gemma4 import (
+            Gemma4ImageProcessorPil as image_processor_cls,
+        )
+    except ImportError:  # transformers without the PIL backend class
+        from transformers.models.gemma4.image_processing_gemma4 import (
+            Gemma4ImageProcessor as image_processor_cls,
+        )
 
     os.makedirs(path, exist_ok=True)
     vlm_ttft.make_tokenizer(path)
     base = transformers.PreTrainedTokenizerFast.from_pretrained(path)
     base.add_special_tokens({"additional_special_tokens": list(SPECIALS.values())})
     base.save_pretrained(path)
-    tok = transformers.PreTrainedTokenizerFast.from_pretrained(path, extra_special_tokens=SPECIALS)
+    try:  # the names Gemma4Processor reads (tokenizer.image_token, ...)
+        tok = transformers.PreTrainedTokenizerFast.from_pretrained(
+            path, extra_special_tokens=SPECIALS
+        )
+    except (TypeError, ValueError):  # an older transformers: without them
+        tok = base
     shape = CONFIGS[name]
     v = shape["vision"]
-    image_processor = Gemma4ImageProcessorPil(
+    image_processor = image_processor_cls(
         patch_size=v["patch_size"],
         pooling_kernel_size=v["pooling_kernel_size"],
         max_soft_tokens=shape["max_soft_tokens"],
@@ -315,6 +328,16 @@ def main(argv=None) -> list[dict]:
     import jax
     import torch
     import transformers
+
+    if not hasattr(transformers, "Gemma4Config"):  # jaxmm reads the config through it too
+        r = {
+            "benchmark": "gemma4_ttft",
+            "config": args.config,
+            "error": f"transformers {transformers.__version__} has no Gemma4Config: Gemma 4 "
+            "needs a transformers with Gemma 4 (5.24 has it)",
+        }
+        print(json.dumps(r), flush=True)
+        return [r]
 
     from jaxmm import LLM, SamplingParams
     from jaxmm.models.gemma3 import LOCAL_KV_ENV
