@@ -358,3 +358,14 @@ def test_chat_parts_render_omni_placeholders(omni):
         direct = llm.generate([{"prompt": text, "multi_modal_data": data}], _params())[0]
         assert chat.prompt_token_ids == direct.prompt_token_ids[1:]  # BOS
         assert len(chat.prompt_token_ids) > 10  # the placeholder was expanded
+
+
+def test_thinker_audio_beside_an_image_matches_transformers(omni):
+    """One prompt with an image and a clip: DeepStack at the image's tokens only, TMRoPE
+    grid positions for the image and plain ones for the audio."""
+    _, hf, processor, llm = omni
+    prompt = {
+        "prompt": f"Look {IMG} and hear {AUD} then",
+        "multi_modal_data": {"image": IMAGES[1], "audio": (_tone(1.3, 600, 4), SR)},
+    }
+    _check(llm, hf, processor, [prompt], hf.config.audio_token_id)
