@@ -184,6 +184,15 @@ def main(argv=None) -> list[dict]:
 
     from jaxmm import LLM, SamplingParams
 
+    missing = [n for n in ("Gemma4Config", "Gemma4AudioConfig") if not hasattr(transformers, n)]
+    if missing:  # neither side can read the checkpoint's config: say so, time nothing
+        r = {
+            "benchmark": "gemma4_audio_ttft",
+            "config": args.config,
+            "error": f"transformers {transformers.__version__} has no {', '.join(missing)}",
+        }
+        print(json.dumps(r), flush=True)
+        return [r]
     path = os.path.join(args.workdir, f"gemma4-audio-{args.config}")
     cfg, processor = write_checkpoint(args.config, path)
     llm = LLM(
