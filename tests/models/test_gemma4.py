@@ -495,3 +495,26 @@ def test_steps_under_a_kernel_backend(monkeypatch):
         want = run("xla", ids, pages, md)
         got = run("pallas", ids, pages, md)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4)
+
+
+def test_image_sizes_compile_nothing_after_warmup(ckpt_root):
+    """Every image is padded to the processor's patch budget: after warmup (and one prompt
+    with one and one with two images, for the encoder's batch sizes), images of other sizes
+    and token counts run the warm programs."""
+    from jaxmm import LLM, SamplingParams
+    from jaxmm.runner.model_runner import backend_compile_count
+
+    path = make_gemma4_vlm(ckpt_root, bidirectional=False)
+    llm = LLM(path, dtype="float32", max_model_len=384, max_num_batched_tokens=32, warmup=True)
+    sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    llm.generate(VLM_PROMPTS[1:], sp, use_tqdm=False)
+    runner = llm.llm_engine.runner
+    before = (runner.num_compiled(), backend_compile_count())
+    others = [_image(20, 90, 3), _image(64, 33, 4), _image(77, 77, 5)]
+    prompts = [
+        {"prompt": f"{IMAGE} what", "multi_modal_data": {"image": others[0]}},
+        {"prompt": f"a {IMAGE} b {IMAGE}", "multi_modal_data": {"image": others[1:]}},
+    ]
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    assert len({len(o.prompt_token_ids) for o in outs}) == 2
+    assert (runner.num_compiled(), backend_compile_count()) == before
