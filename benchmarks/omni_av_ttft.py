@@ -193,6 +193,19 @@ def write_checkpoint(name: str, layers: int, path: str):
     return cfg, tok, fe
 
 
+def image_processor(path: str):
+    """transformers' PIL Qwen2-VL image processor (5.20+), else its numpy one (older)."""
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil as cls,
+        )
+    except ImportError:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import (
+            Qwen2VLImageProcessor as cls,
+        )
+    return cls.from_pretrained(path)
+
+
 def media(frames: int, size: int, fps: float, rs: np.random.RandomState):
     """Fresh blocky random frames (T, size, size, 3) and a clip of the video's length."""
     from PIL import Image
@@ -225,11 +238,9 @@ def jaxmm_time(llm, video, audio, fps: float, sp) -> dict:
 
 def hf_time(model, tok, fe, ip, video, audio, fps: float, device) -> dict:
     import torch
-    from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import (
-        _get_feat_extract_output_lengths,
-    )
 
     from jaxmm.models.qwen2_5_omni import interleaved_chunks
+    from jaxmm.models.qwen2_audio import audio_output_lengths  # the processor's count
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     c = model.config
@@ -241,7 +252,7 @@ def hf_time(model, tok, fe, ip, video, audio, fps: float, device) -> dict:
         return_attention_mask=True,
         return_tensors="pt",
     )
-    n_audio = int(_get_feat_extract_output_lengths(feats["attention_mask"].sum(-1))[0])
+    n_audio = int(audio_output_lengths(int(feats["attention_mask"].sum()))[1])
     per_frame = ip(images=list(video), return_tensors="np")
     _, gh, gw = per_frame["image_grid_thw"][0]
     p, tp = ip.patch_size, ip.temporal_patch_size
@@ -307,12 +318,8 @@ def main(argv=None) -> list[dict]:
     sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     model = device = ip = None
     if not args.no_hf:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-            Qwen2VLImageProcessorPil,
-        )
-
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        ip = Qwen2VLImageProcessorPil.from_pretrained(path)
+        ip = image_processor(path)
         torch.manual_seed(0)
         with torch.device(device):
             model = omni_classes()[1]._from_config(cfg, dtype=torch.bfloat16).eval()
@@ -349,6 +356,7 @@ def main(argv=None) -> list[dict]:
             r["speedup_vs_hf"] = round(r["hf_e2e_s"] / r["e2e_s"], 3)
             r["hf_device"] = str(device)
             r["hf_attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+            r["hf_image_processor"] = type(ip).__name__
         r.update(
             device=str(jax.devices()[0].device_kind),
             backend=jax.default_backend(),
