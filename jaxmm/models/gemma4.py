@@ -111,6 +111,15 @@ def layer_shape(config, i: int) -> tuple[int, int]:
     return int(K), int(H)
 
 
+def allow_global_reads(config) -> None:
+    """transformers 5.2x refuses global reads of a per-layer field (`head_dim`,
+    `num_key_value_heads`) on a config whose layers differ, and so does the config's `==`,
+    which JAX calls when it compares two models' static data (two engines in one process):
+    allow them. This file reads those fields per layer (`layer_shape`)."""
+    if hasattr(config, "allow_global_per_layer_attribute_access"):
+        config.allow_global_per_layer_attribute_access = True
+
+
 def kv_sharing(config) -> list[int | None]:
     """For each layer: None if it computes its own K/V, else the producer layer it reads
     (the last layer of its kind before the first shared one)."""
@@ -393,6 +402,7 @@ class Gemma4ForCausalLM(nnx.Module):
             raise ValueError(
                 "Gemma 4 with use_bidirectional_attention='all' (an encoder) is not supported"
             )
+        allow_global_reads(config)
         self.config = config
         self.model = Gemma4TextModel(
             config, dtype=dtype, attention_backend=attention_backend, rngs=rngs
@@ -493,6 +503,7 @@ class Gemma4ForConditionalGeneration(nnx.Module):
     )
 
     def __init__(self, config, *, dtype=jnp.float32, attention_backend: str = "reference", rngs):
+        allow_global_reads(config.text_config)
         self.hf_config = config
         self.config = text_config = language_config(config)
         self.vision_tower = Gemma4VisionModel(config.vision_config, dtype=dtype, rngs=rngs)

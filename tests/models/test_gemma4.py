@@ -518,3 +518,18 @@ def test_image_sizes_compile_nothing_after_warmup(ckpt_root):
     outs = llm.generate(prompts, sp, use_tqdm=False)
     assert len({len(o.prompt_token_ids) for o in outs}) == 2
     assert (runner.num_compiled(), backend_compile_count()) == before
+
+
+def test_same_tokens_at_tp_1_2(ckpt_root):
+    """Tensor parallelism on a faked host: each layer's pool keeps its own KV heads per device
+    (local layers: 2 split over 2 devices; the global layer's one stored on both)."""
+    import json
+
+    from tests.runner.test_tensor_parallel import SCRIPT, run_fake_devices
+
+    path = make_gemma4_text(ckpt_root, "shared")
+    proc = run_fake_devices(["-c", SCRIPT, path, "1,2", "xla"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["tokens"]["2"] == got["tokens"]["1"]
+    assert got["kv"]["2"] == [2, 2, 1]  # layer 0's pool: 2 KV heads, one per device
