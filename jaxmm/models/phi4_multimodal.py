@@ -1,4 +1,4 @@
-"""Phi-4-multimodal (`Phi4MultimodalForCausalLM`): a Phi-3-style decoder with an audio tower.
+"""Phi-4-multimodal (`Phi4MultimodalForCausalLM`): Phi-3-style decoder, image and audio towers.
 
 Text: Phi-3's decoder (Llama's blocks) with q/k/v fused in `qkv_proj` and gate/up in
 `gate_up_proj` (split on load into the column-parallel projections every decoder here
@@ -9,16 +9,18 @@ transformers switches every position to `long_factor` once a sequence is longer 
 `original_max_position_embeddings`; here a position at or past it takes `long_factor`
 (vLLM's choice), so prompts shorter than that are exact.
 
+Images (`embed_tokens_extend.image_embed`): HD crops made on the host as transformers'
+`Phi4MultimodalImageProcessor` makes them (`encoders/phi4mm_image.py`; transformers' own
+needs torchvision), then the SigLIP tower with patch masks, 2 x 2 pooling, newline
+extensors and the two-layer projection (`encoders/phi4mm_vision.py`); one row per
+`<|image|>` token (`num_img_tokens`).
+
 Audio (`embed_tokens_extend.audio_embed`): the conformer of `encoders/phi4mm_audio.py` over
 the checkpoint's own feature extractor's log-mel frames (`Phi4MultimodalFeatureExtractor`,
 which needs torch), then `up_proj_for_speech` -> GELU -> `down_proj_for_speech`, one row per
 `<|audio|>` token (`audio_embed_sizes` of them; the front end expands each placeholder).
 transformers projects audio with the `*_for_vision_speech` pair instead when the prompt
-also has images.
-
-Not here yet: images (the SigLIP tower with its HD crops, `embed_tokens_extend.image_embed`):
-transformers' image processor for this model needs torchvision, so an image prompt is
-refused with an error that says so; its weights are skipped on load.
+also has images; a prompt holds images or audio here, not both (not served yet).
 
 Weights: transformers saves `model.*` and `lm_head.*`; the module tree mirrors it.
 """
@@ -38,7 +40,13 @@ from jaxmm.layers.linear import Embed, Linear
 from jaxmm.layers.norm import RMSNorm
 from jaxmm.layers.rope import apply_rotary, rope_parameters
 from jaxmm.models.device_rows import DeviceRows
+from jaxmm.models.encoders import phi4mm_image
 from jaxmm.models.encoders.phi4mm_audio import Phi4MultimodalAudioModel
+from jaxmm.models.encoders.phi4mm_vision import (
+    Phi4MultimodalImageEmbedding,
+    position_ids,
+    token_index,
+)
 from jaxmm.models.llama import (
     LlamaAttention,
     LlamaDecoderLayer,
@@ -46,6 +54,7 @@ from jaxmm.models.llama import (
     LlamaModel,
     head_dim,
 )
+from jaxmm.models.llava import next_pow2
 
 _FUSED = re.compile(r"^(.*)\.(self_attn\.qkv_proj|mlp\.gate_up_proj)\.weight$")
 
@@ -138,6 +147,7 @@ class Phi4MultimodalAudioEmbedding(nnx.Module):
 
 class Phi4MultimodalFeatureEmbedding(nnx.Module):
     def __init__(self, config, *, dtype, rngs):
+        self.image_embed = Phi4MultimodalImageEmbedding(config, dtype=dtype, rngs=rngs)
         self.audio_embed = Phi4MultimodalAudioEmbedding(config, dtype=dtype, rngs=rngs)
 
 
@@ -179,20 +189,20 @@ class Phi4MultimodalModel(LlamaModel):
 class Phi4MultimodalForCausalLM(LlamaForCausalLM):
     model_cls = Phi4MultimodalModel
     is_multimodal = True
-    mm_modalities = ("audio",)
+    mm_modalities = ("image", "audio")
     uses_mrope = False
     hf_key_rules = ((r"(audio_embed\.encoder\.embed\.conv)\.(\d+)\.", r"\1_\2."),)
     ignored_hf_keys = (
         r"rotary_emb\.inv_freq",
         r"position_ids$",
-        r"^model\.embed_tokens_extend\.image_embed\.",  # images: not served yet
+        # the pooling head of the image tower: no feature layer reads it
+        r"^model\.embed_tokens_extend\.image_embed\.img_processor\.head\.",
     )
 
     def __init__(self, config, *, dtype=jnp.float32, attention_backend: str = "reference", rngs):
         super().__init__(config, dtype=dtype, attention_backend=attention_backend, rngs=rngs)
         self.hf_config = config
-        self.has_audio = getattr(config, "audio_config", None) is not None
-        if not self.has_audio:
+        if getattr(config, "audio_config", None) is None:
             self.mm_modalities = ()
             self.is_multimodal = False
 
@@ -241,9 +251,14 @@ class Phi4MultimodalForCausalLM(LlamaForCausalLM):
             "audio_embed_size": int(np.asarray(out["audio_embed_sizes"]).reshape(-1)[0]),
         }
 
+    def mm_process_image(self, image, config: dict | None, overrides: dict | None) -> dict:
+        """One RGB image -> its HD crops, patch masks and token count (`phi4mm_image`), from
+        the checkpoint's image processor config."""
+        return phi4mm_image.preprocess(image, phi4mm_image.settings(config, overrides))
+
     def mm_num_tokens(self, modality: str, item: dict) -> int:
-        if modality != "audio":
-            raise ValueError(f"{type(self).__name__} takes audio only here, not {modality!r}")
+        if modality == "image":
+            return self._image_tokens(item)
         frames, mel = np.shape(item["audio_input_features"])
         if mel != self.hf_config.audio_config.input_size:
             raise ValueError(
@@ -255,17 +270,37 @@ class Phi4MultimodalForCausalLM(LlamaForCausalLM):
             raise ValueError(f"{n} audio tokens for {frames} mel frames: more than the encoder")
         return n
 
+    def _image_tokens(self, item: dict) -> int:
+        vc = self.hf_config.vision_config
+        crops, C, S, S2 = np.shape(item["image_pixel_values"])
+        if (C, S, S2) != (vc.num_channels, vc.image_size, vc.image_size):
+            raise ValueError(
+                f"image crops of shape {(C, S, S2)}; this model's tower takes "
+                f"{(vc.num_channels, vc.image_size, vc.image_size)} (the image processor's "
+                "`size` must be the tower's `image_size`)"
+            )
+        M = vc.image_size // vc.patch_size
+        if (M + 1) // 2 != 16:
+            raise ValueError(
+                f"the tower pools {M} patches a side to {(M + 1) // 2}; transformers' token "
+                "count for this model assumes 16"
+            )
+        n = int(item["num_img_tokens"])
+        if n != len(token_index(item["image_attention_mask"], item["image_size"], S, crops)):
+            raise ValueError("the image's token count does not match its crops and mask")
+        return n
+
     def _encoder_frames(self, frames: int) -> int:
         return -(-int(frames) // int(self.hf_config.audio_config.time_reduction))
 
     def mm_check_embeds(self, modality: str, embeds: np.ndarray, meta: dict) -> dict:
-        """Precomputed audio embeddings (the encoder + speech projection's rows of one clip)
-        must be (n, hidden_size)."""
-        del modality, meta
+        """Precomputed embeddings (an image's projected token rows, or the audio encoder +
+        speech projection's rows of one clip) must be (n, hidden_size)."""
+        del meta
         D = self.config.hidden_size
         if embeds.ndim != 2 or embeds.shape[1] != D or not embeds.shape[0]:
             raise ValueError(
-                "audio embeddings must have shape (num_audio_tokens, hidden_size) = "
+                f"{modality} embeddings must have shape (num_{modality}_tokens, hidden_size) = "
                 f"(n, {D}) for this model; got {tuple(embeds.shape)}"
             )
         return {}
@@ -274,19 +309,49 @@ class Phi4MultimodalForCausalLM(LlamaForCausalLM):
         """features (1, T, F) -> (1, C, D_text)."""
         return self.model.embed_tokens_extend.audio_embed(features)
 
+    def get_image_features(self, pixel_values, pos_ids, mask, index) -> jax.Array:
+        """One image's crops (B, 3, S, S) -> its token rows (n, D_text)."""
+        return self.model.embed_tokens_extend.image_embed(pixel_values, pos_ids, mask, index)
+
     def mm_encoder(self, graphdef):
         """A host function (params, modality, items) -> [rows (n, D_text) per item], left on
-        the device (`DeviceRows`). One clip per call: the encoder's frame count is the
-        clip's own, its mel frames padded to a power of two would change the output (the
-        convolutions and attention see every frame, as in transformers)."""
+        the device (`DeviceRows`). An image per call, its crops padded to a power of two
+        (blank crops: each crop is encoded on its own) and its token rows to another. A clip
+        per call: the encoder's frame count is the clip's own, its mel frames padded to a
+        power of two would change the output (the convolutions and attention see every
+        frame, as in transformers)."""
 
         @jax.jit
         def run(params, features):
             return nnx.merge(graphdef, params).get_audio_features(features)
 
+        @jax.jit
+        def run_image(params, pixel_values, pos_ids, mask, index):
+            model = nnx.merge(graphdef, params)
+            return model.get_image_features(pixel_values, pos_ids, mask, index)
+
+        vc = self.hf_config.vision_config
+        per_side = vc.image_size // vc.patch_size
+
+        def encode_image(params, item: dict) -> DeviceRows:
+            pixels = np.asarray(item["image_pixel_values"], np.float32)
+            mask = np.asarray(item["image_attention_mask"]).astype(bool)
+            B = next_pow2(len(pixels))  # bucket: blank crops after the image's own
+            padded = np.zeros((B, *pixels.shape[1:]), np.float32)
+            padded[: len(pixels)] = pixels
+            full = np.ones((B, *mask.shape[1:]), bool)
+            full[: len(mask)] = mask
+            index = token_index(mask, item["image_size"], pixels.shape[-1], B)
+            n = len(index)
+            rows = np.zeros(next_pow2(n), np.int32)
+            rows[:n] = index
+            pos = position_ids(full, per_side)
+            out = run_image(params, padded, pos, full.reshape(B, -1), rows)
+            return DeviceRows(out, 0, n)
+
         def encode(params, modality: str, items: list[dict]) -> list[DeviceRows]:
-            if modality != "audio":
-                raise ValueError(f"{type(self).__name__} encodes audio only, not {modality!r}")
+            if modality == "image":
+                return [encode_image(params, it) for it in items]
             out = []
             for it in items:
                 feats = np.asarray(it["audio_input_features"], np.float32)[None]  # (1, T, F)

@@ -522,6 +522,13 @@ class MultimodalFrontend:
     # -- 2-4. key, look up, encode -----------------------------------------------------------
     def _process(self, item: _Item, proc_kwargs: dict) -> dict:
         if item.modality == "image":
+            own = getattr(self.model, "mm_process_image", None)
+            if own is not None:  # the model's own preprocessing (Phi-4-multimodal's HD crops)
+                from .processor import processor_configs
+
+                config = processor_configs(self.processor_path or "").get("image_processor")
+                kwargs = {**(getattr(self.config, "mm_processor_kwargs", None) or {})}
+                return own(item.media, config, {**kwargs, **proc_kwargs})
             return self.processor.image(item.media, proc_kwargs)
         frames, fps = item.media
         return self.processor.video(frames, fps, proc_kwargs)

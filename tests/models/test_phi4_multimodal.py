@@ -12,6 +12,9 @@ tokens, last-token logits within 1e-4, and the spliced audio rows must equal HF'
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +24,16 @@ from tests.helpers import make_tokenizer
 NEW_TOKENS = 10
 SR = 16000
 AUD = "<|audio|>"
+IMG = "<|image|>"
+IMAGE_PROCESSOR = {
+    "image_processor_type": "Phi4MultimodalImageProcessor",
+    "size": {"height": 64, "width": 64},
+    "patch_size": 2,
+    "dynamic_hd": 4,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "rescale_factor": 1 / 255,
+}
 
 
 def _tone(seconds: float, f0: float, seed: int) -> np.ndarray:
@@ -41,27 +54,27 @@ def _config(tok):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=1024,
-        original_max_position_embeddings=256,
+        max_position_embeddings=16384,  # LongRoPE's attention factor: 4x the original
+        original_max_position_embeddings=4096,
         rope_parameters={
             "rope_type": "longrope",
             "rope_theta": 10000.0,
             "partial_rotary_factor": 0.75,
             "short_factor": [float(x) for x in 1 + rng.random(R // 2)],
             "long_factor": [float(x) for x in 2 + rng.random(R // 2)],
-            "original_max_position_embeddings": 256,
+            "original_max_position_embeddings": 4096,
         },
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        vision_config=dict(
+        vision_config=dict(  # 32 x 32 patches a crop: 16 x 16 pooled, as the real tower
             hidden_size=32,
             intermediate_size=48,
-            num_hidden_layers=1,
+            num_hidden_layers=2,
             num_attention_heads=4,
-            image_size=28,
-            patch_size=14,
-            crop_size=28,
+            image_size=64,
+            patch_size=2,
+            crop_size=64,
             image_token_id=tok.convert_tokens_to_ids("<|image|>"),
         ),
         audio_config=dict(
@@ -89,10 +102,17 @@ def phi4mm(tmp_path_factory):
     tok.add_special_tokens({"additional_special_tokens": ["<|image|>", "<|audio|>"]})
     tok.save_pretrained(path)
     Phi4MultimodalFeatureExtractor().save_pretrained(path)
+    # transformers' processor_config.json layout, written by hand: its image processor
+    # class needs torchvision to be built (and saved)
+    with open(os.path.join(path, "processor_config.json"), "w") as f:
+        json.dump({"image_processor": IMAGE_PROCESSOR}, f)
     config = _config(tok)
     config.architectures = ["Phi4MultimodalForCausalLM"]
     torch.manual_seed(0)
     model = Phi4MultimodalForCausalLM(config)
+    # the image tower's bidirectional attention (transformers' SDPA path runs an unpadded
+    # crop causally; see jaxmm/models/encoders/phi4mm_vision.py)
+    model.set_attn_implementation("eager")
     with torch.no_grad():  # larger-than-default init so greedy paths are not ties
         for name, p in model.named_parameters():
             if p.dim() > 1:
@@ -127,7 +147,7 @@ def _check(path, prompts, refs):
     from tests.models.test_qwen2_5_omni import _last_logits
 
     llm = LLM(
-        path, dtype="float32", max_model_len=256, max_num_batched_tokens=64, enable_mm_embeds=True
+        path, dtype="float32", max_model_len=2048, max_num_batched_tokens=256, enable_mm_embeds=True
     )
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outs = llm.generate(prompts, params, use_tqdm=False)
@@ -219,3 +239,83 @@ def test_phi4mm_audio_matches_transformers(phi4mm):
             params,
             use_tqdm=False,
         )
+
+
+def _image(h: int, w: int, seed: int):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 255 // w, y * 255 // h, (x + y) * 127 // (h + w)], -1)
+    noise = rng.integers(0, 60, (h, w, 3))
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+def _hf_image_inputs(tok, text: str, images: list) -> tuple[list[int], dict]:
+    """Prompt ids with each `<|image|>` expanded to its image's `num_img_tokens` (as
+    `Phi4MultimodalProcessor.replace_image_token` does) + the image tensors, crops padded
+    to the prompt's most as transformers' processor pads them (blank crops, full masks).
+    The pixels are jaxmm's: transformers' image processor needs torchvision."""
+    from jaxmm.models.encoders import phi4mm_image
+
+    items = [phi4mm_image.preprocess(im, phi4mm_image.settings(IMAGE_PROCESSOR)) for im in images]
+    crops = max(len(it["image_pixel_values"]) for it in items)
+    pixels = np.zeros((len(items), crops, 3, 64, 64), np.float32)
+    masks = np.ones((len(items), crops, 32, 32), np.int64)
+    for i, it in enumerate(items):
+        n = len(it["image_pixel_values"])
+        pixels[i, :n], masks[i, :n] = it["image_pixel_values"], it["image_attention_mask"]
+    image = tok.convert_tokens_to_ids(IMG)
+    ids, i = [], 0
+    for t in tok(text).input_ids:
+        ids.extend([image] * items[i]["num_img_tokens"] if t == image else [t])
+        i += t == image
+    tensors = {
+        "image_pixel_values": torch.from_numpy(pixels),
+        "image_sizes": torch.tensor([it["image_size"] for it in items]),
+        "image_attention_mask": torch.from_numpy(masks),
+    }
+    return ids, tensors
+
+
+def test_phi4mm_images_match_transformers(phi4mm):
+    """One image of 2 x 2 crops with white padding masked, and two images of other grids in
+    a prompt (1 x 1; 2 x 2 from the aspect-ratio search past dynamic_hd): tokens, logits."""
+    path, model, tok = phi4mm
+    prompts = [
+        {"prompt": f"{IMG}Describe the image.", "multi_modal_data": {"image": _image(70, 100, 0)}},
+        {
+            "prompt": f"Hello {IMG} and {IMG} what",
+            "multi_modal_data": {"image": [_image(50, 60, 1), _image(150, 140, 2)]},
+        },
+    ]
+    refs = []
+    for p in prompts:
+        images = p["multi_modal_data"]["image"]
+        images = images if isinstance(images, list) else [images]
+        ids, tensors = _hf_image_inputs(tok, p["prompt"], images)
+        refs.append((ids, *_hf(model, ids, **tensors)))
+    _check(path, prompts, refs)
+
+
+@pytest.mark.parametrize("size", [(70, 100), (150, 140), (300, 33), (1000, 120)])
+def test_phi4mm_image_pixels_match_transformers_processor(size):
+    """jaxmm's HD crops equal `Phi4MultimodalImageProcessor`'s (which needs torchvision:
+    without it this cannot be compared, and is skipped)."""
+    pytest.importorskip("torchvision")
+    from transformers import Phi4MultimodalImageProcessor
+
+    from jaxmm.models.encoders import phi4mm_image
+
+    keys = ("size", "patch_size", "dynamic_hd")
+    hf = Phi4MultimodalImageProcessor(**{k: IMAGE_PROCESSOR[k] for k in keys})
+    image = _image(*size, seed=3)
+    ref = hf(images=[image], return_tensors="np")
+    ours = phi4mm_image.preprocess(image, phi4mm_image.settings(hf.to_dict()))
+    n = len(ours["image_pixel_values"])
+    assert ours["num_img_tokens"] == int(ref["num_img_tokens"][0])
+    assert tuple(ours["image_size"]) == tuple(ref["image_sizes"][0])
+    np.testing.assert_array_equal(ours["image_attention_mask"], ref["image_attention_mask"][0][:n])
+    np.testing.assert_allclose(
+        ours["image_pixel_values"], ref["image_pixel_values"][0][:n], atol=1e-6
+    )
