@@ -27,14 +27,23 @@ A sequence whose chunk starts at position 0 starts from a zero state whatever it
 so slots need no clearing when they change hands. Single-token rows take the decode update,
 vectorised over the batch; longer rows are cut into chunks aligned to each sequence's start
 and take the WY form, with a loop over the step's real chunks only.
+
+Backends of `ragged_gated_delta` (argument `backend`, else the JAXMM_GATED_DELTA_BACKEND
+environment variable, read when the step is traced): "xla" (default) runs the code below;
+"pallas" puts the single-token rows on the in-place Pallas decode kernel
+(`gated_delta_pallas.py`, `gated_delta_tpu.py`; interpret mode off GPU/TPU).
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
 
 f32 = jnp.float32
+BACKEND_ENV = "JAXMM_GATED_DELTA_BACKEND"
+BACKENDS = ("xla", "pallas")
 
 
 def l2norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -194,12 +203,24 @@ def ragged_conv1d(x, weight, conv_states, slots, cu_q_lens, has_state, activatio
     return out.astype(x.dtype), conv_states
 
 
-def ragged_gated_delta(q, k, v, g, beta, states, slots, cu_q_lens, has_state, chunk: int = 64):
+def ragged_gated_delta(
+    q, k, v, g, beta, states, slots, cu_q_lens, has_state, chunk: int = 64, backend=None
+):
     """A step's ragged batch through the gated delta rule.
 
     q, k (T, N, Hk), v (T, N, Hv), g, beta (T, N); states (slots + 1, N, Hk, Hv) float32;
     slots, has_state (S,); cu_q_lens (S+1,). Returns out (T, N, Hv) float32 and the states.
+    `backend`: "xla" or "pallas" (module docstring); None reads JAXMM_GATED_DELTA_BACKEND.
     """
+    backend = backend or os.environ.get(BACKEND_ENV, "xla")
+    if backend not in BACKENDS:
+        raise ValueError(f"gated delta backend {backend!r} not in {BACKENDS}")
+    if backend == "pallas":
+        from jaxmm.kernels.gated_delta_pallas import ragged_gated_delta_pallas
+
+        return ragged_gated_delta_pallas(
+            q, k, v, g, beta, states, slots, cu_q_lens, has_state, chunk=chunk
+        )
     T, N, Hv = v.shape
     S = slots.shape[0]
     spare = states.shape[0] - 1
