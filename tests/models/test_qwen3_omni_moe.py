@@ -369,3 +369,66 @@ def test_thinker_audio_beside_an_image_matches_transformers(omni):
         "multi_modal_data": {"image": IMAGES[1], "audio": (_tone(1.3, 600, 4), SR)},
     }
     _check(llm, hf, processor, [prompt], hf.config.audio_token_id)
+
+
+def test_thinker_video_with_its_audio_matches_transformers(omni):
+    """`use_audio_in_video`: a 2.3 s track (30 audio tokens) beside a video of two temporal
+    patches at times 0 and 26: video 0, audio 0-25, video 26, audio 26-29. The HF side's
+    placeholder is written by the processor's own `replace_video_with_audio_token`."""
+    from transformers.models.qwen3_omni_moe.processing_qwen3_omni_moe import (
+        _get_feat_extract_output_lengths,
+    )
+
+    _, hf, processor, llm = omni
+    vid = "<|vision_start|><|video_pad|><|vision_end|>"
+    audio = _tone(2.3, 700, 5)
+    video = (VIDEO, {"fps": VIDEO_FPS})
+    prompts = [
+        {"prompt": f"Watch {vid} now", "multi_modal_data": {"video": video}},
+        {
+            "prompt": f"{IMG} then {vid} and",
+            "multi_modal_data": {"image": IMAGES[3], "video": video},
+        },
+    ]
+    for plain in prompts:
+        prompt = {
+            **plain,
+            "multi_modal_data": {**plain["multi_modal_data"], "audio": (audio, SR)},
+            "mm_processor_kwargs": {"use_audio_in_video": True},
+        }
+        out = llm.generate([prompt], _params(), use_tqdm=False)[0]
+        inputs = _hf_video_inputs(processor, plain)
+        feats = processor.feature_extractor(
+            audio,
+            sampling_rate=SR,
+            padding="longest",
+            truncation=False,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        n_audio = int(_get_feat_extract_output_lengths(feats["attention_mask"].sum(-1))[0])
+        video_inputs = {
+            "video_grid_thw": inputs["video_grid_thw"].numpy(),
+            "video_second_per_grid": inputs["video_second_per_grid"].tolist(),
+        }
+        span = processor.replace_video_with_audio_token(
+            video_inputs, 0, {"num_audio_tokens": [n_audio]}, 0, position_id_per_seconds=13
+        )
+        tok = processor.tokenizer
+        old = inputs["input_ids"][0].tolist()  # the video's run replaced by the span
+        where = [i for i, t in enumerate(old) if t == hf.config.video_token_id]
+        new = tok(span, add_special_tokens=False).input_ids
+        ids = torch.tensor([old[: where[0]] + new + old[where[-1] + 1 :]])
+        inputs.update(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            input_features=feats["input_features"],
+            feature_attention_mask=feats["attention_mask"],
+            use_audio_in_video=True,
+        )
+        assert span.count(tok.audio_token) == n_audio == 30
+        assert out.prompt_token_ids == ids[0].tolist()
+        assert out.outputs[0].token_ids == _hf_generate(hf, inputs)
+        with torch.no_grad():
+            ref = hf(**inputs).logits[0, -1].numpy()
+        np.testing.assert_allclose(_last_logits(llm, prompt), ref, atol=1e-4, rtol=0)
