@@ -19,14 +19,15 @@ Audio (`embed_tokens_extend.audio_embed`): the conformer of `encoders/phi4mm_aud
 the checkpoint's own feature extractor's log-mel frames (`Phi4MultimodalFeatureExtractor`,
 which needs torch), then `up_proj_for_speech` -> GELU -> `down_proj_for_speech`, one row per
 `<|audio|>` token (`audio_embed_sizes` of them; the front end expands each placeholder).
-transformers projects audio with the `*_for_vision_speech` pair instead when the prompt
-also has images; a prompt holds images or audio here, not both (not served yet).
+Audio beside images in one prompt goes through the `*_for_vision_speech` pair instead, as
+transformers does (`mm_audio_processor_kwargs`: the choice keys the audio's hash).
 
 Weights: transformers saves `model.*` and `lm_head.*`; the module tree mirrors it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -139,10 +140,13 @@ class Phi4MultimodalAudioEmbedding(nnx.Module):
         self.up_proj_for_vision_speech = Linear(Da, Dt, bias=True, dtype=dtype, rngs=rngs)
         self.down_proj_for_vision_speech = Linear(Dt, Dt, bias=True, dtype=dtype, rngs=rngs)
 
-    def __call__(self, features: jax.Array) -> jax.Array:
-        """features (B, T, F) -> (B, C, D_text) in speech mode (no image in the prompt)."""
-        x = self.up_proj_for_speech(self.encoder(features))
-        return self.down_proj_for_speech(jax.nn.gelu(x, approximate=False))
+    def __call__(self, features: jax.Array, vision: bool = False) -> jax.Array:
+        """features (B, T, F) -> (B, C, D_text), through the speech pair of projections, or
+        the vision-speech pair for audio in a prompt with images (`vision`)."""
+        up, down = self.up_proj_for_speech, self.down_proj_for_speech
+        if vision:
+            up, down = self.up_proj_for_vision_speech, self.down_proj_for_vision_speech
+        return down(jax.nn.gelu(up(self.encoder(features)), approximate=False))
 
 
 class Phi4MultimodalFeatureEmbedding(nnx.Module):
@@ -240,15 +244,23 @@ class Phi4MultimodalForCausalLM(LlamaForCausalLM):
         `audio_token`."""
         return "<|image|>" if modality == "image" else "<|audio|>"
 
+    def mm_audio_processor_kwargs(self, modalities: list[str]) -> dict:
+        """The audio's projection follows the prompt's other items: transformers uses the
+        vision-speech pair when the prompt has images (the option keys the audio's hash)."""
+        return {"audio_projection": "vision"} if "image" in modalities else {}
+
     def mm_audio_features(self, feature_extractor, audio: np.ndarray, sampling_rate: int, kwargs):
-        """One clip -> what the encoder takes: its log-mel frames (T, F) and its number of
-        audio tokens, from the checkpoint's own feature extractor."""
-        out = feature_extractor(
-            audio, sampling_rate=sampling_rate, return_tensors="np", **(kwargs or {})
-        )
+        """One clip -> what the encoder takes: its log-mel frames (T, F), its number of audio
+        tokens (the checkpoint's own feature extractor) and its projection."""
+        kwargs = dict(kwargs or {})
+        projection = kwargs.pop("audio_projection", "speech")
+        if projection not in ("speech", "vision"):
+            raise ValueError(f"audio_projection is 'speech' or 'vision', got {projection!r}")
+        out = feature_extractor(audio, sampling_rate=sampling_rate, return_tensors="np", **kwargs)
         return {
             "audio_input_features": np.asarray(out["audio_input_features"][0], np.float32),
             "audio_embed_size": int(np.asarray(out["audio_embed_sizes"]).reshape(-1)[0]),
+            "audio_projection": projection,
         }
 
     def mm_process_image(self, image, config: dict | None, overrides: dict | None) -> dict:
@@ -305,9 +317,9 @@ class Phi4MultimodalForCausalLM(LlamaForCausalLM):
             )
         return {}
 
-    def get_audio_features(self, features: jax.Array) -> jax.Array:
+    def get_audio_features(self, features: jax.Array, vision: bool = False) -> jax.Array:
         """features (1, T, F) -> (1, C, D_text)."""
-        return self.model.embed_tokens_extend.audio_embed(features)
+        return self.model.embed_tokens_extend.audio_embed(features, vision)
 
     def get_image_features(self, pixel_values, pos_ids, mask, index) -> jax.Array:
         """One image's crops (B, 3, S, S) -> its token rows (n, D_text)."""
@@ -321,9 +333,9 @@ class Phi4MultimodalForCausalLM(LlamaForCausalLM):
         power of two would change the output (the convolutions and attention see every
         frame, as in transformers)."""
 
-        @jax.jit
-        def run(params, features):
-            return nnx.merge(graphdef, params).get_audio_features(features)
+        @functools.partial(jax.jit, static_argnums=2)
+        def run(params, features, vision: bool):
+            return nnx.merge(graphdef, params).get_audio_features(features, vision)
 
         @jax.jit
         def run_image(params, pixel_values, pos_ids, mask, index):
@@ -355,7 +367,8 @@ class Phi4MultimodalForCausalLM(LlamaForCausalLM):
             out = []
             for it in items:
                 feats = np.asarray(it["audio_input_features"], np.float32)[None]  # (1, T, F)
-                rows = run(params, feats)[0]  # (C, D_text)
+                vision = it.get("audio_projection", "speech") == "vision"
+                rows = run(params, feats, vision)[0]  # (C, D_text)
                 out.append(DeviceRows(rows, 0, int(it["audio_embed_size"])))
             return out
 

@@ -780,8 +780,17 @@ class MultimodalFrontend:
         proc_kwargs = dict(prompt.get("mm_processor_kwargs") or {})
         engine_kwargs = getattr(self.config, "mm_processor_kwargs", None) or {}
         in_video = pop_option(proc_kwargs, engine_kwargs.get("use_audio_in_video", False))
-        # audio items (Qwen2.5-Omni), prepared by the audio front end, placed here
-        prompt, tracks = split_audio(prompt, audio, proc_kwargs, self._audio_item)
+        # audio items (Qwen2.5-Omni), prepared by the audio front end, placed here; options
+        # of the audio that depend on the prompt's other items (Phi-4-multimodal projects
+        # audio beside images with its vision-speech pair) key its hash too
+        audio_kwargs = proc_kwargs
+        audio_context = getattr(self.model, "mm_audio_processor_kwargs", None)
+        if audio_context is not None:
+            data = prompt.get("multi_modal_data")
+            names = list(data) if isinstance(data, dict) else []
+            modalities = [_EMBED_ALIASES.get(n, n) for n in names]
+            audio_kwargs = {**audio_context(modalities), **proc_kwargs}
+        prompt, tracks = split_audio(prompt, audio, audio_kwargs, self._audio_item)
         items = self.parse(prompt, io)
         # options that depend on the prompt's other items (LLaVA-OneVision tiles an image
         # only when it is the prompt's one image); the prompt's own options win; they key

@@ -319,3 +319,40 @@ def test_phi4mm_image_pixels_match_transformers_processor(size):
     np.testing.assert_allclose(
         ours["image_pixel_values"], ref["image_pixel_values"][0][:n], atol=1e-6
     )
+
+
+def test_phi4mm_image_and_audio_match_transformers(phi4mm):
+    """An image and a clip in one prompt: the audio takes the vision-speech projection, as
+    in transformers (tokens, logits); the same clip alone keeps the speech one."""
+    path, model, tok = phi4mm
+    image, clip = _image(50, 60, 4), _tone(1.2, 700, 5)
+    prompt = {
+        "prompt": f"Look {IMG} and hear {AUD} then",
+        "multi_modal_data": {"image": image, "audio": (clip, SR)},
+    }
+    ids, tensors = _hf_image_inputs(tok, prompt["prompt"].replace(AUD, ""), [image])
+    audio_ids, feats = _hf_audio_inputs(path, tok, f"{AUD}", [clip])
+    # the audio placeholder run goes where the prompt has it: between "hear" and " then"
+    rest = tok(" then").input_ids[1:]
+    assert ids[-len(rest) :] == rest
+    ids = ids[: -len(rest)] + audio_ids[1:] + rest
+    assert ids.count(tok.convert_tokens_to_ids(AUD)) == int(feats["audio_embed_sizes"][0])
+    # each run of placeholder tokens collapsed to one: the prompt as tokenized
+    marks = {tok.convert_tokens_to_ids(IMG), tok.convert_tokens_to_ids(AUD)}
+    runs = [t for i, t in enumerate(ids) if t not in marks or i == 0 or ids[i - 1] != t]
+    assert runs == tok(prompt["prompt"]).input_ids
+    ref = _hf(model, ids, **tensors, **feats)
+    llm = _check(path, [prompt], [(ids, *ref)])
+
+    # the vision-speech pair is not the speech one: the clip alone gives other rows
+    from jaxmm.multimodal.inputs import prepare_multimodal_prompt
+
+    engine = llm.llm_engine
+    _, _, mixed = prepare_multimodal_prompt(engine, prompt)
+    _, _, alone = prepare_multimodal_prompt(
+        engine, {"prompt": AUD, "multi_modal_data": {"audio": (clip, SR)}}
+    )
+    (audio_item,) = [it for it in mixed.items if it.modality == "audio"]
+    assert audio_item.key != alone.items[0].key
+    assert audio_item.data["audio_projection"] == "vision"
+    assert alone.items[0].data["audio_projection"] == "speech"
