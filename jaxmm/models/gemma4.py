@@ -610,21 +610,26 @@ class Gemma4ForConditionalGeneration(nnx.Module):
         return text.replace(image, f"{boi}{image}{eoi}")
 
     def mm_mark_items(self, ids: list[int], encode_text=None) -> list[int]:
-        """Each audio placeholder, a token or an expanded run, between `<boa>` and `<eoa>` as
-        Gemma4Processor writes it (text and token-id prompts alike), unless already there."""
-        if self.audio_token_id < 0:
-            return ids
+        """Each image placeholder between `<boi>` and `<eoi>`, each audio one between `<boa>`
+        and `<eoa>`, a token or an expanded run, as Gemma4Processor writes them (text,
+        token-id and chat prompts alike), unless already there."""
         c = self.hf_config
-        boa, eoa = int(c.boa_token_id), int(getattr(c, "eoa_token_id", c.eoa_token_index))
+        marks = {self.image_token_id: (int(c.boi_token_id), int(c.eoi_token_id))}
+        if self.audio_token_id >= 0:
+            eoa = int(getattr(c, "eoa_token_id", c.eoa_token_index))
+            marks[self.audio_token_id] = (int(c.boa_token_id), eoa)
         out: list[int] = []
         for i, t in enumerate(ids):
-            run_starts = t == self.audio_token_id and (i == 0 or ids[i - 1] != t)
-            if run_starts and (i == 0 or ids[i - 1] != boa):
-                out.append(boa)
+            if t not in marks:
+                out.append(t)
+                continue
+            begin, end = marks[t]
+            if (i == 0 or ids[i - 1] != t) and (i == 0 or ids[i - 1] != begin):  # a run starts
+                out.append(begin)
             out.append(t)
-            run_ends = t == self.audio_token_id and (i + 1 == len(ids) or ids[i + 1] != t)
-            if run_ends and (i + 1 == len(ids) or ids[i + 1] != eoa):
-                out.append(eoa)
+            last = i + 1 == len(ids)
+            if (last or ids[i + 1] != t) and (last or ids[i + 1] != end):  # a run ends
+                out.append(end)
         return out
 
     def transcription_chat(self, language: str | None) -> list[dict]:

@@ -533,3 +533,45 @@ def test_same_tokens_at_tp_1_2(ckpt_root):
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["tokens"]["2"] == got["tokens"]["1"]
     assert got["kv"]["2"] == [2, 2, 1]  # layer 0's pool: 2 KV heads, one per device
+
+
+def test_chat_with_image_parts_matches_the_processor(ckpt_root):
+    """Chat content parts become the image token once each; the front end puts `<boi>` and
+    `<eoi>` around it on token ids, as Gemma4Processor does on text."""
+    import base64
+    import io
+
+    from jaxmm import LLM, SamplingParams
+
+    path = make_gemma4_vlm(ckpt_root, bidirectional=False)
+    llm = LLM(path, dtype="float32", max_model_len=384, max_num_batched_tokens=64)
+    buf = io.BytesIO()
+    IMAGES[2].save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": "What is in the picture?"},
+                {"type": "image_pil", "image_pil": IMAGES[0]},
+            ],
+        }
+    ]
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    chat = llm.chat(messages, sp, use_tqdm=False)[0]
+    text = f"<|user|>{IMAGE}\nWhat is in the picture?\n{IMAGE}<|end|><|assistant|>"
+    proc = make_gemma4_processor(path + "_chat_processor")
+    want = proc(text=text, images=[IMAGES[2], IMAGES[0]], add_special_tokens=False)
+    assert chat.prompt_token_ids == list(want["input_ids"][0])
+    direct = llm.generate(
+        [
+            {
+                "prompt_token_ids": chat.prompt_token_ids,
+                "multi_modal_data": {"image": [IMAGES[2], IMAGES[0]]},
+            }
+        ],
+        sp,
+        use_tqdm=False,
+    )[0]
+    assert chat.outputs[0].token_ids == direct.outputs[0].token_ids
