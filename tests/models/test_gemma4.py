@@ -575,3 +575,26 @@ def test_chat_with_image_parts_matches_the_processor(ckpt_root):
         use_tqdm=False,
     )[0]
     assert chat.outputs[0].token_ids == direct.outputs[0].token_ids
+
+
+def test_prefix_cache_hits(ckpt_root, monkeypatch):
+    """A prompt sharing a long prefix with an earlier one reads its cached pages in every
+    pool (local, global; the shared layers read them through their producers)."""
+    from jaxmm import LLM, SamplingParams
+    from jaxmm.models.gemma3 import LOCAL_KV_ENV
+    from tests.helpers import hf_greedy
+
+    monkeypatch.setenv(LOCAL_KV_ENV, "0")
+    path = make_gemma4_text(ckpt_root, "shared")
+    llm = LLM(path, dtype="float32", max_model_len=256, block_size=4, max_num_batched_tokens=16)
+    tok = llm.get_tokenizer()
+    shared = tok(TEXT_PROMPTS[2]).input_ids
+    ids = [shared + tok(" and then").input_ids[1:], shared + tok(" but").input_ids[1:]]
+    sp = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    first = llm.generate([{"prompt_token_ids": ids[0]}], sp, use_tqdm=False)
+    bm = llm.llm_engine.block_manager
+    hits_before = bm.prefix_hits
+    second = llm.generate([{"prompt_token_ids": ids[1]}], sp, use_tqdm=False)
+    assert bm.prefix_hits - hits_before >= (len(shared) // 4 - 1) * 4 > WINDOW
+    got = [o.outputs[0].token_ids for o in first + second]
+    assert got == hf_greedy(path, ids, NEW_TOKENS)
