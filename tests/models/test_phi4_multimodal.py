@@ -356,3 +356,17 @@ def test_phi4mm_image_and_audio_match_transformers(phi4mm):
     assert audio_item.key != alone.items[0].key
     assert audio_item.data["audio_projection"] == "vision"
     assert alone.items[0].data["audio_projection"] == "speech"
+
+
+def test_phi4mm_ttft_benchmark_smoke(tmp_path, capsys):
+    """benchmarks/phi4mm_ttft.py end to end at a tiny shape (not a timing)."""
+    from benchmarks import phi4mm_ttft
+
+    argv = ["--config", "small", "--iters", "1", "--device", "cpu", "--seconds", "1"]
+    results = phi4mm_ttft.main(argv + ["--size", "96", "--workdir", str(tmp_path)])
+    assert [r["modality"] for r in results] == ["image", "audio"]
+    for r in results:
+        assert r["num_prompt_tokens"] > r["num_mm_tokens"] > 0
+        assert r["e2e_s"] > 0 and r["hf_e2e_s"] > 0 and "hf_error" not in r
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [x["modality"] for x in lines] == ["image", "audio"]
