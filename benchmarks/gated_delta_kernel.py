@@ -14,8 +14,8 @@ rows on random distinct slots, all continuing their state.
    kernel's in-place update is what gets timed. `roofline_us`: the state bytes one step must
    move (read + write every row's state once) over the copy bandwidth measured here.
 2. `prefill`: one `--prefill-len`-token row (64-token WY chunks, state carried in) through
-   both backends of `ragged_gated_delta` (the "pallas" backend carries the pool through its
-   chunk loop instead of gathering and scattering the rows' states).
+   both backends of `ragged_gated_delta` (the "pallas" backend runs the chunk-to-chunk
+   state hand-off in the Pallas chunk kernel instead of XLA's loop of matmuls).
 
 Times are the best of `--reps` rounds of 10 back-to-back calls, in microseconds.
 `max_abs_diff`: the largest difference between the two backends' outputs and states on the

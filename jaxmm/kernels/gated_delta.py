@@ -30,8 +30,9 @@ and take the WY form, with a loop over the step's real chunks only.
 
 Backends of `ragged_gated_delta` (argument `backend`, else the JAXMM_GATED_DELTA_BACKEND
 environment variable, read when the step is traced): "xla" (default) runs the code below;
-"pallas" puts the single-token rows on the in-place Pallas decode kernel
-(`gated_delta_pallas.py`, `gated_delta_tpu.py`; interpret mode off GPU/TPU).
+"pallas" runs the single-token rows on the in-place Pallas decode kernel and the prefill
+chunks on the Pallas chunk kernel (`gated_delta_pallas.py`, `gated_delta_tpu.py`; interpret
+mode off GPU/TPU).
 """
 
 from __future__ import annotations

@@ -100,16 +100,41 @@ def test_decode_reference_matches_recurrence():
     np.testing.assert_allclose(new[s0], ref_st, **TOL)
 
 
+def test_gpu_chunks_match_reference():
+    """Rows of 2, 0 and 3 chunks and a padding row; one row continues its slot, one starts
+    fresh on a NaN slot; two column blocks per head."""
+    rs = np.random.RandomState(4)
+    N, C, Hk, Hv, n_slots = 2, 16, 16, 32, 5
+    lens = [2 * C, 0, 3 * C - 5, 0]
+    first = np.concatenate([[0], np.cumsum([-(-n // C) for n in lens])]).astype(np.int32)
+    NC = int(first[-1]) + 1  # one spare chunk past the real ones
+    q, k, v, g, beta = (a.reshape(NC, C, *a.shape[1:]) for a in _rows(rs, NC * C, N, Hk, Hv))
+    prep = gd._chunk_prep(q, k, v, g, beta)
+    states = rs.randn(n_slots + 1, N, Hk, Hv).astype(np.float32) * 0.3
+    slots = np.array([4, 1, 0, n_slots], np.int32)
+    has = np.array([True, True, False, False])
+    states[0] = np.nan
+    states = jnp.asarray(states)
+    ref_out, ref_states = gp.chunks_reference(*prep, states, slots, has, first)
+    out, new = gp.gated_delta_chunks_gpu(
+        *prep, states, slots, has, first, block_v=16, interpret=True
+    )
+    real = int(first[-1])
+    np.testing.assert_allclose(out[:real], ref_out[:real], **TOL)
+    np.testing.assert_allclose(new[np.array([4, 0])], ref_states[np.array([4, 0])], **TOL)
+    np.testing.assert_array_equal(new[np.array([1, 2, 3])], states[np.array([1, 2, 3])])
+
+
 @pytest.mark.parametrize(
     "lens,starts,chunk",
     [
-        ([1, 1, 1], [5, 0, 9], 8),  # decodes only (one fresh): the prefill loop is skipped
-        ([1, 19, 1, 4], [3, 0, 7, 2], 8),  # mixed, odd lengths, a chunk carried in
+        ([1, 1, 1], [5, 0, 9], 16),  # decodes only (one fresh): the prefill loop is skipped
+        ([1, 19, 1, 4], [3, 0, 7, 2], 16),  # mixed, odd lengths, a chunk carried in
     ],
 )
 def test_ragged_pallas_matches_per_sequence(lens, starts, chunk):
     rs = np.random.RandomState(sum(lens))
-    T, N, Hk, Hv, n_slots = 32, 2, 16, 8, 6
+    T, N, Hk, Hv, n_slots = 32, 2, 16, 16, 6
     S = len(lens) + 2  # two padding rows
     q, k, v, g, beta = _rows(rs, T, N, Hk, Hv)
     states = rs.randn(n_slots + 1, N, Hk, Hv).astype(np.float32) * 0.3
