@@ -16,7 +16,8 @@ Timed per clip length (median of `--iters`, after one untimed pass):
   features, placeholder expansion; the audio tower; the prefill);
 - `encoder_s`: jaxmm's audio tower alone on the prepared features (rows on the device);
 - `hf_e2e_s`: the feature extractor + tokenizer + `generate(max_new_tokens=1)`;
-- `hf_encoder_s`: transformers' `get_audio_features` alone.
+- `hf_encoder_s`: transformers' `get_audio_features` alone (its MoE experts through
+  `--hf-experts`, grouped_mm by default where this transformers has it, else eager).
 One JSON line per clip length, "benchmark": "qwen3_omni_audio_ttft". jaxmm reads this
 config through transformers: one without Qwen3-Omni (before 4.57) makes the script exit
 saying so.
@@ -177,6 +178,19 @@ def write_checkpoint(name: str, layers: int, path: str):
     return cfg, tok, fe
 
 
+def hf_experts(name: str) -> str:
+    """`name` where this transformers can select it for MoE experts, else "eager"."""
+    if name == "eager":
+        return name
+    try:
+        from transformers.integrations import moe as hf_moe
+
+        table = getattr(getattr(hf_moe, "ExpertsInterface", None), "_global_mapping", {})
+    except ImportError:  # a transformers without selectable experts implementations
+        table = {}
+    return name if name in table else "eager"
+
+
 def clip(seconds: float, seed: int) -> np.ndarray:
     """A new clip per seed: the same one twice would be an encoder-cache hit."""
     t = np.arange(int(seconds * SR)) / SR
@@ -244,6 +258,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--device", default=None, help="torch device for transformers (cuda / cpu)")
     ap.add_argument("--no-hf", action="store_true", help="time jaxmm only")
+    ap.add_argument("--hf-experts", default="grouped_mm", help="eager, batched_mm, grouped_mm")
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxmm-bench"))
     args = ap.parse_args(argv)
@@ -270,6 +285,9 @@ def main(argv=None) -> list[dict]:
     model = device = None
     if not args.no_hf:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        experts = hf_experts(args.hf_experts)
+        for c in (cfg, cfg.text_config):
+            c._experts_implementation = experts
         torch.manual_seed(0)
         with torch.device(device):
             model = omni_classes()[1]._from_config(cfg, dtype=torch.bfloat16).eval()
@@ -306,6 +324,9 @@ def main(argv=None) -> list[dict]:
             r["encoder_speedup_vs_hf"] = round(r["hf_encoder_s"] / r["encoder_s"], 3)
             r["hf_device"] = str(device)
             r["hf_attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+            r["hf_experts_implementation"] = getattr(
+                model.config.text_config, "_experts_implementation", None
+            )
         r.update(
             device=str(jax.devices()[0].device_kind),
             backend=jax.default_backend(),

@@ -8,7 +8,8 @@ from benchmarks import qwen3_omni_audio_ttft
 def test_qwen3_omni_audio_ttft_smoke(tmp_path, capsys):
     results = qwen3_omni_audio_ttft.main(
         ["--config", "small", "--layers", "1", "--seconds", "2.3", "--iters", "1"]
-        + ["--device", "cpu", "--max-num-batched-tokens", "64", "--workdir", str(tmp_path)]
+        + ["--device", "cpu", "--max-num-batched-tokens", "64", "--hf-experts", "eager"]
+        + ["--workdir", str(tmp_path)]
     )
     lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()[-1:]]
     assert lines == results
@@ -19,6 +20,7 @@ def test_qwen3_omni_audio_ttft_smoke(tmp_path, capsys):
     for key in ("e2e_s", "encoder_s", "hf_e2e_s", "hf_encoder_s"):
         assert r[key] > 0, key
     assert r["speedup_vs_hf"] > 0 and r["hf_device"] == "cpu"
+    assert r["hf_experts_implementation"] == "eager"
 
 
 def test_checkpoint_has_the_omni_shape(tmp_path):
