@@ -1,8 +1,11 @@
-"""Pallas gated-delta decode kernels (GPU Triton and TPU Mosaic, interpret mode on CPU) against
-the pure-JAX reference, and the ragged entry point on them against the plain recurrence.
+"""Pallas gated-delta kernels (decode: GPU Triton and TPU Mosaic; prefill chunks: GPU Triton;
+interpret mode on CPU) against their pure-JAX references, and the ragged entry point on them
+against the plain recurrence.
 
-Every batch has padding rows and fresh rows whose slots hold NaN (a fresh row must not read
-its slot); slots no live row owns must come back bit-for-bit unchanged.
+On a GPU, `JAXMM_NATIVE_KERNELS=1` runs the GPU kernels compiled instead (the ragged tests
+take the platform's kernels anyway). Every batch has padding rows and fresh rows whose slots
+hold NaN (a fresh row must not read its slot); slots no live row owns must come back
+bit-for-bit unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from jaxmm.kernels import gated_delta_pallas as gp
 from jaxmm.kernels import gated_delta_tpu as gt
 
 TOL = dict(atol=2e-5, rtol=2e-5)
+INTERPRET = os.environ.get("JAXMM_NATIVE_KERNELS") != "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -72,7 +76,7 @@ GRID = [(3, 1, 16, 16, 0), (5, 3, 32, 8, 2), (4, 2, 8, 64, 1)]
 
 @pytest.mark.parametrize("S,N,Hk,Hv,n_pad", GRID)
 def test_gpu_decode_matches_reference(S, N, Hk, Hv, n_pad):
-    _check_decode(gp.gated_delta_decode_gpu, S, N, Hk, Hv, n_pad, block_v=16, interpret=True)
+    _check_decode(gp.gated_delta_decode_gpu, S, N, Hk, Hv, n_pad, block_v=16, interpret=INTERPRET)
 
 
 @pytest.mark.parametrize("S,N,Hk,Hv,n_pad", GRID)
@@ -87,7 +91,7 @@ def test_tpu_decode_several_head_blocks():
 
 def test_gpu_decode_odd_head_sizes_take_the_reference():
     assert not gp.gpu_supported(8, 6)
-    _check_decode(gp.gated_delta_decode_gpu, 3, 2, 8, 6, 1, interpret=True)
+    _check_decode(gp.gated_delta_decode_gpu, 3, 2, 8, 6, 1, interpret=INTERPRET)
 
 
 def test_decode_reference_matches_recurrence():
@@ -117,7 +121,7 @@ def test_gpu_chunks_match_reference():
     states = jnp.asarray(states)
     ref_out, ref_states = gp.chunks_reference(*prep, states, slots, has, first)
     out, new = gp.gated_delta_chunks_gpu(
-        *prep, states, slots, has, first, block_v=16, interpret=True
+        *prep, states, slots, has, first, block_v=16, interpret=INTERPRET
     )
     real = int(first[-1])
     np.testing.assert_allclose(out[:real], ref_out[:real], **TOL)
