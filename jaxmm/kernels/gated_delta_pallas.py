@@ -19,7 +19,7 @@ in a loop; the chunk kernel walks a row's chunks with the state held on chip.
 4. `chunks_reference` / `gated_delta_chunks_gpu`: the sequential part of the chunkwise WY
    form (`gated_delta._chunk_prep` makes each chunk's u, w, scores and decayed q/k in XLA,
    batched over all chunks); program (row, n, j) carries its state slice from chunk to
-   chunk, from the slot and back to it. TPU keeps the XLA loop (no TPU chunk kernel yet).
+   chunk, from the slot and back to it (the TPU variant: `gated_delta_tpu.py`).
 5. `ragged_gated_delta_pallas`: `gated_delta.ragged_gated_delta` on these: single-token rows
    on the decode kernel, longer rows' chunks on the chunk kernel, neither copying the rows'
    states out of the pool and back (a step of decodes touches no other state byte).
@@ -304,8 +304,13 @@ def gated_delta_chunks_gpu(
     )
 
 
-def gated_delta_chunks(*args):
-    """The chunk contract on the GPU kernel (interpret mode off GPU)."""
+def gated_delta_chunks(*args, platform: str | None = None):
+    """The chunk contract on this platform's kernel, as `gated_delta_decode` picks it."""
+    platform = platform or jax.default_backend()
+    if platform == "tpu":
+        from jaxmm.kernels.gated_delta_tpu import gated_delta_chunks_tpu
+
+        return gated_delta_chunks_tpu(*args, interpret=jax.default_backend() != "tpu")
     return gated_delta_chunks_gpu(*args, interpret=jax.default_backend() != "gpu")
 
 
@@ -330,9 +335,7 @@ def ragged_gated_delta_pallas(
     dec_slots = jnp.where(single, slots, -1)
     rows = [a[t0] for a in (q, k, v, g, beta)]
     out_rows, states = gated_delta_decode(*rows, states, dec_slots, has_state, platform=platform)
-    # prefill chunks: the GPU kernel (interpret mode off GPU); no TPU kernel yet
-    on_tpu = (platform or jax.default_backend()) == "tpu"
-    chunks = chunks_reference if on_tpu else gated_delta_chunks
+    chunks = functools.partial(gated_delta_chunks, platform=platform)
     out = jnp.zeros((T, N, Hv), f32).at[jnp.where(single, t0, T)].set(out_rows, mode="drop")
 
     # chunks aligned to each multi-token row's start: at most T // chunk + (rows of >= 2);

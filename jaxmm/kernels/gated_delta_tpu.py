@@ -1,6 +1,8 @@
-"""The gated delta rule's decode update as a Pallas TPU (Mosaic) kernel, the state pool in place.
+"""The gated delta rule on Pallas TPU (Mosaic) kernels, the state pool in place: the decode
+update (`gated_delta_decode_tpu`) and the prefill chunks' state hand-off
+(`gated_delta_chunks_tpu`, at the end of the file).
 
-The contract is `gated_delta_pallas.decode_reference`'s. Grid (row s, head block b), a block
+The decode contract is `gated_delta_pallas.decode_reference`'s. Grid (row s, head block b), a block
 being `heads` consecutive value heads. The pool is an aliased input/output whose BlockSpec
 picks row s's slot through the scalar-prefetched slot table, so Pallas' pipeline brings
 the (heads, Hk, Hv) states into VMEM once and writes them back once.
@@ -153,3 +155,129 @@ def gated_delta_decode_tpu(
         states,
     )
     return out[:, :, 0, :], states
+
+
+# -- the prefill chunks ----------------------------------------------------------------------------
+def _chunks_kernel(
+    # scalar prefetch (SMEM)
+    slot_ref,  # (NC,) int32 the pool slot of each chunk's row (the scratch slot past the last)
+    first_ref,  # (NC,) int32 whether the chunk is its row's first
+    keep_ref,  # (NC,) int32 whether that row continues its slot's state
+    real_ref,  # (NC,) int32 whether the chunk is real
+    # inputs
+    decay_ref,  # (NC * N,) f32, SMEM
+    u_ref,  # (C, Hv)
+    w_ref,  # (C, Hk)
+    attn_ref,  # (C, C)
+    qd_ref,  # (C, Hk)
+    kdt_ref,  # (Hk, C)
+    states_in,  # (Hk, Hv) block of the chunk's slot
+    # outputs
+    out_ref,  # (C, Hv)
+    states_out,  # (Hk, Hv), aliased with the pool
+    *,
+    num_heads: int,
+):
+    n, c = pl.program_id(0), pl.program_id(1)
+
+    def dot(a, b):
+        return jnp.dot(a, b, precision=lax.Precision.HIGHEST, preferred_element_type=f32)
+
+    # chunks of one row are consecutive grid steps on the same pool block, which Pallas keeps
+    # in VMEM (written back when the block changes): the previous chunk's state is in
+    # states_out; a row's first chunk reads the slot (or starts from zeros)
+    @pl.when(first_ref[c] != 0)
+    def _start():
+        st = states_in[...].astype(f32)
+        states_out[...] = jnp.where(keep_ref[c] != 0, st, 0.0).astype(states_out.dtype)
+
+    @pl.when(real_ref[c] != 0)
+    def _chunk():
+        st = states_out[...].astype(f32)
+        v_new = u_ref[...] - dot(w_ref[...], st)  # (C, Hv)
+        out_ref[...] = dot(qd_ref[...], st) + dot(attn_ref[...], v_new)
+        st = st * decay_ref[c * num_heads + n] + dot(kdt_ref[...], v_new)
+        states_out[...] = st.astype(states_out.dtype)
+
+    @pl.when(real_ref[c] == 0)
+    def _pad():  # past the real chunks: the scratch slot passes through
+        out_ref[...] = jnp.zeros(out_ref.shape, f32)
+        states_out[...] = states_in[...]
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def gated_delta_chunks_tpu(
+    u,
+    w,
+    attn,
+    qd,
+    kd,
+    decay,
+    states,
+    slots,
+    has_state,
+    first,
+    *,
+    interpret: bool | pltpu.InterpretParams = False,
+):
+    """The chunk contract (`gated_delta_pallas.chunks_reference`) on a Pallas TPU kernel.
+
+    Grid (head n, chunk c), chunks innermost and sequential: the pool's BlockSpec maps chunk
+    c to its row's slot (scalar-prefetched), so a row's state stays in VMEM across its
+    chunks and goes back to the slot once.
+    """
+    NC, N, C, Hv = u.shape
+    Hk = w.shape[-1]
+    S = slots.shape[0]
+    spare = states.shape[0] - 1
+    first = first.astype(jnp.int32)
+    c = jnp.arange(NC)
+    real = c < first[-1]
+    crow = jnp.minimum(jnp.searchsorted(first[1:], c, side="right"), S - 1)
+    slot_of = jnp.where(real, slots[crow], spare).astype(jnp.int32)
+    starts = (real & (c == first[crow])) | ~real  # past the end: read the scratch slot
+    keep = real & has_state.astype(bool)[crow]
+
+    def block(*shape):
+        return pl.BlockSpec((None, None, *shape), lambda n, c, *_: (c, n, 0, 0))
+
+    pool = pl.BlockSpec((None, None, Hk, Hv), lambda n, c, slot, *_: (slot[c], n, 0, 0))
+    if interpret is True:
+        interpret = pltpu.InterpretParams()
+    return pl.pallas_call(
+        functools.partial(_chunks_kernel, num_heads=N),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=4,
+            grid=(N, NC),
+            in_specs=[
+                pl.BlockSpec(memory_space=pltpu.SMEM),
+                block(C, Hv),
+                block(C, Hk),
+                block(C, C),
+                block(C, Hk),
+                block(Hk, C),
+                pool,
+            ],
+            out_specs=[block(C, Hv), pool],
+        ),
+        out_shape=[
+            jax.ShapeDtypeStruct(u.shape, f32),
+            jax.ShapeDtypeStruct(states.shape, states.dtype),
+        ],
+        input_output_aliases={10: 1},  # after 4 prefetched scalars: decay, u, w, attn, qd, kdt
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        interpret=interpret or False,
+        name="jaxmm_tpu_gated_delta_chunks",
+    )(
+        slot_of,
+        starts.astype(jnp.int32),
+        keep.astype(jnp.int32),
+        real.astype(jnp.int32),
+        decay.astype(f32).reshape(-1),
+        u,
+        w,
+        attn,
+        qd,
+        jnp.swapaxes(kd, -1, -2),
+        states,
+    )

@@ -104,9 +104,9 @@ def test_decode_reference_matches_recurrence():
     np.testing.assert_allclose(new[s0], ref_st, **TOL)
 
 
-def test_gpu_chunks_match_reference():
-    """Rows of 2, 0 and 3 chunks and a padding row; one row continues its slot, one starts
-    fresh on a NaN slot; two column blocks per head."""
+def _check_chunks(fn, **kw):
+    """Rows of 2, 0 and 3 chunks and a padding row, one chunk past the real ones; one row
+    continues its slot, one starts fresh on a NaN slot."""
     rs = np.random.RandomState(4)
     N, C, Hk, Hv, n_slots = 2, 16, 16, 32, 5
     lens = [2 * C, 0, 3 * C - 5, 0]
@@ -120,23 +120,31 @@ def test_gpu_chunks_match_reference():
     states[0] = np.nan
     states = jnp.asarray(states)
     ref_out, ref_states = gp.chunks_reference(*prep, states, slots, has, first)
-    out, new = gp.gated_delta_chunks_gpu(
-        *prep, states, slots, has, first, block_v=16, interpret=INTERPRET
-    )
+    out, new = fn(*prep, states, slots, has, first, **kw)
     real = int(first[-1])
     np.testing.assert_allclose(out[:real], ref_out[:real], **TOL)
     np.testing.assert_allclose(new[np.array([4, 0])], ref_states[np.array([4, 0])], **TOL)
     np.testing.assert_array_equal(new[np.array([1, 2, 3])], states[np.array([1, 2, 3])])
 
 
+def test_gpu_chunks_match_reference():
+    # Hv 32 in two column blocks per head
+    _check_chunks(gp.gated_delta_chunks_gpu, block_v=16, interpret=INTERPRET)
+
+
+def test_tpu_chunks_match_reference():
+    _check_chunks(gt.gated_delta_chunks_tpu, interpret=True)
+
+
 @pytest.mark.parametrize(
-    "lens,starts,chunk",
+    "lens,starts,chunk,platform",
     [
-        ([1, 1, 1], [5, 0, 9], 16),  # decodes only (one fresh): the prefill loop is skipped
-        ([1, 19, 1, 4], [3, 0, 7, 2], 16),  # mixed, odd lengths, a chunk carried in
+        ([1, 1, 1], [5, 0, 9], 16, None),  # decodes only (one fresh): no prefill loop
+        ([1, 19, 1, 4], [3, 0, 7, 2], 16, None),  # mixed, odd lengths, a chunk carried in
+        ([1, 19, 1, 4], [3, 0, 7, 2], 16, "tpu"),  # the same on the TPU kernels
     ],
 )
-def test_ragged_pallas_matches_per_sequence(lens, starts, chunk):
+def test_ragged_pallas_matches_per_sequence(lens, starts, chunk, platform):
     rs = np.random.RandomState(sum(lens))
     T, N, Hk, Hv, n_slots = 32, 2, 16, 16, 6
     S = len(lens) + 2  # two padding rows
@@ -150,8 +158,12 @@ def test_ragged_pallas_matches_per_sequence(lens, starts, chunk):
     has[: len(lens)] = np.array(starts) > 0
     states[slots[: len(lens)][~has[: len(lens)]]] = np.nan  # fresh rows never read these
     states = jnp.asarray(states)
-    run = jax.jit(gd.ragged_gated_delta, static_argnames=("chunk", "backend"))
-    out, new = run(q, k, v, g, beta, states, slots, cu, has, chunk=chunk, backend="pallas")
+    if platform is None:  # through the backend switch, on this platform's kernels
+        run = jax.jit(gd.ragged_gated_delta, static_argnames=("chunk", "backend"))
+        out, new = run(q, k, v, g, beta, states, slots, cu, has, chunk=chunk, backend="pallas")
+    else:
+        run = jax.jit(gp.ragged_gated_delta_pallas, static_argnames=("chunk", "platform"))
+        out, new = run(q, k, v, g, beta, states, slots, cu, has, chunk=chunk, platform=platform)
     for i in range(len(lens)):
         a, b, s = cu[i], cu[i + 1], slots[i]
         s0 = states[s] if has[i] else jnp.zeros_like(states[s])
