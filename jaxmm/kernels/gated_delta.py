@@ -241,7 +241,7 @@ def ragged_gated_delta(
 
     multi = q_lens > 1
     # chunks aligned to each multi-token row's start: at most T // chunk + (rows of >= 2)
-    NC = T // chunk + min(S, T // 2)
+    NC = max(1, T // chunk + min(S, T // 2))  # a one-token step traces one (empty) chunk
 
     def prefill(args):
         out, final = args

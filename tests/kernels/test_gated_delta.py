@@ -147,3 +147,15 @@ def test_ragged_matches_per_sequence(lens, starts, chunk):
     untouched = [s for s in range(spare) if s not in slots[: len(lens)]]
     np.testing.assert_array_equal(new_states[np.array(untouched)], states[np.array(untouched)])
     np.testing.assert_array_equal(new_conv[np.array(untouched)], conv[np.array(untouched)])
+
+
+def test_ragged_one_token_step():
+    """A step of exactly one token (one decode, no padding) traces and matches the oracle."""
+    rs = np.random.RandomState(3)
+    qkv, _, _, states, _, slots, cu, has = _ragged_case(rs, [1], [4], 1)
+    out, new_states = jax.jit(gd.ragged_gated_delta, static_argnames="chunk")(
+        *qkv, states, slots, cu, has, chunk=8
+    )
+    ref_out, ref_st = reference(*qkv, states[slots[0]])
+    np.testing.assert_allclose(out, ref_out, **TOL)
+    np.testing.assert_allclose(new_states[slots[0]], ref_st, **TOL)
