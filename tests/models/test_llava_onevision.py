@@ -246,12 +246,13 @@ def test_token_counts_and_pixels_match_the_hf_processor(tmp_path):
 def test_bilinear_matrix_is_torch_interpolate():
     from jaxmm.multimodal import anyres
 
-    x = torch.randn(1, 2, 9, 7)
+    x = torch.randn(1, 2, 9, 7, generator=torch.Generator().manual_seed(0))
     for rows, cols in [(5, 4), (6, 6), (3, 2), (9, 7)]:
         ref = torch.nn.functional.interpolate(x, size=[rows, cols], mode="bilinear")[0]
         mh, mw = anyres.bilinear_matrix(9, rows), anyres.bilinear_matrix(7, cols)
         ours = np.einsum("rh,chw,qw->crq", mh, x[0].numpy(), mw)
-        np.testing.assert_allclose(ours, ref.numpy(), atol=1e-6, rtol=0)
+        # float32 sums in another order than torch's: a few ulps of values up to ~4
+        np.testing.assert_allclose(ours, ref.numpy(), atol=2e-6, rtol=0)
 
 
 @pytest.fixture(scope="module")
