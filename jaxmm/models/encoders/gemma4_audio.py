@@ -44,6 +44,7 @@ from flax import nnx
 from jaxmm.layers.linear import Linear
 from jaxmm.layers.mlp import activation
 from jaxmm.models.device_rows import DeviceRows
+from jaxmm.models.encoders.gemma4_vision import Gemma4RMSNorm  # the one Gemma 4 norm
 
 MAX_AUDIOS_PER_CALL = 8  # encoder batch; smaller batches are padded to a power of two
 MIN_FRAME_BUCKET = 128  # mel frames (1.28 s): shorter clips share one program
@@ -65,23 +66,6 @@ def audio_num_tokens(frame_mask) -> int:
     processor counts `input_features_mask[::2][::2]`)."""
     mask = np.asarray(frame_mask).astype(bool)
     return int(mask[::2][::2].sum())
-
-
-class Gemma4RMSNorm(nnx.Module):
-    """x / sqrt(mean(x^2) + eps) [* w], in float32, cast back last (Gemma 4's RMSNorm)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6, *, with_scale: bool = True, dtype):
-        self.eps = eps
-        self.with_scale = with_scale
-        if with_scale:
-            self.weight = nnx.Param(jnp.ones((dim,), dtype=dtype))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        if self.with_scale:
-            y = y * self.weight[...].astype(jnp.float32)
-        return y.astype(x.dtype)
 
 
 class Gemma4ClippableLinear(nnx.Module):
