@@ -43,13 +43,8 @@ import numpy as np
 from .audio import decode_audio_bytes, load_audio_item
 from .cache import EncoderCache
 from .hashing import content_hash
-from .inputs import (
-    _is_int_tensor,
-    _is_tensor,
-    check_prompt_keys,
-    decode_embeds_payload,
-    to_numpy,
-)
+from .inputs import check_prompt_keys
+from .values import _is_int_tensor, _is_tensor, decode_embeds_payload, to_numpy
 
 logger = logging.getLogger(__name__)
 
@@ -402,7 +397,7 @@ class AudioFrontend:
             return self._resolve(items, uuids, kwargs)
 
     def _check_limit(self, num_items: int) -> None:
-        from .inputs import _limit
+        from .values import _limit
 
         limit = _limit(getattr(self.config, "limit_mm_per_prompt", None) or {}, "audio")
         if limit is not None and num_items > limit:

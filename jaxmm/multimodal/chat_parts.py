@@ -8,8 +8,9 @@ rendered text. `chat.conversation_to_prompt` sends conversations with media here
 
 from __future__ import annotations
 
-from .inputs import MultimodalFrontend, _limit, _split_by_grid
+from .inputs import MultimodalFrontend
 from .media import MediaPolicy
+from .values import _limit, _split_by_grid
 
 _PART_MODALITY = {
     "image_url": "image",
