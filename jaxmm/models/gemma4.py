@@ -74,6 +74,7 @@ from jaxmm.models.gemma3 import (
     LOCAL_KV_ENV,
     RING_PAGE,
     SLIDING,
+    Gemma3ForCausalLM,
     attention,
     image_causal_end,
     local_ring_pages,
@@ -431,16 +432,8 @@ class Gemma4ForCausalLM(nnx.Module):
                 slots = jnp.full(md.kv_lens.shape, kv_caches[-1].shape[0] - 1, jnp.int32)
         return self.model(input_ids, kv_caches, md, inputs_embeds, causal_end, ple_ids, slots)
 
-    def compute_logits(self, hidden: jax.Array) -> jax.Array:
-        """hidden (S, D) -> logits (S, V) in float32, soft-capped where the config says."""
-        if self.tie_word_embeddings:
-            logits = self.model.embed_tokens.attend(hidden)
-        else:
-            logits = self.lm_head(hidden)
-        logits = logits.astype(jnp.float32)
-        if self.final_soft_cap:
-            logits = self.final_soft_cap * jnp.tanh(logits / self.final_soft_cap)
-        return logits
+    # the same head as Gemma 3's (tied or not, the final soft cap), on the same attributes
+    compute_logits = Gemma3ForCausalLM.compute_logits
 
     def kv_cache_layer_shapes(self) -> list[tuple[int, int]]:
         """(K, H) of each paged layer's page pool (layer order; global layers only when the
