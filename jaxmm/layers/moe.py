@@ -25,6 +25,11 @@ the routing, so a token bucket compiles once whatever the router picks:
 - `gather`: each token's k expert matrices gathered, one batched einsum. Touches only the
   chosen experts' weights, but XLA materialises the gathered copies: meant for few rows on
   CPU.
+- `pallas`: the rows sorted as `ragged` sorts them, then our Pallas grouped GEMM
+  (kernels/grouped_matmul.py; Triton-lowered on GPU, interpret mode elsewhere, so only for
+  tests off a GPU). Selectable by name; `auto` never picks it until the H100 run of
+  benchmarks/moe_layer.py shows it ahead. A pallas_call is not partitioned by GSPMD, so with
+  expert weights sharded over a mesh it would gather them: one device only for now.
 `auto` picks per backend and token count (`default_impl`); GPU choices are provisional until
 benchmarks/moe_layer.py has been run on an H100.
 
@@ -43,10 +48,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxmm.kernels.grouped_matmul import grouped_matmul
 from jaxmm.layers.linear import Linear
 from jaxmm.layers.mlp import GatedMLP, activation
 
 IMPLEMENTATIONS = ("dense", "ragged", "capacity", "gather")
+# selectable by name, kept out of IMPLEMENTATIONS (the forms GSPMD partitions) until sharded
+KERNEL_IMPLEMENTATIONS = ("pallas",)
 
 
 def route(router_logits: jax.Array, top_k: int, norm_topk_prob: bool):
@@ -95,6 +103,16 @@ def experts_ragged(x, weights, ids, gate, up, down, act):
     xs = x[order // k]  # (R, D) sorted by expert
     h = act(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
     ys = jax.lax.ragged_dot(h.astype(x.dtype), down, sizes)  # (R, D)
+    return _combine(weights, ys[inverse].reshape(T, k, -1), x.dtype)
+
+
+def experts_pallas(x, weights, ids, gate, up, down, act):
+    """`ragged` on our Pallas grouped GEMM (kernels/grouped_matmul.py) instead of XLA's."""
+    T, k = ids.shape
+    order, inverse, _, sizes = _sort_rows(ids, gate.shape[0])
+    xs = x[order // k]  # (R, D) sorted by expert; padding tokens' rows last, in no group
+    h = act(grouped_matmul(xs, gate, sizes)) * grouped_matmul(xs, up, sizes)
+    ys = grouped_matmul(h.astype(x.dtype), down, sizes)  # (R, D)
     return _combine(weights, ys[inverse].reshape(T, k, -1), x.dtype)
 
 
@@ -150,6 +168,7 @@ _IMPLS = {
     "ragged": experts_ragged,
     "capacity": experts_capacity,
     "gather": experts_gather,
+    "pallas": experts_pallas,
 }
 
 
@@ -184,10 +203,11 @@ def experts_forward(
     if impl == "auto":
         impl = default_impl(x.shape[0], ids.shape[1], E)
     if impl not in _IMPLS:
-        raise ValueError(f"MoE implementation {impl!r}; choose from {('auto',) + IMPLEMENTATIONS}")
+        choices = ("auto",) + IMPLEMENTATIONS + KERNEL_IMPLEMENTATIONS
+        raise ValueError(f"MoE implementation {impl!r}; choose from {choices}")
     if valid is not None:
         weights = jnp.where(valid[:, None], weights, 0.0)
-        if impl in ("ragged", "capacity"):
+        if impl in ("ragged", "capacity", "pallas"):
             ids = jnp.where(valid[:, None], ids, E)
         elif impl == "gather":
             ids = jnp.where(valid[:, None], ids, ids[:1])
@@ -224,8 +244,8 @@ class SparseMoeBlock(nnx.Module):
         dtype=jnp.float32,
         rngs,
     ):
-        if impl != "auto" and impl not in IMPLEMENTATIONS:
-            raise ValueError(f"MoE implementation {impl!r}; choose from {IMPLEMENTATIONS}")
+        if impl != "auto" and impl not in _IMPLS:
+            raise ValueError(f"MoE implementation {impl!r}; choose from {tuple(_IMPLS)}")
         self.gate = Linear(D, E, dtype=dtype, rngs=rngs)
         self.experts = MoeExperts(E, D, F, dtype=dtype, rngs=rngs)
         if shared_F:
