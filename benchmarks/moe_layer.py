@@ -18,6 +18,11 @@ time, beside the measured dense bf16 matmul rate. `default` marks what `auto` ru
 Implementations whose temporaries would not fit (`gather` materialises T k expert
 matrices) are skipped with the reason.
 
+`pallas` is ours (kernels/grouped_matmul.py, Triton lowering, its default blocks); on a GPU
+it also runs with the block variants `pallas:BM,BN,BK` of PALLAS_BLOCKS, to pick its
+defaults from. Off a GPU it only runs interpreted, so it is skipped there except at the
+--smoke shape (a correctness check, not a timing).
+
 On a Hopper GPU one more candidate runs, `mosaic_gpu`: the rows sorted as `ragged` sorts
 them, through the Pallas Mosaic GPU grouped GEMM JAX ships
 (jax.experimental.pallas.ops.gpu.ragged_dot_mgpu; benchmark only until measured, its error
@@ -41,6 +46,16 @@ SHAPES = {
     "smoke": dict(E=8, k=2, D=32, F=16, dtype="float32"),
 }
 TEMP_LIMIT_BYTES = 16 << 30  # skip an implementation whose largest temporary exceeds this
+# (block_m, block_n, block_k) variants of `pallas` timed on a GPU beside its defaults
+PALLAS_BLOCKS = [(16, 64, 64), (16, 128, 128), (32, 128, 64), (64, 128, 64), (128, 128, 64)]
+
+
+def _pallas_blocks(impl: str) -> dict | None:
+    """`pallas:BM,BN,BK` -> the kernel's block arguments; plain `pallas` -> None (defaults)."""
+    if impl == "pallas":
+        return None
+    bm, bn, bk = (int(v) for v in impl.split(":", 1)[1].split(","))
+    return dict(block_m=bm, block_n=bn, block_k=bk)
 
 
 def _temp_bytes(impl: str, T: int, E: int, k: int, D: int, F: int, nbytes: int) -> int:
@@ -90,7 +105,10 @@ def _time(fn, *args, reps: int) -> float:
     return best
 
 
-def bench(shape: dict, tokens: list[int], impls: list[str], reps: int) -> list[dict]:
+def bench(
+    shape: dict, tokens: list[int], impls: list[str], reps: int, interpret_ok: bool = False
+) -> list[dict]:
+    """interpret_ok: run `pallas` off a GPU too (interpreted: a check, not a timing)."""
     import jax
     import jax.numpy as jnp
 
@@ -109,9 +127,15 @@ def bench(shape: dict, tokens: list[int], impls: list[str], reps: int) -> list[d
         weights, ids = moe.route(x @ router, k, True)
         if impl == "mosaic_gpu":
             return experts_mosaic_gpu(x, weights, ids, gate, up, down, jax.nn.silu)
+        if impl.startswith("pallas"):
+            blocks = _pallas_blocks(impl)
+            return moe.experts_pallas(x, weights, ids, gate, up, down, jax.nn.silu, blocks)
         return moe.experts_forward(x, weights, ids, gate, up, down, jax.nn.silu, impl)
 
-    if jax.default_backend() == "gpu" and "mosaic_gpu" not in impls:
+    on_gpu = jax.default_backend() == "gpu"
+    if on_gpu and "pallas" in impls:
+        impls = [*impls, *(f"pallas:{bm},{bn},{bk}" for bm, bn, bk in PALLAS_BLOCKS)]
+    if on_gpu and "mosaic_gpu" not in impls:
         impls = [*impls, "mosaic_gpu"]
 
     rows = []
@@ -127,6 +151,10 @@ def bench(shape: dict, tokens: list[int], impls: list[str], reps: int) -> list[d
         for impl in impls:
             row = dict(T=T, impl=impl, default=impl == default, touched_expert_bytes=touched)
             need = _temp_bytes(impl, T, E, k, D, F, dtype.itemsize)
+            if impl.startswith("pallas") and not (on_gpu or interpret_ok):
+                row["skipped"] = "Pallas GPU kernel off a GPU runs interpreted (not a timing)"
+                rows.append(row)
+                continue
             if need > TEMP_LIMIT_BYTES:
                 row["skipped"] = f"temporary of {need / 2**30:.1f} GiB"
                 rows.append(row)
@@ -153,12 +181,12 @@ def bench(shape: dict, tokens: list[int], impls: list[str], reps: int) -> list[d
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from jaxmm.layers.moe import IMPLEMENTATIONS
+    from jaxmm.layers.moe import IMPLEMENTATIONS, KERNEL_IMPLEMENTATIONS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="qwen3-30b-a3b", choices=sorted(SHAPES))
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 512, 4096])
-    p.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS))
+    p.add_argument("--impls", nargs="+", default=[*IMPLEMENTATIONS, *KERNEL_IMPLEMENTATIONS])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--smoke", action="store_true", help="tiny float32 shape, T in {1, 16}")
     args = p.parse_args(argv)
@@ -179,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         "date": time.strftime("%Y-%m-%d"),
         "copy_bandwidth_GBps": round(bw / 1e9, 1),
         "matmul_TFLOPs": round(flops / 1e12, 1),
-        "rows": bench(shape, args.tokens, args.impls, args.reps),
+        "rows": bench(shape, args.tokens, args.impls, args.reps, interpret_ok=args.smoke),
     }
     print(json.dumps(result), flush=True)
     return result

@@ -10,7 +10,7 @@ def test_moe_layer_smoke(capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
     rows = result["rows"]
     assert {(r["T"], r["impl"]) for r in rows} == {
-        (T, impl) for T in (1, 16) for impl in ("dense", "ragged", "capacity", "gather")
+        (T, impl) for T in (1, 16) for impl in ("dense", "ragged", "capacity", "gather", "pallas")
     }
     for r in rows:
         assert r["ms"] > 0 and r["touched_GBps"] > 0 and r["max_abs_err"] < 1e-5

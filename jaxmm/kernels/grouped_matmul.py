@@ -163,8 +163,22 @@ def _gmm_kernel(
         plgpu.store(out_ref.at[rows, cols], zeros, mask=out_mask)
 
 
-def _blocks(M: int, K: int, N: int, block_m: int, block_n: int, block_k: int):
-    return _pow2_block(block_m, M), _pow2_block(block_n, N), _pow2_block(block_k, K)
+def default_blocks(M: int, E: int) -> tuple[int, int, int]:
+    """(block_m, block_n, block_k) before clipping: BM the rows one group holds on average
+    as a power of two, 16 to 128 (a tile mostly of one group, little masked work); with
+    small tiles BN 64 instead of 128, so that a decode step's few visits still spread over
+    the GPU's SMs. A first guess: benchmarks/moe_layer.py times variants on a GPU."""
+    bm = min(128, max(16, 1 << (pl.cdiv(max(M, 1), E) - 1).bit_length()))
+    return bm, 64 if bm <= 32 else 128, 64
+
+
+def _blocks(M: int, K: int, N: int, E: int, block_m, block_n, block_k):
+    dm, dn, dk = default_blocks(M, E)
+    return (
+        _pow2_block(block_m or dm, M),
+        _pow2_block(block_n or dn, N),
+        _pow2_block(block_k or dk, K),
+    )
 
 
 def run_work_list(
@@ -208,24 +222,24 @@ def grouped_matmul_gpu(
     rhs: jax.Array,
     group_sizes: jax.Array,
     *,
-    block_m: int = 64,
-    block_n: int = 128,
-    block_k: int = 64,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
     interpret: bool = False,
 ) -> jax.Array:
     """The contract on a Pallas GPU kernel (Triton lowering): lhs (M, K), rhs (E, K, N).
 
-    Blocks: powers of two >= 16, each clipped to its dimension's next power of two (a
-    decode step of 8 rows runs 16-row tiles). Float32 inputs multiply at full precision
-    (no TF32), matching the reference."""
+    Blocks: powers of two >= 16 (None: `default_blocks`), each clipped to its dimension's
+    next power of two (a decode step of 8 rows runs 16-row tiles). Float32 inputs multiply
+    at full precision (no TF32), matching the reference."""
     _check(lhs, rhs, group_sizes)
     dtype = _common_dtype(lhs, rhs)
     lhs, rhs = lhs.astype(dtype), rhs.astype(dtype)
     M, K = lhs.shape
-    N = rhs.shape[2]
-    bm, bn, bk = _blocks(M, K, N, block_m, block_n, block_k)
+    E, _, N = rhs.shape
+    bm, bn, bk = _blocks(M, K, N, E, block_m, block_n, block_k)
     if M == 0 or N == 0:
         return jnp.zeros((M, N), dtype)
     meta = tile_metadata(group_sizes, M, bm)

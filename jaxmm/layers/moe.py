@@ -44,6 +44,8 @@ multi-GPU measurement still to make.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -106,13 +108,15 @@ def experts_ragged(x, weights, ids, gate, up, down, act):
     return _combine(weights, ys[inverse].reshape(T, k, -1), x.dtype)
 
 
-def experts_pallas(x, weights, ids, gate, up, down, act):
-    """`ragged` on our Pallas grouped GEMM (kernels/grouped_matmul.py) instead of XLA's."""
+def experts_pallas(x, weights, ids, gate, up, down, act, blocks: dict | None = None):
+    """`ragged` on our Pallas grouped GEMM (kernels/grouped_matmul.py) instead of XLA's.
+    `blocks`: block_m/block_n/block_k for the kernel (default: its own choice)."""
     T, k = ids.shape
     order, inverse, _, sizes = _sort_rows(ids, gate.shape[0])
+    gmm = functools.partial(grouped_matmul, group_sizes=sizes, **(blocks or {}))
     xs = x[order // k]  # (R, D) sorted by expert; padding tokens' rows last, in no group
-    h = act(grouped_matmul(xs, gate, sizes)) * grouped_matmul(xs, up, sizes)
-    ys = grouped_matmul(h.astype(x.dtype), down, sizes)  # (R, D)
+    h = act(gmm(xs, gate)) * gmm(xs, up)
+    ys = gmm(h.astype(x.dtype), down)  # (R, D)
     return _combine(weights, ys[inverse].reshape(T, k, -1), x.dtype)
 
 
