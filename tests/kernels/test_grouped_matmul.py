@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -123,6 +124,25 @@ def test_work_list_covers_every_row_once():
             assert (group_of_row[rows] == g).all()
             written[rows] += 1
         np.testing.assert_array_equal(written, 1)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_triton_lowering_takes_the_kernel(dtype):
+    """The kernel lowers through Pallas' Triton lowering (no GPU needed to lower for CUDA):
+    one Triton custom call whose grid is (column blocks, visit bound W). Decode-sized rows
+    (8 rows of the Qwen3-30B-A3B gate projection: 16-row tiles, 64-column blocks)."""
+    M, K, N, E = 8, 2048, 768, 128
+    args = (
+        jax.ShapeDtypeStruct((M, K), dtype),
+        jax.ShapeDtypeStruct((E, K, N), dtype),
+        jax.ShapeDtypeStruct((E,), jnp.int32),
+    )
+    run = jax.jit(functools.partial(gm.grouped_matmul_gpu, interpret=False))
+    text = run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    calls = re.findall(
+        r"custom_call @__gpu\$xla\.gpu\.triton.*grid_x = (\d+).*grid_y = (\d+)", text
+    )
+    assert calls == [(str(N // 64), str(gm.num_visits(M, E, 16)))]
 
 
 def test_bad_block_and_shapes_raise():
