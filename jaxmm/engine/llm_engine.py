@@ -100,6 +100,7 @@ class LLMEngine:
             lim.block_size,
             cc.enable_prefix_caching,
             recurrent_state=bool(lim.num_state_slots),
+            group_windows=lim.kv_group_windows,
         )
         # the encoder stage: which rows of the runner's encoder cache hold which item
         self.encoder_cache = (
@@ -375,6 +376,7 @@ class LLMEngine:
             token_ids=seq.token_ids[start : start + n],
             start=start,
             block_table=seq.block_table,
+            group_tables=seq.group_tables or None,
             sample=start + n == len(seq),
             temperature=p.temperature,
             top_k=p.top_k,

@@ -34,6 +34,8 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_counter))
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
+    # models with page groups (block_manager.py): the tables of groups 1.. (windowed layers)
+    group_tables: list[list[int]] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prefix-cache hits at the last admission
     num_hashed_blocks: int = 0  # leading full pages already registered in the prefix cache

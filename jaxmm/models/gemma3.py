@@ -20,7 +20,18 @@ During prefill the soft tokens of one image attend to each other both ways (HF's
 token (`causal_end`), and the scheduler keeps an image inside one prefill chunk
 (`mm_whole_items`), so an image's tokens are always computed together.
 
-Sliding-window KV (opt-in, $JAXMM_GEMMA3_LOCAL_KV_TOKENS = N > 0): a local layer never reads
+Sliding-window KV, by default: a local layer never reads a key older than its window, so its
+pages are given back as the sequence moves on. The layers are paged in groups
+(`kv_cache_groups`): group 0 the global layers, then the local layers in runs of as many
+(the last run padded); each group has a page table of its own per sequence, and page p of
+every group lies in the same n_global arrays (array j holds the j-th layer of whichever group
+owns page p), so one pool serves all groups with no waste. The engine's block manager gives a
+local group's pages back once they fall behind the window and keeps prefix caching (a hit
+needs each local group's last window of pages still cached). A sequence holds its context in
+the global layers plus about one window (and one step) per local group.
+$JAXMM_SLIDING_WINDOW_RECLAIM=0 pages every layer for the whole context instead (one table).
+
+Sliding-window rings (opt-in, $JAXMM_GEMMA3_LOCAL_KV_TOKENS = N > 0): a local layer never reads
 a key older than its window, so it keeps no pages for them. Each running sequence owns a
 state slot (`jaxmm.engine.state_cache`, as hybrid models do) holding, per local layer, a
 ring of N tokens (rounded up to pages of `RING_PAGE`): token p lives at ring entry p mod N,
@@ -61,6 +72,7 @@ from jaxmm.models.image_tokens import FixedImageTokens
 SLIDING, FULL = "sliding_attention", "full_attention"
 LOCAL_KV_ENV = "JAXMM_GEMMA3_LOCAL_KV_TOKENS"  # > 0: local layers keep a ring of that many
 RING_PAGE = 16  # tokens per page of a local layer's ring
+RECLAIM_ENV = "JAXMM_SLIDING_WINDOW_RECLAIM"  # "0": every layer paged for the whole context
 MAX_IMAGES_PER_CALL = 16  # encoder batch; smaller batches are padded to a power of two
 
 
@@ -128,6 +140,17 @@ def local_ring_pages(config) -> int:
     if tokens <= 0 or SLIDING not in layer_types(config):
         return 0
     return -(-tokens // RING_PAGE)
+
+
+def page_groups(kinds) -> list[tuple[int, ...]]:
+    """Layer indices of each page group: the global layers, then the local layers in runs of
+    as many (see the module doc); [] when the layers are all of one kind or reclaiming is off."""
+    glob = tuple(i for i, k in enumerate(kinds) if k == FULL)
+    local = [i for i, k in enumerate(kinds) if k != FULL]
+    if not glob or not local or os.environ.get(RECLAIM_ENV, "1") == "0":
+        return []
+    n = len(glob)
+    return [glob] + [tuple(local[j : j + n]) for j in range(0, len(local), n)]
 
 
 def ring_as_pages(ring: jax.Array) -> jax.Array:
@@ -227,6 +250,9 @@ class Gemma3TextModel(nnx.Module):
         self.kinds = tuple(layer_types(config))
         self.window = config.sliding_window
         self.ring_pages = local_ring_pages(config)
+        self.groups = [] if self.ring_pages else page_groups(self.kinds)
+        # layer -> (page group, array it lies in)
+        self.group_slot = {i: (g, j) for g, ls in enumerate(self.groups) for j, i in enumerate(ls)}
         H = head_dim(config)
         self.inv_freq = {
             kind: tuple(float(f) for f in inv_frequencies(H, rope_params(config, kind)))
@@ -245,6 +271,16 @@ class Gemma3TextModel(nnx.Module):
             kind: cos_sin(md.positions, jnp.asarray(np.array(f, np.float32)))
             for kind, f in self.inv_freq.items()
         }
+        if self.groups:  # page groups over shared arrays (see the module doc)
+            caches = list(kv_caches)
+            mds = [
+                dataclasses.replace(md, page_indices=md.page_indices[g])
+                for g in range(len(self.groups))
+            ]
+            for i, (layer, kind) in enumerate(zip(self.layers, self.kinds)):
+                g, j = self.group_slot[i]
+                x, caches[j] = layer(x, *rotary[kind], caches[j], mds[g], **kw)
+            return self.norm(x), caches
         if not self.ring_pages:  # every layer paged
             new_caches = []
             for layer, kind, kv_pages in zip(self.layers, self.kinds, kv_caches):
@@ -322,7 +358,19 @@ class Gemma3ForCausalLM(nnx.Module):
         layers keep rings."""
         c = self.config
         L = self.model.kinds.count(FULL) if self.model.ring_pages else c.num_hidden_layers
+        if self.model.groups:  # as many arrays as the largest group has layers
+            L = max(len(g) for g in self.model.groups)
         return L, c.num_key_value_heads, head_dim(c)
+
+    def kv_cache_groups(self) -> list[tuple[int | None, tuple[int, ...]]]:
+        """(sliding window or None, layer indices) per page group; one group when the layers
+        are not grouped."""
+        if not self.model.groups:
+            return [(None, tuple(range(self.config.num_hidden_layers)))]
+        return [
+            (None if g == 0 else self.model.window, layers)
+            for g, layers in enumerate(self.model.groups)
+        ]
 
     def state_cache_spec(self, dtype) -> list[tuple[tuple[int, ...], jnp.dtype]]:
         """Per-slot (shape, dtype) of each local layer's ring, in layer order (none when off)."""
@@ -437,6 +485,9 @@ class Gemma3ForConditionalGeneration(FixedImageTokens, nnx.Module):
 
     def kv_cache_spec(self) -> tuple[int, int, int]:
         return self.language_model.kv_cache_spec()
+
+    def kv_cache_groups(self) -> list[tuple[int | None, tuple[int, ...]]]:
+        return self.language_model.kv_cache_groups()
 
     def state_cache_spec(self, dtype) -> list[tuple[tuple[int, ...], jnp.dtype]]:
         return self.language_model.state_cache_spec(dtype)

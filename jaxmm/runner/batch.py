@@ -53,6 +53,9 @@ class SeqStep:
     # e.g. an encoder-decoder's cross-attention slot
     seq_inputs: dict | None = None
     state_slot: int | None = None  # hybrid models: the sequence's state slot
+    # models with page groups (sliding-window layers): the tables of groups 1.., entries
+    # < 0 where a page was given back (block_manager.py)
+    group_tables: list[list[int]] | None = None
 
 
 class StepArrays(NamedTuple):
@@ -101,3 +104,5 @@ class ResolvedLimits:
     num_state_slots: int  # hybrid models: per-sequence state slots (0: none)
     num_snapshot_slots: int  # hybrid models: prefix-cache state snapshots
     cross_slots: int  # encoder-decoder models: cross-attention K/V slots
+    # one sliding window (or None) per page group: (None,) for a model with one page table
+    kv_group_windows: tuple[int | None, ...] = (None,)

@@ -136,6 +136,11 @@ class ModelRunner:
         abstract = nnx.eval_shape(build)
         self.init_times["build"] = round(time.perf_counter() - t0, 3)
         self.num_layers, self.num_kv_heads, self.head_dim = abstract.kv_cache_spec()
+        # models with sliding-window layers page them in groups, each with its own table per
+        # sequence over one pool (block_manager.py): a page of any group lies in the
+        # kv_cache_spec layers' arrays, so a sequence's windowed groups give pages back
+        groups = getattr(abstract, "kv_cache_groups", None)
+        self.kv_group_windows = tuple(w for w, _ in groups()) if groups is not None else (None,)
         # (K, H) of each paged layer: models whose layers differ in KV heads or head size
         # (Gemma 4's global layers) list them, each layer gets a page pool of its own shape
         layer_shapes = getattr(abstract, "kv_cache_layer_shapes", None)
@@ -229,12 +234,13 @@ class ModelRunner:
             budget = self._kv_budget(gpu_memory_utilization, kv_cache_memory_bytes)
             if kv_cache_memory_bytes is not None:  # a given budget covers the state slots too
                 budget -= (self.state_scratch_slot + 1) * self.state_bytes_per_slot
-            want = self.max_num_seqs * self.pages_per_seq + 1
+            want = self.max_num_seqs * self.seq_pages_max(max_num_batched_tokens) + 1
             num_pages = min(budget // bytes_per_page, want)
-        if num_pages < self.pages_per_seq:
+        if num_pages < self.seq_pages_max(max_num_batched_tokens):
+            need = self.seq_pages_max(max_num_batched_tokens)
             raise ValueError(
                 f"the KV cache holds {num_pages} pages of {block_size} tokens, fewer than one "
-                f"sequence of max_model_len={self.max_model_len} needs ({self.pages_per_seq}); "
+                f"sequence of max_model_len={self.max_model_len} needs ({need}); "
                 "raise the memory budget (gpu_memory_utilization / kv_cache_memory_bytes) or "
                 "lower max_model_len"
             )
@@ -310,6 +316,16 @@ class ModelRunner:
         self.sample_programs = SavedPrograms("sample", self._sample, salt)
 
     # -- setup ------------------------------------------------------------------------------
+    def seq_pages_max(self, step_tokens: int) -> int:
+        """The most pages one sequence holds across its page groups: every page of its
+        context in full-attention groups, in a windowed group a window plus one step (and one
+        page of misalignment at each end)."""
+        P, G = self.pages_per_seq, self.block_size
+        return sum(
+            P if w is None else min(P, -(-(w + step_tokens) // G) + 1)
+            for w in self.kv_group_windows
+        )
+
     def _kv_budget(self, utilization: float, kv_bytes: int | None) -> int:
         if kv_bytes is not None:
             return int(kv_bytes)
@@ -420,6 +436,7 @@ class ModelRunner:
             num_state_slots=self.num_state_slots,
             num_snapshot_slots=getattr(self, "num_snapshot_slots", 0),
             cross_slots=self.cross_slots,
+            kv_group_windows=self.kv_group_windows,
         )
 
     def prepare(self, steps: list[SeqStep], min_tokens: int = 0):
@@ -431,7 +448,11 @@ class ModelRunner:
         mrope = self.uses_mrope or any(s.mrope_positions is not None for s in steps)
         positions = np.zeros((3, T) if mrope else T, np.int32)
         kv_lens = np.zeros(S, np.int32)
-        page_indices = np.zeros((S, self.pages_per_seq), np.int32)
+        n_groups = len(self.kv_group_windows)
+        if n_groups == 1:
+            page_indices = np.zeros((S, self.pages_per_seq), np.int32)
+        else:  # (groups, S, P): a windowed group's given-back entries read page 0 (masked)
+            page_indices = np.zeros((n_groups, S, self.pages_per_seq), np.int32)
         cu = np.zeros(S + 1, np.int32)
         logits_indices = np.zeros(S, np.int32)
         mm_rows = np.full(T, -1, np.int32) if self.splices_embeds else None
@@ -456,7 +477,10 @@ class ModelRunner:
                 else:
                     positions[t : t + n] = np.arange(first, first + n)
             kv_lens[i] = s.start + n
-            page_indices[i, : len(s.block_table)] = s.block_table
+            if n_groups == 1:
+                page_indices[i, : len(s.block_table)] = s.block_table
+            else:
+                self._group_rows(page_indices[:, i], s)
             cu[i + 1] = t + n
             logits_indices[i] = t + n - 1
             for off, rows in s.mm_rows or ():
@@ -489,6 +513,17 @@ class ModelRunner:
             logits_indices=logits_indices,
         )
         return StepArrays(ids, md, mm_rows, seq_inputs), S
+
+    def _group_rows(self, rows: np.ndarray, s: SeqStep) -> None:
+        """One sequence's rows (groups, P) of a grouped page table."""
+        if s.group_tables is None or len(s.group_tables) != len(rows) - 1:
+            raise ValueError(
+                f"this model pages its layers in {len(rows)} groups: the step needs a page "
+                "table per group (SeqStep.group_tables, from the engine's block manager)"
+            )
+        rows[0, : len(s.block_table)] = s.block_table
+        for g, table in enumerate(s.group_tables, start=1):
+            rows[g, : len(table)] = np.maximum(table, 0)
 
     def _sampling_tensors(self, steps: list[SeqStep], S: int, penalties: bool) -> SamplingTensors:
         def col(name, dtype, default):

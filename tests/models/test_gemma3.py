@@ -140,17 +140,27 @@ TEXT_PROMPTS = [
 RING_TOKENS = 32  # >= window + step budget - 1 = 23; the prompts below wrap the ring
 
 
-@pytest.mark.parametrize("local_kv", ["paged", "ring"])
+def scratch_tables(runner, n: int, top: int) -> tuple[list[int], list[list[int]] | None]:
+    """A sequence's page tables of n pages each from the top of the pool down (pages top - n
+    + 1 .. top for group 0, the next n below for group 1...): (block_table, group_tables)."""
+    groups = len(runner.kv_group_windows)
+    tables = [list(range(top - (g + 1) * n + 1, top - g * n + 1)) for g in range(groups)]
+    return tables[0], (tables[1:] or None)
+
+
+@pytest.mark.parametrize("local_kv", ["paged", "reclaim", "ring"])
 def test_text_greedy_and_logits_match_transformers(gemma3_text, local_kv, monkeypatch):
     import math
 
     from jaxmm import LLM, SamplingParams
-    from jaxmm.models.gemma3 import LOCAL_KV_ENV
+    from jaxmm.models.gemma3 import LOCAL_KV_ENV, RECLAIM_ENV
     from jaxmm.runner.model_runner import SeqStep
     from tests.helpers import hf_greedy
 
     if local_kv == "ring":
         monkeypatch.setenv(LOCAL_KV_ENV, str(RING_TOKENS))
+    elif local_kv == "paged":
+        monkeypatch.setenv(RECLAIM_ENV, "0")
     # 16 tokens a step: the long prompts prefill in chunks, each past the window
     llm = LLM(gemma3_text, dtype="float32", max_model_len=256, max_num_batched_tokens=16)
     tok = llm.get_tokenizer()
@@ -164,8 +174,13 @@ def test_text_greedy_and_logits_match_transformers(gemma3_text, local_kv, monkey
         assert runner.num_layers == 1 and runner.num_state_slots == runner.max_num_seqs
         rings = runner.kv_caches[1:]
         assert len(rings) == 3 and rings[0].shape[1:] == (2, 2, RING_TOKENS // 16, 16, 16)
+    elif local_kv == "reclaim":
+        # one array per layer of the largest group (the one global layer's group); each
+        # local layer a page group of its own, giving pages back behind its window
+        assert runner.num_layers == 1 and runner.num_state_slots == 0
+        assert runner.kv_group_windows == (None, 8, 8, 8)
     else:
-        assert runner.num_layers == 4 and runner.num_state_slots == 0
+        assert runner.num_layers == 4 and runner.kv_group_windows == (None,)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
     ours = [o.outputs[0].token_ids for o in outs]
@@ -178,16 +193,56 @@ def test_text_greedy_and_logits_match_transformers(gemma3_text, local_kv, monkey
     page, got, want = runner.num_pages - 1, [], []
     for i in ids:  # one sequence per call, scratch pages from the top of the pool
         n = math.ceil(len(i) / runner.block_size)
-        table = list(range(page - n + 1, page + 1))
+        table, groups = scratch_tables(runner, n, page)
         for start in range(0, len(i), 16):  # the step budget: chunks, as the engine runs them
             chunk = i[start : start + 16]
             step = SeqStep(chunk, start, table, sample=start + len(chunk) == len(i))
+            step.group_tables = groups
             last = runner.logits([step])
         got.append(last)
-        page -= n
+        page -= n * len(runner.kv_group_windows)
         with torch.no_grad():
             want.append(hf(torch.tensor([i])).logits[0, -1].numpy())
     np.testing.assert_allclose(np.concatenate(got), np.stack(want), atol=1e-4, rtol=0)
+
+
+def test_window_pages_given_back_and_reused_in_a_small_pool(gemma3_text):
+    """Local layers' pages behind the window go back to the pool while their sequence runs,
+    and other sequences write into them: exact tokens still, in a pool far smaller than
+    every layer keeping every page would need."""
+    from jaxmm import LLM, SamplingParams
+    from tests.helpers import hf_greedy
+
+    P = 40
+    llm = LLM(
+        gemma3_text,
+        dtype="float32",
+        max_model_len=256,
+        max_num_batched_tokens=16,
+        num_gpu_blocks_override=P,
+    )
+    bm = llm.llm_engine.block_manager
+    tok = llm.get_tokenizer()
+    base = [tok(p).input_ids for p in TEXT_PROMPTS]
+    n = len(base)
+    ids = [base[i % n] + base[(i + 1) % n] + base[(i + 2) % n] for i in range(4)]
+    held, ensure = [], bm.ensure_slots
+
+    def spy(seq, num_tokens):
+        ok = ensure(seq, num_tokens)
+        held.append((len(seq.block_table), bm.pages_held(seq) - len(seq.block_table)))
+        return ok
+
+    bm.ensure_slots = spy
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(gemma3_text, ids, NEW_TOKENS)
+    # three local groups, each at most window (8) + a step (16) in pages of 16, plus one
+    assert max(local for _, local in held) <= 3 * 3
+    assert max(g for g, _ in held) >= 6  # long sequences: the global group kept growing
+    # every layer paged for the whole context would have needed 4 pages per token page
+    assert sum(4 * -(-(len(i) + NEW_TOKENS) // 16) for i in ids) > 3 * P
+    assert bm.num_free_blocks == P
 
 
 # ---------------------------------------------------------------------------------------
@@ -252,10 +307,11 @@ VLM_PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["paged", "ring"])
+@pytest.fixture(scope="module", params=["reclaim", "ring"])
 def gemma3_vlm(request, ckpt_root):
-    """(path, LLM, HF model); "ring": local layers on rings of 48 tokens (window 8 + a step
-    of 32 - 1 = 39 needed), which the two-image prompt and its output wrap."""
+    """(path, LLM, HF model); "reclaim": local layers in page groups that give pages back
+    behind the window (the default); "ring": local layers on rings of 48 tokens (window 8 +
+    a step of 32 - 1 = 39 needed), which the two-image prompt and its output wrap."""
     import transformers
 
     from jaxmm import LLM
@@ -265,7 +321,9 @@ def gemma3_vlm(request, ckpt_root):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(LOCAL_KV_ENV, "48" if request.param == "ring" else "0")
         llm = LLM(path, dtype="float32", max_model_len=256, max_num_batched_tokens=BUDGET)
-    assert llm.llm_engine.runner.num_layers == (1 if request.param == "ring" else 4)
+    assert llm.llm_engine.runner.num_layers == 1
+    groups = llm.llm_engine.runner.kv_group_windows
+    assert groups == ((None,) if request.param == "ring" else (None, 8, 8, 8))
     hf = transformers.Gemma3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
     return path, llm, hf.eval()
 
@@ -333,9 +391,10 @@ def test_vlm_greedy_and_logits_match_transformers(gemma3_vlm):
             rows_of[it.cache_key] = entry.rows
             runner.encode([(it.modality, it.data, entry.rows)])
         n = -(-len(ids) // runner.block_size)
-        pages = list(range(runner.num_pages - n, runner.num_pages))
+        pages, groups = scratch_tables(runner, n, runner.num_pages - 1)
         for start, end in _chunks(len(ids), items):
             step = SeqStep(ids[start:end], start, pages, sample=end == len(ids))
+            step.group_tables = groups
             step.mm_rows = [
                 (max(it.start, start) - start, rows_of[it.cache_key][a - it.start : b - it.start])
                 for it in items
@@ -420,9 +479,10 @@ def test_image_steps_under_a_kernel_backend(monkeypatch):
     from flax import nnx
 
     from jaxmm.layers.attention import AttentionMetadata
-    from jaxmm.models.gemma3 import LOCAL_KV_ENV, Gemma3ForConditionalGeneration
+    from jaxmm.models.gemma3 import LOCAL_KV_ENV, RECLAIM_ENV, Gemma3ForConditionalGeneration
 
-    monkeypatch.setenv(LOCAL_KV_ENV, "0")  # every layer paged
+    monkeypatch.setenv(LOCAL_KV_ENV, "0")  # every layer paged, one page table
+    monkeypatch.setenv(RECLAIM_ENV, "0")
     IMG = 60
 
     class Tok:  # what _text_config reads of a tokenizer
