@@ -153,7 +153,9 @@ class GenerativePoolingEngine:
         return outs
 
     def _pages(self, n: int) -> int:
-        return -(-n // self.runner.block_size)
+        """Pages a prompt of n tokens takes: a table of its length per page group (models
+        with sliding-window layers page them in groups, block_manager.py)."""
+        return -(-n // self.runner.block_size) * len(self.runner.kv_group_windows)
 
     def _item_blocks(self, p: EmbedPrompt) -> int:
         cache = self.engine.encoder_cache
@@ -212,16 +214,20 @@ class GenerativePoolingEngine:
                 bounds = [0, 1] if cls and L > 1 else [0]
                 while bounds[-1] < L:
                     bounds.append(min(bounds[-1] + r.max_num_batched_tokens, L))
-                table = list(range(cursor, cursor + self._pages(L)))
-                cursor += len(table)
-                plans.append((bounds, table))
+                n = -(-L // r.block_size)
+                tables = [
+                    list(range(cursor + g * n, cursor + (g + 1) * n))
+                    for g in range(len(r.kv_group_windows))
+                ]
+                cursor += self._pages(L)
+                plans.append((bounds, tables))
             out = np.zeros((len(group), self.embedding_dim), np.float32)
             for k in range(max(len(b) for b, _ in plans) - 1):
                 steps, who = [], []
-                for g, (p, (bounds, table)) in enumerate(zip(group, plans)):
+                for g, (p, (bounds, tables)) in enumerate(zip(group, plans)):
                     if k + 1 < len(bounds):
                         a, b = bounds[k], bounds[k + 1]
-                        steps.append(self._step(p, a, b, table, rows_of))
+                        steps.append(self._step(p, a, b, tables, rows_of))
                         who.append((g, b == (1 if cls else len(p.ids))))
                 hidden = r.logits(steps)  # (S, D): each chunk's last-token hidden state
                 for row, (g, wanted) in enumerate(who):
@@ -256,8 +262,8 @@ class GenerativePoolingEngine:
         return rows_of
 
     @staticmethod
-    def _step(p: EmbedPrompt, a: int, b: int, table: list[int], rows_of: dict) -> SeqStep:
-        step = SeqStep(p.ids[a:b], a, table, sample=True)
+    def _step(p: EmbedPrompt, a: int, b: int, tables: list[list[int]], rows_of: dict) -> SeqStep:
+        step = SeqStep(p.ids[a:b], a, tables[0], sample=True, group_tables=tables[1:] or None)
         if p.mm is not None:
             p.mm.fill_step(step, None, a, b - a)
             rows = []
