@@ -23,8 +23,9 @@ dtype; products accumulate in float32.
    lhs (rows of other groups and past M masked to zero) and group g's (BK, BN) block of rhs,
    accumulates in float32 and stores only its group's rows. Any M, K, N and E; the block
    sizes are powers of two of at least 16 (Triton's dot tiles), clipped to the shape.
-4. `grouped_matmul`: the GPU kernel compiled on a GPU, in interpret mode elsewhere (CPU
-   tests). No TPU variant yet: off a GPU use `jax.lax.ragged_dot`.
+4. `grouped_matmul`: the platform's kernel: on a GPU this one compiled, on a TPU the Mosaic
+   TPU variant (kernels/tpu/grouped_matmul.py, same work list; never run on a TPU yet),
+   elsewhere the GPU kernel in interpret mode (CPU tests).
 
 The pallas_call is not partitioned by GSPMD: with expert weights sharded over a mesh it has
 to run under `jax.shard_map` (each device its own experts' groups), which is not wired yet.
@@ -257,8 +258,18 @@ def grouped_matmul_gpu(
 
 
 # -- 4. the platform's kernel ---------------------------------------------------------------------
-def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, **blocks) -> jax.Array:
-    """The GPU kernel: compiled on a GPU, interpret mode on any other backend (tests)."""
+def grouped_matmul(
+    lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, platform: str | None = None, **blocks
+) -> jax.Array:
+    """The contract on this platform's kernel: "gpu" (Triton), "tpu" (Mosaic), anything else
+    the GPU kernel in interpret mode (CPU tests). `platform` defaults to JAX's backend; a
+    kernel off its own device runs interpreted. `blocks`: the kernel's block sizes."""
+    platform = platform or jax.default_backend()
+    native = jax.default_backend() == platform
+    if platform == "tpu":
+        from jaxmm.kernels.tpu.grouped_matmul import grouped_matmul_tpu
+
+        return grouped_matmul_tpu(lhs, rhs, group_sizes, interpret=not native, **blocks)
     return grouped_matmul_gpu(
-        lhs, rhs, group_sizes, interpret=jax.default_backend() != "gpu", **blocks
+        lhs, rhs, group_sizes, interpret=platform != "gpu" or not native, **blocks
     )

@@ -26,10 +26,11 @@ the routing, so a token bucket compiles once whatever the router picks:
   chosen experts' weights, but XLA materialises the gathered copies: meant for few rows on
   CPU.
 - `pallas`: the rows sorted as `ragged` sorts them, then our Pallas grouped GEMM
-  (kernels/grouped_matmul.py; Triton-lowered on GPU, interpret mode elsewhere, so only for
-  tests off a GPU). Selectable by name; `auto` never picks it until the H100 run of
-  benchmarks/moe_layer.py shows it ahead. A pallas_call is not partitioned by GSPMD, so with
-  expert weights sharded over a mesh it would gather them: one device only for now.
+  (kernels/grouped_matmul.py: Triton-lowered on GPU, a Mosaic variant on TPU, interpret mode
+  elsewhere, so only for tests on CPU). Selectable by name; `auto` never picks it until the
+  H100 run of benchmarks/moe_layer.py shows it ahead. A pallas_call is not partitioned by
+  GSPMD, so with expert weights sharded over a mesh it would gather them: one device only
+  for now.
 `auto` picks per backend and token count (`default_impl`); GPU choices are provisional until
 benchmarks/moe_layer.py has been run on an H100.
 

@@ -1,6 +1,6 @@
-"""The Pallas grouped matmul (Triton lowering; interpret mode on CPU) against its pure-JAX
-reference, the reference against a per-row loop, the work list's coverage, and the MoE block
-on the kernel against the dense oracle.
+"""The Pallas grouped matmul (Triton lowering, and the Mosaic TPU variant; interpret mode on
+CPU) against its pure-JAX reference, the reference against a per-row loop, the work list's
+coverage, and the MoE block on the kernel against the dense oracle.
 
 On a GPU, `JAXMM_NATIVE_KERNELS=1` runs the kernel compiled instead of interpreted. Rows past
 the groups hold NaN in every case: the result must still be exactly zero there.
@@ -19,6 +19,7 @@ import pytest
 from flax import nnx
 
 from jaxmm.kernels import grouped_matmul as gm
+from jaxmm.kernels.tpu import grouped_matmul as gmt
 from jaxmm.layers import moe
 
 INTERPRET = os.environ.get("JAXMM_NATIVE_KERNELS") != "1"
@@ -87,6 +88,33 @@ def test_result_does_not_depend_on_visit_order():
         np.testing.assert_array_equal(out[sum(sizes) :], 0.0)
 
 
+# TPU interpret mode is slower per grid step: a few cases, one with K and N past one block
+TPU_CASES = [CASES[0], CASES[3], CASES[5], (40, 300, 260, [5, 0, 20, 7], 16)]
+
+
+@pytest.mark.parametrize("M,K,N,sizes,bm", TPU_CASES)
+def test_tpu_kernel_matches_reference(M, K, N, sizes, bm):
+    """The Mosaic TPU variant in TPU interpret mode: blocks of 128 where K, N exceed them
+    (masked K remainder, dropped N remainder), whole dimensions below."""
+    lhs, rhs, gs = _case(M, K, N, sizes, seed=M + 1)
+    ref = np.asarray(gm.grouped_matmul_reference(lhs, rhs, gs))
+    out = np.asarray(
+        gmt.grouped_matmul_tpu(lhs, rhs, gs, block_m=bm, block_n=128, block_k=128, interpret=True)
+    )
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-5)
+    np.testing.assert_array_equal(out[sum(sizes) :], 0.0)
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu", "cpu"])
+def test_platform_dispatch(platform):
+    """`grouped_matmul` takes each platform's kernel (interpreted off its device) with its
+    default blocks: all agree with the reference."""
+    lhs, rhs, gs = _case(30, 24, 20, [3, 0, 11, 9], seed=7)
+    out = gm.grouped_matmul(lhs, rhs, gs, platform=platform)
+    ref = gm.grouped_matmul_reference(lhs, rhs, gs)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), **TOL[jnp.float32])
+
+
 def test_kernel_bf16_default_blocks():
     """bf16 in and out, float32 accumulation, the default (clipped) blocks."""
     lhs, rhs, gs = _case(45, 64, 48, [7, 0, 30, 5], dtype=jnp.bfloat16, seed=1)
@@ -151,6 +179,9 @@ def test_bad_block_and_shapes_raise():
         gm.grouped_matmul_gpu(lhs, rhs, gs, block_m=24, interpret=True)
     with pytest.raises(ValueError, match="group_sizes"):
         gm.grouped_matmul_gpu(lhs, rhs, gs[:0], interpret=True)
+    lhs, rhs, gs = _case(8, 16, 200, [8])
+    with pytest.raises(ValueError, match="multiple of 128"):
+        gmt.grouped_matmul_tpu(lhs, rhs, gs, block_n=96, interpret=True)
 
 
 def test_moe_block_pallas_matches_dense():
