@@ -19,7 +19,7 @@ Implementations whose temporaries would not fit (`gather` materialises T k exper
 matrices) are skipped with the reason.
 
 `pallas` is ours (kernels/grouped_matmul.py, Triton lowering, its default blocks); on a GPU
-it also runs with the block variants `pallas:BM,BN,BK` of PALLAS_BLOCKS, to pick its
+it also runs with the variants `pallas:BM,BN,BK,WARPS` of PALLAS_BLOCKS, to pick its
 defaults from. Off a GPU it only runs interpreted, so it is skipped there except at the
 --smoke shape (a correctness check, not a timing).
 
@@ -46,16 +46,27 @@ SHAPES = {
     "smoke": dict(E=8, k=2, D=32, F=16, dtype="float32"),
 }
 TEMP_LIMIT_BYTES = 16 << 30  # skip an implementation whose largest temporary exceeds this
-# (block_m, block_n, block_k) variants of `pallas` timed on a GPU beside its defaults
-PALLAS_BLOCKS = [(16, 64, 64), (16, 128, 128), (32, 128, 64), (64, 128, 64), (128, 128, 64)]
+# (block_m, block_n, block_k, num_warps) variants of `pallas` timed on a GPU beside its
+# defaults: small tiles for decode (more programs over the SMs), large ones for prefill
+PALLAS_BLOCKS = [
+    (16, 32, 128, 4),
+    (16, 64, 64, 4),
+    (16, 128, 128, 4),
+    (32, 128, 64, 4),
+    (64, 128, 64, 4),
+    (128, 128, 64, 4),
+    (128, 128, 64, 8),
+]
 
 
 def _pallas_blocks(impl: str) -> dict | None:
-    """`pallas:BM,BN,BK` -> the kernel's block arguments; plain `pallas` -> None (defaults)."""
+    """`pallas:BM,BN,BK[,WARPS]` -> the kernel's arguments; plain `pallas` -> None (its
+    defaults)."""
     if impl == "pallas":
         return None
-    bm, bn, bk = (int(v) for v in impl.split(":", 1)[1].split(","))
-    return dict(block_m=bm, block_n=bn, block_k=bk)
+    values = [int(v) for v in impl.split(":", 1)[1].split(",")]
+    names = ("block_m", "block_n", "block_k", "num_warps")
+    return dict(zip(names, values, strict=False))
 
 
 def _temp_bytes(impl: str, T: int, E: int, k: int, D: int, F: int, nbytes: int) -> int:
@@ -134,7 +145,7 @@ def bench(
 
     on_gpu = jax.default_backend() == "gpu"
     if on_gpu and "pallas" in impls:
-        impls = [*impls, *(f"pallas:{bm},{bn},{bk}" for bm, bn, bk in PALLAS_BLOCKS)]
+        impls = [*impls, *("pallas:" + ",".join(map(str, b)) for b in PALLAS_BLOCKS)]
     if on_gpu and "mosaic_gpu" not in impls:
         impls = [*impls, "mosaic_gpu"]
 

@@ -111,7 +111,7 @@ def experts_ragged(x, weights, ids, gate, up, down, act):
 
 def experts_pallas(x, weights, ids, gate, up, down, act, blocks: dict | None = None):
     """`ragged` on our Pallas grouped GEMM (kernels/grouped_matmul.py) instead of XLA's.
-    `blocks`: block_m/block_n/block_k for the kernel (default: its own choice)."""
+    `blocks`: keyword arguments of the kernel (block sizes; default: its own choice)."""
     T, k = ids.shape
     order, inverse, _, sizes = _sort_rows(ids, gate.shape[0])
     gmm = functools.partial(grouped_matmul, group_sizes=sizes, **(blocks or {}))
