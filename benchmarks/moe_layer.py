@@ -23,10 +23,9 @@ it also runs with the variants `pallas:BM,BN,BK,WARPS` of PALLAS_BLOCKS, to pick
 defaults from. Off a GPU it only runs interpreted, so it is skipped there except at the
 --smoke shape (a correctness check, not a timing).
 
-On a Hopper GPU one more candidate runs, `mosaic_gpu`: the rows sorted as `ragged` sorts
-them, through the Pallas Mosaic GPU grouped GEMM JAX ships
-(jax.experimental.pallas.ops.gpu.ragged_dot_mgpu; benchmark only until measured, its error
-reported as for the others). Prints one JSON object.
+`mosaic_gpu` (layers/moe.py: the Pallas Mosaic GPU grouped GEMM JAX ships) runs where
+`mosaic_gpu_supported` says (a Hopper GPU), skipped with the reason elsewhere.
+Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -78,30 +77,6 @@ def _temp_bytes(impl: str, T: int, E: int, k: int, D: int, F: int, nbytes: int) 
     return T * k * max(D, F) * 4
 
 
-def experts_mosaic_gpu(x, weights, ids, gate, up, down, act):
-    """`ragged` with JAX's Mosaic GPU ragged_dot kernel in place of jax.lax.ragged_dot."""
-    import functools
-
-    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
-
-    from jaxmm.layers import moe
-
-    T, k = ids.shape
-    order, inverse, _, sizes = moe._sort_rows(ids, gate.shape[0])
-    dot = functools.partial(
-        ragged_dot_mgpu.ragged_dot,
-        group_sizes=sizes,
-        block_m=64,
-        block_n=128,
-        block_k=64,
-        max_concurrent_steps=4,
-        grid_block_n=1,
-    )
-    xs = x[order // k]
-    h = (act(dot(xs, gate)) * dot(xs, up)).astype(x.dtype)
-    return moe._combine(weights, dot(h, down)[inverse].reshape(T, k, -1), x.dtype)
-
-
 def _time(fn, *args, reps: int) -> float:
     import jax
 
@@ -136,8 +111,6 @@ def bench(
 
     def layer(x, router, gate, up, down, impl):
         weights, ids = moe.route(x @ router, k, True)
-        if impl == "mosaic_gpu":
-            return experts_mosaic_gpu(x, weights, ids, gate, up, down, jax.nn.silu)
         if impl.startswith("pallas"):
             blocks = _pallas_blocks(impl)
             return moe.experts_pallas(x, weights, ids, gate, up, down, jax.nn.silu, blocks)
@@ -146,8 +119,7 @@ def bench(
     on_gpu = jax.default_backend() == "gpu"
     if on_gpu and "pallas" in impls:
         impls = [*impls, *("pallas:" + ",".join(map(str, b)) for b in PALLAS_BLOCKS)]
-    if on_gpu and "mosaic_gpu" not in impls:
-        impls = [*impls, "mosaic_gpu"]
+    mosaic = moe.mosaic_gpu_supported(D, F, dtype)
 
     rows = []
     for T in tokens:
@@ -164,6 +136,10 @@ def bench(
             need = _temp_bytes(impl, T, E, k, D, F, dtype.itemsize)
             if impl.startswith("pallas") and not (on_gpu or interpret_ok):
                 row["skipped"] = "Pallas GPU kernel off a GPU runs interpreted (not a timing)"
+                rows.append(row)
+                continue
+            if impl == "mosaic_gpu" and not mosaic:
+                row["skipped"] = "needs a Hopper GPU, 16-bit weights, D and F multiples of 128"
                 rows.append(row)
                 continue
             if need > TEMP_LIMIT_BYTES:

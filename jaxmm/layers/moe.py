@@ -31,8 +31,10 @@ the routing, so a token bucket compiles once whatever the router picks:
   H100 run of benchmarks/moe_layer.py shows it ahead. A pallas_call is not partitioned by
   GSPMD, so with expert weights sharded over a mesh it would gather them: one device only
   for now.
-`auto` picks per backend and token count (`default_impl`); GPU choices are provisional until
-benchmarks/moe_layer.py has been run on an H100.
+- `mosaic_gpu`: the rows sorted as `ragged` sorts them, then the Pallas Mosaic GPU grouped
+  GEMM JAX ships (jax.experimental.pallas.ops.gpu.ragged_dot_mgpu: TMA, wgmma, Hopper only),
+  where its tiles divide the shapes (`mosaic_gpu_supported`); like `pallas`, one device only.
+`auto` picks per backend and token count (`default_impl`).
 
 Sharding: the stacked expert weights shard over the mesh's "model" axis along E when E
 divides it (expert parallelism), else along F (tensor parallelism inside each expert);
@@ -57,7 +59,9 @@ from jaxmm.layers.mlp import GatedMLP, activation
 
 IMPLEMENTATIONS = ("dense", "ragged", "capacity", "gather")
 # selectable by name, kept out of IMPLEMENTATIONS (the forms GSPMD partitions) until sharded
-KERNEL_IMPLEMENTATIONS = ("pallas",)
+KERNEL_IMPLEMENTATIONS = ("pallas", "mosaic_gpu")
+# ragged_dot_mgpu's tiles: rows of 64, columns of 128 (one per program), contraction of 64
+MOSAIC_BLOCKS = dict(block_m=64, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1)
 
 
 def route(router_logits: jax.Array, top_k: int, norm_topk_prob: bool):
@@ -121,6 +125,32 @@ def experts_pallas(x, weights, ids, gate, up, down, act, blocks: dict | None = N
     return _combine(weights, ys[inverse].reshape(T, k, -1), x.dtype)
 
 
+def mosaic_gpu_supported(D: int, F: int, dtype, backend: str | None = None) -> bool:
+    """Whether `mosaic_gpu` runs here: a Hopper GPU (the kernel uses wgmma), 16-bit weights,
+    and D and F whole multiples of the column tile (every matmul's K and N are D or F)."""
+    if (backend or jax.default_backend()) != "gpu" or jnp.dtype(dtype).itemsize != 2:
+        return False
+    n = MOSAIC_BLOCKS["block_n"]
+    if D % n or F % n:
+        return False
+    kind = getattr(jax.devices()[0], "compute_capability", "")
+    return str(kind).startswith("9")
+
+
+def experts_mosaic_gpu(x, weights, ids, gate, up, down, act):
+    """`ragged` with JAX's Mosaic GPU grouped GEMM in place of `jax.lax.ragged_dot`. Rows past
+    the groups (padding tokens) come back unspecified; `_combine` drops them."""
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
+    T, k = ids.shape
+    order, inverse, _, sizes = _sort_rows(ids, gate.shape[0])
+    gmm = functools.partial(ragged_dot_mgpu.ragged_dot, group_sizes=sizes, **MOSAIC_BLOCKS)
+    xs = x[order // k]  # (R, D) sorted by expert
+    h = (act(gmm(xs, gate)) * gmm(xs, up)).astype(x.dtype)
+    ys = gmm(h, down)  # (R, D)
+    return _combine(weights, ys[inverse].reshape(T, k, -1), x.dtype)
+
+
 def bucket_size(rows: int, E: int) -> int:
     """Rows per bucket of `capacity`: the expected rows of one expert as a power of two,
     16 to 128 (small enough to waste little padding, large enough for the matmul units)."""
@@ -174,6 +204,7 @@ _IMPLS = {
     "capacity": experts_capacity,
     "gather": experts_gather,
     "pallas": experts_pallas,
+    "mosaic_gpu": experts_mosaic_gpu,
 }
 
 
@@ -210,9 +241,14 @@ def experts_forward(
     if impl not in _IMPLS:
         choices = ("auto",) + IMPLEMENTATIONS + KERNEL_IMPLEMENTATIONS
         raise ValueError(f"MoE implementation {impl!r}; choose from {choices}")
+    if impl == "mosaic_gpu" and not mosaic_gpu_supported(gate.shape[1], gate.shape[2], gate.dtype):
+        raise ValueError(
+            "MoE implementation 'mosaic_gpu' needs a Hopper GPU, 16-bit weights and the hidden "
+            f"and expert widths multiples of 128 (got {gate.shape[1]}, {gate.shape[2]})"
+        )
     if valid is not None:
         weights = jnp.where(valid[:, None], weights, 0.0)
-        if impl in ("ragged", "capacity", "pallas"):
+        if impl in ("ragged", "capacity", "pallas", "mosaic_gpu"):
             ids = jnp.where(valid[:, None], ids, E)
         elif impl == "gather":
             ids = jnp.where(valid[:, None], ids, ids[:1])

@@ -162,3 +162,18 @@ def test_sharded_experts_match_one_device():
         assert spec == (
             "('model', None, None)" if key.startswith("8-") else "(None, None, 'model')"
         ), key
+
+
+def test_mosaic_gpu_only_where_it_runs():
+    """JAX's Mosaic GPU grouped GEMM is chosen by name only where it compiles (a Hopper GPU,
+    16-bit weights, widths in whole 128-column tiles); elsewhere a clear error."""
+    x = jnp.ones((4, 128), jnp.bfloat16)
+    w = jnp.ones((2, 128, 128), jnp.bfloat16)
+    ids = jnp.zeros((4, 1), jnp.int32)
+    weights = jnp.ones((4, 1), jnp.float32)
+    assert not moe.mosaic_gpu_supported(128, 128, jnp.bfloat16, backend="cpu")
+    assert not moe.mosaic_gpu_supported(128, 96, jnp.bfloat16, backend="gpu")
+    assert not moe.mosaic_gpu_supported(128, 128, jnp.float32, backend="gpu")
+    if jax.default_backend() == "cpu":
+        with pytest.raises(ValueError, match="Hopper"):
+            moe.experts_forward(x, weights, ids, w, w, w, jax.nn.silu, impl="mosaic_gpu")
