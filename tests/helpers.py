@@ -318,3 +318,53 @@ def persistent_compilation_cache(path: str):
         for name, value in old.items():
             jax.config.update(name, value)
         compilation_cache.reset_cache()
+
+
+def wav_bytes(clip, sr: int) -> bytes:
+    """`clip` (float samples) as a float32 WAV file's bytes."""
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, clip, sr, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+def wav_base64(clip, sr: int) -> str:
+    """`clip` as the base64 WAV of an OpenAI `input_audio` part."""
+    import base64
+
+    return base64.b64encode(wav_bytes(clip, sr)).decode()
+
+
+def png_data_url(image) -> str:
+    """A PIL image as a `data:image/png;base64,...` URL (an `image_url` part's)."""
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def assert_audio_and_image_chat_parts(llm, audio, sr: int, image, placeholders, params) -> None:
+    """An `input_audio` part (base64 WAV) and an `image_pil` part each become the model's
+    placeholder (`placeholders`: audio's, image's) in a `<|user|>...<|end|><|assistant|>`
+    chat template (tests' Omni tokenizers), expanded as in a prompt: the chat's ids are the
+    direct prompt's without its BOS (the template's text is tokenized as it is)."""
+    aud, img = placeholders
+    wav = {"data": wav_base64(audio, sr), "format": "wav"}
+    audio_part = {"type": "input_audio", "input_audio": wav}
+    cases = [
+        (audio_part, aud, {"audio": (audio, sr)}),
+        ({"type": "image_pil", "image_pil": image}, img, {"image": image}),
+    ]
+    for part, placeholder, data in cases:
+        messages = [{"role": "user", "content": [part, {"type": "text", "text": "What?"}]}]
+        chat = llm.chat(messages, params, use_tqdm=False)[0]
+        text = f"<|user|>{placeholder}\nWhat?<|end|><|assistant|>"
+        assert chat.prompt == text
+        direct = llm.generate([{"prompt": text, "multi_modal_data": data}], params)[0]
+        assert chat.prompt_token_ids == direct.prompt_token_ids[1:]  # BOS
+        assert len(chat.prompt_token_ids) > 10  # the placeholder was expanded

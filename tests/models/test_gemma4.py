@@ -538,16 +538,12 @@ def test_same_tokens_at_tp_1_2(ckpt_root):
 def test_chat_with_image_parts_matches_the_processor(ckpt_root):
     """Chat content parts become the image token once each; the front end puts `<boi>` and
     `<eoi>` around it on token ids, as Gemma4Processor does on text."""
-    import base64
-    import io
-
     from jaxmm import LLM, SamplingParams
+    from tests.helpers import png_data_url
 
     path = make_gemma4_vlm(ckpt_root, bidirectional=False)
     llm = LLM(path, dtype="float32", max_model_len=384, max_num_batched_tokens=64)
-    buf = io.BytesIO()
-    IMAGES[2].save(buf, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    url = png_data_url(IMAGES[2])
     messages = [
         {
             "role": "user",

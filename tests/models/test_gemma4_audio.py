@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import wav_base64, wav_bytes
+
 SR = 16000
 
 
@@ -410,19 +412,7 @@ def test_gemma4_image_and_audio_in_one_prompt(gemma4):
     _check(llm, hf, proc, [prompt], [[clip]])
 
 
-def _wav(clip: np.ndarray) -> bytes:
-    import io
-
-    import soundfile as sf
-
-    buf = io.BytesIO()
-    sf.write(buf, clip, SR, format="WAV", subtype="FLOAT")
-    return buf.getvalue()
-
-
 def test_gemma4_audio_chat_and_transcriptions(gemma4):
-    import base64
-
     from openai import OpenAI
 
     from jaxmm import SamplingParams
@@ -435,7 +425,7 @@ def test_gemma4_audio_chat_and_transcriptions(gemma4):
 
     # chat with an input_audio part (a wav file, base64): HF renders the same template and
     # its processor wraps and expands the placeholder
-    wav = base64.b64encode(_wav(clip)).decode()
+    wav = wav_base64(clip, SR)
     parts = [
         {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}},
         {"type": "text", "text": "What is it?"},
@@ -470,7 +460,7 @@ def test_gemma4_audio_chat_and_transcriptions(gemma4):
     with live_server(path, **kw) as (_, url):  # the engine in its own process
         client = OpenAI(base_url=f"{url}/v1", api_key=KEY)
         got = client.audio.transcriptions.create(
-            model=NAME, file=("a.wav", _wav(clip), "audio/wav"), language="en"
+            model=NAME, file=("a.wav", wav_bytes(clip, SR), "audio/wav"), language="en"
         )
     assert got.text == want.outputs[0].text.strip()
 

@@ -494,33 +494,12 @@ def test_thinker_video_with_its_audio_track_matches_transformers(omni):
 def test_chat_parts_render_omni_placeholders(omni):
     """`input_audio` and image chat parts become Omni's placeholders, expanded as in a
     prompt (the chat path adds no BOS: the template's text is tokenized as it is)."""
-    import base64
-    import io
-
-    import soundfile as sf
+    from tests.helpers import assert_audio_and_image_chat_parts
 
     path = omni[0]
     llm = _llm(path)
     audio = AUDIO_PROMPTS[0]["multi_modal_data"]["audio"][0]
-    buf = io.BytesIO()
-    sf.write(buf, audio, SR, format="WAV", subtype="FLOAT")
-    wav = base64.b64encode(buf.getvalue()).decode()
-    cases = [
-        (
-            {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}},
-            AUD,
-            {"audio": (audio, SR)},
-        ),
-        ({"type": "image_pil", "image_pil": IMAGES[0]}, IMG, {"image": IMAGES[0]}),
-    ]
-    for part, placeholder, data in cases:
-        messages = [{"role": "user", "content": [part, {"type": "text", "text": "What?"}]}]
-        chat = llm.chat(messages, _params(), use_tqdm=False)[0]
-        text = f"<|user|>{placeholder}\nWhat?<|end|><|assistant|>"
-        assert chat.prompt == text
-        direct = llm.generate([{"prompt": text, "multi_modal_data": data}], _params())[0]
-        assert chat.prompt_token_ids == direct.prompt_token_ids[1:]  # BOS
-        assert len(chat.prompt_token_ids) > 10  # the placeholder was expanded
+    assert_audio_and_image_chat_parts(llm, audio, SR, IMAGES[0], (AUD, IMG), _params())
 
 
 def _save_full_checkpoint(path: str, thinker_path: str, thinker) -> None:
@@ -626,13 +605,12 @@ def test_server_chat_takes_a_video_with_its_audio_track(omni):
     and mm_processor_kwargs use_audio_in_video give one interleaved span (the audio part
     adds no placeholder of its own) and the offline engine's tokens for the same media."""
     import base64
-    import io
 
     import openai
-    import soundfile as sf
 
     from jaxmm.engine.async_engine import AsyncEngine
     from jaxmm.server.app import build_app
+    from tests.helpers import wav_base64
     from tests.server.util import running_server
 
     path = omni[0]
@@ -640,9 +618,7 @@ def test_server_chat_takes_a_video_with_its_audio_track(omni):
     tok = llm.get_tokenizer()
     video = _avi(VIDEO, fps=1.0)
     audio = _tone(1.9, 900, 1)
-    buf = io.BytesIO()
-    sf.write(buf, audio, SR, format="WAV", subtype="FLOAT")
-    wav = base64.b64encode(buf.getvalue()).decode()
+    wav = wav_base64(audio, SR)
     text = f"<|user|>{VID}\nWhat?<|end|><|assistant|>"
     offline = llm.generate(
         [

@@ -332,32 +332,11 @@ def test_chat_parts_render_omni_placeholders(omni):
     """`input_audio` and image chat parts become the released tokenizer's placeholders,
     expanded as in a prompt (the chat path adds no BOS: the template's text is tokenized as
     it is)."""
-    import base64
-    import io
-
-    import soundfile as sf
+    from tests.helpers import assert_audio_and_image_chat_parts
 
     llm = omni[3]
     audio = AUDIO_PROMPTS[0]["multi_modal_data"]["audio"][0]
-    buf = io.BytesIO()
-    sf.write(buf, audio, SR, format="WAV", subtype="FLOAT")
-    wav = base64.b64encode(buf.getvalue()).decode()
-    cases = [
-        (
-            {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}},
-            AUD,
-            {"audio": (audio, SR)},
-        ),
-        ({"type": "image_pil", "image_pil": IMAGES[0]}, IMG, {"image": IMAGES[0]}),
-    ]
-    for part, placeholder, data in cases:
-        messages = [{"role": "user", "content": [part, {"type": "text", "text": "What?"}]}]
-        chat = llm.chat(messages, _params(), use_tqdm=False)[0]
-        text = f"<|user|>{placeholder}\nWhat?<|end|><|assistant|>"
-        assert chat.prompt == text
-        direct = llm.generate([{"prompt": text, "multi_modal_data": data}], _params())[0]
-        assert chat.prompt_token_ids == direct.prompt_token_ids[1:]  # BOS
-        assert len(chat.prompt_token_ids) > 10  # the placeholder was expanded
+    assert_audio_and_image_chat_parts(llm, audio, SR, IMAGES[0], (AUD, IMG), _params())
 
 
 def test_thinker_audio_beside_an_image_matches_transformers(omni):

@@ -435,13 +435,10 @@ def test_uuid_serves_a_none_item_from_the_encoder_cache(vlm):
 
 
 def test_chat_with_image_parts_matches_generate(vlm):
-    arch, _, llm, _ = vlm
-    import base64
-    import io
+    from tests.helpers import png_data_url
 
-    buf = io.BytesIO()
-    IMAGES[2].save(buf, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    arch, _, llm, _ = vlm
+    url = png_data_url(IMAGES[2])
     messages = [
         {
             "role": "user",

@@ -22,7 +22,7 @@ import torch
 
 from jaxmm import LLM, SamplingParams
 from jaxmm.multimodal.audio_inputs import prepare_audio_prompt
-from tests.helpers import make_tokenizer
+from tests.helpers import make_tokenizer, wav_bytes
 from tests.models.test_qwen2_audio import _tone
 
 SR = 16000
@@ -177,16 +177,6 @@ def test_voxtral_audio_embeds(voxtral):
         )
 
 
-def _wav(clip: np.ndarray) -> bytes:
-    import io
-
-    import soundfile as sf
-
-    buf = io.BytesIO()
-    sf.write(buf, clip, SR, format="WAV", subtype="FLOAT")
-    return buf.getvalue()
-
-
 def test_voxtral_chat_and_transcriptions(voxtral):
     from openai import OpenAI
 
@@ -218,6 +208,6 @@ def test_voxtral_chat_and_transcriptions(voxtral):
     with live_server(path, **kw) as (_, url):
         client = OpenAI(base_url=f"{url}/v1", api_key=KEY)
         got = client.audio.transcriptions.create(
-            model=NAME, file=("a.wav", _wav(clip), "audio/wav"), language="en"
+            model=NAME, file=("a.wav", wav_bytes(clip, SR), "audio/wav"), language="en"
         )
     assert got.text == want.outputs[0].text.strip()
