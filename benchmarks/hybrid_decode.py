@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.e2e_decode import decode_tpot_ms, device_step_time_ms  # noqa: E402
 from benchmarks.throughput import device_rates, write_config  # noqa: E402
 
 CONFIGS = {
@@ -134,41 +135,44 @@ def _prefill_s(runner, length: int, chunk: int) -> float:
 
 def decode_rates(llm, args) -> dict:
     """Engine time per output token and the bare device step, batch 1."""
-    import jax
-
-    from jaxmm import SamplingParams
     from jaxmm.runner.model_runner import SeqStep
 
-    prompt = {"prompt_token_ids": list(range(1, 17))}
-
-    def gen(n):
-        sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-        t0 = time.perf_counter()
-        llm.generate(prompt, sp, use_tqdm=False)
-        return time.perf_counter() - t0
-
-    gen(args.short)
-    gen(args.long)
-    shorts = [gen(args.short) for _ in range(3)]
-    longs = [gen(args.long) for _ in range(3)]
-    tpot_ms = (np.median(longs) - np.median(shorts)) / (args.long - args.short) * 1e3
+    tpot_ms = decode_tpot_ms(llm, args.short, args.long)
 
     runner = llm.llm_engine.runner
     step = SeqStep(token_ids=[5], start=99, block_table=list(range(8)), sample=True, state_slot=0)
     runner.execute([step])
-    arrays, _ = runner.prepare([step])
-    caches = runner.kv_caches
-    n = 30
-    jax.block_until_ready(caches)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        caches, (logits, _) = runner._step(
-            runner._param_leaves, caches, runner._no_prev, *arrays, runner.encoder_cache
-        )
-    jax.block_until_ready(logits)
-    device_ms = (time.perf_counter() - t0) / n * 1e3
-    runner.kv_caches = caches
+    device_ms = device_step_time_ms(runner, step, 30)
     return {"engine_ms_per_token": float(tpot_ms), "device_step_ms": float(device_ms)}
+
+
+HF_ONLY_KEYS = ("architectures", "model_type", "torch_dtype")  # config.json, not the class
+
+
+def hf_cuda_model(config_cls, model_cls, cfg: dict):
+    """transformers' `model_cls` of the config dict `cfg`, random bf16 weights made on the GPU.
+    Shared by qwen3_5_moe_decode.py."""
+    import torch
+
+    conf = config_cls(**{k: v for k, v in cfg.items() if k not in HF_ONLY_KEYS})
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = model_cls(conf).eval()
+    torch.set_default_dtype(torch.float32)
+    return model
+
+
+def hf_generate_s(model, n: int) -> float:
+    """Seconds for `model` to generate exactly n tokens after a 16-token prompt, batch 1."""
+    import torch
+
+    x = torch.arange(1, 17, device="cuda")[None]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def hf_peer(cfg: dict, args) -> dict:
@@ -179,22 +183,10 @@ def hf_peer(cfg: dict, args) -> dict:
 
     if not torch.cuda.is_available():
         return {"hf_error": "no CUDA device for the transformers peer"}
-    conf = transformers.Qwen3_5TextConfig(
-        **{k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "torch_dtype")}
-    )
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = transformers.Qwen3_5ForCausalLM(conf).eval()
-    torch.set_default_dtype(torch.float32)
+    model = hf_cuda_model(transformers.Qwen3_5TextConfig, transformers.Qwen3_5ForCausalLM, cfg)
 
     def gen(n: int) -> float:
-        x = torch.arange(1, 17, device="cuda")[None]
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        return hf_generate_s(model, n)
 
     gen(4)
     tpot = (gen(args.long) - gen(args.short)) / (args.long - args.short) * 1e3

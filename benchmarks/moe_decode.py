@@ -164,8 +164,7 @@ def _llm(args, cfg, max_len: int, **kw):
 def part_decode(args, cfg) -> dict:
     import jax
 
-    from benchmarks.e2e_decode import copy_bandwidth
-    from jaxmm import SamplingParams
+    from benchmarks.e2e_decode import copy_bandwidth, decode_tpot_ms
     from jaxmm.runner.model_runner import SeqStep
 
     llm = _llm(args, cfg, 1024, max_num_seqs=16, max_num_batched_tokens=32)
@@ -175,19 +174,8 @@ def part_decode(args, cfg) -> dict:
     active_bytes = (p["shared"] + p["sparse_layers"] * p["k"] * p["expert"]) * nbytes
     bw = copy_bandwidth(1 << 30 if jax.default_backend() != "cpu" else 1 << 24)
     roofline_ms = active_bytes / bw * 1e3
-    prompt = {"prompt_token_ids": list(range(1, 17))}
     short, long = (4, 12) if args.config == "tiny" else (32, 160)
-
-    def gen(n):
-        sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-        t0 = time.perf_counter()
-        llm.generate(prompt, sp, use_tqdm=False)
-        return time.perf_counter() - t0
-
-    gen(short)
-    shorts = [gen(short) for _ in range(3)]
-    longs = [gen(long) for _ in range(3)]
-    tpot_ms = (np.median(longs) - np.median(shorts)) / (long - short) * 1e3
+    tpot_ms = decode_tpot_ms(llm, short, long, warm_long=False)
 
     # the step alone: decode steps of a 100-token context (step + sampler) launched back
     # to back before any is read, so host preparation overlaps the device

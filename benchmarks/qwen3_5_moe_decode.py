@@ -75,7 +75,6 @@ CONFIGS = {
         torch_dtype="float32",
     ),
 }
-_HF_ONLY_KEYS = ("architectures", "model_type", "torch_dtype")
 
 
 def hf_config(name: str, layers: int | None = None) -> dict:
@@ -158,24 +157,16 @@ def part_hf(args, cfg: dict) -> dict:
     import torch
     import transformers
 
+    from benchmarks.hybrid_decode import hf_cuda_model, hf_generate_s
+
     if not torch.cuda.is_available():
         return {"hf_error": "no CUDA device for the transformers peer"}
-    conf = transformers.Qwen3_5MoeTextConfig(
-        **{k: v for k, v in cfg.items() if k not in _HF_ONLY_KEYS}
+    model = hf_cuda_model(
+        transformers.Qwen3_5MoeTextConfig, transformers.Qwen3_5MoeForCausalLM, cfg
     )
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = transformers.Qwen3_5MoeForCausalLM(conf).eval()
-    torch.set_default_dtype(torch.float32)
 
     def gen(n: int) -> float:
-        x = torch.arange(1, 17, device="cuda")[None]
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        return hf_generate_s(model, n)
 
     gen(4)
     shorts = [gen(args.short) for _ in range(2)]
