@@ -29,22 +29,12 @@ transformers 5.17 (the GPU host) may lack Gemma 4: a missing class is reported i
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import tempfile
-
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import gemma_ttft, vlm_ttft  # noqa: E402
-from benchmarks.e2e_decode import copy_bandwidth  # noqa: E402
+from benchmarks import ttft_common as tc  # noqa: E402  (sets the JAX memory fraction first)
 
 SPECIALS = {  # the names Gemma4Processor reads off its tokenizer
     "image_token": "<|image|>",
@@ -280,179 +270,58 @@ def language_weight_bytes(runner) -> int:
     return int(total - sum(x.nbytes for x in jax.tree_util.tree_leaves(ple or {})))
 
 
-def hf_run(model, processor, img, device) -> dict:
-    import time
+def hf_peer(args, cfg, processor) -> tuple:
+    """transformers' (model, device, error): no model with --no-hf, without a processor or
+    where this transformers cannot build one (then the error says why). Shared by
+    gemma4_audio_ttft.py."""
+    import transformers
 
-    import torch
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    sync()
-    t0 = time.perf_counter()
-    out = processor(text=PROMPT, images=[img], return_tensors="pt")
-    inputs = {k: v.to(device) for k, v in out.items() if hasattr(v, "to")}
-    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
-    sync()
-    t1 = time.perf_counter()
-    with torch.inference_mode():
-        gen = model.generate(
-            **inputs, max_new_tokens=1, do_sample=False, eos_token_id=None, pad_token_id=0
-        )
-    sync()
-    t2 = time.perf_counter()
-    assert gen.shape[1] == inputs["input_ids"].shape[1] + 1
-    return {"hf_processor_s": t1 - t0, "hf_model_s": t2 - t1}
+    if processor is None:
+        return None, None, "Gemma4Processor unavailable"
+    if args.no_hf:
+        return None, None, None
+    device = tc.torch_device(args.device)
+    model, error = tc.try_hf(
+        lambda: tc.build_hf(transformers.Gemma4ForConditionalGeneration, cfg, device)
+    )
+    return model, device, error
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--config", default="gemma-4-e2b", choices=sorted(CONFIGS))
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--device", default=None, help="torch device for transformers (cuda / cpu)")
-    ap.add_argument("--no-hf", action="store_true", help="time jaxmm only")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    ap.add_argument("--attention-backend", default="auto")
-    ap.add_argument("--decode-tokens", type=int, nargs=2, default=[32, 160], metavar=("S", "L"))
-    ap.add_argument("--context", type=int, default=32768, help="for KV bytes per token")
-    ap.add_argument(
-        "--local-kv-tokens",
-        type=int,
-        default=0,
-        help="local layers keep a ring of N tokens per sequence (0: every layer paged)",
-    )
-    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxmm-bench"))
-    args = ap.parse_args(argv)
+    args = gemma_ttft.parse_args(argv, CONFIGS, "gemma-4-e2b", __doc__)
 
-    import jax
-    import torch
     import transformers
 
     if not hasattr(transformers, "Gemma4Config"):  # jaxmm reads the config through it too
-        r = {
-            "benchmark": "gemma4_ttft",
-            "config": args.config,
-            "error": f"transformers {transformers.__version__} has no Gemma4Config: Gemma 4 "
-            "needs a transformers with Gemma 4 (5.24 has it)",
-        }
-        print(json.dumps(r), flush=True)
-        return [r]
+        error = (
+            f"transformers {transformers.__version__} has no Gemma4Config: Gemma 4 "
+            "needs a transformers with Gemma 4 (5.24 has it)"
+        )
+        return tc.error_line("gemma4_ttft", args.config, error)
 
-    from jaxmm import LLM, SamplingParams
-    from jaxmm.models.gemma3 import LOCAL_KV_ENV
-
-    if args.local_kv_tokens:
-        os.environ[LOCAL_KV_ENV] = str(args.local_kv_tokens)
-    else:
-        os.environ.pop(LOCAL_KV_ENV, None)
+    gemma_ttft.set_local_kv_tokens(args.local_kv_tokens)
     path = os.path.join(args.workdir, f"gemma4-{args.config}")
     cfg, processor = write_checkpoint(args.config, path)
-    llm = LLM(
-        path,
-        dtype="bfloat16",
-        max_model_len=1024,
-        max_num_seqs=4,
-        max_num_batched_tokens=max(args.max_num_batched_tokens, 128),
-        kv_cache_memory_bytes=1 << 30,
-        enable_prefix_caching=False,
-        attention_backend=args.attention_backend,
-        load_format="dummy",
+    llm = tc.dummy_llm(
+        path, 1024, max(args.max_num_batched_tokens, 128), attention_backend=args.attention_backend
     )
     runner = llm.llm_engine.runner
-    sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     ring = args.local_kv_tokens or cfg.text_config.sliding_window + runner.max_num_batched_tokens
     kv = kv_bytes_per_token(cfg, args.context, ring)
     kv["local_kv_tokens"] = args.local_kv_tokens
     # what the engine allocated: one pool per paged layer, each its own shape (+ rings)
-    paged = runner.kv_caches[: runner.num_layers]
-    per_token = sum(a.nbytes for a in paged) / (runner.num_pages * runner.block_size)
-    kv["kv_bytes_per_token_measured"] = int(
-        round(per_token + runner.state_bytes_per_slot / args.context)
-    )
-    env = {
-        "dtype": np.dtype(runner.dtype).name,
-        "attention_backend": runner.backend,
-        "max_num_batched_tokens": runner.max_num_batched_tokens,
-        "device": str(jax.devices()[0].device_kind),
-        "backend": jax.default_backend(),
-        "jax_version": jax.__version__,
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
-        "date": __import__("time").strftime("%Y-%m-%d"),
-    }
+    kv["kv_bytes_per_token_measured"] = gemma_ttft.measured_kv_bytes_per_token(runner, args.context)
+    env = tc.env_fields(runner, python=False)
 
-    model = device = None
-    hf_error = None if processor is not None else "Gemma4Processor unavailable"
-    if not args.no_hf and processor is not None:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        try:
-            torch.manual_seed(0)
-            with torch.device(device):
-                model = transformers.Gemma4ForConditionalGeneration._from_config(
-                    cfg, dtype=torch.bfloat16
-                ).eval()
-        except (AttributeError, ImportError, OSError, TypeError, ValueError) as e:
-            hf_error = f"transformers {transformers.__version__}: {type(e).__name__}: {e}"
-            model = None
+    model, device, hf_error = hf_peer(args, cfg, processor)
 
     side = CONFIGS[args.config]["image_size"]
-    images = vlm_ttft.Images(0)
-    warm = vlm_ttft.jaxmm_run(llm, images(side), sp, PROMPT)  # compiles: untimed
-    vlm_ttft.jaxmm_e2e(llm, images(side), sp, PROMPT)
-    if model is not None:
-        hf_run(model, processor, images(side), device)
-    runs, e2e, hf = [], [], []
-    for _ in range(args.iters):
-        runs.append(vlm_ttft.jaxmm_run(llm, images(side), sp, PROMPT))
-        e2e.append(vlm_ttft.jaxmm_e2e(llm, images(side), sp, PROMPT))
-        if model is not None:
-            hf.append(hf_run(model, processor, images(side), device))
-    med = vlm_ttft._median
-    r = {
-        "benchmark": "gemma4_ttft",
-        "config": args.config,
-        "image_size": [side, side],
-        "num_image_tokens": warm["num_image_tokens"],
-        "num_prompt_tokens": warm["num_prompt_tokens"],
-        "iters": args.iters,
-        "warm": True,
-        "prefix_caching": False,
-        "preprocess_s": med([x["preprocess_s"] for x in runs]),
-        "encoder_s": med([x["encoder_s"] for x in runs]),
-        "prefill_s": med([x["prefill_s"] for x in runs]),
-        "e2e_s": med(e2e),
-    }
-    r["other_s"] = round(r["e2e_s"] - r["preprocess_s"] - r["encoder_s"] - r["prefill_s"], 4)
-    if hf:
-        r["hf_processor_s"] = med([x["hf_processor_s"] for x in hf])
-        r["hf_model_s"] = med([x["hf_model_s"] for x in hf])
-        r["hf_e2e_s"] = med([x["hf_processor_s"] + x["hf_model_s"] for x in hf])
-        r["speedup_vs_hf"] = round(r["hf_e2e_s"] / r["e2e_s"], 3)
-        r["hf_device"] = str(device)
-    if hf_error:
-        r["hf_error"] = hf_error
-    r.update(kv)
-    r.update(env)
-    print(json.dumps(r), flush=True)
-
-    short, long = args.decode_tokens
-    weight_bytes = language_weight_bytes(runner)
-    bw = copy_bandwidth(nbytes=(4 << 30) if jax.default_backend() == "gpu" else (64 << 20))
-    roofline_ms = weight_bytes / bw * 1e3
-    tpot = gemma_ttft.decode_tpot_ms(llm, short, long)
-    d = {
-        "benchmark": "gemma4_decode_batch1",
-        "config": args.config,
-        "language_weight_bytes": weight_bytes,
-        "copy_bandwidth_GBps": round(bw / 1e9, 1),
-        "roofline_ms_per_token": round(roofline_ms, 3),
-        "engine_ms_per_token": round(tpot, 3),
-        "engine_vs_roofline": round(tpot / roofline_ms, 3),
-        **kv,
-        **env,
-    }
-    print(json.dumps(d), flush=True)
+    peer = (model, processor, device, hf_error)
+    tail = {**kv, **env}
+    r = gemma_ttft.ttft_line("gemma4_ttft", args, llm, side, PROMPT, peer, tail, attn=False)
+    d = gemma_ttft.decode_line(
+        "gemma4_decode_batch1", args, llm, language_weight_bytes(runner), kv, env
+    )
     return [r, d]
 
 

@@ -37,22 +37,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
-import tempfile
-import time
-
-# jaxmm and torch share one GPU here: keep JAX from preallocating most of it
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import vlm_ttft  # noqa: E402
-from benchmarks.e2e_decode import copy_bandwidth  # noqa: E402
+from benchmarks import e2e_decode, vlm_ttft  # noqa: E402
+from benchmarks import ttft_common as tc  # noqa: E402  (sets the JAX memory fraction first)
 
 BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
 PROMPT = f"<|im_start|>user\n{BOI}Describe this image in detail.<|im_end|>\n<|im_start|>assistant\n"
@@ -197,34 +186,6 @@ def kv_bytes_per_token(cfg, context: int, ring_tokens: int, itemsize: int = 2) -
 # jaxmm
 
 
-def jaxmm_run(llm, img, sp) -> dict:
-    """One image: the pieces timed apart (`vlm_ttft.jaxmm_run`)."""
-    return vlm_ttft.jaxmm_run(llm, img, sp, PROMPT)
-
-
-def jaxmm_e2e(llm, img, sp) -> float:
-    return vlm_ttft.jaxmm_e2e(llm, img, sp, PROMPT)
-
-
-def decode_tpot_ms(llm, short: int, long: int) -> float:
-    """Milliseconds per output token of one text request (prefill cancels out)."""
-    from jaxmm import SamplingParams
-
-    prompt = {"prompt_token_ids": list(range(1, 17))}
-
-    def gen(n):
-        sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-        t0 = time.perf_counter()
-        llm.generate(prompt, sp, use_tqdm=False)
-        return time.perf_counter() - t0
-
-    gen(short)
-    gen(long)  # every decode bucket and page count compiled before timing
-    shorts = [gen(short) for _ in range(3)]
-    longs = [gen(long) for _ in range(3)]
-    return float(np.median(longs) - np.median(shorts)) / (long - short) * 1e3
-
-
 def language_weight_bytes(runner) -> int:
     """Bytes a decode step must read: the language model's parameters (the tied embedding
     once, read as the LM head), not the vision tower's."""
@@ -238,51 +199,26 @@ def language_weight_bytes(runner) -> int:
 # transformers
 
 
-def hf_run(model, processor, img, device) -> dict:
-    import torch
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    sync()
-    t0 = time.perf_counter()
-    out = processor(text=PROMPT, images=[img], return_tensors="pt")
-    inputs = {k: v.to(device) for k, v in out.items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
-    sync()
-    t1 = time.perf_counter()
-    with torch.inference_mode():
-        gen = model.generate(
-            **inputs, max_new_tokens=1, do_sample=False, eos_token_id=None, pad_token_id=0
-        )
-    sync()
-    t2 = time.perf_counter()
-    assert gen.shape[1] == inputs["input_ids"].shape[1] + 1
-    return {"hf_processor_s": t1 - t0, "hf_model_s": t2 - t1}
+def hf_run(model, processor, img, device, prompt: str = PROMPT) -> dict:
+    """transformers' side: the processor (image + text) and one generated token, timed.
+    Shared by gemma4_ttft.py (its processor and prompt)."""
+    return tc.hf_processor_run(model, processor, device, prompt, "pixel_values", images=[img])
 
 
 def build_hf(cfg, device):
-    import torch
     import transformers
 
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.Gemma3ForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16)
-    return model.eval()
+    return tc.build_hf(transformers.Gemma3ForConditionalGeneration, cfg, device)
 
 
 # ---------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--config", default="gemma-3-4b", choices=sorted(CONFIGS))
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--device", default=None, help="torch device for transformers (cuda / cpu)")
-    ap.add_argument("--no-hf", action="store_true", help="time jaxmm only")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    ap.add_argument("--attention-backend", default="auto")
+def parse_args(argv, configs: dict, default: str, doc: str | None = __doc__) -> argparse.Namespace:
+    """The flags of this script and gemma4_ttft.py (its `configs` and docstring)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--config", default=default, choices=sorted(configs))
+    tc.add_common_args(ap, max_num_batched_tokens=2048)
     ap.add_argument("--decode-tokens", type=int, nargs=2, default=[32, 160], metavar=("S", "L"))
     ap.add_argument("--context", type=int, default=32768, help="for KV bytes per token")
     ap.add_argument(
@@ -291,84 +227,49 @@ def main(argv=None) -> list[dict]:
         default=0,
         help="local layers keep a ring of N tokens per sequence (0: every layer paged)",
     )
-    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxmm-bench"))
-    args = ap.parse_args(argv)
+    tc.add_workdir_arg(ap)
+    return ap.parse_args(argv)
 
-    import jax
-    import torch
-    import transformers
 
-    from jaxmm import LLM, SamplingParams
+def set_local_kv_tokens(tokens: int) -> None:
+    """Local layers on rings of `tokens` (the engine reads the switch at start), or paged."""
     from jaxmm.models.gemma3 import LOCAL_KV_ENV
 
-    if args.local_kv_tokens:
-        os.environ[LOCAL_KV_ENV] = str(args.local_kv_tokens)
+    if tokens:
+        os.environ[LOCAL_KV_ENV] = str(tokens)
     else:
         os.environ.pop(LOCAL_KV_ENV, None)
-    path = os.path.join(args.workdir, f"gemma3-{args.config}")
-    cfg, tok = write_checkpoint(args.config, path)
-    llm = LLM(
-        path,
-        dtype="bfloat16",
-        max_model_len=1024,
-        max_num_seqs=4,
-        max_num_batched_tokens=max(args.max_num_batched_tokens, 64),
-        kv_cache_memory_bytes=1 << 30,
-        enable_prefix_caching=False,
-        attention_backend=args.attention_backend,
-        load_format="dummy",
-    )
-    engine = llm.llm_engine
-    runner = engine.runner
-    assert engine.scheduler.whole_mm_items  # the model's mm_whole_items (models/gemma3.py)
-    sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    ring = args.local_kv_tokens or cfg.text_config.sliding_window + runner.max_num_batched_tokens
-    kv = kv_bytes_per_token(cfg, args.context, ring)
-    kv["local_kv_tokens"] = args.local_kv_tokens
-    if args.local_kv_tokens:  # what the engine allocated: pages of global layers, rings
-        paged = runner.kv_caches[: runner.num_layers]
-        per_token = sum(a.nbytes for a in paged) / (runner.num_pages * runner.block_size)
-        per_seq = runner.state_bytes_per_slot
-        kv["kv_bytes_per_token_measured"] = int(round(per_token + per_seq / args.context))
-    env = {
-        "dtype": np.dtype(runner.dtype).name,
-        "attention_backend": runner.backend,
-        "max_num_batched_tokens": runner.max_num_batched_tokens,
-        "device": str(jax.devices()[0].device_kind),
-        "backend": jax.default_backend(),
-        "jax_version": jax.__version__,
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d"),
-    }
 
-    model = device = processor = None
-    hf_error = None
-    if not args.no_hf:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        try:
-            model = build_hf(cfg, device)
-            processor = transformers.AutoProcessor.from_pretrained(path)
-        except (AttributeError, ImportError, OSError, TypeError, ValueError) as e:
-            # an older transformers without a class or a processor this script uses
-            hf_error = f"transformers {transformers.__version__}: {type(e).__name__}: {e}"
-            model = None
 
-    side = cfg.vision_config.image_size
+def measured_kv_bytes_per_token(runner, context: int) -> int:
+    """KV bytes per token of a `context`-token sequence in what the engine allocated: the
+    paged layers' pools per page slot, plus each sequence's rings spread over its tokens."""
+    paged = runner.kv_caches[: runner.num_layers]
+    per_token = sum(a.nbytes for a in paged) / (runner.num_pages * runner.block_size)
+    return int(round(per_token + runner.state_bytes_per_slot / context))
+
+
+def ttft_line(benchmark: str, args, llm, side: int, prompt: str, peer: tuple, tail: dict,
+              attn: bool) -> dict:  # fmt: skip
+    """The TTFT line of one `side`² image (module docstring), printed; shared by
+    gemma4_ttft.py. `peer`: transformers' (model or None, processor, device, error or None);
+    `tail`: the KV and environment fields; `attn`: with its attention implementation."""
+
+    model, processor, device, hf_error = peer
+    sp = tc.first_token()
     images = vlm_ttft.Images(0)
-    warm = jaxmm_run(llm, images(side), sp)  # compiles, cuBLAS plans: untimed
-    jaxmm_e2e(llm, images(side), sp)
-    if model is not None:
-        hf_run(model, processor, images(side), device)
-    runs, e2e, hf = [], [], []
-    for _ in range(args.iters):
-        runs.append(jaxmm_run(llm, images(side), sp))
-        e2e.append(jaxmm_e2e(llm, images(side), sp))
-        if model is not None:
-            hf.append(hf_run(model, processor, images(side), device))
+
+    def theirs(i):
+        return hf_run(model, processor, images(side), device, prompt)
+
+    (warm, _, _), (runs, e2e, hf) = tc.time_rounds(  # the warm round compiles: untimed
+        args.iters,
+        lambda i: vlm_ttft.jaxmm_run(llm, images(side), sp, prompt),
+        lambda i: vlm_ttft.jaxmm_e2e(llm, images(side), sp, prompt),
+        None if model is None else theirs,
+    )
     r = {
-        "benchmark": "gemma_ttft",
+        "benchmark": benchmark,
         "config": args.config,
         "image_size": [side, side],
         "num_image_tokens": warm["num_image_tokens"],
@@ -376,32 +277,28 @@ def main(argv=None) -> list[dict]:
         "iters": args.iters,
         "warm": True,
         "prefix_caching": False,
-        "preprocess_s": vlm_ttft._median([x["preprocess_s"] for x in runs]),
-        "encoder_s": vlm_ttft._median([x["encoder_s"] for x in runs]),
-        "prefill_s": vlm_ttft._median([x["prefill_s"] for x in runs]),
-        "e2e_s": vlm_ttft._median(e2e),
+        **tc.ttft_fields(runs, e2e),
     }
-    r["other_s"] = round(r["e2e_s"] - r["preprocess_s"] - r["encoder_s"] - r["prefill_s"], 4)
     if hf:
-        r["hf_processor_s"] = vlm_ttft._median([x["hf_processor_s"] for x in hf])
-        r["hf_model_s"] = vlm_ttft._median([x["hf_model_s"] for x in hf])
-        r["hf_e2e_s"] = vlm_ttft._median([x["hf_processor_s"] + x["hf_model_s"] for x in hf])
-        r["speedup_vs_hf"] = round(r["hf_e2e_s"] / r["e2e_s"], 3)
-        r["hf_device"] = str(device)
-        r["hf_attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+        r.update(tc.hf_fields(hf, r["e2e_s"], device, model if attn else None))
     if hf_error:
         r["hf_error"] = hf_error
-    r.update(kv)
-    r.update(env)
+    r.update(tail)
     print(json.dumps(r), flush=True)
+    return r
+
+
+def decode_line(benchmark: str, args, llm, weight_bytes: int, kv: dict, env: dict) -> dict:
+    """Batch-1 decode time per token against the weight-streaming roofline; printed."""
+    import jax
 
     short, long = args.decode_tokens
-    weight_bytes = language_weight_bytes(runner)
-    bw = copy_bandwidth(nbytes=(4 << 30) if jax.default_backend() == "gpu" else (64 << 20))
+    nbytes = (4 << 30) if jax.default_backend() == "gpu" else (64 << 20)
+    bw = e2e_decode.copy_bandwidth(nbytes=nbytes)
     roofline_ms = weight_bytes / bw * 1e3
-    tpot = decode_tpot_ms(llm, short, long)
+    tpot = e2e_decode.decode_tpot_ms(llm, short, long)
     d = {
-        "benchmark": "gemma_decode_batch1",
+        "benchmark": benchmark,
         "config": args.config,
         "language_weight_bytes": weight_bytes,
         "copy_bandwidth_GBps": round(bw / 1e9, 1),
@@ -412,6 +309,44 @@ def main(argv=None) -> list[dict]:
         **env,
     }
     print(json.dumps(d), flush=True)
+    return d
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv, CONFIGS, "gemma-3-4b")
+
+    import transformers
+
+    set_local_kv_tokens(args.local_kv_tokens)
+    path = os.path.join(args.workdir, f"gemma3-{args.config}")
+    cfg, tok = write_checkpoint(args.config, path)
+    llm = tc.dummy_llm(
+        path, 1024, max(args.max_num_batched_tokens, 64), attention_backend=args.attention_backend
+    )
+    engine = llm.llm_engine
+    runner = engine.runner
+    assert engine.scheduler.whole_mm_items  # the model's mm_whole_items (models/gemma3.py)
+    ring = args.local_kv_tokens or cfg.text_config.sliding_window + runner.max_num_batched_tokens
+    kv = kv_bytes_per_token(cfg, args.context, ring)
+    kv["local_kv_tokens"] = args.local_kv_tokens
+    if args.local_kv_tokens:  # what the engine allocated: pages of global layers, rings
+        kv["kv_bytes_per_token_measured"] = measured_kv_bytes_per_token(runner, args.context)
+    env = tc.env_fields(runner)
+
+    model = device = processor = None
+    hf_error = None
+    if not args.no_hf:
+        device = tc.torch_device(args.device)
+        # an older transformers without a class or a processor this script uses: hf_error
+        built, hf_error = tc.try_hf(
+            lambda: (build_hf(cfg, device), transformers.AutoProcessor.from_pretrained(path))
+        )
+        model, processor = built or (None, None)
+
+    side = cfg.vision_config.image_size
+    peer = (model, processor, device, hf_error)
+    r = ttft_line("gemma_ttft", args, llm, side, PROMPT, peer, {**kv, **env}, attn=True)
+    d = decode_line("gemma_decode_batch1", args, llm, language_weight_bytes(runner), kv, env)
     return [r, d]
 
 

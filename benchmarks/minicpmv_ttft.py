@@ -31,19 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
-import tempfile
-import time
 
-# jaxmm and torch share one GPU here: keep JAX from preallocating most of it
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if __package__ in (None, ""):  # run as a script: the repository root on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
 
+from benchmarks import ttft_common as tc  # noqa: E402  (sets the JAX memory fraction first)
 from benchmarks import vlm_ttft  # noqa: E402
 from benchmarks.onevision_ttft import Images, parse_size  # noqa: E402
 
@@ -193,91 +187,50 @@ def hf_processor(name: str, tok):
 def hf_run(model, proc, img, device) -> dict:
     import torch
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def make_inputs() -> dict:
+        out = proc(text=[PROMPT], images=[[img]], return_tensors="pt")
+        return {
+            "input_ids": out["input_ids"].to(device),
+            "attention_mask": out["attention_mask"].to(device),
+            "pixel_values": out["pixel_values"].to(device, torch.bfloat16),
+            "target_sizes": out["target_sizes"].to(device),
+        }
 
-    sync()
-    t0 = time.perf_counter()
-    out = proc(text=[PROMPT], images=[[img]], return_tensors="pt")
-    inputs = {
-        "input_ids": out["input_ids"].to(device),
-        "attention_mask": out["attention_mask"].to(device),
-        "pixel_values": out["pixel_values"].to(device, torch.bfloat16),
-        "target_sizes": out["target_sizes"].to(device),
-    }
-    sync()
-    t1 = time.perf_counter()
-    with torch.inference_mode():
-        gen = model.generate(
-            **inputs, max_new_tokens=1, do_sample=False, eos_token_id=None, pad_token_id=0
-        )
-    sync()
-    t2 = time.perf_counter()
-    assert gen.shape[1] == inputs["input_ids"].shape[1] + 1
-    return {"hf_processor_s": t1 - t0, "hf_model_s": t2 - t1, "hf_prompt_tokens": gen.shape[1] - 1}
+    return tc.hf_generate_timed(model, device, make_inputs)
 
 
 def build_hf(cfg, device):
-    import torch
     import transformers
 
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.MiniCPMV4_6ForConditionalGeneration._from_config(
-            cfg, dtype=torch.bfloat16
-        )
-    return model.eval()
+    return tc.build_hf(transformers.MiniCPMV4_6ForConditionalGeneration, cfg, device)
 
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--config", default="medium", choices=sorted(CONFIGS))
     ap.add_argument("--sizes", nargs="+", default=["448x448", "1344x896", "1920x1080"])
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--device", default=None, help="torch device for transformers (cuda / cpu)")
-    ap.add_argument("--no-hf", action="store_true", help="time jaxmm only")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    ap.add_argument("--attention-backend", default="auto")
-    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxmm-bench"))
+    tc.add_common_args(ap, max_num_batched_tokens=8192)
+    tc.add_workdir_arg(ap)
     args = ap.parse_args(argv)
-
-    import jax
-    import torch
-    import transformers
-
-    import jaxmm
 
     why = missing_reference()
     if why is not None:
-        r = {"benchmark": "minicpmv_ttft", "config": args.config, "error": why}
-        print(json.dumps(r), flush=True)
-        return [r]
-
-    from jaxmm import LLM, SamplingParams
+        return tc.error_line("minicpmv_ttft", args.config, why)
 
     path = os.path.join(args.workdir, f"minicpmv-{args.config}")
     cfg, tok = write_checkpoint(args.config, path)
-    llm = LLM(
-        path,
-        dtype="bfloat16",
-        max_model_len=8192,
-        max_num_seqs=4,
-        max_num_batched_tokens=max(args.max_num_batched_tokens, 64),
-        kv_cache_memory_bytes=1 << 30,
-        enable_prefix_caching=False,
-        attention_backend=args.attention_backend,
-        load_format="dummy",
+    llm = tc.dummy_llm(
+        path, 8192, max(args.max_num_batched_tokens, 64), attention_backend=args.attention_backend
     )
     runner = llm.llm_engine.runner
-    sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    sp = tc.first_token()
 
     def sub_images(processed) -> dict:
         return {"num_sub_images": len(processed["target_sizes"])}
 
     model = device = proc = None
     if not args.no_hf:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = tc.torch_device(args.device)
         model = build_hf(cfg, device)
         proc = hf_processor(args.config, tok)
 
@@ -285,16 +238,16 @@ def main(argv=None) -> list[dict]:
     results = []
     for size in args.sizes:
         w, h = parse_size(size)
-        vlm_ttft.jaxmm_run(llm, images(w, h), sp, PROMPT, describe=sub_images)  # compiles
-        vlm_ttft.jaxmm_e2e(llm, images(w, h), sp, PROMPT)
-        if model is not None:
-            hf_run(model, proc, images(w, h), device)
-        runs, e2e, hf = [], [], []
-        for _ in range(args.iters):
-            runs.append(vlm_ttft.jaxmm_run(llm, images(w, h), sp, PROMPT, describe=sub_images))
-            e2e.append(vlm_ttft.jaxmm_e2e(llm, images(w, h), sp, PROMPT))
-            if model is not None:
-                hf.append(hf_run(model, proc, images(w, h), device))
+
+        def fresh(w=w, h=h):
+            return images(w, h)
+
+        _, (runs, e2e, hf) = tc.time_rounds(  # the warm round compiles: untimed
+            args.iters,
+            lambda i: vlm_ttft.jaxmm_run(llm, fresh(), sp, PROMPT, describe=sub_images),
+            lambda i: vlm_ttft.jaxmm_e2e(llm, fresh(), sp, PROMPT),
+            None if model is None else lambda i: hf_run(model, proc, fresh(), device),
+        )
         r = {
             "benchmark": "minicpmv_ttft",
             "config": args.config,
@@ -305,36 +258,12 @@ def main(argv=None) -> list[dict]:
             "iters": args.iters,
             "warm": True,
             "prefix_caching": False,
-            "preprocess_s": vlm_ttft._median([x["preprocess_s"] for x in runs]),
-            "encoder_s": vlm_ttft._median([x["encoder_s"] for x in runs]),
-            "prefill_s": vlm_ttft._median([x["prefill_s"] for x in runs]),
-            "e2e_s": vlm_ttft._median(e2e),
+            **tc.ttft_fields(runs, e2e),
         }
-        parts = r["preprocess_s"] + r["encoder_s"] + r["prefill_s"]
-        r["other_s"] = round(r["e2e_s"] - parts, 4)  # hashing, tokenizing, placement
         if hf:
             r["hf_prompt_tokens"] = hf[0]["hf_prompt_tokens"]
-            r["hf_processor_s"] = vlm_ttft._median([x["hf_processor_s"] for x in hf])
-            r["hf_model_s"] = vlm_ttft._median([x["hf_model_s"] for x in hf])
-            r["hf_e2e_s"] = vlm_ttft._median([x["hf_processor_s"] + x["hf_model_s"] for x in hf])
-            r["speedup_vs_hf"] = round(r["hf_e2e_s"] / r["e2e_s"], 3)
-            r["hf_device"] = str(device)
-            r["hf_attn_implementation"] = getattr(model.config, "_attn_implementation", None)
-        r.update(
-            {
-                "dtype": np.dtype(runner.dtype).name,
-                "attention_backend": runner.backend,
-                "max_num_batched_tokens": runner.max_num_batched_tokens,
-                "device": str(jax.devices()[0].device_kind),
-                "backend": jax.default_backend(),
-                "jax_version": jax.__version__,
-                "jaxmm_version": getattr(jaxmm, "__version__", None),
-                "torch_version": torch.__version__,
-                "transformers_version": transformers.__version__,
-                "python": platform.python_version(),
-                "date": time.strftime("%Y-%m-%d"),
-            }
-        )
+            r.update(tc.hf_fields(hf, r["e2e_s"], device, model))
+        r.update(tc.env_fields(runner, jaxmm_version=True))
         print(json.dumps(r), flush=True)
         results.append(r)
     sys.stdout.flush()

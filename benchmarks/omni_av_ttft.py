@@ -31,11 +31,10 @@ speedup_vs_hf = hf_e2e_s / e2e_s. One JSON line per run, "benchmark": "omni_av_t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import platform
 import sys
-import tempfile
 import time
 
 if __package__ in (None, ""):  # run as a script: the repository root on the path
@@ -43,7 +42,8 @@ if __package__ in (None, ""):  # run as a script: the repository root on the pat
 
 import numpy as np  # noqa: E402
 
-from benchmarks import vlm_ttft  # noqa: E402  (sets the JAX memory fraction first)
+from benchmarks import ttft_common as tc  # noqa: E402  (sets the JAX memory fraction first)
+from benchmarks import vlm_ttft  # noqa: E402
 
 SR = 16000
 OMNI_SPECIALS = [
@@ -143,23 +143,24 @@ def omni_classes():
     return None if cfg is None or model is None else (cfg, model)
 
 
-def write_checkpoint(name: str, layers: int, path: str):
-    """config.json + one preprocessor_config.json (image processor and feature extractor,
-    as the released checkpoint keeps them) + tokenizer."""
+def thinker_checkpoint(path: str, classes, needs: str, specials: list[str], shape: dict,
+                       layers: int, token_ids: dict[str, str], **kw):  # fmt: skip
+    """config.json of an Omni thinker (`classes`: its config and model class, None where
+    this transformers lacks them, which ends the script naming `needs`) with its decoder cut to
+    `layers`, and the tokenizer with `specials`; `token_ids` maps config fields to the
+    tokens they name. Returns (config, tokenizer). Shared by qwen3_omni_audio_ttft.py."""
     import transformers
 
-    classes = omni_classes()
     if classes is None:
         sys.exit(
-            f"transformers {transformers.__version__} has no Qwen2_5OmniThinkerConfig (added "
-            "in 4.51): jaxmm reads multimodal configs through it"
+            f"transformers {transformers.__version__} has no {needs}: jaxmm reads multimodal "
+            "configs through it"
         )
     os.makedirs(path, exist_ok=True)
     tok = vlm_ttft.make_tokenizer(path)
-    tok.add_special_tokens({"additional_special_tokens": OMNI_SPECIALS})
+    tok.add_special_tokens({"additional_special_tokens": specials})
     tok.save_pretrained(path)
-    shape = CONFIGS[name]
-    ids = {t: tok.convert_tokens_to_ids(t) for t in vlm_ttft.SPECIALS + OMNI_SPECIALS}
+    ids = {t: tok.convert_tokens_to_ids(t) for t in vlm_ttft.SPECIALS + specials}
     text = dict(
         shape["text"],
         num_hidden_layers=layers,
@@ -171,17 +172,34 @@ def write_checkpoint(name: str, layers: int, path: str):
         audio_config=shape["audio"],
         vision_config=shape["vision"],
         text_config=text,
-        audio_token_index=ids["<|AUDIO|>"],
-        image_token_index=ids["<|IMAGE|>"],
-        video_token_index=ids["<|VIDEO|>"],
-        audio_start_token_id=ids["<|audio_bos|>"],
-        audio_end_token_id=ids["<|audio_eos|>"],
-        vision_start_token_id=ids["<|vision_bos|>"],
-        vision_end_token_id=ids["<|vision_eos|>"],
+        **{field: ids[t] for field, t in token_ids.items()},
+        **kw,
     )
-    cfg.architectures = ["Qwen2_5OmniThinkerForConditionalGeneration"]
+    cfg.architectures = [classes[1].__name__]
     cfg.dtype = "bfloat16"
     cfg.save_pretrained(path)
+    return cfg, tok
+
+
+def write_checkpoint(name: str, layers: int, path: str):
+    """config.json + one preprocessor_config.json (image processor and feature extractor,
+    as the released checkpoint keeps them) + tokenizer."""
+    import transformers
+
+    shape = CONFIGS[name]
+    token_ids = dict(
+        audio_token_index="<|AUDIO|>",
+        image_token_index="<|IMAGE|>",
+        video_token_index="<|VIDEO|>",
+        audio_start_token_id="<|audio_bos|>",
+        audio_end_token_id="<|audio_eos|>",
+        vision_start_token_id="<|vision_bos|>",
+        vision_end_token_id="<|vision_eos|>",
+    )
+    needs = "Qwen2_5OmniThinkerConfig (added in 4.51)"
+    cfg, tok = thinker_checkpoint(
+        path, omni_classes(), needs, OMNI_SPECIALS, shape, layers, token_ids
+    )
     fe = transformers.WhisperFeatureExtractor(feature_size=shape["mel"])
     pre = dict(
         vlm_ttft.PREPROCESSOR,
@@ -242,7 +260,6 @@ def hf_time(model, tok, fe, ip, video, audio, fps: float, device) -> dict:
     from jaxmm.models.qwen2_5_omni import interleaved_chunks
     from jaxmm.models.qwen2_audio import audio_output_lengths  # the processor's count
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     c = model.config
     t0 = time.perf_counter()
     feats = fe(
@@ -279,7 +296,7 @@ def hf_time(model, tok, fe, ip, video, audio, fps: float, device) -> dict:
     )
     with torch.no_grad():
         model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=0)
-    sync()
+    tc.cuda_sync(device)
     return dict(hf_e2e_s=time.perf_counter() - t0, hf_tokens=int(ids["input_ids"].shape[1]))
 
 
@@ -290,53 +307,42 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--frames", type=int, nargs="+", default=[16])
     ap.add_argument("--size", type=int, default=336)
     ap.add_argument("--fps", type=float, default=2.0)
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--device", default=None, help="torch device for transformers (cuda / cpu)")
-    ap.add_argument("--no-hf", action="store_true", help="time jaxmm only")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
-    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxmm-bench"))
+    tc.add_common_args(ap, max_num_batched_tokens=4096, attention_backend=False)
+    tc.add_workdir_arg(ap)
     args = ap.parse_args(argv)
-
-    import jax
-    import torch
-    import transformers
-
-    from jaxmm import LLM, SamplingParams
 
     path = os.path.join(args.workdir, f"qwen2.5-omni-{args.config}-{args.layers}l")
     cfg, tok, fe = write_checkpoint(args.config, args.layers, path)
-    llm = LLM(
-        path,
-        dtype="bfloat16",
-        max_model_len=8192,
-        max_num_seqs=4,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        kv_cache_memory_bytes=1 << 30,
-        enable_prefix_caching=False,
-        load_format="dummy",
-    )
-    sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    llm = tc.dummy_llm(path, 8192, args.max_num_batched_tokens)
+    sp = tc.first_token()
     model = device = ip = None
     if not args.no_hf:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = tc.torch_device(args.device)
         ip = image_processor(path)
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = omni_classes()[1]._from_config(cfg, dtype=torch.bfloat16).eval()
+        model = tc.build_hf(omni_classes()[1], cfg, device)
     rs = np.random.RandomState(0)
-    med = vlm_ttft._median
+    med = tc.median
+
+    def rounds(frames: int):
+        """Fresh frames and audio every round, the same for both sides; the first round,
+        untimed, compiles and plans."""
+
+        @functools.cache
+        def fresh(i):
+            return media(frames, args.size, args.fps, rs)
+
+        def theirs(i):
+            return hf_time(model, tok, fe, ip, *fresh(i), args.fps, device)
+
+        return tc.time_rounds(
+            args.iters,
+            lambda i: jaxmm_time(llm, *fresh(i), args.fps, sp),
+            None if model is None else theirs,
+        )[1]
+
     results = []
     for frames in args.frames:
-        warm = media(frames, args.size, args.fps, rs)
-        jaxmm_time(llm, *warm, args.fps, sp)  # compiles, plans
-        if model is not None:
-            hf_time(model, tok, fe, ip, *warm, args.fps, device)
-        ours, hf = [], []
-        for _ in range(args.iters):
-            video, audio = media(frames, args.size, args.fps, rs)
-            ours.append(jaxmm_time(llm, video, audio, args.fps, sp))
-            if model is not None:
-                hf.append(hf_time(model, tok, fe, ip, video, audio, args.fps, device))
+        ours, hf = rounds(frames)
         r = {
             "benchmark": "omni_av_ttft",
             "config": args.config,
@@ -357,15 +363,7 @@ def main(argv=None) -> list[dict]:
             r["hf_device"] = str(device)
             r["hf_attn_implementation"] = getattr(model.config, "_attn_implementation", None)
             r["hf_image_processor"] = type(ip).__name__
-        r.update(
-            device=str(jax.devices()[0].device_kind),
-            backend=jax.default_backend(),
-            jax_version=jax.__version__,
-            torch_version=torch.__version__,
-            transformers_version=transformers.__version__,
-            python=platform.python_version(),
-            date=time.strftime("%Y-%m-%d"),
-        )
+        r.update(tc.env_fields())
         print(json.dumps(r), flush=True)
         results.append(r)
     return results

@@ -37,19 +37,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
-import tempfile
-import time
 
-# jaxmm and torch share one GPU here: keep JAX from preallocating most of it
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if __package__ in (None, ""):  # run as a script: the repository root on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
 
+from benchmarks import ttft_common as tc  # noqa: E402  (sets the JAX memory fraction first)
 from benchmarks import vlm_ttft  # noqa: E402
 
 PROMPT = (
@@ -157,17 +151,7 @@ def write_checkpoint(name: str, path: str):
     return cfg, tok
 
 
-class Images:
-    """A fresh blocky random RGB image per call: never in the encoder or prefix cache."""
-
-    def __init__(self, seed: int = 0):
-        self.rs = np.random.RandomState(seed)
-
-    def __call__(self, width: int, height: int):
-        from PIL import Image
-
-        base = self.rs.randint(0, 255, (height // 8 + 1, width // 8 + 1, 3), np.uint8)
-        return Image.fromarray(base).resize((width, height), Image.NEAREST)
+Images = vlm_ttft.Images  # images(width, height): minicpmv_ttft.py's name for it
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -199,43 +183,24 @@ def jaxmm_e2e(llm, img, sp) -> float:
 def hf_run(model, ip, tok, img, num_image_tokens: int, device) -> dict:
     import torch
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def make_inputs() -> dict:
+        out = ip(images=[img], return_tensors="pt")
+        ids = tok(PROMPT.replace("<image>", "<image>" * num_image_tokens), return_tensors="pt")
+        return {
+            "input_ids": ids.input_ids.to(device),
+            "attention_mask": ids.attention_mask.to(device),
+            "pixel_values": out["pixel_values"].to(device, torch.bfloat16),
+            "image_sizes": out["image_sizes"].to(device),
+            "batch_num_images": torch.tensor([1]),
+        }
 
-    sync()
-    t0 = time.perf_counter()
-    out = ip(images=[img], return_tensors="pt")
-    ids = tok(PROMPT.replace("<image>", "<image>" * num_image_tokens), return_tensors="pt")
-    inputs = {
-        "input_ids": ids.input_ids.to(device),
-        "attention_mask": ids.attention_mask.to(device),
-        "pixel_values": out["pixel_values"].to(device, torch.bfloat16),
-        "image_sizes": out["image_sizes"].to(device),
-        "batch_num_images": torch.tensor([1]),
-    }
-    sync()
-    t1 = time.perf_counter()
-    with torch.inference_mode():
-        gen = model.generate(
-            **inputs, max_new_tokens=1, do_sample=False, eos_token_id=None, pad_token_id=0
-        )
-    sync()
-    t2 = time.perf_counter()
-    assert gen.shape[1] == inputs["input_ids"].shape[1] + 1
-    return {"hf_processor_s": t1 - t0, "hf_model_s": t2 - t1}
+    return tc.hf_generate_timed(model, device, make_inputs)
 
 
 def build_hf(cfg, device):
-    import torch
     import transformers
 
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.LlavaOnevisionForConditionalGeneration._from_config(
-            cfg, dtype=torch.bfloat16
-        )
-    return model.eval()
+    return tc.build_hf(transformers.LlavaOnevisionForConditionalGeneration, cfg, device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -245,20 +210,9 @@ def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--config", default="onevision-0.5b", choices=sorted(CONFIGS))
     ap.add_argument("--sizes", nargs="+", default=["384x384", "896x896", "1280x720"])
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--device", default=None, help="torch device for transformers (cuda / cpu)")
-    ap.add_argument("--no-hf", action="store_true", help="time jaxmm only")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    ap.add_argument("--attention-backend", default="auto")
-    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxmm-bench"))
+    tc.add_common_args(ap, max_num_batched_tokens=8192)
+    tc.add_workdir_arg(ap)
     args = ap.parse_args(argv)
-
-    import jax
-    import torch
-    import transformers
-
-    import jaxmm
-    from jaxmm import LLM, SamplingParams
 
     path = os.path.join(args.workdir, f"onevision-{args.config}")
     cfg, tok = write_checkpoint(args.config, path)
@@ -266,25 +220,20 @@ def main(argv=None) -> list[dict]:
     side = vc.image_size // vc.patch_size
     # the most an image can take: anyres_max_9 lets the cropped map reach 1.1^2 * 9 tiles
     longest = side**2 + int(9 * 1.21 * side**2) + 4 * side + 64
-    llm = LLM(
+    llm = tc.dummy_llm(
         path,
-        dtype="bfloat16",
-        max_model_len=max(1024, -(-longest // 1024) * 1024),
-        max_num_seqs=4,
-        max_num_batched_tokens=max(args.max_num_batched_tokens, 64),
-        kv_cache_memory_bytes=1 << 30,
-        enable_prefix_caching=False,
+        max(1024, -(-longest // 1024) * 1024),
+        max(args.max_num_batched_tokens, 64),
         attention_backend=args.attention_backend,
-        load_format="dummy",
     )
     runner = llm.llm_engine.runner
-    sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    sp = tc.first_token()
 
     model = device = None
     if not args.no_hf:
         from transformers import AutoImageProcessor
 
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = tc.torch_device(args.device)
         model = build_hf(cfg, device)
         ip = AutoImageProcessor.from_pretrained(path)
 
@@ -292,17 +241,23 @@ def main(argv=None) -> list[dict]:
     results = []
     for size in args.sizes:
         w, h = parse_size(size)
-        warm = jaxmm_run(llm, images(w, h), sp)  # compiles, cuBLAS plans: untimed
-        jaxmm_e2e(llm, images(w, h), sp)
+        counts = []  # the image's token count, from jaxmm's run (its placeholder for HF)
+
+        def ours(i, w=w, h=h, counts=counts) -> dict:
+            out = jaxmm_run(llm, images(w, h), sp)
+            counts.append(out["num_image_tokens"])
+            return out
+
+        def theirs(i, w=w, h=h, counts=counts) -> dict:
+            return hf_run(model, ip, tok, images(w, h), counts[0], device)
+
+        (warm, _, _), (runs, e2e, hf) = tc.time_rounds(  # the warm round compiles: untimed
+            args.iters,
+            ours,
+            lambda i, w=w, h=h: jaxmm_e2e(llm, images(w, h), sp),
+            None if model is None else theirs,
+        )
         n = warm["num_image_tokens"]
-        if model is not None:
-            hf_run(model, ip, tok, images(w, h), n, device)
-        runs, e2e, hf = [], [], []
-        for _ in range(args.iters):
-            runs.append(jaxmm_run(llm, images(w, h), sp))
-            e2e.append(jaxmm_e2e(llm, images(w, h), sp))
-            if model is not None:
-                hf.append(hf_run(model, ip, tok, images(w, h), n, device))
         r = {
             "benchmark": "onevision_ttft",
             "config": args.config,
@@ -313,35 +268,11 @@ def main(argv=None) -> list[dict]:
             "iters": args.iters,
             "warm": True,
             "prefix_caching": False,
-            "preprocess_s": vlm_ttft._median([x["preprocess_s"] for x in runs]),
-            "encoder_s": vlm_ttft._median([x["encoder_s"] for x in runs]),
-            "prefill_s": vlm_ttft._median([x["prefill_s"] for x in runs]),
-            "e2e_s": vlm_ttft._median(e2e),
+            **tc.ttft_fields(runs, e2e),
         }
-        parts = r["preprocess_s"] + r["encoder_s"] + r["prefill_s"]
-        r["other_s"] = round(r["e2e_s"] - parts, 4)  # hashing, tokenizing, placement
         if hf:
-            r["hf_processor_s"] = vlm_ttft._median([x["hf_processor_s"] for x in hf])
-            r["hf_model_s"] = vlm_ttft._median([x["hf_model_s"] for x in hf])
-            r["hf_e2e_s"] = vlm_ttft._median([x["hf_processor_s"] + x["hf_model_s"] for x in hf])
-            r["speedup_vs_hf"] = round(r["hf_e2e_s"] / r["e2e_s"], 3)
-            r["hf_device"] = str(device)
-            r["hf_attn_implementation"] = getattr(model.config, "_attn_implementation", None)
-        r.update(
-            {
-                "dtype": np.dtype(runner.dtype).name,
-                "attention_backend": runner.backend,
-                "max_num_batched_tokens": runner.max_num_batched_tokens,
-                "device": str(jax.devices()[0].device_kind),
-                "backend": jax.default_backend(),
-                "jax_version": jax.__version__,
-                "jaxmm_version": getattr(jaxmm, "__version__", None),
-                "torch_version": torch.__version__,
-                "transformers_version": transformers.__version__,
-                "python": platform.python_version(),
-                "date": time.strftime("%Y-%m-%d"),
-            }
-        )
+            r.update(tc.hf_fields(hf, r["e2e_s"], device, model))
+        r.update(tc.env_fields(runner, jaxmm_version=True))
         print(json.dumps(r), flush=True)
         results.append(r)
     sys.stdout.flush()

@@ -28,17 +28,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import ttft_common as tc  # noqa: E402  (sets the JAX memory fraction first)
 from benchmarks import vlm_ttft  # noqa: E402
 
 SR = 16000
@@ -183,7 +178,7 @@ def jaxmm_pieces(llm, modality: str, item) -> dict:
         data = model.mm_audio_features(fe.feature_extractor, fe.load((item, SR)), SR, {})
     t1 = time.perf_counter()
     rows = runner._mm_encode(runner.params, modality, [data])
-    vlm_ttft._sync(rows)
+    tc.sync_rows(rows)
     t2 = time.perf_counter()
     return {"preprocess_s": t1 - t0, "encoder_s": t2 - t1, "num_mm_tokens": int(rows[0].shape[0])}
 
@@ -208,44 +203,31 @@ def hf_run(model, path: str, tok, modality: str, item, device) -> dict:
     from jaxmm.models.encoders import phi4mm_image
     from jaxmm.multimodal.processor import processor_configs
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def make_inputs() -> dict:
+        token = tok.convert_tokens_to_ids(f"<|{modality}|>")
+        if modality == "image":
+            config = phi4mm_image.settings(processor_configs(path).get("image_processor"))
+            out = phi4mm_image.preprocess(item, config)
+            n = out["num_img_tokens"]
+            inputs = {
+                "image_pixel_values": torch.from_numpy(out["image_pixel_values"][None]),
+                "image_sizes": torch.tensor([out["image_size"]]),
+                "image_attention_mask": torch.from_numpy(out["image_attention_mask"][None]),
+            }
+        else:
+            fe = AutoFeatureExtractor.from_pretrained(path)
+            inputs = dict(fe([item], sampling_rate=SR, return_tensors="pt"))
+            n = int(inputs["audio_embed_sizes"][0])
+        ids = []
+        for t in tok(PROMPTS[modality]).input_ids:
+            ids.extend([t] * n if t == token else [t])
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        for k in ("image_pixel_values", "audio_input_features"):
+            if k in inputs:
+                inputs[k] = inputs[k].to(torch.bfloat16)
+        return {"input_ids": torch.tensor([ids], device=device), **inputs}
 
-    sync()
-    t0 = time.perf_counter()
-    token = tok.convert_tokens_to_ids(f"<|{modality}|>")
-    if modality == "image":
-        config = phi4mm_image.settings(processor_configs(path).get("image_processor"))
-        out = phi4mm_image.preprocess(item, config)
-        n = out["num_img_tokens"]
-        inputs = {
-            "image_pixel_values": torch.from_numpy(out["image_pixel_values"][None]),
-            "image_sizes": torch.tensor([out["image_size"]]),
-            "image_attention_mask": torch.from_numpy(out["image_attention_mask"][None]),
-        }
-    else:
-        fe = AutoFeatureExtractor.from_pretrained(path)
-        inputs = dict(fe([item], sampling_rate=SR, return_tensors="pt"))
-        n = int(inputs["audio_embed_sizes"][0])
-    ids = []
-    for t in tok(PROMPTS[modality]).input_ids:
-        ids.extend([t] * n if t == token else [t])
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    for k in ("image_pixel_values", "audio_input_features"):
-        if k in inputs:
-            inputs[k] = inputs[k].to(torch.bfloat16)
-    x = torch.tensor([ids], device=device)
-    sync()
-    t1 = time.perf_counter()
-    with torch.inference_mode():
-        gen = model.generate(
-            x, **inputs, max_new_tokens=1, do_sample=False, eos_token_id=None, pad_token_id=0
-        )
-    sync()
-    t2 = time.perf_counter()
-    assert gen.shape[1] == len(ids) + 1
-    return {"hf_processor_s": t1 - t0, "hf_model_s": t2 - t1}
+    return tc.hf_generate_timed(model, device, make_inputs)
 
 
 def main(argv=None) -> list[dict]:
@@ -254,73 +236,49 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--modality", nargs="+", default=["image", "audio"], choices=["image", "audio"])
     ap.add_argument("--size", type=int, default=896, help="image width (height 3/4 of it)")
     ap.add_argument("--seconds", type=float, default=10.0, help="clip length")
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--device", default=None, help="torch device for transformers (cuda / cpu)")
-    ap.add_argument("--no-hf", action="store_true", help="time jaxmm only")
-    ap.add_argument("--attention-backend", default="auto")
-    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxmm-bench"))
+    tc.add_common_args(ap)
+    tc.add_workdir_arg(ap)
     args = ap.parse_args(argv)
 
-    import jax
-    import torch
     import transformers
 
-    from jaxmm import LLM, SamplingParams
-
     if not hasattr(transformers, "Phi4MultimodalConfig"):
-        r = {
-            "benchmark": "phi4mm_ttft",
-            "config": args.config,
-            "error": f"transformers {transformers.__version__} has no Phi4MultimodalConfig",
-        }
-        print(json.dumps(r), flush=True)
-        return [r]
+        error = f"transformers {transformers.__version__} has no Phi4MultimodalConfig"
+        return tc.error_line("phi4mm_ttft", args.config, error)
     path = os.path.join(args.workdir, f"phi4mm-{args.config}")
     cfg, tok = write_checkpoint(args.config, path)
-    llm = LLM(
-        path,
-        dtype="bfloat16",
-        max_model_len=4096,
-        max_num_seqs=4,
-        max_num_batched_tokens=2048,
-        kv_cache_memory_bytes=1 << 30,
-        enable_prefix_caching=False,
-        attention_backend=args.attention_backend,
-        load_format="dummy",
-    )
+    llm = tc.dummy_llm(path, 4096, 2048, attention_backend=args.attention_backend)
     runner = llm.llm_engine.runner
-    sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    sp = tc.first_token()
 
     model = device = hf_error = None
     if not args.no_hf:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        try:
-            torch.manual_seed(0)
-            with torch.device(device):
-                model = transformers.Phi4MultimodalForCausalLM._from_config(
-                    cfg, dtype=torch.bfloat16
-                ).eval()
-        except (AttributeError, ImportError, OSError, TypeError, ValueError) as e:
-            hf_error = f"transformers {transformers.__version__}: {type(e).__name__}: {e}"
+        device = tc.torch_device(args.device)
+        model, hf_error = tc.try_hf(
+            lambda: tc.build_hf(transformers.Phi4MultimodalForCausalLM, cfg, device)
+        )
 
     rng = np.random.default_rng(0)
-    results = []
-    for modality in args.modality:
 
-        def fresh(modality=modality):
+    def rounds(modality: str):
+        """A fresh item for every run; the warm round compiles."""
+
+        def fresh():
             return make_item(modality, rng, args.size, args.seconds)
 
-        warm = jaxmm_pieces(llm, modality, fresh())  # compiles: untimed
-        _, num_prompt = jaxmm_e2e(llm, modality, fresh(), sp)
-        if model is not None:
-            hf_run(model, path, tok, modality, fresh(), device)
-        pieces, e2e, hf = [], [], []
-        for _ in range(args.iters):
-            pieces.append(jaxmm_pieces(llm, modality, fresh()))
-            e2e.append(jaxmm_e2e(llm, modality, fresh(), sp)[0])
-            if model is not None:
-                hf.append(hf_run(model, path, tok, modality, fresh(), device))
-        med = vlm_ttft._median
+        def theirs(i):
+            return hf_run(model, path, tok, modality, fresh(), device)
+
+        return tc.time_rounds(
+            args.iters,
+            lambda i: jaxmm_pieces(llm, modality, fresh()),
+            lambda i: jaxmm_e2e(llm, modality, fresh(), sp),
+            None if model is None else theirs,
+        )
+
+    results = []
+    for modality in args.modality:
+        (warm, (_, num_prompt), _), (pieces, e2e, hf) = rounds(modality)
         r = {
             "benchmark": "phi4mm_ttft",
             "config": args.config,
@@ -331,31 +289,15 @@ def main(argv=None) -> list[dict]:
             "num_prompt_tokens": num_prompt,
             "iters": args.iters,
             "prefix_caching": False,
-            "preprocess_s": med([x["preprocess_s"] for x in pieces]),
-            "encoder_s": med([x["encoder_s"] for x in pieces]),
-            "e2e_s": med(e2e),
+            **tc.medians(pieces, ("preprocess_s", "encoder_s")),
+            "e2e_s": tc.median([t for t, _ in e2e]),
         }
         if hf:
-            r["hf_processor_s"] = med([x["hf_processor_s"] for x in hf])
-            r["hf_model_s"] = med([x["hf_model_s"] for x in hf])
-            r["hf_e2e_s"] = med([x["hf_processor_s"] + x["hf_model_s"] for x in hf])
-            r["speedup_vs_hf"] = round(r["hf_e2e_s"] / r["e2e_s"], 3)
-            r["hf_device"] = str(device)
+            r.update(tc.hf_fields(hf, r["e2e_s"], device))
             r["hf_pixels"] = "jaxmm" if modality == "image" else None
         if hf_error:
             r["hf_error"] = hf_error
-        r.update(
-            {
-                "dtype": np.dtype(runner.dtype).name,
-                "attention_backend": runner.backend,
-                "device": str(jax.devices()[0].device_kind),
-                "backend": jax.default_backend(),
-                "jax_version": jax.__version__,
-                "torch_version": torch.__version__,
-                "transformers_version": transformers.__version__,
-                "date": time.strftime("%Y-%m-%d"),
-            }
-        )
+        r.update(tc.env_fields(runner, batched_tokens=False, python=False))
         print(json.dumps(r), flush=True)
         results.append(r)
     return results

@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
-import tempfile
 import time
 
 if __package__ in (None, ""):  # run as a script: the repository root on the path
@@ -38,7 +36,8 @@ if __package__ in (None, ""):  # run as a script: the repository root on the pat
 
 import numpy as np  # noqa: E402
 
-from benchmarks import vlm_ttft  # noqa: E402  (sets the JAX memory fraction first)
+from benchmarks import ttft_common as tc  # noqa: E402  (sets the JAX memory fraction first)
+from benchmarks.omni_av_ttft import thinker_checkpoint  # noqa: E402
 
 SR = 16000
 AUDIO_SPECIALS = ["<|audio_start|>", "<|audio_pad|>", "<|audio_end|>"]
@@ -139,40 +138,26 @@ def write_checkpoint(name: str, layers: int, path: str):
     """config.json + the feature extractor's preprocessor_config.json + tokenizer."""
     import transformers
 
-    classes = omni_classes()
-    if classes is None:
-        sys.exit(
-            f"transformers {transformers.__version__} has no Qwen3OmniMoeThinkerConfig (added "
-            "in 4.57): jaxmm reads multimodal configs through it"
-        )
-    os.makedirs(path, exist_ok=True)
-    tok = vlm_ttft.make_tokenizer(path)
-    tok.add_special_tokens({"additional_special_tokens": AUDIO_SPECIALS})
-    tok.save_pretrained(path)
     shape = CONFIGS[name]
-    ids = {t: tok.convert_tokens_to_ids(t) for t in vlm_ttft.SPECIALS + AUDIO_SPECIALS}
-    text = dict(
-        shape["text"],
-        num_hidden_layers=layers,
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
+    token_ids = dict(
+        audio_token_id="<|audio_pad|>",
+        image_token_id="<|image_pad|>",
+        video_token_id="<|video_pad|>",
+        audio_start_token_id="<|audio_start|>",
+        vision_start_token_id="<|vision_start|>",
+        vision_end_token_id="<|vision_end|>",
     )
-    cfg = classes[0](
-        audio_config=shape["audio"],
-        vision_config=shape["vision"],
-        text_config=text,
-        audio_token_id=ids["<|audio_pad|>"],
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        audio_start_token_id=ids["<|audio_start|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+    needs = "Qwen3OmniMoeThinkerConfig (added in 4.57)"
+    cfg, tok = thinker_checkpoint(
+        path,
+        omni_classes(),
+        needs,
+        AUDIO_SPECIALS,
+        shape,
+        layers,
+        token_ids,
         position_id_per_seconds=13,
     )
-    cfg.architectures = ["Qwen3OmniMoeThinkerForConditionalGeneration"]
-    cfg.dtype = "bfloat16"
-    cfg.save_pretrained(path)
     fe = transformers.WhisperFeatureExtractor(feature_size=shape["audio"]["num_mel_bins"])
     fe.save_pretrained(path)
     return cfg, tok, fe
@@ -211,7 +196,7 @@ def jaxmm_times(llm, encode, audio: np.ndarray, sp) -> dict:
     _, _, mm = prepare_multimodal_prompt(engine, prompt)
     runner = engine.runner
     t0 = time.perf_counter()
-    vlm_ttft._sync(encode(runner.params, "audio", [mm.items[0].data]))
+    tc.sync_rows(encode(runner.params, "audio", [mm.items[0].data]))
     encoder = time.perf_counter() - t0
     n = mm.items[0].end - mm.items[0].start
     return dict(e2e_s=e2e, encoder_s=encoder, tokens=len(out.prompt_token_ids), audio=n)
@@ -222,7 +207,6 @@ def hf_times(model, tok, fe, audio: np.ndarray, device) -> dict:
 
     from jaxmm.models.qwen3_omni_moe import audio_num_tokens
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     feats = fe(
         audio,
@@ -242,11 +226,11 @@ def hf_times(model, tok, fe, audio: np.ndarray, device) -> dict:
     )
     with torch.no_grad():
         model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=0)
-        sync()
+        tc.cuda_sync(device)
         e2e = time.perf_counter() - t0
         t0 = time.perf_counter()
         model.get_audio_features(inputs["input_features"], inputs["feature_attention_mask"])
-        sync()
+        tc.cuda_sync(device)
     return dict(hf_e2e_s=e2e, hf_encoder_s=time.perf_counter() - t0)
 
 
@@ -255,55 +239,42 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--config", default="omni-30b-a3b", choices=sorted(CONFIGS))
     ap.add_argument("--layers", type=int, default=8, help="decoder layers (the tower is whole)")
     ap.add_argument("--seconds", type=float, nargs="+", default=[5.0, 30.0])
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--device", default=None, help="torch device for transformers (cuda / cpu)")
-    ap.add_argument("--no-hf", action="store_true", help="time jaxmm only")
+    tc.add_common_args(ap, attention_backend=False)
     ap.add_argument("--hf-experts", default="grouped_mm", help="eager, batched_mm, grouped_mm")
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxmm-bench"))
+    tc.add_workdir_arg(ap)
     args = ap.parse_args(argv)
-
-    import jax
-    import torch
-    import transformers
-
-    from jaxmm import LLM, SamplingParams
 
     path = os.path.join(args.workdir, f"qwen3-omni-{args.config}-{args.layers}l")
     cfg, tok, fe = write_checkpoint(args.config, args.layers, path)
-    llm = LLM(
-        path,
-        dtype="bfloat16",
-        max_model_len=4096,
-        max_num_seqs=4,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        kv_cache_memory_bytes=1 << 30,
-        enable_prefix_caching=False,
-        load_format="dummy",
-    )
-    sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    llm = tc.dummy_llm(path, 4096, args.max_num_batched_tokens)
+    sp = tc.first_token()
     model = device = None
     if not args.no_hf:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = tc.torch_device(args.device)
         experts = hf_experts(args.hf_experts)
         for c in (cfg, cfg.text_config):
             c._experts_implementation = experts
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = omni_classes()[1]._from_config(cfg, dtype=torch.bfloat16).eval()
+        model = tc.build_hf(omni_classes()[1], cfg, device)
     runner = llm.llm_engine.runner
     encode = runner.model_obj.audio_encoder(runner.graphdef)  # one jit: compiled once a shape
-    med = vlm_ttft._median
+    med = tc.median
+
+    def rounds(seconds: float):
+        """Clip i in round i, the same for both sides; round 0, untimed, compiles and plans."""
+
+        def theirs(i):
+            return hf_times(model, tok, fe, clip(seconds, i), device)
+
+        return tc.time_rounds(
+            args.iters,
+            lambda i: jaxmm_times(llm, encode, clip(seconds, i), sp),
+            None if model is None else theirs,
+        )[1]
+
     results = []
     for seconds in args.seconds:
-        jaxmm_times(llm, encode, clip(seconds, 0), sp)  # warm: compiles, plans
-        if model is not None:
-            hf_times(model, tok, fe, clip(seconds, 0), device)
-        ours, hf = [], []
-        for i in range(1, args.iters + 1):
-            ours.append(jaxmm_times(llm, encode, clip(seconds, i), sp))
-            if model is not None:
-                hf.append(hf_times(model, tok, fe, clip(seconds, i), device))
+        ours, hf = rounds(seconds)
         r = {
             "benchmark": "qwen3_omni_audio_ttft",
             "config": args.config,
@@ -327,15 +298,7 @@ def main(argv=None) -> list[dict]:
             r["hf_experts_implementation"] = getattr(
                 model.config.text_config, "_experts_implementation", None
             )
-        r.update(
-            device=str(jax.devices()[0].device_kind),
-            backend=jax.default_backend(),
-            jax_version=jax.__version__,
-            torch_version=torch.__version__,
-            transformers_version=transformers.__version__,
-            python=platform.python_version(),
-            date=time.strftime("%Y-%m-%d"),
-        )
+        r.update(tc.env_fields())
         print(json.dumps(r), flush=True)
         results.append(r)
     return results

@@ -20,19 +20,17 @@ read the checkpoint and the script exits with that message; `--no-hf` times jaxm
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import platform
 import sys
-import tempfile
-import time
 
 if __package__ in (None, ""):  # run as a script: the repository root on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
 
-from benchmarks import vlm_ttft  # noqa: E402  (sets the JAX memory fraction first)
+from benchmarks import ttft_common as tc  # noqa: E402  (sets the JAX memory fraction first)
+from benchmarks import vlm_ttft  # noqa: E402
 
 _TEXT_COMMON = dict(
     vocab_size=151936,
@@ -168,71 +166,41 @@ def write_checkpoint(name: str, path: str):
 
 
 def build_hf(cfg, device):
-    import torch
-
-    _, model_cls = qwen3_vl_classes()
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = model_cls._from_config(cfg, dtype=torch.bfloat16)
-    return model.eval()
+    return tc.build_hf(qwen3_vl_classes()[1], cfg, device)
 
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--config", default="qwen3-vl-2b", choices=sorted(CONFIGS))
     ap.add_argument("--sizes", type=int, nargs="+", default=[448, 1344])
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--device", default=None, help="torch device for transformers (cuda / cpu)")
-    ap.add_argument("--no-hf", action="store_true", help="time jaxmm only")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
-    ap.add_argument("--attention-backend", default="auto")
-    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxmm-bench"))
+    tc.add_common_args(ap, max_num_batched_tokens=4096)
+    tc.add_workdir_arg(ap)
     args = ap.parse_args(argv)
-
-    import jax
-    import torch
-    import transformers
-
-    import jaxmm
-    from jaxmm import LLM, SamplingParams
 
     path = os.path.join(args.workdir, f"qwen3-vl-{args.config}")
     cfg, tok = write_checkpoint(args.config, path)
     unit = PREPROCESSOR["patch_size"] * PREPROCESSOR["merge_size"]
     longest = max((s // unit) ** 2 for s in args.sizes) + 64  # image tokens + the text
-    llm = LLM(
+    llm = tc.dummy_llm(
         path,
-        dtype="bfloat16",
-        max_model_len=max(1024, -(-longest // 1024) * 1024),
-        max_num_seqs=4,
-        max_num_batched_tokens=max(args.max_num_batched_tokens, 64),
-        kv_cache_memory_bytes=1 << 30,
-        enable_prefix_caching=False,
+        max(1024, -(-longest // 1024) * 1024),
+        max(args.max_num_batched_tokens, 64),
         attention_backend=args.attention_backend,
-        load_format="dummy",
     )
     runner = llm.llm_engine.runner
-    sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    sp = tc.first_token()
     model = device = None
     if not args.no_hf:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = tc.torch_device(args.device)
         model = build_hf(cfg, device)
 
     images = vlm_ttft.Images(0)
     results = []
     for size in args.sizes:
-        # warm: one full pass of everything at this size (compiles, cuBLAS plans) untimed
-        vlm_ttft.jaxmm_run(llm, images(size), sp)
-        vlm_ttft.jaxmm_e2e(llm, images(size), sp)
-        if model is not None:
-            vlm_ttft.hf_run(model, path, tok, images(size), device)
-        runs, e2e, hf = [], [], []
-        for _ in range(args.iters):
-            runs.append(vlm_ttft.jaxmm_run(llm, images(size), sp))
-            e2e.append(vlm_ttft.jaxmm_e2e(llm, images(size), sp))
-            if model is not None:
-                hf.append(vlm_ttft.hf_run(model, path, tok, images(size), device))
-        med = vlm_ttft._median
+        fresh = functools.partial(images, size)  # warm: one untimed round (compiles)
+        _, (runs, e2e, hf) = vlm_ttft.size_rounds(
+            args.iters, llm, sp, fresh, model, path, tok, device
+        )
         r = {
             "benchmark": "qwen3_vl_ttft",
             "config": args.config,
@@ -244,38 +212,18 @@ def main(argv=None) -> list[dict]:
             "iters": args.iters,
             "warm": True,  # one untimed pass per size first: compile / start-up excluded
             "prefix_caching": False,
-            "preprocess_s": med([x["preprocess_s"] for x in runs]),
-            "encoder_s": med([x["encoder_s"] for x in runs]),
-            "prefill_s": med([x["prefill_s"] for x in runs]),
-            "e2e_s": med(e2e),
+            **tc.ttft_fields(runs, e2e),
         }
-        parts = r["preprocess_s"] + r["encoder_s"] + r["prefill_s"]
-        r["other_s"] = round(r["e2e_s"] - parts, 4)  # hashing, tokenizing, placement
         if hf:
-            r["hf_processor_s"] = med([x["hf_processor_s"] for x in hf])
-            r["hf_model_s"] = med([x["hf_model_s"] for x in hf])
-            r["hf_e2e_s"] = med([x["hf_processor_s"] + x["hf_model_s"] for x in hf])
-            r["speedup_vs_hf"] = round(r["hf_e2e_s"] / r["e2e_s"], 3)
-            r["hf_device"] = str(device)
-            r["hf_attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+            r.update(tc.hf_fields(hf, r["e2e_s"], device, model))
+        ip = llm.llm_engine.mm_frontend().processor.image_processor
         r.update(
-            {
-                "dtype": np.dtype(runner.dtype).name,
-                "attention_backend": runner.backend,
-                "max_num_batched_tokens": runner.max_num_batched_tokens,
-                "encoder_row_width": runner.mm_row_width,  # embedding + DeepStack levels
-                "image_processor": type(
-                    llm.llm_engine.mm_frontend().processor.image_processor
-                ).__name__,
-                "device": str(jax.devices()[0].device_kind),
-                "backend": jax.default_backend(),
-                "jax_version": jax.__version__,
-                "jaxmm_version": getattr(jaxmm, "__version__", None),
-                "torch_version": torch.__version__,
-                "transformers_version": transformers.__version__,
-                "python": platform.python_version(),
-                "date": time.strftime("%Y-%m-%d"),
-            }
+            tc.env_fields(
+                runner,
+                encoder_row_width=runner.mm_row_width,  # embedding + DeepStack levels
+                image_processor=type(ip).__name__,
+                jaxmm_version=True,
+            )
         )
         print(json.dumps(r), flush=True)
         results.append(r)

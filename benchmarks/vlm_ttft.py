@@ -33,20 +33,18 @@ speedup_vs_hf = hf_e2e_s / e2e_s. One JSON line per size.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import platform
 import sys
-import tempfile
 import time
 
-# jaxmm and torch share one GPU here: keep JAX from preallocating most of it
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if __package__ in (None, ""):  # run as a script: the repository root on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+
+from benchmarks import ttft_common as tc  # noqa: E402  (sets the JAX memory fraction first)
 
 SPECIALS = [
     "<|endoftext|>",
@@ -216,26 +214,23 @@ class Images:
     def __init__(self, seed: int = 0):
         self.rs = np.random.RandomState(seed)
 
-    def __call__(self, size: int):
+    def __call__(self, width: int, height: int | None = None):
+        """A `width` x `height` image (square without `height`)."""
         from PIL import Image
 
-        base = self.rs.randint(0, 255, (size // 8 + 1, size // 8 + 1, 3), np.uint8)
-        return Image.fromarray(base).resize((size, size), Image.NEAREST)
+        height = width if height is None else height
+        base = self.rs.randint(0, 255, (height // 8 + 1, width // 8 + 1, 3), np.uint8)
+        return Image.fromarray(base).resize((width, height), Image.NEAREST)
 
 
-def _median(xs: list[float]) -> float:
-    return round(float(np.median(xs)), 4)
+_median = tc.median  # the other benchmarks' name for it
 
 
 # ---------------------------------------------------------------------------------------
 # jaxmm
 
 
-def _sync(rows) -> None:
-    """Wait for encoder rows (device arrays, or `DeviceRows` views of one) to be computed."""
-    import jax
-
-    jax.block_until_ready([getattr(r, "array", r) for r in rows])
+_sync = tc.sync_rows
 
 
 def jaxmm_run(llm, img, sp, prompt: str = PROMPT, describe=None) -> dict:
@@ -261,28 +256,10 @@ def jaxmm_run(llm, img, sp, prompt: str = PROMPT, describe=None) -> dict:
     # 3. prefill to the first token, from a prepared request (its prep is not timed)
     request = {"prompt": prompt, "multi_modal_data": {"image": img}}
     text, ids, mm = prepare_multimodal_prompt(engine, request)
-    engine.reset_mm_cache()
-    for it in getattr(mm, "items", ()):  # its encoder run is not prefill: done ahead
-        entry = engine.encoder_cache.allocate(it.cache_key, it.end - it.start, "bench")
-        runner.encode([(it.modality, it.data, entry.rows)])
-        entry.ready = True
-        engine.encoder_cache.release(it.cache_key, "bench")
-    _sync([runner.encoder_cache])
-    rid = engine.next_request_id()
-    engine.add_request(rid, text, sp, prompt_ids=ids, mm=mm)
-    t3 = time.perf_counter()
-    first = None
-    while first is None:
-        for out in engine.step():
-            if out.request_id == rid and out.outputs[0].token_ids:
-                first = out
-    t4 = time.perf_counter()
-    while engine.has_unfinished_requests():  # max_tokens=1: already done
-        engine.step()
     out = {
         "preprocess_s": t1 - t0,
         "encoder_s": t2 - t1,
-        "prefill_s": t4 - t3,
+        "prefill_s": tc.prefill_s(engine, text, ids, mm, sp),
         "num_prompt_tokens": len(ids),
         "num_image_tokens": int(feats[0].shape[0]),
     }
@@ -294,12 +271,7 @@ def jaxmm_run(llm, img, sp, prompt: str = PROMPT, describe=None) -> dict:
 
 
 def jaxmm_e2e(llm, img, sp, prompt: str = PROMPT) -> float:
-    request = {"prompt": prompt, "multi_modal_data": {"image": img}}
-    t0 = time.perf_counter()
-    outs = llm.generate([request], sp, use_tqdm=False)
-    t1 = time.perf_counter()
-    assert len(outs[0].outputs[0].token_ids) == 1
-    return t1 - t0
+    return tc.generate_one_s(llm, {"prompt": prompt, "multi_modal_data": {"image": img}}, sp)
 
 
 # ---------------------------------------------------------------------------------------
@@ -334,35 +306,29 @@ hf_inputs.cache = {}
 
 
 def hf_run(model, path, tok, img, device) -> dict:
-    import torch
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    sync()
-    t0 = time.perf_counter()
-    inputs = hf_inputs(path, tok, img, device)
-    sync()
-    t1 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(
-            **inputs, max_new_tokens=1, do_sample=False, eos_token_id=None, pad_token_id=0
-        )
-    sync()
-    t2 = time.perf_counter()
-    assert out.shape[1] == inputs["input_ids"].shape[1] + 1
-    return {"hf_processor_s": t1 - t0, "hf_model_s": t2 - t1}
+    return tc.hf_generate_timed(model, device, lambda: hf_inputs(path, tok, img, device))
 
 
 def build_hf(cfg, device):
-    import torch
     import transformers
 
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.Qwen2VLForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16)
-    return model.eval()
+    return tc.build_hf(transformers.Qwen2VLForConditionalGeneration, cfg, device)
+
+
+def size_rounds(iters: int, llm, sp, fresh, model, path: str, tok, device):
+    """One size's rounds (`ttft_common.time_rounds`): jaxmm's pieces, its end-to-end call and
+    transformers' (with `model`), each on a fresh image `fresh()`; the first round, untimed,
+    compiles and plans. Shared by qwen3_vl_ttft.py."""
+
+    def theirs(i):
+        return hf_run(model, path, tok, fresh(), device)
+
+    return tc.time_rounds(
+        iters,
+        lambda i: jaxmm_run(llm, fresh(), sp),
+        lambda i: jaxmm_e2e(llm, fresh(), sp),
+        None if model is None else theirs,
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -372,21 +338,10 @@ def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--config", default="qwen2-vl-2b", choices=sorted(CONFIGS))
     ap.add_argument("--sizes", type=int, nargs="+", default=[448, 1344])
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--device", default=None, help="torch device for transformers (cuda / cpu)")
-    ap.add_argument("--no-hf", action="store_true", help="time jaxmm only")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
-    ap.add_argument("--attention-backend", default="auto")
+    tc.add_common_args(ap, max_num_batched_tokens=4096)
     ap.add_argument("--profile", action="store_true", help="add a per-kernel device profile")
-    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxmm-bench"))
+    tc.add_workdir_arg(ap)
     args = ap.parse_args(argv)
-
-    import jax
-    import torch
-    import transformers
-
-    import jaxmm
-    from jaxmm import LLM, SamplingParams
 
     path = os.path.join(args.workdir, f"vlm-{args.config}")
     cfg, tok = write_checkpoint(args.config, path)
@@ -394,39 +349,25 @@ def main(argv=None) -> list[dict]:
     patch, merge = PREPROCESSOR["patch_size"], PREPROCESSOR["merge_size"]
     longest = max((s // patch) ** 2 // merge**2 for s in args.sizes) + 64
     max_len = max(1024, -(-longest // 1024) * 1024)
-    llm = LLM(
+    llm = tc.dummy_llm(
         path,
-        dtype="bfloat16",
-        max_model_len=max_len,
-        max_num_seqs=4,
-        max_num_batched_tokens=max(args.max_num_batched_tokens, 64),
-        kv_cache_memory_bytes=1 << 30,
-        enable_prefix_caching=False,
+        max_len,
+        max(args.max_num_batched_tokens, 64),
         attention_backend=args.attention_backend,
-        load_format="dummy",
     )
     runner = llm.llm_engine.runner
-    sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    sp = tc.first_token()
 
     model = device = None
     if not args.no_hf:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = tc.torch_device(args.device)
         model = build_hf(cfg, device)
 
     images = Images(0)
     results = []
     for size in args.sizes:
-        # warm: one full pass of everything at this size (compiles, cuBLAS plans) untimed
-        jaxmm_run(llm, images(size), sp)
-        jaxmm_e2e(llm, images(size), sp)
-        if model is not None:
-            hf_run(model, path, tok, images(size), device)
-        runs, e2e, hf = [], [], []
-        for _ in range(args.iters):
-            runs.append(jaxmm_run(llm, images(size), sp))
-            e2e.append(jaxmm_e2e(llm, images(size), sp))
-            if model is not None:
-                hf.append(hf_run(model, path, tok, images(size), device))
+        fresh = functools.partial(images, size)
+        _, (runs, e2e, hf) = size_rounds(args.iters, llm, sp, fresh, model, path, tok, device)
         r = {
             "benchmark": "vlm_ttft",
             "config": args.config,
@@ -437,38 +378,12 @@ def main(argv=None) -> list[dict]:
             "iters": args.iters,
             "warm": True,  # one untimed pass per size first: compile / start-up excluded
             "prefix_caching": False,
-            "preprocess_s": _median([x["preprocess_s"] for x in runs]),
-            "encoder_s": _median([x["encoder_s"] for x in runs]),
-            "prefill_s": _median([x["prefill_s"] for x in runs]),
-            "e2e_s": _median(e2e),
+            **tc.ttft_fields(runs, e2e),
         }
-        parts = r["preprocess_s"] + r["encoder_s"] + r["prefill_s"]
-        r["other_s"] = round(r["e2e_s"] - parts, 4)  # hashing, tokenizing, placement
         if hf:
-            r["hf_processor_s"] = _median([x["hf_processor_s"] for x in hf])
-            r["hf_model_s"] = _median([x["hf_model_s"] for x in hf])
-            r["hf_e2e_s"] = _median([x["hf_processor_s"] + x["hf_model_s"] for x in hf])
-            r["speedup_vs_hf"] = round(r["hf_e2e_s"] / r["e2e_s"], 3)
-            r["hf_device"] = str(device)
-            r["hf_attn_implementation"] = getattr(model.config, "_attn_implementation", None)
-        r.update(
-            {
-                "dtype": np.dtype(runner.dtype).name,
-                "attention_backend": runner.backend,
-                "max_num_batched_tokens": runner.max_num_batched_tokens,
-                "image_processor": type(
-                    llm.llm_engine.mm_frontend().processor.image_processor
-                ).__name__,
-                "device": str(jax.devices()[0].device_kind),
-                "backend": jax.default_backend(),
-                "jax_version": jax.__version__,
-                "jaxmm_version": getattr(jaxmm, "__version__", None),
-                "torch_version": torch.__version__,
-                "transformers_version": transformers.__version__,
-                "python": platform.python_version(),
-                "date": time.strftime("%Y-%m-%d"),
-            }
-        )
+            r.update(tc.hf_fields(hf, r["e2e_s"], device, model))
+        ip = llm.llm_engine.mm_frontend().processor.image_processor
+        r.update(tc.env_fields(runner, image_processor=type(ip).__name__, jaxmm_version=True))
         if args.profile:  # device kernels of whole llm.generate calls (encoder + prefill)
             from benchmarks.profile_step import profile
 

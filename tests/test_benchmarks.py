@@ -98,3 +98,31 @@ def test_structured_throughput_smoke(tmp_path, capsys):
     for r in (constrained, mixed):  # prefill chunks may put requests a step apart
         assert 6 <= r["mask_steps"] <= r["engine_steps"]
     assert constrained["mask_per_step_p99_ms"] >= constrained["mask_per_step_mean_ms"] > 0
+
+
+def test_ttft_rounds_run_warm_first_then_in_order():
+    """ttft_common.time_rounds: one untimed round, then `iters` rounds, the runs of a round
+    in their order (each draws its fresh input in that order); a None run is left out."""
+    from benchmarks import ttft_common as tc
+
+    calls = []
+
+    def run(name):
+        return lambda i: calls.append((name, i)) or f"{name}{i}"
+
+    warm, (a, b, c) = tc.time_rounds(2, run("a"), run("b"), None)
+    assert warm == ["a0", "b0", None] and (a, b, c) == (["a1", "a2"], ["b1", "b2"], [])
+    assert calls == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
+
+    runs = [dict(preprocess_s=0.1, encoder_s=0.2, prefill_s=0.3)] * 3
+    r = tc.ttft_fields(runs, [1.0, 2.0, 9.0])
+    assert r == dict(preprocess_s=0.1, encoder_s=0.2, prefill_s=0.3, e2e_s=2.0, other_s=1.4)
+    hf = [dict(hf_processor_s=1.0, hf_model_s=3.0), dict(hf_processor_s=2.0, hf_model_s=4.0)]
+    h = tc.hf_fields(hf, 2.0, "cpu")
+    assert h == dict(
+        hf_processor_s=1.5, hf_model_s=3.5, hf_e2e_s=5.0, speedup_vs_hf=2.5, hf_device="cpu"
+    )
+    # the environment fields a script asks for, and only those (its JSON keys stay its own)
+    keys = "device backend jax_version torch_version transformers_version date".split()
+    assert list(tc.env_fields(python=False)) == keys
+    assert {"jaxmm_version", "python"} <= set(tc.env_fields(jaxmm_version=True))
