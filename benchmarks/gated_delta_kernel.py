@@ -85,6 +85,20 @@ def _diff(a, b) -> float:
     return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b))
 
 
+def _both_backends(ragged: dict, rs, qkv: tuple, pool: tuple, rest: tuple, reps: int) -> dict:
+    """The same inputs through both backends first (a fresh pool of shape `pool` each, drawn
+    alike: it is donated), their largest difference, then each backend's time in µs."""
+    seed = rs.get_state()
+    outs = {}
+    for b, f in ragged.items():
+        rs.set_state(seed)
+        outs[b] = f(*qkv, _pool(rs, *pool), *rest)
+    row = dict(max_abs_diff=_diff(outs["xla"], outs["pallas"]))
+    for b, f in ragged.items():
+        row[f"{b}_us"] = round(_time(f, (*qkv, _pool(rs, *pool), *rest), 5, reps) * 1e6, 2)
+    return row
+
+
 def _ragged_fns():
     import functools
 
@@ -119,16 +133,8 @@ def bench_decode(shape: dict, batches: list[int], block_vs: list[int], reps: int
         has = jnp.ones(B, bool)
         cu = jnp.arange(B + 1, dtype=jnp.int32)  # tokens past B are padding
         rows_in = tuple(a[:B] for a in qkv)  # the bare decode functions take B rows
-        # the same inputs through both backends first (a fresh pool each: it is donated)
-        pool_seed = rs.get_state()
-        outs = {}
-        for b, f in ragged.items():
-            rs.set_state(pool_seed)
-            outs[b] = f(*qkv, _pool(rs, n_slots, N, Hk, Hv), slots, cu, has)
-        row = dict(batch=B, max_abs_diff=_diff(outs["xla"], outs["pallas"]))
-        for b, f in ragged.items():
-            args = (*qkv, _pool(rs, n_slots, N, Hk, Hv), slots, cu, has)
-            row[f"{b}_us"] = round(_time(f, args, 5, reps) * 1e6, 2)
+        pool = (n_slots, N, Hk, Hv)
+        row = dict(batch=B, **_both_backends(ragged, rs, qkv, pool, (slots, cu, has), reps))
         args = (*rows_in, _pool(rs, n_slots, N, Hk, Hv), slots, has)
         row["decode_xla_us"] = round(_time(ref, args, 5, reps) * 1e6, 2)
         for bv in block_vs:
@@ -156,15 +162,8 @@ def bench_prefill(shape: dict, L: int, reps: int) -> dict:
     slots = jnp.asarray([3], jnp.int32)
     has = jnp.ones(1, bool)
     cu = jnp.asarray([0, L], jnp.int32)
-    seed = rs.get_state()
-    outs = {}
-    for b, f in ragged.items():
-        rs.set_state(seed)
-        outs[b] = f(*qkv, _pool(rs, n_slots, N, Hk, Hv), slots, cu, has)
-    row = dict(tokens=L, max_abs_diff=_diff(outs["xla"], outs["pallas"]))
-    for b, f in ragged.items():
-        args = (*qkv, _pool(rs, n_slots, N, Hk, Hv), slots, cu, has)
-        row[f"{b}_us"] = round(_time(f, args, 5, reps) * 1e6, 2)
+    pool = (n_slots, N, Hk, Hv)
+    row = dict(tokens=L, **_both_backends(ragged, rs, qkv, pool, (slots, cu, has), reps))
     print(json.dumps(row), file=sys.stderr, flush=True)
     return row
 
