@@ -24,9 +24,13 @@ from the difference of two output lengths (prefill cancels out), vs the roofline
 reads the language model's weights once (the tied embedding once, as the LM head), at the
 copy bandwidth measured here (benchmarks/e2e_decode.py).
 KV bytes per token at --context tokens, from the model's layout (in both lines): every layer
-paged ("full_layout") against global layers paged plus one window per local layer. With
---local-kv-tokens N the engine runs that way ($JAXMM_GEMMA3_LOCAL_KV_TOKENS, see
-models/gemma3.py) and "kv_bytes_per_token_measured" comes from the arrays it allocated.
+paged ("full_layout") against global layers paged plus one window per local layer. By default
+the engine pages the layers in groups and gives local pages back behind the window
+(models/gemma3.py): one text request of --context tokens runs through the engine and
+"kv_bytes_per_token_page_groups" is the pages its sequence holds at its last step times the
+bytes of a page, over the context (the engine is built with max_model_len past --context for
+it). With --local-kv-tokens N the engine keeps rings instead ($JAXMM_GEMMA3_LOCAL_KV_TOKENS)
+and "kv_bytes_per_token_measured" comes from the arrays it allocated.
 
 transformers 5.17 (the GPU host) lacks classes 5.24 has: a missing Gemma 3 class is reported
 in the JSON ("hf_error") and jaxmm's numbers still come out.
@@ -249,6 +253,40 @@ def measured_kv_bytes_per_token(runner, context: int) -> int:
     return int(round(per_token + runner.state_bytes_per_slot / context))
 
 
+def page_groups_kv(llm, context: int) -> dict:
+    """With page groups: the KV bytes per token one `context`-token sequence holds at its
+    last step (pages held in every group x bytes of a page / context), run through the
+    engine; the most a local group may hold (a window plus one step) beside it."""
+    from jaxmm import SamplingParams
+
+    engine = llm.llm_engine
+    runner, bm = engine.runner, engine.block_manager
+    per_page = sum(a.nbytes for a in runner.kv_caches[: runner.num_layers]) / runner.num_pages
+    held = []
+
+    def spy(seq, num_tokens):
+        ok = ensure(seq, num_tokens)
+        held.append(bm.pages_held(seq))
+        return ok
+
+    ensure, bm.ensure_slots = bm.ensure_slots, spy
+    try:
+        sp = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+        llm.generate([{"prompt_token_ids": [5] * (context - 1)}], sp, use_tqdm=False)
+    finally:
+        del bm.ensure_slots  # the class's method again
+    return {
+        "kv_page_groups": len(runner.kv_group_windows),
+        "kv_page_arrays": runner.num_layers,
+        "kv_pages_held_at_context": held[-1],
+        "kv_bytes_per_token_page_groups": int(round(held[-1] * per_page / context)),
+        "kv_local_pages_max_per_group": (
+            runner.seq_pages_max(runner.max_num_batched_tokens) - runner.pages_per_seq
+        )
+        // (len(runner.kv_group_windows) - 1),
+    }
+
+
 def ttft_line(benchmark: str, args, llm, side: int, prompt: str, peer: tuple, tail: dict,
               attn: bool) -> dict:  # fmt: skip
     """The TTFT line of one `side`² image (module docstring), printed; shared by
@@ -320,8 +358,16 @@ def main(argv=None) -> list[dict]:
     set_local_kv_tokens(args.local_kv_tokens)
     path = os.path.join(args.workdir, f"gemma3-{args.config}")
     cfg, tok = write_checkpoint(args.config, path)
+    from jaxmm.models.gemma3 import RECLAIM_ENV
+
+    # page groups (the default): the engine holds a --context sequence for the measurement
+    groups = not args.local_kv_tokens and os.environ.get(RECLAIM_ENV, "1") != "0"
     llm = tc.dummy_llm(
-        path, 1024, max(args.max_num_batched_tokens, 64), attention_backend=args.attention_backend
+        path,
+        max(1024, args.context + 64) if groups else 1024,
+        max(args.max_num_batched_tokens, 64),
+        kv_bytes=(4 << 30) if groups else (1 << 30),
+        attention_backend=args.attention_backend,
     )
     engine = llm.llm_engine
     runner = engine.runner
@@ -331,6 +377,8 @@ def main(argv=None) -> list[dict]:
     kv["local_kv_tokens"] = args.local_kv_tokens
     if args.local_kv_tokens:  # what the engine allocated: pages of global layers, rings
         kv["kv_bytes_per_token_measured"] = measured_kv_bytes_per_token(runner, args.context)
+    elif len(runner.kv_group_windows) > 1:  # what one sequence holds with page groups
+        kv.update(page_groups_kv(llm, args.context))
     env = tc.env_fields(runner)
 
     model = device = processor = None

@@ -62,7 +62,9 @@ def add_workdir_arg(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxmm-bench"))
 
 
-def dummy_llm(path: str, max_model_len: int, max_num_batched_tokens: int, **kw):
+def dummy_llm(
+    path: str, max_model_len: int, max_num_batched_tokens: int, kv_bytes: int = 1 << 30, **kw
+):
     """jaxmm on `path` with random bf16 weights, prefix caching off (every run misses)."""
     from jaxmm import LLM
 
@@ -72,7 +74,7 @@ def dummy_llm(path: str, max_model_len: int, max_num_batched_tokens: int, **kw):
         max_model_len=max_model_len,
         max_num_seqs=4,
         max_num_batched_tokens=max_num_batched_tokens,
-        kv_cache_memory_bytes=1 << 30,
+        kv_cache_memory_bytes=kv_bytes,
         enable_prefix_caching=False,
         load_format="dummy",
         **kw,

@@ -438,7 +438,8 @@ def test_scheduler_never_ends_a_chunk_inside_an_image():
     assert first_chunks(True, [(4, 30, "image:z")]) == [4, 16, 16, 4]
 
 
-def test_gemma_ttft_benchmark_smoke(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("local_kv", ["ring", "groups"])
+def test_gemma_ttft_benchmark_smoke(tmp_path, capsys, monkeypatch, local_kv):
     import json
 
     from benchmarks import gemma_ttft
@@ -447,8 +448,9 @@ def test_gemma_ttft_benchmark_smoke(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(LOCAL_KV_ENV, "0")  # main() sets it: unset again afterwards
 
     argv = ["--config", "small", "--iters", "1", "--device", "cpu", "--decode-tokens", "2", "4"]
-    # local layers on rings of window (16) + one step (64) tokens: the VLM runs that way
-    argv += ["--max-num-batched-tokens", "64", "--context", "256", "--local-kv-tokens", "80"]
+    argv += ["--max-num-batched-tokens", "64", "--context", "256"]
+    if local_kv == "ring":  # local layers on rings of window (16) + one step (64) tokens
+        argv += ["--local-kv-tokens", "80"]
     results = gemma_ttft.main(argv + ["--workdir", str(tmp_path)])
     lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()[-2:]]
     assert lines == results
@@ -463,8 +465,19 @@ def test_gemma_ttft_benchmark_smoke(tmp_path, capsys, monkeypatch):
     assert ttft["kv_layers_global"] == 1 and ttft["kv_layers_local"] == 5
     per_layer = 2 * 2 * 16 * 2
     assert ttft["kv_bytes_per_token_full_layout"] == 6 * per_layer
-    assert ttft["kv_bytes_per_token_windowed"] == round(per_layer * (1 + 5 * 80 / 256))
-    assert ttft["kv_bytes_per_token_measured"] == ttft["kv_bytes_per_token_windowed"]
+    if local_kv == "ring":
+        assert ttft["kv_bytes_per_token_windowed"] == round(per_layer * (1 + 5 * 80 / 256))
+        assert ttft["kv_bytes_per_token_measured"] == ttft["kv_bytes_per_token_windowed"]
+        return
+    # page groups: the global layer's group and five local groups of one layer, over one
+    # array; the last step computes position 255 (255 prompt tokens, a second output token):
+    # 16 global pages of 16 tokens, and per local group the page of positions 240 to 255, the
+    # window (16) that query reads
+    assert ttft["kv_page_groups"] == 6 and ttft["kv_page_arrays"] == 1
+    assert ttft["kv_pages_held_at_context"] == 16 + 5 * 1
+    page = 16 * per_layer
+    assert ttft["kv_bytes_per_token_page_groups"] == round(21 * page / 256)
+    assert ttft["kv_local_pages_max_per_group"] == -(-(16 + 64) // 16) + 1
 
 
 def test_image_steps_under_a_kernel_backend(monkeypatch):
