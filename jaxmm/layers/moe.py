@@ -34,7 +34,7 @@ the routing, so a token bucket compiles once whatever the router picks:
 - `mosaic_gpu`: the rows sorted as `ragged` sorts them, then the Pallas Mosaic GPU grouped
   GEMM JAX ships (jax.experimental.pallas.ops.gpu.ragged_dot_mgpu: TMA, wgmma, Hopper only),
   where its tiles divide the shapes (`mosaic_gpu_supported`); like `pallas`, one device only.
-`auto` picks per backend and token count (`default_impl`).
+`auto` picks per backend and token count (`default_impl`, with the H100 numbers behind it).
 
 Sharding: the stacked expert weights shard over the mesh's "model" axis along E when E
 divides it (expert parallelism), else along F (tensor parallelism inside each expert);
@@ -211,8 +211,13 @@ _IMPLS = {
 def default_impl(T: int, k: int, E: int, backend: str | None = None) -> str:
     """The implementation `auto` runs for a bucket of T tokens (static: no recompiles).
 
-    GPU/TPU: `ragged` (XLA's grouped GEMM; provisional until the H100 run of
-    benchmarks/moe_layer.py). Not `gather` even for decode: the smallest token bucket is 16,
+    GPU: `capacity` from 512 tokens (T*k >= 4096 rows), `ragged` below. On the H100
+    (benchmarks/results/moe_layer_h100.jsonl, Qwen3-30B-A3B shape, bf16) at T=512: ragged
+    7.08 ms, capacity 2.52, dense 1.64, mosaic_gpu 0.72; below 512 tokens the run kept no
+    ragged/capacity rows, so the choice there stays `ragged` until measured. `mosaic_gpu`
+    is the fastest measured but stays opt-in until its path with padding tokens (rows in no
+    group) has run on a GPU; `dense` is not picked as it reads every expert. TPU: `ragged`.
+    Not `gather` even for decode: the smallest token bucket is 16,
     and gathering 16 x k expert matrices writes and re-reads ~40x the bytes a batch-1
     token needs, where a grouped GEMM that skips empty groups reads each chosen expert
     once (padding tokens sit in no group, see `experts_forward`). CPU: `gather` for few
@@ -221,6 +226,8 @@ def default_impl(T: int, k: int, E: int, backend: str | None = None) -> str:
     gather 1.0, capacity 2.1, ragged 6.7, dense 11.8; T=64: capacity 13.8, dense 26.6,
     ragged 50.6, gather 180; T=512: capacity 160, dense 439, ragged 1292, gather 4207."""
     backend = backend or jax.default_backend()
+    if backend == "gpu":
+        return "capacity" if T * k >= 4096 else "ragged"
     if backend != "cpu":
         return "ragged"
     return "gather" if T * k <= E else "capacity"

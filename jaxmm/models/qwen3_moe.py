@@ -8,7 +8,7 @@ transformers' Qwen3MoeDecoderLayer. Expert weights load from per-expert keys
 hold) or from the fused `mlp.experts.gate_up_proj` / `down_proj` stacks (weights/experts.py).
 
 The grouped-matmul implementation is `auto` (layers/moe.py `default_impl`); the environment
-variable JAXMM_MOE_IMPL (dense, ragged, capacity, gather) overrides it for benchmarks.
+variable JAXMM_MOE_IMPL (dense, ragged, capacity, gather, pallas, mosaic_gpu) overrides it.
 """
 
 from __future__ import annotations
