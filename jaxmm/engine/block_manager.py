@@ -188,6 +188,8 @@ class BlockManager:
         """Grow the block tables to hold num_tokens tokens; all or nothing. Windowed groups
         first give back the pages no query from `seq.num_computed_tokens` on can reach."""
         start = seq.num_computed_tokens
+        if len(seq.group_tables) != len(self.group_windows) - 1:  # never admitted
+            seq.group_tables = [[] for _ in self.group_windows[1:]]
         for g, table in enumerate(seq.group_tables, start=1):
             for i in range(min(self._first_live_page(g, start), len(table))):
                 if table[i] != NO_PAGE:

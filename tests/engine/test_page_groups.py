@@ -100,3 +100,11 @@ def test_one_group_models_are_unchanged():
     s = seq(range(10))
     assert bm.admit(s) == 0 and s.group_tables == []
     assert bm.ensure_slots(s, 10) and len(s.block_table) == 3 and bm.pages_held(s) == 3
+
+
+def test_a_sequence_never_admitted_gets_its_group_tables():
+    bm = BlockManager(16, G, group_windows=(None, WINDOW))
+    s = seq(range(10))
+    assert bm.ensure_slots(s, 10)
+    assert len(s.block_table) == 3 and [len(t) for t in s.group_tables] == [3]
+    assert bm.num_free_blocks == 10
