@@ -417,13 +417,19 @@ def language_config(config):
     return text_config
 
 
+# Gemma3Processor's text around an image with pan-and-scan crops (`replace_image_token`)
+PAN_AND_SCAN_LEAD = "Here is the original image "
+PAN_AND_SCAN_CROPS = " and here are some crops to help you see better "
+
+
 class Gemma3ForConditionalGeneration(FixedImageTokens, nnx.Module):
-    pixel_shape_hint = "pan-and-scan crops are not supported"
     is_multimodal = True
     mm_modalities = ("image",)
     uses_mrope = False
     # the scheduler never ends a prefill chunk inside an image (bidirectional attention)
     mm_whole_items = True
+    # the prompt text of an image depends on its number of crops (`mm_expand_prompt_text`)
+    mm_expand_with_items = True
     hf_key_rules = (
         (r"^model\.language_model\.", "language_model.model."),
         (r"^model\.vision_tower\.", "vision_tower."),
@@ -506,17 +512,67 @@ class Gemma3ForConditionalGeneration(FixedImageTokens, nnx.Module):
         """What a prompt holds where an image goes: `<start_of_image>` (boi)."""
         return [int(self.hf_config.boi_token_id)]
 
-    def mm_expand_prompt_text(self, text: str, tokenizer) -> str:
+    def mm_expand_prompt_text(self, text: str, tokenizer, items: list | None = None) -> str:
         """Each `<start_of_image>` -> HF's full image sequence, before tokenizing (as
-        Gemma3Processor does: the "\\n\\n" around it merge with neighbouring text)."""
+        Gemma3Processor does: the "\\n\\n" around it merge with neighbouring text).
+
+        `items`: each image's processed data, prompt order. An image with pan-and-scan crops
+        gets HF's text for it, with its span from the original's first soft token to the last
+        crop's last one written as one soft token: the front end places the span
+        (`mm_span_ids`) over it. Special tokens cut the text apart before tokenizing, so the
+        text outside the span tokenizes as in HF's prompt."""
         boi = tokenizer.convert_ids_to_tokens(int(self.hf_config.boi_token_id))
         eoi = tokenizer.convert_ids_to_tokens(int(self.hf_config.eoi_token_id))
         soft = tokenizer.convert_ids_to_tokens(self.image_token_id)
         full = f"\n\n{boi}{soft * self._tokens_per_image()}{eoi}\n\n"
-        return text.replace(boi, full)
+        crops = [_num_crops(it) for it in items or ()]
+        if not any(crops):
+            return text.replace(boi, full)
+        parts = text.split(boi)
+        out = [parts[0]]
+        for k, part in enumerate(parts[1:]):
+            if k < len(crops) and crops[k]:
+                out.append(f"{PAN_AND_SCAN_LEAD}\n\n{boi}{soft}{eoi}\n\n")
+            else:
+                out.append(full)
+            out.append(part)
+        return "".join(out)
+
+    def mm_span_ids(self, modality: str, item: dict, encode_text) -> list[int] | None:
+        """An image with crops: its tokens from the original's first soft token to the last
+        crop's last one (HF's text between them included); None without crops."""
+        crops = _num_crops(item)
+        if not crops:
+            return None
+        c = self.hf_config
+        boi, eoi = int(c.boi_token_id), int(c.eoi_token_id)
+        run = [self.image_token_id] * self._tokens_per_image()
+        # the text between two runs lies between special tokens, which the tokenizer cuts
+        # out first: alone it tokenizes as inside HF's prompt
+        span = [*run, eoi, *encode_text(f"\n\n{PAN_AND_SCAN_CROPS}\n\n"), boi, *run]
+        for _ in range(crops - 1):
+            span += [eoi, *encode_text("\n\n \n\n"), boi, *run]
+        return span
 
     def _tokens_per_image(self) -> int:
         return int(self.hf_config.mm_tokens_per_image)
+
+    def mm_num_tokens(self, modality: str, item: dict) -> int:
+        """Rows of an image: its soft tokens, or with crops its whole span (`mm_span_ids`)."""
+        crops = _num_crops(item)
+        if not crops:
+            return super().mm_num_tokens(modality, item)
+        vc = self.hf_config.vision_config
+        want = (1 + crops, vc.num_channels, vc.image_size, vc.image_size)
+        got = tuple(np.shape(item["pixel_values"]))
+        if got != want:
+            raise ValueError(
+                f"an image with {crops} pan-and-scan crops has pixel values of shape {got}; "
+                f"this model's vision tower takes {want} (the image, then its crops)"
+            )
+        if "span_ids" not in item:
+            raise ValueError("an image with pan-and-scan crops needs its span (`mm_span_ids`)")
+        return len(item["span_ids"])
 
     def mm_encoder(self, graphdef):
         """A host function (params, modality, items) -> [features (n, D_text) per item], left
@@ -527,9 +583,21 @@ class Gemma3ForConditionalGeneration(FixedImageTokens, nnx.Module):
         def run(params, pixel_values):
             return nnx.merge(graphdef, params).get_image_features(pixel_values)
 
+        @jax.jit
+        def spread(params, flats, src, text_ids, is_image):
+            """A span's rows: the tower's at its soft tokens, the text's embeddings elsewhere."""
+            rows = jnp.concatenate(flats)  # (M, D_text)
+            text = nnx.merge(graphdef, params).embed(text_ids).astype(rows.dtype)  # (L, D_text)
+            return jnp.where(is_image[:, None], rows[src], text)
+
         def encode(params, modality: str, items: list[dict]) -> list[DeviceRows]:
-            pixels = np.stack([np.asarray(it["pixel_values"], np.float32) for it in items])
-            out = []
+            # every image of every item (the original, then its pan-and-scan crops) in one list
+            images = []
+            for it in items:
+                px = np.asarray(it["pixel_values"], np.float32)
+                images.extend(px.reshape(-1, *px.shape[-3:]))
+            pixels = np.stack(images)
+            flats, rows, base = [], [], []  # per call: flat rows; per image: rows, global row
             for i in range(0, len(pixels), MAX_IMAGES_PER_CALL):
                 chunk = pixels[i : i + MAX_IMAGES_PER_CALL]
                 B = 1 << max(0, (len(chunk) - 1).bit_length())  # one program per power of two
@@ -538,7 +606,36 @@ class Gemma3ForConditionalGeneration(FixedImageTokens, nnx.Module):
                 feats = run(params, padded)  # (B, n, D_text)
                 n = feats.shape[1]
                 flat = feats.reshape(-1, feats.shape[-1])
-                out.extend(DeviceRows(flat, j * n, (j + 1) * n) for j in range(len(chunk)))
+                offset = sum(len(f) for f in flats)
+                flats.append(flat)
+                rows.extend(DeviceRows(flat, j * n, (j + 1) * n) for j in range(len(chunk)))
+                base.extend(offset + j * n for j in range(len(chunk)))
+            out, k = [], 0
+            for it in items:
+                crops = _num_crops(it)
+                if not crops:
+                    out.append(rows[k])
+                    k += 1
+                    continue
+                span = np.asarray(it["span_ids"], np.int32)
+                # padded to a power of two of rows (at least 16): one program per size
+                is_image = np.zeros(1 << max(4, (len(span) - 1).bit_length()), bool)
+                ids = np.zeros(len(is_image), np.int32)
+                ids[: len(span)] = span
+                is_image[: len(span)] = span == self.image_token_id
+                n = len(rows[k])
+                src = np.zeros(len(ids), np.int32)  # image t's rows, one run after another
+                src[is_image] = np.concatenate(
+                    [base[k + t] + np.arange(n) for t in range(1 + crops)]
+                )
+                arr = spread(params, tuple(flats), src, np.where(is_image, 0, ids), is_image)
+                out.append(DeviceRows(arr, 0, len(span)))
+                k += 1 + crops
             return out
 
         return encode
+
+
+def _num_crops(item) -> int:
+    """Pan-and-scan crops of an item's processed data (0: none, or precomputed rows)."""
+    return int(item.get("num_crops", 0) or 0) if isinstance(item, dict) else 0

@@ -632,6 +632,8 @@ class MultimodalFrontend:
         tracks: list[_Item] = (),
         in_video: bool = False,
     ):
+        # items first: a model's prompt text may depend on them (Gemma 3's pan-and-scan crops)
+        self.resolve(items, proc_kwargs)
         if "prompt_token_ids" in prompt:
             ids = prompt["prompt_token_ids"]
             if not isinstance(ids, (list, tuple)) or not all(
@@ -643,10 +645,17 @@ class MultimodalFrontend:
             text = prompt["prompt"]
             if not isinstance(text, str):
                 raise TypeError(f"'prompt' must be a str, got {type(text).__name__}")
-            # models whose processor rewrites the placeholder text itself (Gemma 3)
+            # models whose processor rewrites the placeholder text itself (Gemma 3); one that
+            # declares `mm_expand_with_items` gets each item's processed data, prompt order
             rewrite = getattr(self.model, "mm_expand_prompt_text", None)
-            ids = self.tokenizer(rewrite(text, self.tokenizer) if rewrite and items else text)
-            ids = ids.input_ids
+            if rewrite and items:
+                extra = ()
+                if getattr(self.model, "mm_expand_with_items", False):
+                    extra = ([it.output.data for it in items],)
+                text_in = rewrite(text, self.tokenizer, *extra)
+            else:
+                text_in = text
+            ids = self.tokenizer(text_in).input_ids
         else:
             raise ValueError("a multimodal prompt needs 'prompt' or 'prompt_token_ids'")
         # models whose processor writes text of its own before each item (MiniCPM-V's ids)
@@ -654,7 +663,6 @@ class MultimodalFrontend:
         if mark is not None and items:
             ids = mark(ids, self._encode_text)
 
-        self.resolve(items, proc_kwargs)
         if in_video:  # each video with its audio track: one item over the interleaved span
             from .audio_in_video import join_audio_in_video
 

@@ -169,7 +169,7 @@ class MultimodalProcessor:
         """One RGB image -> {"pixel_values", "grid_thw"} (grid_thw None for fixed-size towers).
 
         pixel_values: float32, or a `fast_image.PatchBytes` standing for it (`patch_bytes`)."""
-        kw = self._call_kwargs(overrides)
+        kw = self._call_kwargs(overrides, pan_and_scan_defaults(self.image_processor))
         if anyres.takes(self.image_processor):  # tiles by pinpoints (LLaVA-OneVision)
             return anyres.process_image(self.image_processor, image, kw, self.fast_images)
         out = None
@@ -183,6 +183,12 @@ class MultimodalProcessor:
             pixels = np.asarray(pixels, np.float32)
         if not self.patches:
             item = {"pixel_values": pixels[0], "grid_thw": None}
+            # Gemma 3's pan-and-scan: the image, then its crops, one item (num_crops > 0 only,
+            # so that an image without crops stays what it always was)
+            crops = int(np.asarray(out.get("num_crops", 0)).reshape(-1)[0])
+            if crops:
+                item["pixel_values"] = pixels[: 1 + crops]
+                item["num_crops"] = crops
             # NaViT-packed sub-images (MiniCPM-V): each one's patch grid, and the slice grid
             for key in ("target_sizes", "grids"):
                 if key in out:
@@ -226,6 +232,24 @@ class MultimodalProcessor:
             return self.video_config
         ip = self.image_processor
         return {k: getattr(ip, k) for k in video_pixels.SETTINGS if hasattr(ip, k)}
+
+
+# Gemma3Processor's own image kwargs, which it passes when the checkpoint's image processor
+# config leaves them null (as released Gemma 3 checkpoints do); the image processor alone
+# has no defaults for them
+_PAN_AND_SCAN_DEFAULTS = {
+    "do_pan_and_scan": False,
+    "pan_and_scan_min_crop_size": 256,
+    "pan_and_scan_max_num_crops": 4,
+    "pan_and_scan_min_ratio_to_activate": 1.2,
+}
+
+
+def pan_and_scan_defaults(image_processor) -> dict:
+    """Gemma3Processor's pan-and-scan settings that the image processor leaves unset."""
+    if not hasattr(image_processor, "pan_and_scan_min_crop_size"):
+        return {}
+    return {k: v for k, v in _PAN_AND_SCAN_DEFAULTS.items() if getattr(image_processor, k) is None}
 
 
 def _size_dict(size) -> dict:
