@@ -18,7 +18,10 @@ HF's Gemma3Processor, it becomes "\\n\\n<start_of_image>" + `mm_tokens_per_image
 During prefill the soft tokens of one image attend to each other both ways (HF's
 `token_type_ids` mask): the step passes each such token the position of its image's last
 token (`causal_end`), and the scheduler keeps an image inside one prefill chunk
-(`mm_whole_items`), so an image's tokens are always computed together.
+(`mm_whole_items`), so an image's tokens are always computed together. With pan-and-scan
+(`do_pan_and_scan`) an image is one item of the original and its crops: its span is
+Gemma3Processor's text from the first soft token to the last (`mm_span_ids`), its rows the
+tower's at soft tokens and the text's embeddings between (docs/gemma3.md).
 
 Sliding-window KV, by default: a local layer never reads a key older than its window, so its
 pages are given back as the sequence moves on. The layers are paged in groups
