@@ -126,7 +126,9 @@ def test_with_and_without_pan_and_scan_share_no_encoder_entry(vlm):
 
 def test_engine_wide_pan_and_scan_with_the_processor_defaults(ckpt_root):
     """`LLM(mm_processor_kwargs=...)`: Gemma3Processor's defaults for the rest (crops of at
-    least 256 pixels, at most 4, from a ratio of 1.2); an image under that ratio gets none."""
+    least 256 pixels, at most 4, from a ratio of 1.2); an image under that ratio gets none.
+    The images are processed in a worker process here (`mm_processor_workers`), with the
+    engine's kwargs."""
     import transformers
 
     from jaxmm import LLM
@@ -134,13 +136,17 @@ def test_engine_wide_pan_and_scan_with_the_processor_defaults(ckpt_root):
     path = make_gemma3_vlm(ckpt_root)
     hf = transformers.Gemma3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
     engine_kwargs = {"do_pan_and_scan": True}
-    llm = LLM(path, mm_processor_kwargs=engine_kwargs, **ENGINE_ARGS)
+    llm = LLM(path, mm_processor_kwargs=engine_kwargs, mm_processor_workers=1, **ENGINE_ARGS)
+    assert llm.llm_engine.mm_frontend().workers is not None
     soft = llm.llm_engine.runner.model_obj.image_token_id
     prompts = [
         {"prompt": f"A panorama: {BOI}", "multi_modal_data": {"image": _image(260, 600, 5)}},
         {"prompt": f"Nearly square: {BOI}", "multi_modal_data": {"image": _image(280, 300, 6)}},
     ]
-    outs = llm.generate(prompts, _params(), use_tqdm=False)
+    try:
+        outs = llm.generate(prompts, _params(), use_tqdm=False)
+    finally:
+        llm.llm_engine.mm_frontend().close()  # stops the worker process
     inputs = _check_against_hf(path, hf, outs, prompts, [engine_kwargs] * 2)
     assert _soft_runs(outs[0].prompt_token_ids, soft) == [IMAGE_TOKENS] * 3  # 2 crops of 300
     assert _soft_runs(outs[1].prompt_token_ids, soft) == [IMAGE_TOKENS]
