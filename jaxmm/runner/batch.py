@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from jaxmm.layers.attention import AttentionMetadata
+from jaxmm.layers.sampler import SamplingTensors
 
 
 def next_pow2(n: int) -> int:
@@ -106,3 +107,48 @@ class ResolvedLimits:
     cross_slots: int  # encoder-decoder models: cross-attention K/V slots
     # one sliding window (or None) per page group: (None,) for a model with one page table
     kv_group_windows: tuple[int | None, ...] = (None,)
+
+
+def sampling_tensors(
+    steps: list[SeqStep], S: int, penalties: bool, min_len: int
+) -> SamplingTensors:
+    """The sampler's per-row inputs of a step padded to S rows; with penalties, each row's
+    prompt and output ids padded to a power of two of at least `min_len`."""
+
+    def col(name, dtype, default):
+        a = np.full(S, default, dtype)
+        a[: len(steps)] = [getattr(s, name) for s in steps]
+        return a
+
+    L = 1
+    seen = np.full((S, 1), -1, np.int32)
+    is_out = np.zeros((S, 1), bool)
+    banned = np.full((S, 1), -1, np.int32)
+    if penalties:
+        B = next_pow2(max(len(s.banned_ids or []) for s in steps))
+        banned = np.full((S, B), -1, np.int32)
+        for i, s in enumerate(steps):
+            banned[i, : len(s.banned_ids or [])] = s.banned_ids or []
+        L = next_pow2(max(len(s.prompt_ids or []) + len(s.output_ids or []) for s in steps))
+        L = max(L, min_len)
+        seen = np.full((S, L), -1, np.int32)
+        is_out = np.zeros((S, L), bool)
+        for i, s in enumerate(steps):
+            p, o = s.prompt_ids or [], s.output_ids or []
+            seen[i, : len(p)] = p
+            seen[i, len(p) : len(p) + len(o)] = o
+            is_out[i, len(p) : len(p) + len(o)] = True
+    return SamplingTensors(
+        temperature=col("temperature", np.float32, 0.0),
+        top_k=col("top_k", np.int32, 0),
+        top_p=col("top_p", np.float32, 1.0),
+        min_p=col("min_p", np.float32, 0.0),
+        seeds=col("seed", np.uint32, 0),
+        steps=col("output_pos", np.int32, 0),
+        presence=col("presence", np.float32, 0.0),
+        frequency=col("frequency", np.float32, 0.0),
+        repetition=col("repetition", np.float32, 1.0),
+        seen_tokens=seen,
+        seen_is_output=is_out,
+        banned=banned,
+    )

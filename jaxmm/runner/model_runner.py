@@ -39,7 +39,7 @@ from jaxmm import progress
 from jaxmm.config import EngineConfig
 from jaxmm.layers.attention import AttentionMetadata, replicated_kv_heads, resolve_backend
 from jaxmm.layers.logits_processors import MAX_LOGIT_BIAS, LogitsExtras, prompt_logprobs
-from jaxmm.layers.sampler import MAX_LOGPROBS, SamplingTensors, sample
+from jaxmm.layers.sampler import MAX_LOGPROBS, sample
 from jaxmm.models.registry import model_class
 from jaxmm.runner.batch import (
     InFlight,
@@ -48,6 +48,7 @@ from jaxmm.runner.batch import (
     StepArrays,
     StepOutput,
     next_pow2,
+    sampling_tensors,
 )
 from jaxmm.runner.checkpoint import Checkpoint
 from jaxmm.runner.saved_programs import SavedPrograms
@@ -525,45 +526,6 @@ class ModelRunner:
         for g, table in enumerate(s.group_tables, start=1):
             rows[g, : len(table)] = np.maximum(table, 0)
 
-    def _sampling_tensors(self, steps: list[SeqStep], S: int, penalties: bool) -> SamplingTensors:
-        def col(name, dtype, default):
-            a = np.full(S, default, dtype)
-            a[: len(steps)] = [getattr(s, name) for s in steps]
-            return a
-
-        L = 1
-        seen = np.full((S, 1), -1, np.int32)
-        is_out = np.zeros((S, 1), bool)
-        banned = np.full((S, 1), -1, np.int32)
-        if penalties:
-            B = next_pow2(max(len(s.banned_ids or []) for s in steps))
-            banned = np.full((S, B), -1, np.int32)
-            for i, s in enumerate(steps):
-                banned[i, : len(s.banned_ids or [])] = s.banned_ids or []
-            L = next_pow2(max(len(s.prompt_ids or []) + len(s.output_ids or []) for s in steps))
-            L = max(L, MIN_BUCKET)
-            seen = np.full((S, L), -1, np.int32)
-            is_out = np.zeros((S, L), bool)
-            for i, s in enumerate(steps):
-                p, o = s.prompt_ids or [], s.output_ids or []
-                seen[i, : len(p)] = p
-                seen[i, len(p) : len(p) + len(o)] = o
-                is_out[i, len(p) : len(p) + len(o)] = True
-        return SamplingTensors(
-            temperature=col("temperature", np.float32, 0.0),
-            top_k=col("top_k", np.int32, 0),
-            top_p=col("top_p", np.float32, 1.0),
-            min_p=col("min_p", np.float32, 0.0),
-            seeds=col("seed", np.uint32, 0),
-            steps=col("output_pos", np.int32, 0),
-            presence=col("presence", np.float32, 0.0),
-            frequency=col("frequency", np.float32, 0.0),
-            repetition=col("repetition", np.float32, 1.0),
-            seen_tokens=seen,
-            seen_is_output=is_out,
-            banned=banned,
-        )
-
     # -- the encoder stage ---------------------------------------------------------------------
     def encode(self, jobs: list[tuple[str, object, np.ndarray]]) -> None:
         """Run the encoders for these items and write their outputs into the encoder cache.
@@ -693,7 +655,7 @@ class ModelRunner:
         # (a top-k of the row, cheap next to the model), and greedy rows ignore top-k/top-p:
         # the variants warmup compiles serve every logprobs value and filter setting
         all_greedy = all(s.temperature == 0 for s in sampled)
-        t = self._sampling_tensors(steps, S, penalties)
+        t = sampling_tensors(steps, S, penalties, MIN_BUCKET)
         static = dict(
             all_greedy=all_greedy,
             use_filters=not all_greedy
@@ -779,7 +741,7 @@ class ModelRunner:
             self.kv_caches, (logits, _) = self.step_programs(sig, *args)
             jax.block_until_ready(logits)
             t_steps += time.perf_counter() - t1
-            t = self._sampling_tensors([], S, False)
+            t = sampling_tensors([], S, False, MIN_BUCKET)
             for greedy, filters in ((True, False), (False, False), (False, True)):
                 static = dict(
                     all_greedy=greedy,
